@@ -1,0 +1,63 @@
+"""aioov: asyncio/trio model loading and OpenVINO-style model caching for ONNX Runtime.
+
+    core = aioov.Core(cache_dir="~/.cache/aioov")
+    compiled = await core.compile_model("model.onnx", "CPU")
+    outputs = await compiled.infer({"input": array})
+"""
+
+from ._bulk import BulkProgress, CompileResult
+from ._cache.store import CacheInfo, CacheStore, EntryInfo
+from ._compiled import CompiledModel, InferInputs, InferRequest, Port
+from ._core import CacheStats, Core, ModelSource
+from ._errors import (
+    AioovError,
+    CacheError,
+    CompileError,
+    DeviceNotFoundError,
+    InferenceError,
+    InvalidModelError,
+    LockTimeout,
+    ModelReadError,
+    PropertyError,
+)
+from ._model import Model
+from ._properties import CacheVerify, ExportMode, PerformanceHint
+from ._version import __version__
+
+__all__ = (
+    "AioovError",
+    "BulkProgress",
+    "CacheError",
+    "CacheInfo",
+    "CacheStats",
+    "CacheStore",
+    "CacheVerify",
+    "CompileError",
+    "CompileResult",
+    "CompiledModel",
+    "Core",
+    "DeviceNotFoundError",
+    "EntryInfo",
+    "ExportMode",
+    "InferInputs",
+    "InferRequest",
+    "InferenceError",
+    "InvalidModelError",
+    "LockTimeout",
+    "Model",
+    "ModelReadError",
+    "ModelSource",
+    "PerformanceHint",
+    "Port",
+    "PropertyError",
+    "__version__",
+)
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and not isinstance(_obj, str):
+        try:
+            _obj.__module__ = "aioov"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

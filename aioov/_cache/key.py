@@ -1,0 +1,102 @@
+"""Cache keys: a content digest of the model, and a key over everything that shapes the blob.
+
+The model digest is blake3 over the model file and each external-data file it
+references (name, size, bytes), streamed from a memory map. blake3 hashes
+435 MB in ~0.04 s here on 2 cores (sha256: ~0.3 s). A small stat index maps
+(absolute path, size, mtime_ns, inode, device) of the model and of its
+external files to that digest, so that a warm ``compile_model(path)`` neither
+reads nor hashes the model; any mismatch falls back to hashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .fsutil import atomic_write_bytes
+
+__all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files")
+
+#: bump when the meaning of a key or the entry layout changes
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileStat:
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, path: str) -> FileStat:
+        st = os.stat(path)
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def digest_files(paths: Sequence[str]) -> str:
+    """blake3 over (name, size, content) of each file, the model first."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for index, path in enumerate(paths):
+        size = os.path.getsize(path)
+        name = os.path.basename(path) if index else ""
+        hasher.update(f"{index}\0{name}\0{size}\0".encode())
+        if size:
+            hasher.update_mmap(path)
+    return hasher.hexdigest()
+
+
+def digest_bytes(data: bytes) -> str:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update(f"0\0\0{len(data)}\0".encode())
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    """The entry key: blake3 over the canonical JSON of every input that shapes the blob."""
+    canonical = json.dumps({"format": FORMAT_VERSION, **inputs}, sort_keys=True, separators=(",", ":"))
+    return blake3.blake3(canonical.encode()).hexdigest()
+
+
+class StatIndex:
+    """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest.
+
+    Racy like git's index: a file rewritten with the same size inside one
+    mtime tick keeps its old digest. Nanosecond mtimes make that a non-issue
+    on local filesystems; on coarse-mtime filesystems, touch the model or use
+    ``CACHE_VERIFY`` plus a model content change that alters its size.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _file(self, path: str) -> Path:
+        name = hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
+        return self.root / f"{name}.json"
+
+    def lookup(self, path: str) -> tuple[str, list[str]] | None:
+        """(digest, external files) when the model and its external files are unchanged."""
+        try:
+            record = json.loads(self._file(path).read_bytes())
+            files = [FileStat(**item) for item in record["files"]]
+            if not files or files[0].path != path:
+                return None
+            for recorded in files:
+                if FileStat.of(recorded.path) != recorded:
+                    return None
+            return str(record["digest"]), [f.path for f in files[1:]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def store(self, stats: Sequence[FileStat], digest: str) -> None:
+        record = {"digest": digest, "files": [asdict(s) for s in stats]}
+        atomic_write_bytes(self._file(stats[0].path), json.dumps(record).encode())

@@ -1,0 +1,104 @@
+"""Per-key cross-process locks on ``CACHE_DIR/v1/.locks/<key>.lock`` (portalocker).
+
+An exclusive lock is taken only on a miss, by the process that compiles and
+publishes the entry; shared locks are taken while an entry is being read,
+so that ``prune`` (which takes the exclusive lock without waiting) never
+deletes an entry under a reader. Locks are ``flock`` locks: the kernel drops
+them when the holding process dies, even from SIGKILL, so a crashed compiler
+never blocks the others. They conflict between file descriptions, so two
+threads of one process exclude each other too.
+
+The lock is best-effort coordination, not what makes the cache correct:
+entries appear by atomic rename, so even with no locking at all (NFS without
+lock support, a timeout) the worst case is two processes compiling the same
+model. Lock files are never deleted: unlinking a lock file another process
+has open would let a third lock a fresh inode and break exclusion.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+import portalocker
+
+from .._errors import LockTimeout
+
+__all__ = ("Cancelled", "KeyLock")
+
+_POLL_START = 0.005
+_POLL_MAX = 0.1
+
+
+class Cancelled(Exception):
+    """The wait was abandoned because nobody wants the result any more."""
+
+
+class KeyLock:
+    """One key's lock file. ``acquire`` polls, so it can time out and be cancelled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self, *, shared: bool = False) -> bool:
+        """Take the lock if it is free now; never waits."""
+        if self._fd is not None:
+            raise RuntimeError("lock already held by this KeyLock")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        flags = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
+        try:
+            portalocker.lock(fd, flags | portalocker.LockFlags.NON_BLOCKING)
+        except portalocker.AlreadyLocked:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def acquire(
+        self,
+        timeout: float,
+        *,
+        shared: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Wait up to ``timeout`` seconds; raise ``LockTimeout`` or ``Cancelled``."""
+        deadline = time.monotonic() + timeout
+        delay = _POLL_START
+        while not self.try_acquire(shared=shared):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeout(f"timed out after {timeout:g}s waiting for {self.path}")
+            if cancel is not None:
+                cancel.wait(min(delay, remaining))
+            else:
+                time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                portalocker.unlock(fd)
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> KeyLock:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

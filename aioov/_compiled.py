@@ -1,0 +1,227 @@
+"""``CompiledModel`` and ``InferRequest`` around an ``onnxruntime.InferenceSession``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import anyio
+import numpy as np
+import onnxruntime as ort
+
+from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
+from ._properties import public_value
+
+if TYPE_CHECKING:
+    import os
+
+    from ._core import Core
+
+__all__ = ("CompiledModel", "InferRequest", "Port", "InferInputs")
+
+#: what ``infer`` accepts: a mapping by input name, a sequence in input order,
+#: or one array for a single-input model
+InferInputs = Union[Mapping[str, Any], Sequence[Any], np.ndarray]
+
+_ORT_TYPES: dict[str, np.dtype[Any]] = {
+    f"tensor({name})": np.dtype(dtype)
+    for name, dtype in {
+        "float": np.float32, "double": np.float64, "float16": np.float16,
+        "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+        "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+        "bool": np.bool_, "string": np.object_,
+    }.items()
+}
+
+
+@dataclass(frozen=True)
+class Port:
+    """A model input or output: name, element type and shape (``None``/str = dynamic dim)."""
+
+    name: str
+    element_type: str
+    dtype: np.dtype[Any] | None
+    shape: tuple[int | str | None, ...]
+
+    @classmethod
+    def from_node_arg(cls, arg: Any) -> Port:
+        shape = tuple(arg.shape) if isinstance(arg.shape, (list, tuple)) else ()
+        return cls(arg.name, arg.type, _ORT_TYPES.get(arg.type), shape)
+
+    def check(self, value: Any) -> np.ndarray:
+        """Return ``value`` as an array this port accepts, or raise InferenceError."""
+        if isinstance(value, np.ndarray):
+            if self.dtype is not None and value.dtype != self.dtype:
+                raise InferenceError(
+                    f"input {self.name!r} expects {self.element_type} ({self.dtype}), "
+                    f"got an array of {value.dtype}"
+                )
+            array = value
+        else:
+            try:
+                array = np.asarray(value, dtype=self.dtype)
+            except (TypeError, ValueError) as exc:
+                raise InferenceError(f"input {self.name!r}: cannot convert to {self.dtype}: {exc}") from None
+        if self.shape:
+            if array.ndim != len(self.shape):
+                raise InferenceError(
+                    f"input {self.name!r} expects rank {len(self.shape)} {list(self.shape)}, "
+                    f"got shape {list(array.shape)}"
+                )
+            for axis, (want, got) in enumerate(zip(self.shape, array.shape)):
+                if isinstance(want, int) and want >= 0 and want != got:
+                    raise InferenceError(
+                        f"input {self.name!r} dimension {axis} must be {want}, got {got} "
+                        f"(shape {list(array.shape)}, expected {list(self.shape)})"
+                    )
+        return array
+
+
+class CompiledModel:
+    """A model compiled for a device, ready for inference.
+
+    ``infer`` runs in a worker thread, so the event loop keeps serving while
+    the session computes; at most ``NUM_STREAMS`` requests run at once.
+    ``session`` is the underlying ``onnxruntime.InferenceSession``.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        device: str,
+        properties: Mapping[str, Any],
+        loaded_from_cache: bool,
+        cache_key: str | None,
+        core: Core | None = None,
+        source: Any = None,
+    ) -> None:
+        self._session = session
+        self._device = device
+        self._properties = dict(properties)
+        self._loaded_from_cache = loaded_from_cache
+        self._cache_key = cache_key
+        self._core = core
+        self._source = source
+        self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
+        self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
+        self._by_name = {p.name: p for p in self._inputs}
+        self._limiter = anyio.CapacityLimiter(max(1, int(self._properties.get("NUM_STREAMS", 1))))
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The ``onnxruntime.InferenceSession`` (for features aioov does not wrap)."""
+        return self._session
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def inputs(self) -> list[Port]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[Port]:
+        return list(self._outputs)
+
+    def input(self, key: int | str = 0) -> Port:
+        return self._inputs[key] if isinstance(key, int) else self._by_name[key]
+
+    def output(self, key: int | str = 0) -> Port:
+        if isinstance(key, int):
+            return self._outputs[key]
+        return next(p for p in self._outputs if p.name == key)
+
+    def get_property(self, name: str) -> Any:
+        """``LOADED_FROM_CACHE``, ``CACHE_KEY``, ``EXECUTION_DEVICES``, or a compile property."""
+        name = name.upper()
+        if name == "LOADED_FROM_CACHE":
+            return self._loaded_from_cache
+        if name == "CACHE_KEY":
+            return self._cache_key
+        if name == "EXECUTION_DEVICES":
+            return [self._device]
+        if name == "EXECUTION_PROVIDERS":
+            return self._session.get_providers()
+        if name == "OPTIMAL_NUMBER_OF_INFER_REQUESTS":
+            return int(self._properties.get("NUM_STREAMS", 1))
+        if name == "SUPPORTED_PROPERTIES":
+            return sorted({*self._properties, "LOADED_FROM_CACHE", "CACHE_KEY", "EXECUTION_DEVICES",
+                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS"})
+        if name in self._properties:
+            return public_value(self._properties[name])
+        raise PropertyError(f"compiled model has no property {name!r}")
+
+    def _feed(self, inputs: InferInputs) -> dict[str, np.ndarray]:
+        if isinstance(inputs, Mapping):
+            unknown = [k for k in inputs if k not in self._by_name]
+            if unknown:
+                raise InferenceError(
+                    f"unknown input name(s) {unknown}; the model's inputs are {list(self._by_name)}"
+                )
+            missing = [k for k in self._by_name if k not in inputs]
+            if missing:
+                raise InferenceError(f"missing input(s) {missing}")
+            return {name: self._by_name[name].check(value) for name, value in inputs.items()}
+        if isinstance(inputs, np.ndarray) or not isinstance(inputs, Sequence):
+            inputs = [inputs]
+        if len(inputs) != len(self._inputs):
+            raise InferenceError(f"the model takes {len(self._inputs)} input(s), got {len(inputs)}")
+        return {port.name: port.check(value) for port, value in zip(self._inputs, inputs)}
+
+    def infer_sync(self, inputs: InferInputs) -> dict[str, np.ndarray]:
+        """Blocking inference, for code that is not async."""
+        feed = self._feed(inputs)
+        try:
+            results = self._session.run(None, feed)
+        except ORT_ERRORS as exc:
+            raise_infer_error(exc)
+        return {port.name: value for port, value in zip(self._outputs, results)}
+
+    async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` in a worker thread; outputs by name, in model order."""
+        feed = self._feed(inputs)  # validate on the caller's side: cheap, and errors stay local
+        try:
+            results = await anyio.to_thread.run_sync(self._session.run, None, feed, limiter=self._limiter)
+        except ORT_ERRORS as exc:
+            raise_infer_error(exc)
+        return {port.name: value for port, value in zip(self._outputs, results)}
+
+    def create_infer_request(self) -> InferRequest:
+        return InferRequest(self)
+
+    async def export_model(self, destination: str | os.PathLike[str]) -> None:
+        """Write this model's blob to a directory, for ``Core.import_model``."""
+        if self._core is None or self._source is None:
+            raise PropertyError("this compiled model does not know its source; use Core.export_model")
+        await self._core.export_model(self._source, destination, self._device, self._properties)
+
+    def __repr__(self) -> str:
+        cached = " (from cache)" if self._loaded_from_cache else ""
+        return f"<CompiledModel on {self._device}{cached} inputs={[p.name for p in self._inputs]}>"
+
+
+class InferRequest:
+    """OpenVINO's infer request: one inference at a time, results kept on the request."""
+
+    def __init__(self, compiled: CompiledModel) -> None:
+        self._compiled = compiled
+        self._results: dict[str, np.ndarray] = {}
+
+    @property
+    def compiled_model(self) -> CompiledModel:
+        return self._compiled
+
+    @property
+    def results(self) -> dict[str, np.ndarray]:
+        return self._results
+
+    async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
+        self._results = await self._compiled.infer(inputs)
+        return self._results
+
+    def get_output_tensor(self, key: int | str = 0) -> np.ndarray:
+        name = self._compiled.output(key).name
+        return self._results[name]

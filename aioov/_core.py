@@ -1,0 +1,852 @@
+"""``Core``: properties, devices, and the compile pipeline with its cache.
+
+Data flows one way::
+
+    compile_model ─ in-flight de-dup ─ worker thread:
+        resolve device → content key (stat index, or blake3 of the files)
+        → store lookup ─ hit:  import the blob (checksums verified alongside)
+                       └ miss: key lock → look again → compile → export (background) → publish
+
+Everything blocking (probing, hashing, locks, ONNX Runtime) runs in worker
+threads; the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Union
+
+import anyio
+import onnxruntime as ort
+
+from ._version import __version__
+from ._cache.export import Exporter
+from ._cache.inflight import Inflight
+from ._cache.key import FileStat, cache_key
+from ._cache.locks import Cancelled
+from ._cache.store import CacheStore, Entry
+from ._compiled import CompiledModel
+from ._cache.inflight import Job
+from ._concurrency import CancelToken, wait_future
+from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
+from ._errors import (
+    ORT_ERRORS,
+    AioovError,
+    CacheError,
+    CompileError,
+    DeviceNotFoundError,
+    LockTimeout,
+    ModelReadError,
+    PropertyError,
+    raise_compile_error,
+)
+from ._model import Model, check_model_file
+from ._properties import (
+    DEFAULTS,
+    PROPERTIES,
+    CacheVerify,
+    ExportMode,
+    PerformanceHint,
+    normalize,
+    public_value,
+)
+
+__all__ = ("CacheStats", "Core", "ModelSource")
+
+logger = logging.getLogger("aioov")
+
+#: what ``compile_model`` accepts: a read ``Model``, a path, serialized bytes, or an onnx.ModelProto
+ModelSource = Union[Model, str, "os.PathLike[str]", bytes, Any]
+
+BLOB_MODEL = "model.onnx"
+BLOB_WEIGHTS = "weights.bin"
+
+_OPT_LEVELS = {
+    "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "LAYOUT": getattr(
+        ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ),
+    "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+#: session-config entries aioov sets itself when exporting; never part of a user's key
+_EXPORT_ENTRIES = (
+    "session.optimized_model_external_initializers_file_name",
+    "session.optimized_model_external_initializers_min_size_in_bytes",
+    "session.save_external_prepacked_constant_initializers",
+)
+
+
+class _State(enum.Enum):
+    OPEN = 1
+    CLOSED = 2
+
+
+@dataclass
+class CacheStats:
+    """Counters of this process's cache activity (``Core.cache_stats``)."""
+
+    hits: int = 0  # compiles answered from the cache
+    misses: int = 0  # cacheable compiles that found no entry
+    compiles: int = 0  # sessions built from the source model (cached or not)
+    exports: int = 0  # entries published
+    corrupt: int = 0  # entries found broken and discarded
+    lock_waits: int = 0  # misses that found another process compiling and waited
+    lock_timeouts: int = 0  # waits that gave up and compiled uncached
+    errors: int = 0  # cache operations that failed (disk full, read-only...) and were skipped
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class _Result:
+    session: ort.InferenceSession
+    device: str
+    props: dict[str, Any]
+    loaded_from_cache: bool
+    key: str | None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A model to compile: a path (not yet read) or a read ``Model``."""
+
+    path: str | None
+    model: Model | None = field(default=None, hash=False, compare=False)
+    model_id: int = 0  # identity of ``model``: two reads of one file are two models
+
+    @property
+    def ort_input(self) -> str | bytes:
+        if self.model is not None and self.model.data is not None:
+            return self.model.data
+        assert self.path is not None
+        return self.path
+
+    def describe(self) -> str:
+        return self.path or (self.model.describe() if self.model else "?")
+
+
+class Core:
+    """Reads and compiles ONNX models, asynchronously, with an optional model cache.
+
+    ``cache_dir`` (or the ``CACHE_DIR`` property) turns the cache on. Compiles
+    run in at most ``max_concurrent_compiles`` worker threads (default: the
+    number of CPU cores, at most 8): more would only oversubscribe the cores,
+    since every session creation has thread pools of its own.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        max_concurrent_compiles: int | None = None,
+        properties: Mapping[str, object] | None = None,
+        devices: DeviceRegistry | None = None,
+    ) -> None:
+        self._props: dict[str, Any] = dict(DEFAULTS)
+        self._props.update(normalize(properties or {}))
+        if cache_dir is not None:
+            self._props.update(normalize({"CACHE_DIR": cache_dir}))
+        self._device_props: dict[str, dict[str, Any]] = {}
+        self._devices = devices or DeviceRegistry()
+        workers = max_concurrent_compiles or max(1, min(os.cpu_count() or 1, 8))
+        if workers < 1:
+            raise PropertyError("max_concurrent_compiles must be >= 1")
+        self._max_workers = workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aioov-compile")
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aioov-io")
+        self._inflight = Inflight()
+        self._exporter = Exporter()
+        self._stats = CacheStats()
+        self._stats_lock = threading.Lock()
+        self._stores: dict[str, CacheStore | None] = {}
+        self._stores_lock = threading.Lock()
+        self._device_locks = {family: threading.Lock() for family in self._devices.families()}
+        self._warned: set[str] = set()
+        self._state = _State.OPEN
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def __aenter__(self) -> Core:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, timeout: float | None = None, abandon: bool = False) -> None:
+        """Finish pending cache exports (or abandon them with ``abandon=True``) and
+        release the worker threads. After ``timeout`` seconds, pending exports are
+        abandoned: nothing half-written is left either way."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if abandon:
+            self._exporter.cancel_all()
+        self._inflight.cancel_all()
+        with anyio.CancelScope(shield=True):
+            finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout)
+            if not finished:
+                self._exporter.cancel_all()
+            await anyio.to_thread.run_sync(self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._exporter.shutdown()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._io_pool.shutdown(wait=True)
+
+    async def wait_exports(self, timeout: float | None = None) -> bool:
+        """Wait until every background export has been published; False on timeout."""
+        return await anyio.to_thread.run_sync(self._exporter.wait, timeout)
+
+    @property
+    def pending_exports(self) -> int:
+        return self._exporter.pending
+
+    def _check_open(self) -> None:
+        if self._state is _State.CLOSED:
+            raise AioovError("this Core is closed")
+
+    # -- properties ---------------------------------------------------------------
+    def set_property(self, device_or_props: str | Mapping[str, object], props: Mapping[str, object] | None = None) -> None:
+        """``set_property({"CACHE_DIR": d})`` for the Core, ``set_property("CPU", {...})`` per device."""
+        if isinstance(device_or_props, str):
+            if props is None:
+                raise PropertyError("set_property(device, properties) needs properties")
+            spec = self._devices.parse(device_or_props)
+            values = normalize(props, allow_core=False)
+            self._device_props.setdefault(spec.family, {}).update(values)
+        else:
+            self._props.update(normalize(device_or_props))
+
+    def get_property(self, device_or_name: str, name: str | None = None) -> Any:
+        """``get_property("CACHE_DIR")`` or ``get_property("CPU", "OPTIMIZATION_CAPABILITIES")``."""
+        if name is None:
+            key = device_or_name.upper()
+            if key == "AVAILABLE_DEVICES":
+                return self.get_available_devices()
+            if key == "SUPPORTED_PROPERTIES":
+                return sorted(n for n, p in PROPERTIES.items() if p.scope != "ro") + ["AVAILABLE_DEVICES"]
+            if key in self._props:
+                return public_value(self._props[key])
+            raise PropertyError(f"unknown property {device_or_name!r}")
+        spec = self._devices.parse(device_or_name)
+        key = name.upper()
+        if spec.family == "AUTO":
+            device, spec = self._devices.resolve("AUTO")
+        else:
+            device = self._devices.get(spec.family)
+        if key == "OPTIMIZATION_CAPABILITIES":
+            return device.capabilities()
+        if key == "FULL_DEVICE_NAME":
+            return device.full_name()
+        if key == "SUPPORTED_PROPERTIES":
+            return sorted(n for n, p in PROPERTIES.items() if p.scope == "compile") + [
+                "FULL_DEVICE_NAME", "OPTIMIZATION_CAPABILITIES"
+            ]
+        merged = {**self._props, **self._device_props.get(device.family, {})}
+        if key in merged and PROPERTIES[key].scope == "compile":
+            return public_value(merged[key])
+        raise PropertyError(f"device {spec} has no property {name!r}")
+
+    def get_available_devices(self) -> list[str]:
+        """Devices whose execution provider really loads here (probed once; may block briefly)."""
+        return self._devices.available()
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        with self._stats_lock:
+            return CacheStats(**self._stats.as_dict())
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for name, value in increments.items():
+                setattr(self._stats, name, getattr(self._stats, name) + value)
+
+    def _warn_once(self, topic: str, message: str, *args: object) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning(message, *args)
+        else:
+            logger.debug(message, *args)
+
+    # -- reading --------------------------------------------------------------------
+    async def read_model(self, model: str | os.PathLike[str] | bytes | Any) -> Model:
+        """Read and check an ONNX model (file path, bytes or ``onnx.ModelProto``) in a worker thread."""
+        self._check_open()
+        return await anyio.to_thread.run_sync(_read, model)
+
+    # -- compiling --------------------------------------------------------------------
+    async def compile_model(
+        self,
+        model: ModelSource,
+        device: str = "AUTO",
+        config: Mapping[str, object] | None = None,
+    ) -> CompiledModel:
+        """Compile ``model`` for ``device``; from the cache when ``CACHE_DIR`` is set.
+
+        A path is not read at all on a cache hit. Identical concurrent calls
+        share one compile; cancelling one caller does not cancel it for others.
+        """
+        job = self._submit(model, device, config)
+        try:
+            result: _Result = await wait_future(job.future)
+        finally:
+            self._inflight.leave(job)
+        return self._wrap(result, job.key[0])
+
+    def _submit(self, model: ModelSource, device: str, config: Mapping[str, object] | None) -> Job:
+        """Start (or join) the compile job for this request; pair with ``_inflight.leave``."""
+        self._check_open()
+        source = _as_source(model)
+        props = self._merge(device, config)
+        request_id = (
+            source,
+            str(device).strip().upper(),
+            json.dumps({k: public_value(v) for k, v in props.items()}, sort_keys=True, default=str),
+        )
+        return self._inflight.join(
+            request_id, lambda token: self._pool.submit(self._compile_job, source, str(device), props, token)
+        )
+
+    def _wrap(self, result: _Result, source: _Source) -> CompiledModel:
+        return CompiledModel(
+            result.session,
+            device=result.device,
+            properties=result.props,
+            loaded_from_cache=result.loaded_from_cache,
+            cache_key=result.key,
+            core=self,
+            source=source.model or source.path,
+        )
+
+    def _merge(self, device: str, config: Mapping[str, object] | None) -> dict[str, Any]:
+        if not isinstance(device, str):
+            raise DeviceNotFoundError(f"a device name must be a string, got {type(device).__name__}")
+        spec = self._devices.parse(device)
+        props = dict(self._props)
+        props.pop("CACHE_MAX_SIZE", None)
+        props.update(self._device_props.get(spec.family, {}))
+        props.update(normalize(config or {}, allow_core=False))
+        return props
+
+    def _compile_job(self, source: _Source, device_name: str, props: dict[str, Any], token: CancelToken) -> _Result:
+        device, spec = self._devices.resolve(device_name)
+        providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
+        props = _apply_hints(props)
+        store = self._store(props["CACHE_DIR"]) if device.blob_kind else None
+        if store is None:
+            if source.path is not None and source.model is None:
+                check_model_file(source.path)
+            session = self._create_session(source, device, providers, props, token)
+            return _Result(session, str(spec), props, False, None)
+
+        try:
+            stats, digest = self._identify(source, store)
+        except OSError as exc:
+            raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
+        key_inputs = _key_inputs(digest, device, spec, providers, props)
+        key = cache_key(key_inputs)
+
+        session = self._try_import(store, key, device, providers, props, token)
+        if session is not None:
+            self._count(hits=1)
+            return _Result(session, str(spec), props, True, key)
+
+        self._count(misses=1)
+        lock = store.lock(key)
+        try:
+            if not lock.try_acquire():
+                self._count(lock_waits=1)
+                lock.acquire(props["CACHE_LOCK_TIMEOUT"], cancel=token.event)
+        except Cancelled:
+            raise
+        except (LockTimeout, OSError) as exc:
+            self._count(lock_timeouts=1 if isinstance(exc, LockTimeout) else 0, errors=1)
+            self._warn_once(f"lock:{store.root}", "aioov cache: %s; compiling without the cache", exc)
+            session = self._create_session(source, device, providers, props, token)
+            return _Result(session, str(spec), props, False, key)
+
+        handed_over = False
+        try:
+            # Another process may have published while we waited for its lock.
+            session = self._try_import(store, key, device, providers, props, token, locked=True)
+            if session is not None:
+                self._count(hits=1, misses=-1)
+                return _Result(session, str(spec), props, True, key)
+            manifest = _manifest(key_inputs, source, spec)
+            if props["CACHE_EXPORT"] is ExportMode.SYNC:
+                session = self._compile_and_export(store, key, source, device, providers, props, token, manifest)
+            else:
+                session = self._create_session(source, device, providers, props, token)
+                job = self._export_job(store, key, lock, source, stats, device, providers, props, manifest)
+                self._exporter.submit(job, on_drop=lock.release)
+                handed_over = True
+            return _Result(session, str(spec), props, False, key)
+        finally:
+            if not handed_over:
+                lock.release()
+
+    def _store(self, cache_dir: str | None) -> CacheStore | None:
+        """The store for ``cache_dir``, created and tidied on first use; None if unusable."""
+        if cache_dir is None:
+            return None
+        with self._stores_lock:
+            if cache_dir not in self._stores:
+                store: CacheStore | None = CacheStore(cache_dir)
+                try:
+                    store.ensure()  # type: ignore[union-attr]
+                    store.clean_tmp()  # type: ignore[union-attr]
+                except OSError as exc:
+                    self._count(errors=1)
+                    self._warn_once(f"dir:{cache_dir}", "aioov cache: cannot use %s (%s); "
+                                    "compiling without the cache", cache_dir, exc)
+                    # A read-only cache (e.g. baked into an image) can still serve hits.
+                    probe = CacheStore(cache_dir)
+                    store = probe if probe.base.is_dir() else None
+                self._stores[cache_dir] = store
+            return self._stores[cache_dir]
+
+    def _identify(self, source: _Source, store: CacheStore) -> tuple[list[FileStat] | None, str]:
+        """(file stats, content digest) of the model, from the stat index when it can."""
+        if source.model is not None:
+            if source.model.path is None:
+                return None, source.model.digest()
+            stats = source.model.file_stats()
+            digest = source.model.digest()
+        else:
+            assert source.path is not None
+            hit = store.index.lookup(source.path)
+            if hit is not None:
+                digest, external = hit
+                return [FileStat.of(p) for p in (source.path, *external)], digest
+            _, external = check_model_file(source.path)
+            from ._cache.key import digest_files
+
+            stats = [FileStat.of(p) for p in (source.path, *external)]
+            digest = digest_files([source.path, *external])
+            if [FileStat.of(s.path) for s in stats] != stats:
+                raise ModelReadError(f"{source.path} changed while it was being hashed")
+        try:
+            store.index.store(stats, digest)
+        except OSError:
+            pass
+        return stats, digest
+
+    # -- sessions -------------------------------------------------------------------
+    def _session_options(
+        self,
+        props: Mapping[str, Any],
+        *,
+        imported: bool = False,
+        export_to: Path | None = None,
+    ) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if props["INFERENCE_NUM_THREADS"]:
+            options.intra_op_num_threads = props["INFERENCE_NUM_THREADS"]
+        for name, value in props["ORT_SESSION_CONFIG"].items():
+            options.add_session_config_entry(name, value)
+        if imported:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        else:
+            options.graph_optimization_level = _OPT_LEVELS[props["ORT_GRAPH_OPTIMIZATION_LEVEL"]]
+        if export_to is not None:
+            options.optimized_model_filepath = str(export_to / BLOB_MODEL)
+            options.add_session_config_entry(_EXPORT_ENTRIES[0], BLOB_WEIGHTS)
+            options.add_session_config_entry(_EXPORT_ENTRIES[1], "1024")
+            if props["CACHE_PREPACK"]:
+                options.add_session_config_entry(_EXPORT_ENTRIES[2], "1")
+        return options
+
+    def _new_session(
+        self,
+        model: str | bytes,
+        options: ort.SessionOptions,
+        device: Device,
+        providers: ProviderList,
+        token: CancelToken | None,
+    ) -> ort.InferenceSession:
+        if token is not None:
+            token.register(options)
+        names = [name for name, _ in providers]
+        provider_options = [opts for _, opts in providers]
+        if device.serialize_compiles:
+            with self._device_locks[device.family]:
+                return ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
+        return ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
+
+    def _create_session(
+        self,
+        source: _Source,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        token: CancelToken | None,
+        export_to: Path | None = None,
+    ) -> ort.InferenceSession:
+        options = self._session_options(props, export_to=export_to)
+        try:
+            session = self._new_session(source.ort_input, options, device, providers, token)
+        except ORT_ERRORS as exc:
+            if token is not None and token.cancelled:
+                raise Cancelled() from exc
+            raise_compile_error(exc, source.describe())
+        self._count(compiles=1)
+        return session
+
+    def _try_import(
+        self,
+        store: CacheStore,
+        key: str,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        token: CancelToken | None,
+        *,
+        locked: bool = False,
+    ) -> ort.InferenceSession | None:
+        """Load the entry for ``key`` if present and intact; None means compile."""
+        verify = props["CACHE_VERIFY"]
+        try:
+            entry = store.lookup(key, check_sizes=verify is not CacheVerify.OFF)
+        except OSError:
+            entry = None
+        if entry is None:
+            return None
+        reader = store.lock(key)
+        if not locked:
+            try:
+                # Shared: prune skips entries being read. Held only until the session exists.
+                reader.acquire(min(5.0, props["CACHE_LOCK_TIMEOUT"]), shared=True)
+            except (LockTimeout, OSError):
+                pass  # read-only dir, or a long prune: read without the lock
+            entry = store.lookup(key, check_sizes=verify is not CacheVerify.OFF)
+            if entry is None:
+                reader.release()
+                return None
+        try:
+            return self._load_entry(store, entry, device, providers, props, token)
+        finally:
+            reader.release()
+
+    def _load_entry(
+        self,
+        store: CacheStore,
+        entry: Entry,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        token: CancelToken | None,
+    ) -> ort.InferenceSession | None:
+        check: concurrent.futures.Future[str | None] | None = None
+        if props["CACHE_VERIFY"] is CacheVerify.FULL:
+            # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
+            # ORT fail, they would silently change the outputs. The small graph file is checked
+            # first, so ORT never parses a corrupt one.
+            graph_only = Entry(entry.key, entry.path, {**entry.manifest, "files": {
+                k: v for k, v in entry.files.items() if k == BLOB_MODEL}})
+            problem = store.verify(graph_only)
+            if problem:
+                self._discard(store, entry.key, problem)
+                return None
+            rest = Entry(entry.key, entry.path, {**entry.manifest, "files": {
+                k: v for k, v in entry.files.items() if k != BLOB_MODEL}})
+            check = self._io_pool.submit(store.verify, rest)
+        options = self._session_options(props, imported=True)
+        try:
+            session = self._new_session(str(entry.file(BLOB_MODEL)), options, device, providers, token)
+        except ORT_ERRORS as exc:
+            if check is not None:
+                check.result()
+            if token is not None and token.cancelled:
+                raise Cancelled() from exc
+            self._discard(store, entry.key, f"onnxruntime could not load it: {exc}")
+            return None
+        if check is not None:
+            problem = check.result()
+            if problem:
+                del session
+                self._discard(store, entry.key, problem)
+                return None
+        store.touch(entry.key)
+        return session
+
+    def _discard(self, store: CacheStore, key: str, reason: str) -> None:
+        self._count(corrupt=1)
+        store.quarantine(key, reason)
+
+    # -- export -----------------------------------------------------------------------
+    def _compile_and_export(
+        self,
+        store: CacheStore,
+        key: str,
+        source: _Source,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        token: CancelToken,
+        manifest: dict[str, Any],
+    ) -> ort.InferenceSession:
+        """CACHE_EXPORT=SYNC: one session that also saves the blob, published before returning."""
+        try:
+            tmp = store.new_tmp(key)
+        except OSError as exc:
+            self._cache_write_failed(store, exc)
+            return self._create_session(source, device, providers, props, token)
+        try:
+            session = self._create_session(source, device, providers, props, token, export_to=tmp)
+            try:
+                if store.publish(key, tmp, manifest):
+                    self._count(exports=1)
+                    self._prune_if_needed(store)
+            except OSError as exc:
+                self._cache_write_failed(store, exc)
+            return session
+        finally:
+            store.discard(tmp)
+
+    def _export_job(
+        self,
+        store: CacheStore,
+        key: str,
+        lock: Any,
+        source: _Source,
+        stats: list[FileStat] | None,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        manifest: dict[str, Any],
+    ) -> Callable[[CancelToken], None]:
+        def export(token: CancelToken) -> None:
+            tmp: Path | None = None
+            try:
+                tmp = store.new_tmp(key)
+                options = self._session_options(props, export_to=tmp)
+                options.intra_op_num_threads = 1
+                options.inter_op_num_threads = 1
+                session = self._new_session(source.ort_input, options, device, providers, token)
+                del session
+                if stats is not None and [FileStat.of(s.path) for s in stats] != stats:
+                    logger.warning("aioov cache: %s changed during export; not cached", source.describe())
+                    return
+                if token.cancelled:
+                    return
+                if store.publish(key, tmp, manifest):
+                    self._count(exports=1)
+                    self._prune_if_needed(store)
+            except OSError as exc:
+                self._cache_write_failed(store, exc)
+            except ORT_ERRORS as exc:
+                if not token.cancelled:
+                    self._count(errors=1)
+                    logger.warning("aioov cache: exporting %s failed: %s", source.describe(), exc)
+            except Exception:  # an export must never take the process down
+                self._count(errors=1)
+                logger.exception("aioov cache: exporting %s failed", source.describe())
+            finally:
+                if tmp is not None:
+                    store.discard(tmp)
+                lock.release()
+
+        return export
+
+    def _cache_write_failed(self, store: CacheStore, exc: OSError) -> None:
+        self._count(errors=1)
+        self._warn_once(f"write:{store.root}", "aioov cache: cannot write to %s (%s); "
+                        "the model is compiled but not cached", store.root, exc)
+
+    def _prune_if_needed(self, store: CacheStore) -> None:
+        limit = self._props.get("CACHE_MAX_SIZE") or 0
+        if limit:
+            removed = store.prune(max_size=limit)
+            if removed:
+                logger.info("aioov cache: pruned %d entries to stay under %d bytes", len(removed), limit)
+
+    # -- blobs managed by the user ----------------------------------------------------
+    async def export_model(
+        self,
+        model: ModelSource,
+        destination: str | os.PathLike[str],
+        device: str = "CPU",
+        config: Mapping[str, object] | None = None,
+    ) -> Path:
+        """Compile ``model`` and write its blob into the new directory ``destination``
+        (model.onnx, weights.bin, manifest.json), for ``import_model``."""
+        self._check_open()
+        source = _as_source(model)
+        props = self._merge(device, {k: public_value(v) for k, v in (config or {}).items()
+                                     if PROPERTIES.get(k.upper()) and PROPERTIES[k.upper()].scope == "compile"})
+        return await anyio.to_thread.run_sync(self._export_to_dir, source, device, props, Path(destination))
+
+    def _export_to_dir(self, source: _Source, device_name: str, props: dict[str, Any], dest: Path) -> Path:
+        device, spec = self._devices.resolve(device_name)
+        if device.blob_kind is None:
+            raise CacheError(f"device {spec} cannot export a compiled model")
+        providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
+        if os.path.lexists(dest):
+            raise CacheError(f"{dest} already exists")
+        dest = dest.absolute()
+        digest = source.model.digest() if source.model else _read(source.path).digest()
+        key_inputs = _key_inputs(digest, device, spec, providers, props)
+        key = cache_key(key_inputs)
+        store = CacheStore(dest.parent / f".{dest.name}.aioov-export")
+        try:
+            store.ensure()
+            tmp = store.new_tmp(key)
+            self._create_session(source, device, providers, props, None, export_to=tmp)
+            store.publish(key, tmp, _manifest(key_inputs, source, spec))
+            os.rename(store.entry_path(key), dest)
+        except OSError as exc:
+            raise CacheError(f"cannot write {dest}: {exc}") from exc
+        finally:
+            import shutil
+
+            shutil.rmtree(store.root, ignore_errors=True)
+        return dest
+
+    async def import_model(
+        self,
+        blob: str | os.PathLike[str],
+        device: str = "CPU",
+        config: Mapping[str, object] | None = None,
+    ) -> CompiledModel:
+        """Load a blob written by ``export_model``; ``CacheError`` if it is damaged or foreign."""
+        self._check_open()
+        props = self._merge(device, config)
+        result = await anyio.to_thread.run_sync(self._import_dir, Path(blob), device, props)
+        return CompiledModel(result.session, device=result.device, properties=result.props,
+                             loaded_from_cache=True, cache_key=result.key, core=self)
+
+    def _import_dir(self, path: Path, device_name: str, props: dict[str, Any]) -> _Result:
+        device, spec = self._devices.resolve(device_name)
+        providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
+        props = _apply_hints(props)
+        try:
+            manifest = json.loads((path / "manifest.json").read_bytes())
+            key = manifest["key"]
+            store = CacheStore(path.parent)
+            entry = store._read_entry(key, path, check_sizes=True)
+        except Exception as exc:
+            raise CacheError(f"{path} is not an aioov blob: {exc}") from exc
+        want = _key_inputs(manifest["key_inputs"]["model"], device, spec, providers, props)
+        if manifest.get("key_inputs") != json.loads(json.dumps(want)):
+            raise CacheError(f"{path} was compiled for another device, configuration or machine")
+        problem = store.verify(entry)
+        if problem:
+            raise CacheError(f"{path} is damaged: {problem}")
+        options = self._session_options(props, imported=True)
+        try:
+            session = self._new_session(str(path / BLOB_MODEL), options, device, providers, None)
+        except ORT_ERRORS as exc:
+            raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
+        return _Result(session, str(spec), props, True, key)
+
+    # -- bulk -------------------------------------------------------------------------
+    async def compile_models(
+        self,
+        models: Iterable[Any],
+        device: str = "AUTO",
+        config: Mapping[str, object] | None = None,
+        *,
+        max_concurrency: int | None = None,
+        fail_fast: bool = False,
+        progress: Callable[[Any], object] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Compile many models concurrently, yielding a ``CompileResult`` as each finishes."""
+        from ._bulk import compile_models
+
+        async for result in compile_models(
+            self, models, device, config,
+            max_concurrency=max_concurrency or self._max_workers,
+            fail_fast=fail_fast, progress=progress,
+        ):
+            yield result
+
+    async def compile_all(
+        self,
+        models: Iterable[Any],
+        device: str = "AUTO",
+        config: Mapping[str, object] | None = None,
+        *,
+        max_concurrency: int | None = None,
+        fail_fast: bool = False,
+        progress: Callable[[Any], object] | None = None,
+    ) -> list[Any]:
+        """Like ``compile_models``, but returns every result in input order."""
+        results = [r async for r in self.compile_models(
+            models, device, config, max_concurrency=max_concurrency, fail_fast=fail_fast, progress=progress)]
+        return sorted(results, key=lambda r: r.index)
+
+
+def _read(model: Any) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return Model.from_path(model)
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return Model.from_bytes(model)
+    if hasattr(model, "SerializeToString"):
+        return Model.from_proto(model)
+    raise ModelReadError(f"cannot read a model from {type(model).__name__}; give a path, bytes or a ModelProto")
+
+
+def _as_source(model: Any) -> _Source:
+    if isinstance(model, Model):
+        return _Source(model.path, model, id(model))
+    if isinstance(model, (str, os.PathLike)):
+        return _Source(os.path.abspath(os.fspath(model)))
+    if isinstance(model, (bytes, bytearray, memoryview)) or hasattr(model, "SerializeToString"):
+        read = _read(model)
+        return _Source(None, read, id(read))
+    raise ModelReadError(f"cannot compile a {type(model).__name__}; give a Model, a path, bytes or a ModelProto")
+
+
+def _apply_hints(props: dict[str, Any]) -> dict[str, Any]:
+    """PERFORMANCE_HINT=THROUGHPUT: many single-threaded requests in parallel."""
+    props = dict(props)
+    if props["PERFORMANCE_HINT"] is PerformanceHint.THROUGHPUT:
+        cores = os.cpu_count() or 1
+        if not props["INFERENCE_NUM_THREADS"]:
+            props["INFERENCE_NUM_THREADS"] = 1
+        if props["NUM_STREAMS"] == 1:
+            props["NUM_STREAMS"] = cores
+    return props
+
+
+def _key_inputs(
+    digest: str, device: Device, spec: DeviceSpec, providers: ProviderList, props: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Everything that shapes the compiled blob, in readable form (also saved in the manifest)."""
+    return {
+        "model": digest,
+        "device": device.family,
+        "blob": device.blob_kind,
+        "providers": [[name, dict(sorted(opts.items()))] for name, opts in providers],
+        "hardware": device.fingerprint(spec.index),
+        "onnxruntime": ort.__version__,
+        **{name: public_value(props[name]) for name, p in PROPERTIES.items() if p.in_key},
+    }
+
+
+def _manifest(key_inputs: dict[str, Any], source: _Source, spec: DeviceSpec) -> dict[str, Any]:
+    return {
+        "created": time.time(),
+        "aioov": __version__,
+        "onnxruntime": ort.__version__,
+        "device": str(spec),
+        "source": {"path": source.path},
+        "key_inputs": key_inputs,
+    }

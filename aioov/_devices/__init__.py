@@ -1,0 +1,79 @@
+"""Device names → ``Device`` objects, probing, and ``AUTO`` selection.
+
+Names: ``CPU``, ``GPU`` / ``GPU.N``, ``TENSORRT`` / ``TENSORRT.N``, ``OPENVINO``,
+``AUTO``. ``AUTO`` picks the first available of ``AUTO_PRIORITY``; CPU always
+loads, so AUTO never fails for want of a GPU. TensorRT is left out of AUTO on
+purpose: its engine builds take minutes, which nobody should get by surprise.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .._errors import DeviceNotFoundError
+from .base import BlobKind, Device, DeviceSpec, ProviderList, cpu_fingerprint, probe_session
+from .cpu import CPUDevice
+from .gpu import CUDADevice, OpenVINODevice, TensorRTDevice
+
+__all__ = (
+    "AUTO_PRIORITY",
+    "BlobKind",
+    "Device",
+    "DeviceRegistry",
+    "DeviceSpec",
+    "ProviderList",
+    "cpu_fingerprint",
+    "probe_session",
+)
+
+AUTO_PRIORITY = ("GPU", "OPENVINO", "CPU")
+_NAME = re.compile(r"^([A-Z]+)(?:\.(\d+))?$")
+
+
+class DeviceRegistry:
+    """The devices one ``Core`` knows, each probed at most once."""
+
+    def __init__(self, devices: list[Device] | None = None) -> None:
+        devices = devices if devices is not None else [
+            CPUDevice(), CUDADevice(), TensorRTDevice(), OpenVINODevice()
+        ]
+        self._devices = {d.family: d for d in devices}
+
+    def families(self) -> list[str]:
+        return list(self._devices)
+
+    def get(self, family: str) -> Device:
+        return self._devices[family]
+
+    def available(self) -> list[str]:
+        """Names of the devices that really load here, CPU first."""
+        return [name for name, device in self._devices.items() if device.available()]
+
+    def parse(self, name: str) -> DeviceSpec:
+        if not isinstance(name, str):
+            raise DeviceNotFoundError(f"a device name must be a string, got {type(name).__name__}")
+        match = _NAME.match(name.strip().upper())
+        if not match or (match.group(1) not in self._devices and match.group(1) != "AUTO"):
+            raise DeviceNotFoundError(
+                f"unknown device {name!r}; known: AUTO, {', '.join(self._devices)}; "
+                f"available here: {', '.join(self.available())}"
+            )
+        index = int(match.group(2)) if match.group(2) is not None else None
+        return DeviceSpec(match.group(1), index)
+
+    def resolve(self, name: str) -> tuple[Device, DeviceSpec]:
+        """The device to compile on; raises when it does not load here."""
+        spec = self.parse(name)
+        if spec.family == "AUTO":
+            for family in AUTO_PRIORITY:
+                device = self._devices.get(family)
+                if device is not None and device.available():
+                    return device, DeviceSpec(family, spec.index if family != "CPU" else None)
+            raise DeviceNotFoundError("no device is available, not even CPU")  # pragma: no cover
+        device = self._devices[spec.family]
+        if not device.available():
+            raise DeviceNotFoundError(
+                f"device {spec} is not available here ({device.unavailable_reason}); "
+                f"available: {', '.join(self.available())}"
+            )
+        return device, spec

@@ -1,0 +1,105 @@
+"""The exception hierarchy. Every error aioov raises is an ``AioovError``::
+
+    AioovError
+    ├── ModelReadError          the model file cannot be read as an ONNX model
+    │   └── InvalidModelError   it parses, but ONNX Runtime rejects the graph
+    ├── CompileError            ONNX Runtime failed to build a session
+    ├── DeviceNotFoundError     unknown device, or one whose provider does not load
+    ├── PropertyError           unknown property, or a value of the wrong type/range
+    ├── InferenceError          wrong input names, shapes or element types at infer time
+    └── CacheError              a cache operation asked for explicitly failed (CLI, import_model)
+        └── LockTimeout         a cache lock was not acquired in time
+
+Cache failures during ``compile_model`` are never raised: the compile goes on
+uncached and a warning is logged (see docs/cache.md). ``CacheError`` is for the
+operations whose whole purpose is the cache.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import onnxruntime.capi.onnxruntime_pybind11_state as _ort_state
+
+__all__ = (
+    "AioovError",
+    "CacheError",
+    "CompileError",
+    "DeviceNotFoundError",
+    "InferenceError",
+    "InvalidModelError",
+    "LockTimeout",
+    "ModelReadError",
+    "PropertyError",
+)
+
+
+class AioovError(Exception):
+    """Base class of every error raised by aioov."""
+
+
+class ModelReadError(AioovError):
+    """The model cannot be read: missing file, not ONNX, truncated, unsafe external data."""
+
+
+class InvalidModelError(ModelReadError):
+    """The file is ONNX, but ONNX Runtime rejects the graph (dangling edges, bad types...)."""
+
+
+class CompileError(AioovError):
+    """ONNX Runtime failed to create a session for a readable model."""
+
+
+class DeviceNotFoundError(AioovError):
+    """The device name is unknown, or its execution provider does not load here."""
+
+
+class PropertyError(AioovError):
+    """A property name is unknown, read-only, or its value has the wrong type or range."""
+
+
+class InferenceError(AioovError):
+    """Inputs given to ``infer`` do not match the model (names, shapes, element types)."""
+
+
+class CacheError(AioovError):
+    """An explicit cache operation failed (import of a bad blob, verify, prune)."""
+
+
+class LockTimeout(CacheError):
+    """Waiting for another process's cache lock took longer than ``CACHE_LOCK_TIMEOUT``."""
+
+
+# ONNX Runtime's error classes, mapped at the boundary to ours (see map_ort_error).
+_MODEL_ERRORS: tuple[type[BaseException], ...] = (
+    _ort_state.NoSuchFile,
+    _ort_state.InvalidProtobuf,
+    _ort_state.NoModel,
+)
+_GRAPH_ERRORS: tuple[type[BaseException], ...] = (_ort_state.InvalidGraph,)
+_INFER_ERRORS: tuple[type[BaseException], ...] = (_ort_state.InvalidArgument,)
+ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(_ort_state, name)
+    for name in (
+        "DeviceReset", "EPFail", "EngineError", "Fail", "InvalidArgument", "InvalidGraph",
+        "InvalidProtobuf", "ModelLoadCanceled", "ModelLoaded", "ModelRequiresCompilation",
+        "NoModel", "NoSuchFile", "NotFound", "NotImplemented", "RuntimeException",
+    )
+    if hasattr(_ort_state, name)
+)
+
+
+def raise_compile_error(exc: BaseException, what: str) -> NoReturn:
+    """Re-raise an ONNX Runtime session-creation error as the most specific aioov error."""
+    if isinstance(exc, _MODEL_ERRORS):
+        raise ModelReadError(f"cannot read {what}: {exc}") from exc
+    if isinstance(exc, _GRAPH_ERRORS):
+        raise InvalidModelError(f"ONNX Runtime rejected the graph of {what}: {exc}") from exc
+    raise CompileError(f"compiling {what} failed: {exc}") from exc
+
+
+def raise_infer_error(exc: BaseException) -> NoReturn:
+    """Re-raise an ONNX Runtime ``run`` error as an aioov error."""
+    if isinstance(exc, _INFER_ERRORS):
+        raise InferenceError(str(exc)) from exc
+    raise AioovError(f"inference failed: {exc}") from exc

@@ -1,0 +1,166 @@
+"""``Model``: an ONNX model read from a file or from memory, checked but not compiled."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._cache.key import FileStat, digest_bytes, digest_files
+from ._errors import ModelReadError
+from ._onnx_scan import ModelScan, ScanError, scan_bytes, scan_file
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ("Model", "check_model_file", "resolve_external")
+
+
+class Model:
+    """A model that ``Core.read_model`` has checked: an ONNX file (with its
+    external-data files) or serialized bytes.
+
+    Reading validates the container cheaply (no full protobuf parse; see
+    ``_onnx_scan``) and finds the external-data files; the graph itself is
+    validated by ONNX Runtime when the model is compiled.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | None = None,
+        data: bytes | None = None,
+        scan: ModelScan,
+        external_files: list[str] | None = None,
+    ) -> None:
+        if (path is None) == (data is None):
+            raise ValueError("a Model has either a path or bytes")
+        self._path = path
+        self._data = data
+        self._scan = scan
+        self._external_files = external_files or []
+        self._digest: str | None = None
+        self._digest_lock = threading.Lock()
+
+    @property
+    def path(self) -> str | None:
+        """The model file's absolute path, or None for a model read from bytes."""
+        return self._path
+
+    @property
+    def data(self) -> bytes | None:
+        """The serialized model, for a model read from bytes."""
+        return self._data
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._scan.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._scan.outputs)
+
+    @property
+    def external_data_files(self) -> list[str]:
+        """Absolute paths of the external-data files this model references."""
+        return list(self._external_files)
+
+    @property
+    def ir_version(self) -> int:
+        return self._scan.ir_version
+
+    def file_stats(self) -> list[FileStat]:
+        assert self._path is not None
+        return [FileStat.of(p) for p in (self._path, *self._external_files)]
+
+    def digest(self) -> str:
+        """blake3 of the model and its external data (computed once; blocking)."""
+        with self._digest_lock:
+            if self._digest is None:
+                if self._data is not None:
+                    self._digest = digest_bytes(self._data)
+                else:
+                    assert self._path is not None
+                    self._digest = digest_files([self._path, *self._external_files])
+            return self._digest
+
+    def describe(self) -> str:
+        return self._path or f"<model from {len(self._data or b'')} bytes>"
+
+    def __repr__(self) -> str:
+        return f"<Model {self.describe()} inputs={self.input_names} outputs={self.output_names}>"
+
+    # -- construction (blocking; Core calls these in worker threads) -------------
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> Model:
+        abspath = os.path.abspath(os.fspath(path))
+        scan, external = check_model_file(abspath)
+        return cls(path=abspath, scan=scan, external_files=external)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Model:
+        data = bytes(data)
+        try:
+            scan = scan_bytes(data)
+        except ScanError as exc:
+            raise ModelReadError(f"cannot read model from bytes: {exc}") from None
+        if scan.external:
+            raise ModelReadError(
+                "a model given as bytes cannot reference external data "
+                f"({scan.external_locations[0]!r}); read it from its file instead"
+            )
+        return cls(data=data, scan=scan)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto) -> Model:
+        try:
+            data = proto.SerializeToString()
+        except ValueError as exc:  # > 2 GB
+            raise ModelReadError(f"cannot serialize the ModelProto: {exc}; save it to a file") from exc
+        return cls.from_bytes(data)
+
+
+def check_model_file(path: str) -> tuple[ModelScan, list[str]]:
+    """Scan an ONNX file and resolve its external data; raise ModelReadError naming the problem."""
+    if not os.path.exists(path):
+        raise ModelReadError(f"no such model file: {path}")
+    if not os.path.isfile(path):
+        raise ModelReadError(f"not a file: {path}")
+    try:
+        scan = scan_file(path)
+    except ScanError as exc:
+        raise ModelReadError(f"{path} is not a valid ONNX model: {exc}") from None
+    except OSError as exc:
+        raise ModelReadError(f"cannot read {path}: {exc}") from exc
+    return scan, resolve_external(path, scan)
+
+
+def resolve_external(path: str, scan: ModelScan) -> list[str]:
+    """Absolute paths of external-data files, refusing any outside the model's directory."""
+    base = Path(path).parent.resolve()
+    files: list[str] = []
+    sizes: dict[str, int] = {}
+    for ref in scan.external:
+        location = ref.location
+        if os.path.isabs(location) or ".." in Path(location).parts or location.startswith(("/", "\\")):
+            raise ModelReadError(
+                f"{path}: external data {location!r} of tensor {ref.tensor!r} "
+                "points outside the model's directory"
+            )
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise ModelReadError(
+                f"{path}: external data {location!r} resolves outside the model's directory"
+            )
+        if str(target) not in sizes:
+            if not target.is_file():
+                raise ModelReadError(f"{path}: external data file {location!r} is missing")
+            sizes[str(target)] = target.stat().st_size
+            files.append(str(base / location))
+        if ref.length is not None and ref.offset + ref.length > sizes[str(target)]:
+            raise ModelReadError(
+                f"{path}: external data file {location!r} is truncated "
+                f"(tensor {ref.tensor!r} needs bytes up to {ref.offset + ref.length})"
+            )
+    return files

@@ -1,0 +1,207 @@
+"""Property names, validation and normalization.
+
+aioov speaks OpenVINO's property names where they mean the same thing
+(``CACHE_DIR``, ``PERFORMANCE_HINT``, ``INFERENCE_NUM_THREADS``...) and adds
+``ORT_*`` names that pass ONNX Runtime session and provider options through.
+Each property says whether it changes the compiled result: only those enter
+the cache key, so that e.g. a different thread count still hits the cache.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import PropertyError
+
+__all__ = ("CacheVerify", "ExportMode", "PerformanceHint", "PROPERTIES", "normalize", "parse_size")
+
+
+class PerformanceHint(str, enum.Enum):
+    """OpenVINO's ``PERFORMANCE_HINT``: one fast request, or many concurrent ones."""
+
+    LATENCY = "LATENCY"
+    THROUGHPUT = "THROUGHPUT"
+
+
+class CacheVerify(str, enum.Enum):
+    """How much of a cache entry to check before loading it (``CACHE_VERIFY``)."""
+
+    FULL = "FULL"  # sizes and xxh3-128 checksums of every blob file
+    SIZE = "SIZE"  # manifest and file sizes only
+    OFF = "OFF"  # trust the manifest
+
+
+class ExportMode(str, enum.Enum):
+    """When a new cache entry is written (``CACHE_EXPORT``)."""
+
+    ASYNC = "ASYNC"  # in the background: compile_model returns as soon as the session exists
+    SYNC = "SYNC"  # before compile_model returns
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+GRAPH_OPTIMIZATION_LEVELS = ("DISABLE_ALL", "BASIC", "EXTENDED", "LAYOUT", "ALL")
+
+
+def parse_size(value: object) -> int:
+    """``10G``, ``512M``, ``1.5GB``, ``1048576`` → bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"expected a size like 512M or 10G, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected a boolean (YES/NO), got {value!r}")
+
+
+def _int(minimum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected an integer, got {value!r}")
+        number = int(value)
+        if number < minimum:
+            raise ValueError(f"must be >= {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected seconds")
+    number = float(value)  # type: ignore[arg-type]
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _enum(cls: type[enum.Enum]) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        try:
+            return cls(str(getattr(value, "value", value)).upper())
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+            raise ValueError(f"expected one of {choices}, got {value!r}") from None
+
+    return parse
+
+
+def _cache_dir(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"expected a path, got {value!r}")
+    return os.path.abspath(os.path.expanduser(os.fspath(value)))
+
+
+def _opt_level(value: object) -> str:
+    text = str(value).upper().removeprefix("ORT_").removeprefix("ENABLE_")
+    if text not in GRAPH_OPTIMIZATION_LEVELS:
+        raise ValueError(f"expected one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}, got {value!r}")
+    return text
+
+
+def _str_map(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of strings, got {type(value).__name__}")
+    return {str(k): str(v) for k, v in sorted(value.items())}
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+    parse: Callable[[object], Any]
+    scope: str  # "core": Core-wide only; "compile": Core default or per compile; "ro": read-only
+    in_key: bool = False
+    doc: str = ""
+
+
+PROPERTIES: dict[str, Property] = {
+    p.name: p
+    for p in (
+        Property("CACHE_DIR", _cache_dir, "compile", doc="enables the model cache in this directory"),
+        Property("CACHE_VERIFY", _enum(CacheVerify), "compile", doc="FULL, SIZE or OFF"),
+        Property("CACHE_EXPORT", _enum(ExportMode), "compile", doc="ASYNC or SYNC"),
+        Property("CACHE_LOCK_TIMEOUT", _seconds, "compile", doc="seconds to wait for another process"),
+        Property("CACHE_MAX_SIZE", parse_size, "core", doc="prune LRU entries above this size"),
+        Property("CACHE_PREPACK", _bool, "compile", in_key=True,
+                 doc="store prepacked weights: faster load, ~1.8x disk"),
+        Property("PERFORMANCE_HINT", _enum(PerformanceHint), "compile"),
+        Property("INFERENCE_NUM_THREADS", _int(0), "compile", doc="intra-op threads, 0 = ORT default"),
+        Property("NUM_STREAMS", _int(1), "compile", doc="concurrent infer requests allowed"),
+        Property("ORT_GRAPH_OPTIMIZATION_LEVEL", _opt_level, "compile", in_key=True),
+        Property("ORT_SESSION_CONFIG", _str_map, "compile", in_key=True,
+                 doc="entries for SessionOptions.add_session_config_entry"),
+        Property("ORT_PROVIDER_OPTIONS", _str_map, "compile", in_key=True,
+                 doc="options of the device's execution provider"),
+        Property("OPTIMIZATION_CAPABILITIES", str, "ro"),
+        Property("SUPPORTED_PROPERTIES", str, "ro"),
+        Property("FULL_DEVICE_NAME", str, "ro"),
+        Property("AVAILABLE_DEVICES", str, "ro"),
+        Property("LOADED_FROM_CACHE", str, "ro"),
+        Property("EXECUTION_DEVICES", str, "ro"),
+        Property("OPTIMAL_NUMBER_OF_INFER_REQUESTS", str, "ro"),
+        Property("CACHE_KEY", str, "ro"),
+    )
+}
+
+DEFAULTS: dict[str, Any] = {
+    "CACHE_DIR": None,
+    "CACHE_VERIFY": CacheVerify.FULL,
+    "CACHE_EXPORT": ExportMode.ASYNC,
+    "CACHE_LOCK_TIMEOUT": 600.0,
+    "CACHE_MAX_SIZE": 0,
+    "CACHE_PREPACK": True,
+    "PERFORMANCE_HINT": PerformanceHint.LATENCY,
+    "INFERENCE_NUM_THREADS": 0,
+    "NUM_STREAMS": 1,
+    "ORT_GRAPH_OPTIMIZATION_LEVEL": "ALL",
+    "ORT_SESSION_CONFIG": {},
+    "ORT_PROVIDER_OPTIONS": {},
+}
+
+
+def normalize(props: Mapping[str, object], *, allow_core: bool = True) -> dict[str, Any]:
+    """Validate user-given properties; return them parsed to canonical values."""
+    if not isinstance(props, Mapping):
+        raise PropertyError(f"properties must be a mapping, got {type(props).__name__}")
+    out: dict[str, Any] = {}
+    for name, value in props.items():
+        spec = PROPERTIES.get(str(name).upper()) if isinstance(name, str) else None
+        if spec is None:
+            known = ", ".join(n for n, p in PROPERTIES.items() if p.scope != "ro")
+            raise PropertyError(f"unknown property {name!r}; settable properties: {known}")
+        if spec.scope == "ro":
+            raise PropertyError(f"property {spec.name} is read-only")
+        if spec.scope == "core" and not allow_core:
+            raise PropertyError(f"property {spec.name} can only be set on the Core")
+        try:
+            out[spec.name] = spec.parse(value)
+        except (TypeError, ValueError) as exc:
+            raise PropertyError(f"bad value for {spec.name}: {exc}") from None
+    return out
+
+
+def public_value(value: Any) -> Any:
+    """How a property value is shown to users: enums as their names."""
+    return value.value if isinstance(value, enum.Enum) else value
