@@ -30,6 +30,8 @@ import anyio
 import onnxruntime as ort
 
 from ._version import __version__
+from ._cache import blob
+from ._cache.blob import BLOB_MODEL, BLOB_WEIGHTS
 from ._cache.export import Exporter
 from ._cache.inflight import Inflight
 from ._cache.key import FileStat, cache_key
@@ -68,8 +70,6 @@ logger = logging.getLogger("aioov")
 #: what ``compile_model`` accepts: a read ``Model``, a path, serialized bytes, or an onnx.ModelProto
 ModelSource = Union[Model, str, "os.PathLike[str]", bytes, Any]
 
-BLOB_MODEL = "model.onnx"
-BLOB_WEIGHTS = "weights.bin"
 
 _OPT_LEVELS = {
     "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -406,6 +406,7 @@ class Core:
         with self._stores_lock:
             if cache_dir not in self._stores:
                 store: CacheStore | None = CacheStore(cache_dir)
+                store.on_discard = lambda key, reason: self._count(corrupt=1)  # type: ignore[union-attr]
                 try:
                     store.ensure()  # type: ignore[union-attr]
                     store.clean_tmp()  # type: ignore[union-attr]
@@ -414,8 +415,7 @@ class Core:
                     self._warn_once(f"dir:{cache_dir}", "aioov cache: cannot use %s (%s); "
                                     "compiling without the cache", cache_dir, exc)
                     # A read-only cache (e.g. baked into an image) can still serve hits.
-                    probe = CacheStore(cache_dir)
-                    store = probe if probe.base.is_dir() else None
+                    store = store if store.base.is_dir() else None  # type: ignore[union-attr]
                 self._stores[cache_dir] = store
             return self._stores[cache_dir]
 
@@ -585,8 +585,7 @@ class Core:
         return session
 
     def _discard(self, store: CacheStore, key: str, reason: str) -> None:
-        self._count(corrupt=1)
-        store.quarantine(key, reason)
+        store.quarantine(key, reason)  # counted by the store's on_discard hook
 
     # -- export -----------------------------------------------------------------------
     def _compile_and_export(
@@ -609,11 +608,15 @@ class Core:
         try:
             session = self._create_session(source, device, providers, props, token, export_to=tmp)
             try:
+                blob.finalize(tmp, [i.name for i in session.get_inputs()])
                 if store.publish(key, tmp, manifest):
                     self._count(exports=1)
                     self._prune_if_needed(store)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
+            except blob.BlobError as exc:
+                self._count(errors=1)
+                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
             return session
         finally:
             store.discard(tmp)
@@ -638,7 +641,9 @@ class Core:
                 options.intra_op_num_threads = 1
                 options.inter_op_num_threads = 1
                 session = self._new_session(source.ort_input, options, device, providers, token)
+                input_names = [i.name for i in session.get_inputs()]
                 del session
+                blob.finalize(tmp, input_names)
                 if stats is not None and [FileStat.of(s.path) for s in stats] != stats:
                     logger.warning("aioov cache: %s changed during export; not cached", source.describe())
                     return
@@ -649,6 +654,9 @@ class Core:
                     self._prune_if_needed(store)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
+            except blob.BlobError as exc:
+                self._count(errors=1)
+                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
             except ORT_ERRORS as exc:
                 if not token.cancelled:
                     self._count(errors=1)
@@ -706,10 +714,11 @@ class Core:
         try:
             store.ensure()
             tmp = store.new_tmp(key)
-            self._create_session(source, device, providers, props, None, export_to=tmp)
+            session = self._create_session(source, device, providers, props, None, export_to=tmp)
+            blob.finalize(tmp, [i.name for i in session.get_inputs()])
             store.publish(key, tmp, _manifest(key_inputs, source, spec))
             os.rename(store.entry_path(key), dest)
-        except OSError as exc:
+        except (OSError, blob.BlobError) as exc:
             raise CacheError(f"cannot write {dest}: {exc}") from exc
         finally:
             import shutil

@@ -77,6 +77,8 @@ _MODEL_ERRORS: tuple[type[BaseException], ...] = (
     _ort_state.NoModel,
 )
 _GRAPH_ERRORS: tuple[type[BaseException], ...] = (_ort_state.InvalidGraph,)
+# ORT reports many graph problems as INVALID_ARGUMENT or FAIL; these phrases mark them.
+_GRAPH_MARKERS = ("Invalid model", "ShapeInferenceError", "Type Error", "TypeInferenceError")
 _INFER_ERRORS: tuple[type[BaseException], ...] = (_ort_state.InvalidArgument,)
 ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
     getattr(_ort_state, name)
@@ -93,7 +95,7 @@ def raise_compile_error(exc: BaseException, what: str) -> NoReturn:
     """Re-raise an ONNX Runtime session-creation error as the most specific aioov error."""
     if isinstance(exc, _MODEL_ERRORS):
         raise ModelReadError(f"cannot read {what}: {exc}") from exc
-    if isinstance(exc, _GRAPH_ERRORS):
+    if isinstance(exc, _GRAPH_ERRORS) or any(marker in str(exc) for marker in _GRAPH_MARKERS):
         raise InvalidModelError(f"ONNX Runtime rejected the graph of {what}: {exc}") from exc
     raise CompileError(f"compiling {what} failed: {exc}") from exc
 

@@ -173,8 +173,11 @@ def bert_like(
     return model
 
 
-def save_with_external_data(model: onnx.ModelProto, path: str | Path, data_name: str | None = None) -> Path:
-    """Save ``model`` with every initializer in one weights file beside it.
+def save_with_external_data(
+    model: onnx.ModelProto, path: str | Path, data_name: str | None = None, *, size_threshold: int = 1024
+) -> Path:
+    """Save ``model`` with its initializers of ``size_threshold`` bytes or more in one
+    weights file beside it (small shape tensors stay inline: ORT needs them there).
 
     The layout models over 2 GB must use, and a common one for large models
     below that size too: ``model.onnx`` plus ``model.onnx.data``.
@@ -186,6 +189,6 @@ def save_with_external_data(model: onnx.ModelProto, path: str | Path, data_name:
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_name or path.name + ".data",
-        size_threshold=0,
+        size_threshold=size_threshold,
     )
     return path

@@ -32,7 +32,8 @@ class Job:
 class Inflight:
     def __init__(self) -> None:
         self._jobs: dict[Hashable, Job] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: a future that is already done runs its callback (_forget) at once.
+        self._lock = threading.RLock()
         self.started = 0  # jobs started (for stats and tests)
         self.joined = 0  # callers that joined a running job
 

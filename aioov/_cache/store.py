@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,8 @@ class CacheStore:
         self.tmp = self.base / ".tmp"
         self.locks = self.base / ".locks"
         self.index = StatIndex(self.base / ".index")
+        #: called with (key, reason) whenever a broken entry is discarded
+        self.on_discard: Callable[[str, str], object] | None = None
 
     # -- set-up -----------------------------------------------------------------
     def ensure(self) -> None:
@@ -220,6 +222,8 @@ class CacheStore:
     def quarantine(self, key: str, reason: str) -> None:
         """Move a bad entry out of the way (atomically), then delete it."""
         logger.warning("aioov cache: discarding entry %s: %s", key[:16], reason)
+        if self.on_discard is not None:
+            self.on_discard(key, reason)
         path = self.entry_path(key)
         aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.corrupt"
         try:

@@ -1,0 +1,90 @@
+"""Shared fixtures: real ONNX models built with onnx.helper, and a cache directory.
+
+Async tests are marked ``@pytest.mark.anyio`` and run under asyncio and trio
+(anyio's pytest plugin; pytest-asyncio stays in strict mode and claims none).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import aioov
+from aioov.testing import bert_like, mlp, save_with_external_data
+
+ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_onnxruntime() -> None:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mlp_path(model_dir: Path) -> Path:
+    path = model_dir / "mlp.onnx"
+    onnx.save(mlp(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def external_path(model_dir: Path) -> Path:
+    """A model whose weights live in ``bert_ext.onnx.data`` beside it."""
+    sub = model_dir / "external"
+    sub.mkdir()
+    return save_with_external_data(bert_like(layers=2, hidden=64, heads=4, vocab=500, seed=3), sub / "bert_ext.onnx")
+
+
+@pytest.fixture(scope="session")
+def bert_path(model_dir: Path) -> Path:
+    """A small transformer: big enough that compiling takes measurable time."""
+    path = model_dir / "bert_small.onnx"
+    onnx.save(bert_like(layers=4, hidden=256, heads=4, vocab=2000, seed=1), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pypi_model_path() -> Path:
+    """A real CNN (DenseNet-121's graph) shipped inside the onnx wheel."""
+    path = ONNX_TEST_DATA / "light" / "light_densenet121.onnx"
+    if not path.exists():
+        pytest.skip(f"this onnx wheel ships no {path.name}")
+    return path
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 500, (2, 16), dtype=np.int64)
+
+
+@pytest.fixture
+def caplog_warnings(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="aioov")
+    return caplog
+
+
+@pytest.fixture
+async def core(cache_dir: Path):  # type: ignore[no-untyped-def]
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        yield core

@@ -1,0 +1,33 @@
+"""Helpers shared by tests: reference inference and subprocess runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference(path: Path | str, feed: dict[str, Any]) -> list[np.ndarray]:
+    """Plain onnxruntime on the same inputs: what aioov must reproduce."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)  # type: ignore[no-any-return]
+
+
+def run_python(code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
+               check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (a real second process)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,379 @@
+"""The model cache: hits and misses, what enters the key, integrity, and failures that
+must never break a compile."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import aioov
+from aioov.testing import bert_like, mlp
+
+from .helpers import reference, run_python
+
+pytestmark = pytest.mark.anyio
+
+
+def entries(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in (cache_dir / "v1").glob("??/*") if p.is_dir())
+
+
+async def compile_twice(
+    path: Path, cache_dir: Path, config: dict[str, object] | None = None
+) -> tuple[aioov.CompiledModel, aioov.CompiledModel, aioov.CacheStats]:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        first = await core.compile_model(path, "CPU", config)
+        await core.wait_exports()
+        second = await core.compile_model(path, "CPU", config)
+        return first, second, core.cache_stats
+
+
+async def test_without_cache_dir_nothing_is_written(mlp_path: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+    assert compiled.get_property("CACHE_KEY") is None
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_second_compile_is_loaded_from_cache(bert_path: Path, cache_dir: Path, ids: np.ndarray) -> None:
+    first, second, stats = await compile_twice(bert_path, cache_dir)
+    assert first.get_property("LOADED_FROM_CACHE") is False
+    assert second.get_property("LOADED_FROM_CACHE") is True
+    assert (stats.misses, stats.hits, stats.compiles, stats.exports) == (1, 1, 1, 1)
+    (entry,) = entries(cache_dir)
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model.onnx", "weights.bin"]
+    assert (cache_dir / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    expected = reference(bert_path, {"input_ids": ids})[0]
+    for compiled in (first, second):
+        got = (await compiled.infer({"input_ids": ids}))["last_hidden_state"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+async def test_cached_real_cnn_gives_the_same_outputs(pypi_model_path: Path, cache_dir: Path) -> None:
+    """DenseNet's convolutions are rewritten to CPU-specific layouts in the blob."""
+    x = np.random.default_rng(5).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    first, second, _ = await compile_twice(pypi_model_path, cache_dir)
+    assert second.get_property("LOADED_FROM_CACHE")
+    a = await first.infer([x])
+    b = await second.infer([x])
+    np.testing.assert_allclose(list(b.values())[0], list(a.values())[0], rtol=1e-5, atol=1e-6)
+
+
+async def test_a_second_process_hits_the_cache(bert_path: Path, cache_dir: Path) -> None:
+    code = """
+import sys, anyio, aioov
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU")
+        print(compiled.get_property("LOADED_FROM_CACHE"))
+anyio.run(main)
+"""
+    outputs = [run_python(code, str(cache_dir), str(bert_path)).stdout.strip() for _ in range(2)]
+    assert outputs == ["False", "True"]
+
+
+async def test_external_data_models_are_cached(external_path: Path, cache_dir: Path, ids: np.ndarray) -> None:
+    first, second, _ = await compile_twice(external_path, cache_dir)
+    assert second.get_property("LOADED_FROM_CACHE")
+    np.testing.assert_allclose(
+        (await second.infer(ids))["last_hidden_state"],
+        reference(external_path, {"input_ids": ids})[0], rtol=1e-4, atol=1e-4,
+    )
+
+
+async def test_changing_the_model_file_misses(tmp_path: Path, cache_dir: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(seed=1), path)
+    x = np.ones((1, 8), np.float32)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(path, "CPU")
+        await core.wait_exports()
+        onnx.save(mlp(seed=2), path)  # same structure and size, other weights
+        changed = await core.compile_model(path, "CPU")
+        assert changed.get_property("LOADED_FROM_CACHE") is False
+        np.testing.assert_array_equal((await changed.infer(x))["y"], reference(path, {"x": x})[0])
+        await core.wait_exports()
+        assert len(entries(cache_dir)) == 2
+
+
+async def test_changing_external_data_misses(tmp_path: Path, cache_dir: Path) -> None:
+    from aioov.testing import save_with_external_data
+
+    path = save_with_external_data(bert_like(2, 64, 4, vocab=300, seed=1), tmp_path / "e.onnx")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        first = await core.compile_model(path, "CPU")
+        await core.wait_exports()
+        data = tmp_path / "e.onnx.data"
+        raw = bytearray(data.read_bytes())
+        raw[100:104] = b"\x00\x00\x80\x3f"
+        data.write_bytes(bytes(raw))
+        second = await core.compile_model(path, "CPU")
+    assert second.get_property("LOADED_FROM_CACHE") is False
+    assert second.get_property("CACHE_KEY") != first.get_property("CACHE_KEY")
+
+
+async def test_touching_the_file_rehashes_and_still_hits(mlp_path: Path, tmp_path: Path, cache_dir: Path) -> None:
+    path = tmp_path / "m.onnx"
+    shutil.copy(mlp_path, path)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        first = await core.compile_model(path, "CPU")
+        await core.wait_exports()
+        os.utime(path, ns=(1, 1))  # a new stat, same content
+        second = await core.compile_model(path, "CPU")
+    assert second.get_property("LOADED_FROM_CACHE")
+    assert second.get_property("CACHE_KEY") == first.get_property("CACHE_KEY")
+
+
+async def test_a_warm_hit_does_not_read_the_model(mlp_path: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """The stat index answers; the model file's bytes are not opened (checked by making
+    them unreadable to the scanner: a hit must not need them)."""
+    path = tmp_path / "m.onnx"
+    shutil.copy(mlp_path, path)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(path, "CPU")
+        await core.wait_exports()
+    import aioov._core as core_module
+
+    def boom(*args: object) -> None:
+        raise AssertionError("the model file was read on a warm hit")
+
+    original = core_module.check_model_file
+    core_module.check_model_file = boom  # type: ignore[assignment]
+    try:
+        async with aioov.Core(cache_dir=cache_dir) as core:
+            compiled = await core.compile_model(path, "CPU")
+    finally:
+        core_module.check_model_file = original
+    assert compiled.get_property("LOADED_FROM_CACHE")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"ORT_GRAPH_OPTIMIZATION_LEVEL": "BASIC"}, {"CACHE_PREPACK": False},
+     {"ORT_SESSION_CONFIG": {"session.disable_aot_function_inlining": "1"}}],
+    ids=["optimization-level", "prepack", "session-config"],
+)
+async def test_config_that_changes_the_blob_changes_the_key(mlp_path: Path, cache_dir: Path, config) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        a = await core.compile_model(mlp_path, "CPU")
+        await core.wait_exports()
+        b = await core.compile_model(mlp_path, "CPU", config)
+    assert a.get_property("CACHE_KEY") != b.get_property("CACHE_KEY")
+    assert b.get_property("LOADED_FROM_CACHE") is False
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"INFERENCE_NUM_THREADS": 1}, {"PERFORMANCE_HINT": "THROUGHPUT"}, {"NUM_STREAMS": 3},
+     {"CACHE_VERIFY": "SIZE"}],
+)
+async def test_config_that_does_not_change_the_blob_keeps_the_key(mlp_path: Path, cache_dir: Path, config) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        a = await core.compile_model(mlp_path, "CPU")
+        await core.wait_exports()
+        b = await core.compile_model(mlp_path, "CPU", config)
+    assert a.get_property("CACHE_KEY") == b.get_property("CACHE_KEY")
+    assert b.get_property("LOADED_FROM_CACHE") is True
+
+
+async def test_set_property_cache_dir_like_openvino(mlp_path: Path, cache_dir: Path) -> None:
+    core = aioov.Core()
+    core.set_property({"CACHE_DIR": str(cache_dir)})
+    assert core.get_property("CACHE_DIR") == str(cache_dir)
+    await core.compile_model(mlp_path, "CPU")
+    await core.aclose()  # waits for the export
+    assert len(entries(cache_dir)) == 1
+
+
+async def test_per_compile_cache_dir(mlp_path: Path, cache_dir: Path) -> None:
+    async with aioov.Core() as core:
+        await core.compile_model(mlp_path, "CPU", {"CACHE_DIR": cache_dir})
+    assert len(entries(cache_dir)) == 1
+
+
+# -- integrity ----------------------------------------------------------------------------
+
+
+def corrupt_weights(entry: Path) -> None:
+    weights = entry / "weights.bin"
+    raw = bytearray(weights.read_bytes())
+    for offset in range(len(raw) // 3, len(raw) // 3 + 64):
+        raw[offset] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+
+
+def truncate_weights(entry: Path) -> None:
+    weights = entry / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def bad_json_manifest(entry: Path) -> None:
+    (entry / "manifest.json").write_text("{not json")
+
+
+def wrong_types_manifest(entry: Path) -> None:
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"]["weights.bin"]["size"] = "big"
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def other_onnxruntime(entry: Path) -> None:
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["onnxruntime"] = "0.0.1"
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def missing_manifest(entry: Path) -> None:
+    (entry / "manifest.json").unlink()
+
+
+def corrupt_graph(entry: Path) -> None:
+    model = entry / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-10] + b"\xff" * 10)
+
+
+def symlinked_weights(entry: Path) -> None:
+    weights = entry / "weights.bin"
+    outside = entry.parent.parent.parent.parent / "outside.bin"
+    weights.rename(outside)
+    weights.symlink_to(outside)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [corrupt_weights, truncate_weights, bad_json_manifest, wrong_types_manifest, other_onnxruntime,
+     missing_manifest, corrupt_graph, symlinked_weights],
+)
+async def test_a_damaged_entry_is_discarded_and_recompiled(
+    bert_path: Path, cache_dir: Path, ids: np.ndarray, damage, caplog_warnings
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+        (entry,) = entries(cache_dir)
+        damage(entry)
+        compiled = await core.compile_model(bert_path, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE") is False
+        assert core.cache_stats.corrupt == 1
+        got = (await compiled.infer(ids))["last_hidden_state"]
+        await core.wait_exports()
+        again = await core.compile_model(bert_path, "CPU")
+    assert again.get_property("LOADED_FROM_CACHE") is True  # re-exported, good this time
+    np.testing.assert_allclose(got, reference(bert_path, {"input_ids": ids})[0], rtol=1e-4, atol=1e-4)
+    assert "discarding entry" in caplog_warnings.text
+
+
+async def test_verify_size_trades_checksums_for_speed(bert_path: Path, cache_dir: Path) -> None:
+    """CACHE_VERIFY=SIZE does not read the weights: flipped bytes go unnoticed (documented)."""
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+        corrupt_weights(entries(cache_dir)[0])
+        compiled = await core.compile_model(bert_path, "CPU", {"CACHE_VERIFY": "SIZE"})
+        assert compiled.get_property("LOADED_FROM_CACHE") is True
+        truncate_weights(entries(cache_dir)[0])
+        compiled = await core.compile_model(bert_path, "CPU", {"CACHE_VERIFY": "SIZE"})
+        assert compiled.get_property("LOADED_FROM_CACHE") is False
+
+
+# -- failures never break a compile ----------------------------------------------------------
+
+
+async def test_cache_dir_that_cannot_be_created(mlp_path: Path, tmp_path: Path, caplog_warnings) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache dir should be")
+    async with aioov.Core(cache_dir=blocker / "cache") as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        again = await core.compile_model(mlp_path, "CPU")
+        stats = core.cache_stats
+    assert not compiled.get_property("LOADED_FROM_CACHE") and not again.get_property("LOADED_FROM_CACHE")
+    assert stats.errors >= 1
+    assert caplog_warnings.text.count("compiling without the cache") == 1  # warned once
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs: a real small disk. Needs root and mount permission."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_disk_full_compiles_uncached_and_leaves_nothing(bert_path: Path, tmpfs: Path, caplog_warnings) -> None:
+    assert bert_path.stat().st_size > 4 * 1024 * 1024  # bigger than the disk
+    async with aioov.Core(cache_dir=tmpfs) as core:
+        compiled = await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+        stats = core.cache_stats
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert stats.exports == 0 and stats.errors >= 1
+    assert entries(tmpfs) == []
+    assert list((tmpfs / "v1" / ".tmp").iterdir()) == []
+
+
+async def test_read_only_cache_dir_still_compiles(mlp_path: Path, tmpfs: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    async with aioov.Core(cache_dir=tmpfs / "cache") as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        assert (await compiled.infer(np.ones((1, 8), np.float32)))["y"].shape == (1, 4)
+
+
+async def test_read_only_prebuilt_cache_serves_hits(mlp_path: Path, tmpfs: Path) -> None:
+    """A cache baked into an image and mounted read-only still answers."""
+    async with aioov.Core(cache_dir=tmpfs) as core:
+        await core.compile_model(mlp_path, "CPU")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    async with aioov.Core(cache_dir=tmpfs) as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+
+
+def test_file_size_limit_in_a_subprocess(bert_path: Path, cache_dir: Path) -> None:
+    """RLIMIT_FSIZE makes every large write fail with EFBIG: no privileges needed."""
+    code = """
+import resource, signal, sys, anyio, aioov, logging
+logging.basicConfig(level=logging.WARNING)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU")
+        await core.wait_exports()
+        print(compiled.get_property("LOADED_FROM_CACHE"), core.cache_stats.exports, core.cache_stats.errors)
+anyio.run(main)
+"""
+    proc = run_python(code, str(cache_dir), str(bert_path))
+    assert proc.stdout.split() == ["False", "0", "1"]
+    assert "not cached" in proc.stderr or "failed" in proc.stderr
+    assert entries(cache_dir) == []
+    assert list((cache_dir / "v1" / ".tmp").iterdir()) == []
+
+
+async def test_symlinked_entry_dir_is_not_followed(mlp_path: Path, cache_dir: Path, tmp_path: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU")
+        await core.wait_exports()
+        (entry,) = entries(cache_dir)
+        elsewhere = tmp_path / "elsewhere"
+        entry.rename(elsewhere)
+        entry.symlink_to(elsewhere, target_is_directory=True)
+        compiled = await core.compile_model(mlp_path, "CPU")
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert elsewhere.is_dir()  # the link was removed, not what it pointed to

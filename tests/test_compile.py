@@ -1,0 +1,164 @@
+"""compile_model and infer: results equal plain onnxruntime; bad input gets clear errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+import onnx
+import pytest
+
+import aioov
+from aioov.testing import bert_like, mlp
+
+from .helpers import reference
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_compile_and_infer_matches_onnxruntime(mlp_path: Path) -> None:
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        x = np.random.default_rng(1).standard_normal((5, 8), dtype=np.float32)
+        outputs = await compiled.infer({"x": x})
+    assert list(outputs) == ["y"]
+    np.testing.assert_array_equal(outputs["y"], reference(mlp_path, {"x": x})[0])
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+
+
+async def test_transformer_with_external_data(external_path: Path, ids: np.ndarray) -> None:
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(external_path, "CPU")
+        outputs = await compiled.infer(ids)
+    np.testing.assert_allclose(
+        outputs["last_hidden_state"], reference(external_path, {"input_ids": ids})[0], rtol=1e-5, atol=1e-5
+    )
+
+
+async def test_real_model_from_a_pypi_package(pypi_model_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(pypi_model_path, "CPU")
+        outputs = await compiled.infer([x])
+    (name,) = outputs
+    np.testing.assert_allclose(
+        outputs[name], reference(pypi_model_path, {compiled.inputs[0].name: x})[0], rtol=1e-4, atol=1e-5
+    )
+
+
+async def test_compile_read_model_bytes_and_proto(mlp_path: Path) -> None:
+    x = np.ones((1, 8), np.float32)
+    expected = reference(mlp_path, {"x": x})[0]
+    async with aioov.Core() as core:
+        for source in (await core.read_model(mlp_path), mlp_path.read_bytes(), mlp(), str(mlp_path)):
+            compiled = await core.compile_model(source, "AUTO")
+            np.testing.assert_array_equal((await compiled.infer({"x": x}))["y"], expected)
+
+
+async def test_ports_describe_names_types_and_shapes(mlp_path: Path) -> None:
+    compiled = await aioov.Core().compile_model(mlp_path, "CPU")
+    (port,) = compiled.inputs
+    assert (port.name, port.element_type, port.dtype, port.shape) == ("x", "tensor(float)", np.float32, ("N", 8))
+    assert compiled.outputs[0].name == "y"
+    assert compiled.session.get_providers() == ["CPUExecutionProvider"]
+
+
+async def test_infer_request_keeps_results(mlp_path: Path) -> None:
+    compiled = await aioov.Core().compile_model(mlp_path, "CPU")
+    request = compiled.create_infer_request()
+    await request.infer({"x": np.zeros((2, 8), np.float32)})
+    assert request.get_output_tensor(0).shape == (2, 4)
+    assert request.results["y"] is request.get_output_tensor("y")
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"z": np.zeros((1, 8), np.float32)}, "unknown input name"),
+        ({}, "missing input"),
+        ({"x": np.zeros((1, 8), np.float64)}, "expects tensor\\(float\\)"),
+        ({"x": np.zeros((1, 7), np.float32)}, "dimension 1 must be 8"),
+        ({"x": np.zeros((8,), np.float32)}, "expects rank 2"),
+        ([np.zeros((1, 8), np.float32)] * 2, "takes 1 input"),
+        ({"x": [["a"] * 8]}, "cannot convert"),
+    ],
+    ids=["name", "missing", "dtype", "shape", "rank", "count", "convert"],
+)
+async def test_bad_inputs_raise_inference_error(mlp_path: Path, inputs: object, message: str) -> None:
+    compiled = await aioov.Core().compile_model(mlp_path, "CPU")
+    with pytest.raises(aioov.InferenceError, match=message):
+        await compiled.infer(inputs)  # type: ignore[arg-type]
+
+
+async def test_python_lists_are_converted_to_the_input_type(mlp_path: Path) -> None:
+    compiled = await aioov.Core().compile_model(mlp_path, "CPU")
+    outputs = await compiled.infer({"x": [[0.5] * 8]})
+    assert outputs["y"].shape == (1, 4)
+
+
+async def test_unknown_device_lists_the_available_ones(mlp_path: Path) -> None:
+    with pytest.raises(aioov.DeviceNotFoundError, match="unknown device 'NPU'.*available here: CPU"):
+        await aioov.Core().compile_model(mlp_path, "NPU")
+
+
+async def test_invalid_graph_is_reported_as_such(tmp_path: Path) -> None:
+    model = mlp()
+    model.graph.node[1].input[0] = "dangling"  # an edge from nowhere
+    path = tmp_path / "dangling.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(aioov.InvalidModelError, match="dangling"):
+        await aioov.Core().compile_model(path, "CPU")
+
+
+async def test_compile_of_a_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(aioov.ModelReadError, match="no such model file"):
+        await aioov.Core().compile_model(tmp_path / "missing.onnx", "CPU")
+
+
+async def test_compile_of_a_non_onnx_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.onnx"
+    path.write_text("not a model")
+    with pytest.raises(aioov.ModelReadError, match="not a valid ONNX model"):
+        await aioov.Core(cache_dir=tmp_path / "c").compile_model(path, "CPU")
+
+
+async def test_closed_core_refuses_work(mlp_path: Path) -> None:
+    core = aioov.Core()
+    await core.aclose()
+    with pytest.raises(aioov.AioovError, match="closed"):
+        await core.compile_model(mlp_path, "CPU")
+
+
+async def test_event_loop_keeps_ticking_while_four_models_compile(model_dir: Path) -> None:
+    """Compiles run in worker threads and ONNX Runtime releases the GIL while building
+    a session, so a 5 ms ticker keeps its pace (max gap < 50 ms)."""
+    paths = []
+    for seed in range(4):
+        path = model_dir / f"lag_{seed}.onnx"
+        if not path.exists():
+            onnx.save(bert_like(layers=6, hidden=256, heads=4, vocab=4000, seed=seed), path)
+        paths.append(path)
+    gaps: list[float] = []
+
+    async def ticker(stop: anyio.Event) -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await anyio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with aioov.Core(max_concurrent_compiles=4) as core:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker, stop)
+            started = time.perf_counter()
+            compiled = await core.compile_all(paths, "CPU")
+            elapsed = time.perf_counter() - started
+            stop.set()
+    assert all(result.ok for result in compiled)
+    assert elapsed > 0.1, "the models must take measurable time to compile"
+    assert len(gaps) > 10
+    assert max(gaps) < 0.05, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
