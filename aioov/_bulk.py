@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +94,9 @@ async def compile_models(
     done = 0
     running: dict[Any, tuple[list[int], Job, float]] = {}
 
-    def results_for(indexes: list[int], compiled: Any, error: BaseException | None, started: float):
+    def results_for(
+        indexes: list[int], compiled: Any, error: BaseException | None, started: float
+    ) -> Iterator[CompileResult]:
         seconds = time.perf_counter() - started
         for index in indexes:
             model, dev, _ = items[index]
@@ -125,18 +127,15 @@ async def compile_models(
             for future in [f for f in running if f.done()]:
                 indexes, job, started = running.pop(future)
                 core._inflight.leave(job)
-                compiled, error = None, None
+                compiled = None
+                error_: BaseException | None = None
                 try:
-                    compiled = core._wrap(future.result(), job.key[0])
-                except AioovError as exc:
-                    error = exc
+                    compiled = core._wrap(future.result(), job.key[0])  # type: ignore[index]
+                except Exception as exc:  # reported per model, never lost
+                    error_ = exc
                     if fail_fast:
                         raise
-                except Exception as exc:  # noqa: BLE001 - reported per model, never lost
-                    error = exc
-                    if fail_fast:
-                        raise
-                for result in results_for(indexes, compiled, error, started):
+                for result in results_for(indexes, compiled, error_, started):
                     done += 1
                     if progress is not None:
                         progress(BulkProgress(done, total, result))

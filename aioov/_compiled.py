@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -22,7 +22,7 @@ __all__ = ("CompiledModel", "InferRequest", "Port", "InferInputs")
 
 #: what ``infer`` accepts: a mapping by input name, a sequence in input order,
 #: or one array for a single-input model
-InferInputs = Union[Mapping[str, Any], Sequence[Any], np.ndarray]
+InferInputs = Mapping[str, Any] | Sequence[Any] | np.ndarray
 
 _ORT_TYPES: dict[str, np.dtype[Any]] = {
     f"tensor({name})": np.dtype(dtype)

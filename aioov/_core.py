@@ -29,23 +29,20 @@ from typing import Any, Union
 import anyio
 import onnxruntime as ort
 
-from ._version import __version__
 from ._cache import blob
 from ._cache.blob import BLOB_MODEL, BLOB_WEIGHTS
 from ._cache.export import Exporter
-from ._cache.inflight import Inflight
+from ._cache.inflight import Inflight, Job
 from ._cache.key import FileStat, cache_key
 from ._cache.locks import Cancelled
 from ._cache.store import CacheStore, Entry
 from ._compiled import CompiledModel
-from ._cache.inflight import Job
 from ._concurrency import CancelToken, wait_future
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._errors import (
     ORT_ERRORS,
     AioovError,
     CacheError,
-    CompileError,
     DeviceNotFoundError,
     LockTimeout,
     ModelReadError,
@@ -62,6 +59,7 @@ from ._properties import (
     normalize,
     public_value,
 )
+from ._version import __version__
 
 __all__ = ("CacheStats", "Core", "ModelSource")
 
@@ -220,7 +218,9 @@ class Core:
             raise AioovError("this Core is closed")
 
     # -- properties ---------------------------------------------------------------
-    def set_property(self, device_or_props: str | Mapping[str, object], props: Mapping[str, object] | None = None) -> None:
+    def set_property(
+        self, device_or_props: str | Mapping[str, object], props: Mapping[str, object] | None = None
+    ) -> None:
         """``set_property({"CACHE_DIR": d})`` for the Core, ``set_property("CPU", {...})`` per device."""
         if isinstance(device_or_props, str):
             if props is None:
@@ -305,7 +305,7 @@ class Core:
             result: _Result = await wait_future(job.future)
         finally:
             self._inflight.leave(job)
-        return self._wrap(result, job.key[0])
+        return self._wrap(result, job.key[0])  # type: ignore[index]
 
     def _submit(self, model: ModelSource, device: str, config: Mapping[str, object] | None) -> Job:
         """Start (or join) the compile job for this request; pair with ``_inflight.leave``."""
@@ -647,9 +647,7 @@ class Core:
                 if stats is not None and [FileStat.of(s.path) for s in stats] != stats:
                     logger.warning("aioov cache: %s changed during export; not cached", source.describe())
                     return
-                if token.cancelled:
-                    return
-                if store.publish(key, tmp, manifest):
+                if store.publish(key, tmp, manifest, abort=lambda: token.cancelled):
                     self._count(exports=1)
                     self._prune_if_needed(store)
             except OSError as exc:

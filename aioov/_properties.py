@@ -89,7 +89,7 @@ def _int(minimum: int) -> Callable[[object], int]:
 def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected seconds")
-    number = float(value)  # type: ignore[arg-type]
+    number = float(value)  # type: ignore[arg-type,unused-ignore]
     if number < 0:
         raise ValueError("must be >= 0")
     return number
@@ -100,7 +100,7 @@ def _enum(cls: type[enum.Enum]) -> Callable[[object], Any]:
         try:
             return cls(str(getattr(value, "value", value)).upper())
         except ValueError:
-            choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+            choices = ", ".join(str(m.value) for m in cls)
             raise ValueError(f"expected one of {choices}, got {value!r}") from None
 
     return parse

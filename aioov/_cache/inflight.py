@@ -51,7 +51,7 @@ class Inflight:
                 token.future = job.future
                 self._jobs[key] = job
                 self.started += 1
-                job.future.add_done_callback(lambda _f, job=job: self._forget(job))
+                job.future.add_done_callback(self._forgetter(job))
             else:
                 self.joined += 1
             job.waiters += 1
@@ -72,6 +72,9 @@ class Inflight:
             return await wait_future(job.future)
         finally:
             self.leave(job)
+
+    def _forgetter(self, job: Job) -> Callable[[concurrent.futures.Future[Any]], None]:
+        return lambda _future: self._forget(job)
 
     def _forget(self, job: Job) -> None:
         with self._lock:

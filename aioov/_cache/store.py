@@ -239,8 +239,13 @@ class CacheStore:
         path.mkdir()
         return path
 
-    def publish(self, key: str, tmp: Path, manifest: dict[str, Any]) -> bool:
-        """Checksum, fsync, write the manifest last, rename into place. False if one exists."""
+    def publish(
+        self, key: str, tmp: Path, manifest: dict[str, Any], *, abort: Callable[[], bool] | None = None
+    ) -> bool:
+        """Checksum, fsync, write the manifest last, rename into place.
+
+        False when an entry exists already, or when ``abort()`` says the writer was
+        cancelled meanwhile (checked just before the rename, the point of no return)."""
         files: dict[str, dict[str, Any]] = {}
         for file in sorted(tmp.iterdir()):
             if file.name == MANIFEST:
@@ -252,6 +257,9 @@ class CacheStore:
         fsync_dir(tmp)
         final = self.entry_path(key)
         final.parent.mkdir(exist_ok=True)
+        if abort is not None and abort():
+            _rmtree(tmp)
+            return False
         try:
             os.rename(tmp, final)
         except OSError:

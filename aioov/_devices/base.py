@@ -69,8 +69,11 @@ class Device:
         """Whether a session really runs on this device's provider here (probed once)."""
         with self._probe_lock:
             if self._probed is None:
+                missing = self.precheck()
                 if not self.provider_listed():
                     self._probed, self._probe_error = False, f"{self.provider} is not in this build"
+                elif missing:
+                    self._probed, self._probe_error = False, missing
                 else:
                     try:
                         self._probed = probe_session(self.providers(None, {})[:1])
@@ -79,6 +82,11 @@ class Device:
                     except Exception as exc:  # a provider that cannot load raises many kinds
                         self._probed, self._probe_error = False, f"{self.provider}: {exc}"
             return self._probed
+
+    def precheck(self) -> str | None:
+        """A cheap reason the provider cannot load (checked before a probe session,
+        which would log errors); None when a probe is worth trying."""
+        return None
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -141,4 +149,4 @@ def probe_session(providers: ProviderList) -> bool:
         providers=[name for name, _ in providers],
         provider_options=[opts for _, opts in providers],
     )
-    return session.get_providers()[0] == providers[0][0]
+    return bool(session.get_providers()[0] == providers[0][0])

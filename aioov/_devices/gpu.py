@@ -12,7 +12,10 @@ with no error, and write nothing to the cache.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Mapping
+from functools import cache
 
 from .base import Device, ProviderList
 
@@ -21,10 +24,28 @@ __all__ = ("CUDADevice", "OpenVINODevice", "TensorRTDevice")
 _CPU: tuple[str, dict[str, str]] = ("CPUExecutionProvider", {})
 
 
-class CUDADevice(Device):
+@cache
+def nvidia_driver_missing() -> str | None:
+    """Without the driver's libcuda no CUDA provider can load; saying so up front spares
+    users ONNX Runtime's error log from a probe session on every CPU-only machine."""
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return f"no NVIDIA driver ({name} not found)"
+    return None
+
+
+class _NvidiaDevice(Device):
+    serialize_compiles = True
+
+    def precheck(self) -> str | None:
+        return nvidia_driver_missing()
+
+
+class CUDADevice(_NvidiaDevice):
     family = "GPU"
     provider = "CUDAExecutionProvider"
-    serialize_compiles = True
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         opts = {"device_id": str(index or 0), **options}
@@ -34,10 +55,9 @@ class CUDADevice(Device):
         return "NVIDIA GPU (CUDA)"
 
 
-class TensorRTDevice(Device):
+class TensorRTDevice(_NvidiaDevice):
     family = "TENSORRT"
     provider = "TensorrtExecutionProvider"
-    serialize_compiles = True
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         device = {"device_id": str(index or 0)}

@@ -1,0 +1,138 @@
+"""Many processes, one cache: real subprocesses, real flock locks, real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from aioov.testing import bert_like
+
+from .helpers import ROOT, run_python
+
+WORKER = """
+import json, sys, time, anyio, numpy as np, onnxruntime as ort, aioov
+cache_dir, start_at, *paths = sys.argv[1:]
+async def main():
+    time.sleep(max(0.0, float(start_at) - time.time()))  # start together
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        results = await core.compile_all(paths, "CPU")
+        ids = np.arange(32, dtype=np.int64).reshape(2, 16)
+        correct = []
+        for r in results:
+            got = (await r.unwrap().infer(ids))["last_hidden_state"]
+            want = ort.InferenceSession(r.model).run(None, {"input_ids": ids})[0]
+            correct.append(bool(np.allclose(got, want, rtol=1e-4, atol=1e-4)))
+        await core.wait_exports()
+        print(json.dumps({"compiles": core.cache_stats.compiles,
+                          "from_cache": [r.from_cache for r in results], "correct": correct}))
+anyio.run(main)
+"""
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    base = tmp_path_factory.mktemp("mp_models")
+    paths = []
+    for seed in range(3):
+        path = base / f"model_{seed}.onnx"
+        onnx.save(bert_like(layers=3, hidden=128, heads=4, vocab=1000, seed=seed), path)
+        paths.append(str(path))
+    return paths
+
+
+def start(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_four_processes_three_models_compile_each_model_once(three_models: list[str], tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    start_at = str(time.time() + 2.0)
+    procs = [start(WORKER, str(cache_dir), start_at, *three_models) for _ in range(4)]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(r["compiles"] for r in reports) == 3
+    # every model is compiled by one process and loaded from the cache by the three others
+    for model in range(3):
+        assert sorted(r["from_cache"][model] for r in reports) == [False, True, True, True]
+    assert all(all(r["correct"]) for r in reports)
+    assert len(list((cache_dir / "v1").glob("??/*"))) == 3
+
+
+STUCK_EXPORTER = """
+import sys, time, anyio, aioov
+from aioov._cache import store as store_module
+def hang(*args, **kwargs):  # the export is written but never published: then SIGKILL
+    print("exporting", flush=True)
+    time.sleep(3600)
+store_module.CacheStore.publish = hang
+async def main():
+    core = aioov.Core(cache_dir=sys.argv[1])
+    await core.compile_model(sys.argv[2], "CPU")
+    await core.wait_exports()
+anyio.run(main)
+"""
+
+ONE_COMPILE = """
+import sys, json, anyio, aioov
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU")
+        await core.wait_exports()
+    print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"),
+                      "compiles": core.cache_stats.compiles, "lock_waits": core.cache_stats.lock_waits}))
+anyio.run(main)
+"""
+
+
+def test_sigkill_of_the_lock_holder_releases_the_others(three_models: list[str], tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    model = three_models[0]
+    holder = start(STUCK_EXPORTER, str(cache_dir), model)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "exporting"  # lock held, blob half-way
+    waiter = start(ONE_COMPILE, str(cache_dir), model)
+    time.sleep(0.5)
+    assert waiter.poll() is None, "the waiter must be waiting for the lock"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate(timeout=30)
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    report = json.loads(out)
+    assert report == {"from_cache": False, "compiles": 1, "lock_waits": 1}
+    # The waiter published a complete entry; the killed writer left only a temp dir.
+    (entry,) = list((cache_dir / "v1").glob("??/*"))
+    assert (entry / "manifest.json").exists()
+    leftovers = list((cache_dir / "v1" / ".tmp").iterdir())
+    assert all(p.name.endswith(".incomplete") for p in leftovers)
+    # ...which a later run removes once no writer holds its lock.
+    from aioov import CacheStore
+
+    removed = CacheStore(cache_dir).clean_tmp(min_age=0)
+    assert sorted(removed) == sorted(leftovers)
+    proc = run_python(ONE_COMPILE, str(cache_dir), model)
+    assert json.loads(proc.stdout)["from_cache"] is True
+
+
+def test_killed_before_publishing_means_the_next_run_recompiles(three_models: list[str], tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    holder = start(STUCK_EXPORTER, str(cache_dir), three_models[1])
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "exporting"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate(timeout=30)
+    assert list((cache_dir / "v1").glob("??/*")) == []  # nothing partial is visible
+    report = json.loads(run_python(ONE_COMPILE, str(cache_dir), three_models[1]).stdout)
+    assert report["from_cache"] is False and report["compiles"] == 1
