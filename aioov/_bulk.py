@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +74,7 @@ async def compile_models(
     max_concurrency: int,
     fail_fast: bool,
     progress: Callable[[BulkProgress], object] | None,
-) -> AsyncIterator[CompileResult]:
+) -> AsyncGenerator[CompileResult, None]:
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
     items: list[tuple[Any, str, Mapping[str, object] | None]] = []

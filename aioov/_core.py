@@ -20,7 +20,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +30,7 @@ from typing import Any, Union
 import anyio
 import onnxruntime as ort
 
+from ._bulk import BulkProgress, CompileResult, compile_models
 from ._cache import blob
 from ._cache.blob import BLOB_MODEL, BLOB_WEIGHTS
 from ._cache.export import Exporter
@@ -762,7 +764,7 @@ class Core:
         return _Result(session, str(spec), props, True, key)
 
     # -- bulk -------------------------------------------------------------------------
-    async def compile_models(
+    def compile_models(
         self,
         models: Iterable[Any],
         device: str = "AUTO",
@@ -770,17 +772,20 @@ class Core:
         *,
         max_concurrency: int | None = None,
         fail_fast: bool = False,
-        progress: Callable[[Any], object] | None = None,
-    ) -> AsyncIterator[Any]:
-        """Compile many models concurrently, yielding a ``CompileResult`` as each finishes."""
-        from ._bulk import compile_models
+        progress: Callable[[BulkProgress], object] | None = None,
+    ) -> AsyncGenerator[CompileResult, None]:
+        """Compile many models concurrently, yielding a ``CompileResult`` as each finishes.
 
-        async for result in compile_models(
+        Items are paths, ``Model``s, or ``(model, device, config)`` tuples; duplicates compile
+        once. A failure is reported in its result unless ``fail_fast`` raises it and cancels
+        the rest. If you may stop iterating early, close the generator promptly
+        (``async with contextlib.aclosing(core.compile_models(...)) as results:``).
+        """
+        return compile_models(
             self, models, device, config,
             max_concurrency=max_concurrency or self._max_workers,
             fail_fast=fail_fast, progress=progress,
-        ):
-            yield result
+        )
 
     async def compile_all(
         self,
@@ -790,12 +795,15 @@ class Core:
         *,
         max_concurrency: int | None = None,
         fail_fast: bool = False,
-        progress: Callable[[Any], object] | None = None,
-    ) -> list[Any]:
+        progress: Callable[[BulkProgress], object] | None = None,
+    ) -> list[CompileResult]:
         """Like ``compile_models``, but returns every result in input order."""
-        results = [r async for r in self.compile_models(
-            models, device, config, max_concurrency=max_concurrency, fail_fast=fail_fast, progress=progress)]
-        return sorted(results, key=lambda r: r.index)
+        results = self.compile_models(
+            models, device, config, max_concurrency=max_concurrency, fail_fast=fail_fast, progress=progress
+        )
+        async with aclosing(results):
+            collected = [result async for result in results]
+        return sorted(collected, key=lambda r: r.index)
 
 
 def _read(model: Any) -> Model:
