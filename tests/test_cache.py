@@ -4,7 +4,6 @@ must never break a compile."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -377,3 +376,23 @@ async def test_symlinked_entry_dir_is_not_followed(mlp_path: Path, cache_dir: Pa
         compiled = await core.compile_model(mlp_path, "CPU")
     assert compiled.get_property("LOADED_FROM_CACHE") is False
     assert elsewhere.is_dir()  # the link was removed, not what it pointed to
+
+
+async def test_cache_max_size_prunes_least_recently_used_after_publishing(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"m{seed}.onnx"
+        onnx.save(bert_like(2, 64, 4, vocab=300, seed=seed), path)
+        paths.append(path)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(paths[0], "CPU")
+        await core.wait_exports()
+        one_entry = aioov.CacheStore(cache_dir).scan().size
+        core.set_property({"CACHE_MAX_SIZE": int(one_entry * 2.5)})
+        for path in paths[1:]:
+            await core.compile_model(path, "CPU")
+            await core.wait_exports()
+    sources = [Path(e.source or "").name for e in aioov.CacheStore(cache_dir).scan().entries]
+    assert sorted(sources) == ["m1.onnx", "m2.onnx"]  # m0, used least recently, was pruned

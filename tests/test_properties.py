@@ -1,0 +1,91 @@
+"""Properties: OpenVINO names, validation, and what a device reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import aioov
+from aioov._properties import PROPERTIES, parse_size
+
+pytestmark = pytest.mark.anyio
+
+
+def test_openvino_style_set_and_get(tmp_path: Path) -> None:
+    core = aioov.Core()
+    assert core.get_property("CACHE_DIR") is None
+    core.set_property({"CACHE_DIR": tmp_path, "PERFORMANCE_HINT": "throughput", "CACHE_VERIFY": "size"})
+    assert core.get_property("CACHE_DIR") == str(tmp_path)
+    assert core.get_property("PERFORMANCE_HINT") == "THROUGHPUT"
+    assert core.get_property("CACHE_VERIFY") == "SIZE"
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": "2"})
+    assert core.get_property("CPU", "INFERENCE_NUM_THREADS") == 2
+    assert core.get_property("INFERENCE_NUM_THREADS") == 0  # the Core default is unchanged
+
+
+def test_device_properties() -> None:
+    core = aioov.Core()
+    assert "EXPORT_IMPORT" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert isinstance(core.get_property("CPU", "FULL_DEVICE_NAME"), str)
+    assert "PERFORMANCE_HINT" in core.get_property("CPU", "SUPPORTED_PROPERTIES")
+    assert core.get_property("AVAILABLE_DEVICES")[0] == "CPU"
+    assert "CACHE_DIR" in core.get_property("SUPPORTED_PROPERTIES")
+
+
+@pytest.mark.parametrize(
+    "props, message",
+    [
+        ({"CACHE_DRI": "/tmp"}, "unknown property 'CACHE_DRI'"),
+        ({"INFERENCE_NUM_THREADS": "many"}, "bad value for INFERENCE_NUM_THREADS"),
+        ({"INFERENCE_NUM_THREADS": -1}, "must be >= 0"),
+        ({"NUM_STREAMS": True}, "expected an integer"),
+        ({"PERFORMANCE_HINT": "FAST"}, "expected one of LATENCY, THROUGHPUT"),
+        ({"CACHE_PREPACK": "maybe"}, "expected a boolean"),
+        ({"CACHE_LOCK_TIMEOUT": -5}, "must be >= 0"),
+        ({"CACHE_MAX_SIZE": "huge"}, "expected a size"),
+        ({"ORT_GRAPH_OPTIMIZATION_LEVEL": "MAX"}, "expected one of DISABLE_ALL"),
+        ({"ORT_SESSION_CONFIG": "x=1"}, "expected a mapping"),
+        ({"OPTIMIZATION_CAPABILITIES": "x"}, "read-only"),
+        ({"CACHE_DIR": 42}, "expected a path"),
+    ],
+)
+def test_bad_properties_are_rejected(props: dict[str, object], message: str) -> None:
+    with pytest.raises(aioov.PropertyError, match=message):
+        aioov.Core().set_property(props)
+
+
+def test_core_only_property_in_a_compile_config_is_rejected() -> None:
+    with pytest.raises(aioov.PropertyError, match="only be set on the Core"):
+        aioov.Core().set_property("CPU", {"CACHE_MAX_SIZE": "1G"})
+
+
+async def test_bad_config_in_compile_model(mlp_path: Path) -> None:
+    with pytest.raises(aioov.PropertyError, match="unknown property"):
+        await aioov.Core().compile_model(mlp_path, "CPU", {"NOPE": 1})
+
+
+def test_unknown_property_on_get() -> None:
+    with pytest.raises(aioov.PropertyError):
+        aioov.Core().get_property("NOPE")
+    with pytest.raises(aioov.DeviceNotFoundError):
+        aioov.Core().get_property("NPU", "FULL_DEVICE_NAME")
+
+
+@pytest.mark.parametrize("text, size", [("10G", 10 * 1024**3), ("512M", 512 * 1024**2), ("1.5KB", 1536),
+                                        ("123", 123), (7, 7)])
+def test_parse_size(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_key_properties_are_documented() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "properties.md").read_text()
+    for name in PROPERTIES:
+        assert f"`{name}`" in doc, f"{name} is missing from docs/properties.md"
+
+
+async def test_throughput_hint_sets_streams_and_threads(mlp_path: Path) -> None:
+    compiled = await aioov.Core().compile_model(mlp_path, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 1
+    assert compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT"
