@@ -202,7 +202,7 @@ async def _warmup(
 
 def _devices(args: argparse.Namespace) -> int:
     core = Core()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for family in core._devices.families():
         device = core._devices.get(family)
         rows.append({
@@ -225,7 +225,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 def _cache_stats(store: CacheStore, args: argparse.Namespace) -> int:
     info = store.scan()
-    stats = {
+    stats: dict[str, Any] = {
         "cache_dir": str(store.root),
         "entries": len(info.entries),
         "bytes": info.size,
