@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mappin
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._cache.locks import LockBusy
 from ._concurrency import wait_first
 from ._errors import AioovError
 
@@ -90,6 +91,10 @@ async def compile_models(
         groups.setdefault(_identity(model, dev, cfg), []).append(index)
     queue = list(groups.values())
     queue.reverse()
+    # Models whose cache lock another process holds (it is compiling them) are put aside and
+    # retried last: meanwhile this process compiles what nobody else is compiling, so that
+    # P processes loading the same M models share the work instead of queueing on each lock.
+    deferred: list[list[int]] = []
     total = len(items)
     done = 0
     running: dict[Any, tuple[list[int], Job, float]] = {}
@@ -104,13 +109,14 @@ async def compile_models(
             yield CompileResult(index, model, dev, compiled, error, seconds, cached)
 
     try:
-        while queue or running:
-            while queue and len(running) < max_concurrency:
-                indexes = queue.pop()
+        while queue or running or deferred:
+            while (queue or deferred) and len(running) < max_concurrency:
+                may_defer = bool(queue)
+                indexes = queue.pop() if queue else deferred.pop(0)
                 model, dev, cfg = items[indexes[0]]
                 started = time.perf_counter()
                 try:
-                    job = core._submit(model, dev, cfg)
+                    job = core._submit(model, dev, cfg, defer_if_busy=may_defer)
                 except AioovError as exc:
                     if fail_fast:
                         raise
@@ -131,6 +137,9 @@ async def compile_models(
                 error_: BaseException | None = None
                 try:
                     compiled = core._wrap(future.result(), job.key[0])  # type: ignore[index]
+                except LockBusy:
+                    deferred.append(indexes)
+                    continue
                 except Exception as exc:  # reported per model, never lost
                     error_ = exc
                     if fail_fast:

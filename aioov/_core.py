@@ -31,12 +31,12 @@ import anyio
 import onnxruntime as ort
 
 from ._bulk import BulkProgress, CompileResult, compile_models
-from ._cache import blob
+from ._cache import auth, blob
 from ._cache.blob import BLOB_MODEL, BLOB_WEIGHTS
 from ._cache.export import Exporter
 from ._cache.inflight import Inflight, Job
 from ._cache.key import FileStat, cache_key
-from ._cache.locks import Cancelled
+from ._cache.locks import Cancelled, LockBusy
 from ._cache.store import CacheStore, Entry
 from ._compiled import CompiledModel
 from ._concurrency import CancelToken, wait_future
@@ -309,18 +309,26 @@ class Core:
             self._inflight.leave(job)
         return self._wrap(result, job.key[0])  # type: ignore[index]
 
-    def _submit(self, model: ModelSource, device: str, config: Mapping[str, object] | None) -> Job:
-        """Start (or join) the compile job for this request; pair with ``_inflight.leave``."""
+    def _submit(
+        self, model: ModelSource, device: str, config: Mapping[str, object] | None, *, defer_if_busy: bool = False
+    ) -> Job:
+        """Start (or join) the compile job for this request; pair with ``_inflight.leave``.
+
+        With ``defer_if_busy`` the job raises ``LockBusy`` instead of waiting when another
+        process is compiling the model: a bulk load then does other models first."""
         self._check_open()
         source = _as_source(model)
         props = self._merge(device, config)
         request_id = (
             source,
             str(device).strip().upper(),
-            json.dumps({k: public_value(v) for k, v in props.items()}, sort_keys=True, default=str),
+            json.dumps({k: v.hex() if isinstance(v, bytes) else public_value(v) for k, v in props.items()},
+                       sort_keys=True, default=str),
+            defer_if_busy,
         )
         return self._inflight.join(
-            request_id, lambda token: self._pool.submit(self._compile_job, source, str(device), props, token)
+            request_id,
+            lambda token: self._pool.submit(self._compile_job, source, str(device), props, token, defer_if_busy),
         )
 
     def _wrap(self, result: _Result, source: _Source) -> CompiledModel:
@@ -344,7 +352,14 @@ class Core:
         props.update(normalize(config or {}, allow_core=False))
         return props
 
-    def _compile_job(self, source: _Source, device_name: str, props: dict[str, Any], token: CancelToken) -> _Result:
+    def _compile_job(
+        self,
+        source: _Source,
+        device_name: str,
+        props: dict[str, Any],
+        token: CancelToken,
+        defer_if_busy: bool = False,
+    ) -> _Result:
         device, spec = self._devices.resolve(device_name)
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         props = _apply_hints(props)
@@ -367,16 +382,17 @@ class Core:
             self._count(hits=1)
             return _Result(session, str(spec), props, True, key)
 
-        self._count(misses=1)
         lock = store.lock(key)
         try:
             if not lock.try_acquire():
+                if defer_if_busy:
+                    raise LockBusy(key)
                 self._count(lock_waits=1)
                 lock.acquire(props["CACHE_LOCK_TIMEOUT"], cancel=token.event)
         except Cancelled:
             raise
         except (LockTimeout, OSError) as exc:
-            self._count(lock_timeouts=1 if isinstance(exc, LockTimeout) else 0, errors=1)
+            self._count(misses=1, lock_timeouts=1 if isinstance(exc, LockTimeout) else 0, errors=1)
             self._warn_once(f"lock:{store.root}", "aioov cache: %s; compiling without the cache", exc)
             session = self._create_session(source, device, providers, props, token)
             return _Result(session, str(spec), props, False, key)
@@ -386,8 +402,9 @@ class Core:
             # Another process may have published while we waited for its lock.
             session = self._try_import(store, key, device, providers, props, token, locked=True)
             if session is not None:
-                self._count(hits=1, misses=-1)
+                self._count(hits=1)
                 return _Result(session, str(spec), props, True, key)
+            self._count(misses=1)
             manifest = _manifest(key_inputs, source, spec)
             if props["CACHE_EXPORT"] is ExportMode.SYNC:
                 session = self._compile_and_export(store, key, source, device, providers, props, token, manifest)
@@ -554,19 +571,24 @@ class Core:
         token: CancelToken | None,
     ) -> ort.InferenceSession | None:
         check: concurrent.futures.Future[str | None] | None = None
-        if props["CACHE_VERIFY"] is CacheVerify.FULL:
-            # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
-            # ORT fail, they would silently change the outputs. The small graph file is checked
-            # first, so ORT never parses a corrupt one.
-            graph_only = Entry(entry.key, entry.path, {**entry.manifest, "files": {
-                k: v for k, v in entry.files.items() if k == BLOB_MODEL}})
-            problem = store.verify(graph_only)
+        rest = [name for name in entry.files if name != BLOB_MODEL]
+        mac_key = auth.derive_key(props["CACHE_HMAC_KEY"]) if props["CACHE_HMAC_KEY"] else None
+        if mac_key is not None:
+            # Authenticated entries: keyed blake3 MACs instead of checksums, whatever CACHE_VERIFY.
+            problem = auth.check(entry.manifest, entry.path, mac_key, [BLOB_MODEL])
             if problem:
                 self._discard(store, entry.key, problem)
                 return None
-            rest = Entry(entry.key, entry.path, {**entry.manifest, "files": {
-                k: v for k, v in entry.files.items() if k != BLOB_MODEL}})
-            check = self._io_pool.submit(store.verify, rest)
+            check = self._io_pool.submit(auth.check, entry.manifest, entry.path, mac_key, rest)
+        elif props["CACHE_VERIFY"] is CacheVerify.FULL:
+            # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
+            # ORT fail, they would silently change the outputs. The small graph file is checked
+            # first, so ORT never parses a corrupt one.
+            problem = store.verify(entry, [BLOB_MODEL])
+            if problem:
+                self._discard(store, entry.key, problem)
+                return None
+            check = self._io_pool.submit(store.verify, entry, rest)
         options = self._session_options(props, imported=True)
         try:
             session = self._new_session(str(entry.file(BLOB_MODEL)), options, device, providers, token)
@@ -611,7 +633,7 @@ class Core:
             session = self._create_session(source, device, providers, props, token, export_to=tmp)
             try:
                 blob.finalize(tmp, [i.name for i in session.get_inputs()])
-                if store.publish(key, tmp, manifest):
+                if store.publish(key, tmp, manifest, mac_key=_mac_key(props)):
                     self._count(exports=1)
                     self._prune_if_needed(store)
             except OSError as exc:
@@ -649,7 +671,7 @@ class Core:
                 if stats is not None and [FileStat.of(s.path) for s in stats] != stats:
                     logger.warning("aioov cache: %s changed during export; not cached", source.describe())
                     return
-                if store.publish(key, tmp, manifest, abort=lambda: token.cancelled):
+                if store.publish(key, tmp, manifest, abort=lambda: token.cancelled, mac_key=_mac_key(props)):
                     self._count(exports=1)
                     self._prune_if_needed(store)
             except OSError as exc:
@@ -827,6 +849,11 @@ def _as_source(model: Any) -> _Source:
         read = _read(model)
         return _Source(None, read, id(read))
     raise ModelReadError(f"cannot compile a {type(model).__name__}; give a Model, a path, bytes or a ModelProto")
+
+
+def _mac_key(props: Mapping[str, Any]) -> bytes | None:
+    secret = props.get("CACHE_HMAC_KEY")
+    return auth.derive_key(secret) if secret else None
 
 
 def _apply_hints(props: dict[str, Any]) -> dict[str, Any]:

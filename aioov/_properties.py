@@ -114,6 +114,16 @@ def _cache_dir(value: object) -> str | None:
     return os.path.abspath(os.path.expanduser(os.fspath(value)))
 
 
+def _secret(value: object) -> bytes | None:
+    if value is None or value == "" or value == b"":
+        return None
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise ValueError("expected a str or bytes secret")
+
+
 def _opt_level(value: object) -> str:
     text = str(value).upper().removeprefix("ORT_").removeprefix("ENABLE_")
     if text not in GRAPH_OPTIMIZATION_LEVELS:
@@ -144,6 +154,8 @@ PROPERTIES: dict[str, Property] = {
         Property("CACHE_EXPORT", _enum(ExportMode), "compile", doc="ASYNC or SYNC"),
         Property("CACHE_LOCK_TIMEOUT", _seconds, "compile", doc="seconds to wait for another process"),
         Property("CACHE_MAX_SIZE", parse_size, "core", doc="prune LRU entries above this size"),
+        Property("CACHE_HMAC_KEY", _secret, "compile",
+                 doc="secret that authenticates entries; unauthenticated ones are recompiled"),
         Property("CACHE_PREPACK", _bool, "compile", in_key=True,
                  doc="store prepacked weights: faster load, ~1.8x disk"),
         Property("PERFORMANCE_HINT", _enum(PerformanceHint), "compile"),
@@ -171,6 +183,7 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_EXPORT": ExportMode.ASYNC,
     "CACHE_LOCK_TIMEOUT": 600.0,
     "CACHE_MAX_SIZE": 0,
+    "CACHE_HMAC_KEY": None,
     "CACHE_PREPACK": True,
     "PERFORMANCE_HINT": PerformanceHint.LATENCY,
     "INFERENCE_NUM_THREADS": 0,
@@ -203,5 +216,7 @@ def normalize(props: Mapping[str, object], *, allow_core: bool = True) -> dict[s
 
 
 def public_value(value: Any) -> Any:
-    """How a property value is shown to users: enums as their names."""
+    """How a property value is shown to users: enums as their names, secrets masked."""
+    if isinstance(value, bytes):
+        return "***"
     return value.value if isinstance(value, enum.Enum) else value

@@ -134,3 +134,23 @@ async def test_breaking_out_early_releases_the_rest(six_models: list[Path]) -> N
             first = await results.__anext__()
         assert first.ok
         assert len(core._inflight) == 0  # the job still running was released and cancelled
+
+
+async def test_models_another_process_is_compiling_are_loaded_last(six_models: list[Path], cache_dir: Path) -> None:
+    """Bulk loads skip ahead of a model whose lock another process holds, then wait for it."""
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_EXPORT": "SYNC"}) as core:
+        key = (await core.compile_model(six_models[0], "CPU")).get_property("CACHE_KEY")
+    aioov.CacheStore(cache_dir).remove(key)
+    other_process = aioov.CacheStore(cache_dir).lock(key)  # a second file description
+    assert other_process.try_acquire()
+    order: list[int] = []
+    timer = threading.Timer(0.5, other_process.release)
+    timer.start()
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        async for result in core.compile_models(six_models[:4], "CPU", max_concurrency=1):
+            order.append(result.index)
+            assert result.ok
+        stats = core.cache_stats
+    timer.join()
+    assert order == [1, 2, 3, 0]
+    assert stats.lock_waits == 1

@@ -27,7 +27,7 @@ import portalocker
 
 from .._errors import LockTimeout
 
-__all__ = ("Cancelled", "KeyLock")
+__all__ = ("Cancelled", "KeyLock", "LockBusy")
 
 _POLL_START = 0.005
 _POLL_MAX = 0.1
@@ -35,6 +35,10 @@ _POLL_MAX = 0.1
 
 class Cancelled(Exception):
     """The wait was abandoned because nobody wants the result any more."""
+
+
+class LockBusy(Exception):
+    """Another process holds this key's lock; raised instead of waiting when asked to defer."""
 
 
 class KeyLock:

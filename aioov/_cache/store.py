@@ -37,6 +37,7 @@ from typing import Any
 
 import xxhash
 
+from . import auth
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, is_plain_dir, is_plain_file
 from .key import FORMAT_VERSION, StatIndex
 from .locks import KeyLock
@@ -56,13 +57,23 @@ _CACHEDIR_TAG = (
 TMP_MIN_AGE = 60.0
 
 
+#: xxh3 holds the GIL while it hashes; hashing in slices bounds how long the event loop can
+#: be kept waiting (4 MiB ≈ 0.4 ms) while a worker thread verifies a large weights file.
+CHECKSUM_SLICE = 4 << 20
+
+
 def checksum_file(path: Path) -> str:
     """xxh3-128 of a file through a memory map (~10 GB/s, no copy)."""
+    hasher = xxhash.xxh3_128()
     with open(path, "rb", opener=_nofollow_opener) as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return xxhash.xxh3_128().hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return xxhash.xxh3_128(mm).hexdigest()
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return hasher.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+            for start in range(0, size, CHECKSUM_SLICE):
+                with view[start : start + CHECKSUM_SLICE] as piece:
+                    hasher.update(piece)
+    return hasher.hexdigest()
 
 
 def _nofollow_opener(path: str, flags: int) -> int:
@@ -103,12 +114,15 @@ class EntryInfo:
 
 @dataclass
 class CacheInfo:
+    """What ``CacheStore.scan`` found: entries (least recently used first) and leftovers."""
+
     root: Path
     entries: list[EntryInfo] = field(default_factory=list)
     incomplete: list[Path] = field(default_factory=list)
 
     @property
     def size(self) -> int:
+        """Bytes used by all entries."""
         return sum(e.size for e in self.entries)
 
 
@@ -202,9 +216,10 @@ class CacheStore:
                     raise EntryError(f"{name} has the wrong size")
         return Entry(key, path, manifest)
 
-    def verify(self, entry: Entry) -> str | None:
-        """Compare every file's xxh3-128 with the manifest; the problem, or None."""
-        for name, meta in entry.files.items():
+    def verify(self, entry: Entry, names: list[str] | None = None) -> str | None:
+        """Compare the files' xxh3-128 (``names``, default all) with the manifest; the problem, or None."""
+        for name in names if names is not None else list(entry.files):
+            meta = entry.files[name]
             try:
                 if checksum_file(entry.file(name)) != meta["xxh3_128"]:
                     return f"{name} checksum mismatch"
@@ -240,7 +255,13 @@ class CacheStore:
         return path
 
     def publish(
-        self, key: str, tmp: Path, manifest: dict[str, Any], *, abort: Callable[[], bool] | None = None
+        self,
+        key: str,
+        tmp: Path,
+        manifest: dict[str, Any],
+        *,
+        abort: Callable[[], bool] | None = None,
+        mac_key: bytes | None = None,
     ) -> bool:
         """Checksum, fsync, write the manifest last, rename into place.
 
@@ -253,6 +274,8 @@ class CacheStore:
             fsync_file(file)
             files[file.name] = {"size": file.stat().st_size, "xxh3_128": checksum_file(file)}
         manifest = {**manifest, "format": FORMAT_VERSION, "key": key, "files": files}
+        if mac_key is not None:
+            manifest = auth.sign(manifest, tmp, mac_key)
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), durable=True)
         fsync_dir(tmp)
         final = self.entry_path(key)
@@ -271,6 +294,7 @@ class CacheStore:
         return True
 
     def discard(self, tmp: Path) -> None:
+        """Remove a temp dir that will not be published."""
         _rmtree(tmp)
 
     # -- maintenance --------------------------------------------------------------

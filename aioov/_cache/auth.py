@@ -1,0 +1,69 @@
+"""Optional entry authentication (``CACHE_HMAC_KEY``).
+
+xxh3 checksums catch accidents (bit rot, truncation), not an attacker who can write the
+cache directory: xxh3 is not collision-resistant. With a secret key, each entry's
+manifest carries keyed blake3 MACs of the manifest itself and of every blob file; an
+entry whose MACs do not verify — forged, tampered, or written by a process without the
+key — is discarded and recompiled. blake3's keyed mode is a MAC by design and hashes
+at memory speed; the key is derived from the user's secret with blake3's KDF mode.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+__all__ = ("derive_key", "manifest_mac", "file_mac", "sign", "check")
+
+_CONTEXT = "aioov 2026-11 cache entry authentication v1"
+
+
+def derive_key(secret: str | bytes) -> bytes:
+    material = secret.encode() if isinstance(secret, str) else bytes(secret)
+    return blake3.blake3(material, derive_key_context=_CONTEXT).digest()
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def manifest_mac(manifest: dict[str, Any], key: bytes) -> str:
+    return blake3.blake3(_canonical(manifest), key=key).hexdigest()
+
+
+def file_mac(path: Path, key: bytes) -> str:
+    hasher = blake3.blake3(key=key, max_threads=blake3.blake3.AUTO)
+    if path.stat().st_size:
+        hasher.update_mmap(str(path))
+    return hasher.hexdigest()
+
+
+def sign(manifest: dict[str, Any], directory: Path, key: bytes) -> dict[str, Any]:
+    """Return ``manifest`` with its ``mac`` record."""
+    files = {name: file_mac(directory / name, key) for name in sorted(manifest["files"])}
+    signed = {**manifest, "mac": {"files": files}}
+    signed["mac"]["manifest"] = manifest_mac(signed, key)
+    return signed
+
+
+def check(manifest: dict[str, Any], directory: Path, key: bytes, names: list[str] | None = None) -> str | None:
+    """The problem with an entry's MACs (for ``names``, default all files), or None."""
+    mac = manifest.get("mac")
+    if not isinstance(mac, dict) or not isinstance(mac.get("files"), dict):
+        return "entry is not authenticated (no MAC)"
+    if not hmac.compare_digest(str(mac.get("manifest", "")), manifest_mac(manifest, key)):
+        return "manifest MAC does not verify"
+    for name in names if names is not None else sorted(manifest["files"]):
+        expected = mac["files"].get(name)
+        try:
+            actual = file_mac(directory / name, key)
+        except OSError as exc:
+            return f"{name} unreadable: {exc}"
+        if not isinstance(expected, str) or not hmac.compare_digest(expected, actual):
+            return f"{name} MAC does not verify"
+    return None

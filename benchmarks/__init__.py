@@ -1,0 +1,1 @@
+"""aioov benchmarks: ``python -m benchmarks`` (see benchmarks/README.md)."""

@@ -1,0 +1,368 @@
+"""Run the benchmark scenarios in fresh processes; print a table, write JSON and a chart.
+
+    python -m benchmarks                      # every scenario, 5 repeats, BERT-base (~435 MB)
+    python -m benchmarks --scenario compile --repeats 7
+    python -m benchmarks --quick              # 3 repeats, bert-medium: a smoke run
+
+Ratios are computed between figures measured side by side in the same run (the machines
+are shared and noisy): each repeat runs every variant once, in turn, and the table shows
+medians with the min–max spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .models import model
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def work(task: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one task in a fresh interpreter; return its JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", task, json.dumps(kwargs)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{task} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def entry_blob(cache_dir: Path) -> str:
+    (entry,) = [p for p in (cache_dir / "v1").glob("??/*") if p.is_dir()]
+    return str(entry / "model.onnx")
+
+
+class Scenario:
+    def __init__(self, name: str, title: str) -> None:
+        self.name, self.title = name, title
+        self.samples: dict[str, list[float]] = {}
+        self.ratios: dict[str, float] = {}
+        self.targets: dict[str, dict[str, Any]] = {}
+        self.notes: dict[str, Any] = {}
+
+    def add(self, label: str, value: float) -> None:
+        self.samples.setdefault(label, []).append(value)
+
+    def med(self, label: str) -> float:
+        return statistics.median(self.samples[label])
+
+    def target(self, name: str, value: float, limit: float, better: str) -> None:
+        met = value <= limit if better == "lower" else value >= limit
+        self.targets[name] = {"value": value, "target": limit, "better": better, "met": met}
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "samples": self.samples,
+            "summary": {label: summary(values) for label, values in self.samples.items()},
+            "ratios": self.ratios,
+            "targets": self.targets,
+            "notes": self.notes,
+        }
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+
+def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
+    """1 and 6: plain onnxruntime vs aioov uncached / first with cache / warm; warm-path overhead."""
+    s = Scenario("compile", f"compile times, {size} (seconds)")
+    path = str(model(size))
+    for repeat in range(repeats):
+        cache = tmp / f"compile-{repeat}"
+        s.add("onnxruntime cold", work("ort_cold", model=path)["seconds"])
+        s.add("aioov uncached", work("aioov_compile", model=path, cache_dir=None)["seconds"])
+        first = work("aioov_compile", model=path, cache_dir=str(cache), wait_export=True)
+        assert not first["from_cache"]
+        s.add("aioov first (cache, async export)", first["seconds"])
+        s.add("  background export finished after", first["export_done"])
+        sync = work("aioov_compile", model=path, cache_dir=str(tmp / f"sync-{repeat}"), config={"CACHE_EXPORT": "SYNC"})
+        s.add("aioov first (cache, SYNC export)", sync["seconds"])
+        for verify in ("FULL", "SIZE"):
+            warm = work("aioov_compile", model=path, cache_dir=str(cache), config={"CACHE_VERIFY": verify})
+            assert warm["from_cache"], warm
+            s.add(f"aioov warm hit (verify {verify})", warm["seconds"])
+        s.add("bare blob load (onnxruntime)", work("bare_load", model=entry_blob(cache))["seconds"])
+        noprepack = tmp / f"noprepack-{repeat}"
+        config = {"CACHE_PREPACK": False}
+        work("aioov_compile", model=path, cache_dir=str(noprepack), config=config, wait_export=True)
+        s.add("aioov warm hit, CACHE_PREPACK=NO", work("aioov_compile", model=path, cache_dir=str(noprepack),
+                                                        config=config)["seconds"])
+        s.notes.setdefault("blob_bytes", {})["prepacked"] = sum(
+            f.stat().st_size for f in Path(entry_blob(cache)).parent.iterdir())
+        s.notes["blob_bytes"]["plain"] = sum(f.stat().st_size for f in Path(entry_blob(noprepack)).parent.iterdir())
+        if repeat < repeats - 1:
+            for d in (cache, noprepack, tmp / f"sync-{repeat}"):
+                shutil.rmtree(d, ignore_errors=True)
+    plain, uncached = s.med("onnxruntime cold"), s.med("aioov uncached")
+    s.ratios = {
+        "uncached / onnxruntime": uncached / plain,
+        "first / uncached": s.med("aioov first (cache, async export)") / uncached,
+        "SYNC first / uncached": s.med("aioov first (cache, SYNC export)") / uncached,
+        "warm FULL / onnxruntime cold": s.med("aioov warm hit (verify FULL)") / plain,
+        "warm SIZE / onnxruntime cold": s.med("aioov warm hit (verify SIZE)") / plain,
+        "warm no-prepack / onnxruntime cold": s.med("aioov warm hit, CACHE_PREPACK=NO") / plain,
+    }
+    for _ in range(repeats):
+        same = work("warm_overhead", model=path, cache_dir=str(tmp / f"compile-{repeats - 1}"),
+                    blob=entry_blob(tmp / f"compile-{repeats - 1}"))
+        s.add("in-process: bare blob load", same["bare"])
+        for verify in ("SIZE", "FULL"):
+            s.add(f"in-process: warm compile_model (verify {verify})", same[verify])
+    overhead = {v: s.med(f"in-process: warm compile_model (verify {v})") - s.med("in-process: bare blob load")
+                for v in ("FULL", "SIZE")}
+    s.notes["warm_path_overhead_seconds"] = overhead
+    s.target("first compile with cache <= 1.1x uncached", s.ratios["first / uncached"], 1.1, "lower")
+    s.target("warm hit <= 0.2x plain cold", s.ratios["warm FULL / onnxruntime cold"], 0.2, "lower")
+    s.target("warm-path overhead < 5 ms (verify SIZE)", overhead["SIZE"] * 1000, 5.0, "lower")
+    s.target("warm-path overhead < 5 ms (verify FULL)", overhead["FULL"] * 1000, 5.0, "lower")
+    s.notes["cache_dir"] = str(tmp / f"compile-{repeats - 1}")
+    return s
+
+
+def scenario_infer(size: str, repeats: int, tmp: Path, cache_dir: str) -> Scenario:
+    """2: inference latency of the cached session vs plain onnxruntime (batch 1, 128 tokens)."""
+    s = Scenario("infer", f"inference latency, {size}, batch 1 x 128 tokens (seconds)")
+    for _ in range(repeats):
+        result = work("infer_compare", model=str(model(size)), cache_dir=cache_dir)
+        s.add("onnxruntime session.run", result["plain"])
+        s.add("aioov cached session.run", result["cached"])
+        s.add("aioov await compiled.infer", result["aioov_infer"])
+        s.notes["same_outputs"] = result["same_outputs"]
+    s.ratios = {
+        "cached / plain": s.med("aioov cached session.run") / s.med("onnxruntime session.run"),
+        "infer() / plain": s.med("aioov await compiled.infer") / s.med("onnxruntime session.run"),
+    }
+    s.target("cached inference within 5% of plain", s.ratios["cached / plain"], 1.05, "lower")
+    return s
+
+
+def scenario_openvino(size: str, repeats: int, tmp: Path, aioov_warm: float | None) -> Scenario | None:
+    """3: OpenVINO with CACHE_DIR on the same ONNX file."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("openvino is not installed (pip install .[bench]): skipping scenario 3", file=sys.stderr)
+        return None
+    s = Scenario("openvino", f"OpenVINO CPU, {size} (seconds)")
+    path = str(model(size))
+    for repeat in range(repeats):
+        cache = tmp / f"ov-{repeat}"
+        s.add("openvino cold", work("openvino_compile", model=path, cache_dir=None)["seconds"])
+        s.add("openvino first (CACHE_DIR)", work("openvino_compile", model=path, cache_dir=str(cache))["seconds"])
+        warm = work("openvino_compile", model=path, cache_dir=str(cache))
+        s.add("openvino warm", warm["seconds"])
+        shutil.rmtree(cache, ignore_errors=True)
+    s.ratios = {"openvino first / cold": s.med("openvino first (CACHE_DIR)") / s.med("openvino cold"),
+                "openvino warm / cold": s.med("openvino warm") / s.med("openvino cold")}
+    if aioov_warm is not None:
+        s.ratios["aioov warm / openvino warm"] = aioov_warm / s.med("openvino warm")
+        s.target("aioov warm hit <= OpenVINO warm hit", s.ratios["aioov warm / openvino warm"], 1.0, "lower")
+    return s
+
+
+def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8) -> Scenario:
+    """4: P processes x M models starting together on one empty cache vs one process."""
+    s = Scenario("shared", f"{processes} processes x {models} models (bert-small) cold start (seconds)")
+    paths = [str(model("bert-small", seed)) for seed in range(models)]
+
+    def run(count: int, cache: Path) -> tuple[float, float, int]:
+        barrier = Path(tempfile.mkdtemp(dir=tmp))
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", "shared_start",
+             json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier)})],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(count)]
+        while len(list(barrier.glob("ready.*"))) < count:  # all imported and waiting
+            time.sleep(0.01)
+        start_at = time.time()
+        (barrier / "go").touch()
+        reports = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(err[-2000:])
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        assert all(r["ok"] for r in reports)
+        ready = max(r["ready"] for r in reports) - start_at
+        done = max(r["done"] for r in reports) - start_at
+        return ready, done, sum(r["compiles"] for r in reports)
+
+    for repeat in range(repeats):
+        ready, done, compiles = run(1, tmp / f"single-{repeat}")
+        s.add("1 process: all models ready", ready)
+        s.add("1 process: exports done", done)
+        ready, done, compiles = run(processes, tmp / f"shared-{repeat}")
+        s.add(f"{processes} processes: all models ready", ready)
+        s.add(f"{processes} processes: exports done", done)
+        s.add(f"{processes} processes: compiles in total", compiles)
+    s.ratios = {
+        "P x M ready / 1 x M ready": s.med(f"{processes} processes: all models ready")
+        / s.med("1 process: all models ready"),
+        "P x M exports done / 1 x M exports done": s.med(f"{processes} processes: exports done")
+        / s.med("1 process: exports done"),
+    }
+    s.target(f"exactly {models} compiles for {processes}x{models}",
+             max(s.samples[f"{processes} processes: compiles in total"]), models, "lower")
+    s.target("P x M wall time <= 1.2x of 1 x M", s.ratios["P x M ready / 1 x M ready"], 1.2, "lower")
+    return s
+
+
+def scenario_bulk(repeats: int, tmp: Path, count: int = 16) -> Scenario:
+    """5: 16 transformer-like models loaded one by one vs compile_models, cold and warm."""
+    s = Scenario("bulk", f"bulk load of {count} models (bert-small), seconds / lag")
+    paths = [str(model("bert-small", seed)) for seed in range(count)]
+    warm_cache = tmp / "bulk-warm"
+    work("bulk", models=paths, mode="concurrent", cache_dir=str(warm_cache))  # populate
+    for _ in range(repeats):
+        for mode in ("sequential", "concurrent"):
+            cold = work("bulk", models=paths, mode=mode, cache_dir=None)
+            s.add(f"cold {mode}", cold["seconds"])
+            s.add(f"cold {mode}: loop lag p99", cold["lag_p99"])
+            warm = work("bulk", models=paths, mode=mode, cache_dir=str(warm_cache))
+            assert warm["stats"]["hits"] == count, warm
+            s.add(f"warm {mode}", warm["seconds"])
+            s.add(f"warm {mode}: loop lag p99", warm["lag_p99"])
+    s.ratios = {"cold speed-up": s.med("cold sequential") / s.med("cold concurrent"),
+                "warm speed-up": s.med("warm sequential") / s.med("warm concurrent")}
+    s.target("bulk cold speed-up >= 1.3x on 2 cores", s.ratios["cold speed-up"], 1.3, "higher")
+    lag = max(s.med("cold concurrent: loop lag p99"), s.med("warm concurrent: loop lag p99"))
+    s.target("event-loop lag p99 < 20 ms", lag * 1000, 20.0, "lower")
+    return s
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def print_table(scenarios: list[Scenario]) -> None:
+    for s in scenarios:
+        print(f"\n## {s.title}\n")
+        print(f"| {'what':45} | {'median':>9} | {'min':>9} | {'max':>9} |")
+        print(f"|{'-' * 47}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+        for label, values in s.samples.items():
+            st = summary(values)
+            fmt = (lambda v: f"{v:9.0f}") if "compiles" in label else (lambda v: f"{v:9.4f}")
+            print(f"| {label:45} | {fmt(st['median'])} | {fmt(st['min'])} | {fmt(st['max'])} |")
+        for name, value in s.ratios.items():
+            print(f"| ratio: {name:38} | {value:9.3f} | {'':9} | {'':9} |")
+    print("\n## targets\n")
+    for s in scenarios:
+        for name, t in s.targets.items():
+            mark = "met" if t["met"] else "MISSED"
+            sign = "<=" if t["better"] == "lower" else ">="
+            print(f"- [{mark}] {name}: {t['value']:.3f} (target {sign} {t['target']})")
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    import aioov
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        "onnxruntime": onnxruntime.__version__, "aioov": aioov.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def chart(scenarios: list[Scenario], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install .[bench]): no chart", file=sys.stderr)
+        return
+    panels = [s for s in scenarios if s.samples]
+    columns = min(3, len(panels))
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, s in zip(axes.flat, panels):
+        labels = [k for k in s.samples if "lag" not in k and "compiles" not in k]
+        medians = [statistics.median(s.samples[k]) for k in labels]
+        lows = [m - min(s.samples[k]) for m, k in zip(medians, labels)]
+        highs = [max(s.samples[k]) - m for m, k in zip(medians, labels)]
+        ax.barh(range(len(labels)), medians, xerr=[lows, highs], color="#4c72b0", capsize=3)
+        ax.set_yticks(range(len(labels)), [label.strip() for label in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (median, min-max)")
+        ax.set_title(s.title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"chart: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk"]
+    parser.add_argument("--scenario", action="append", choices=all_scenarios)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
+    parser.add_argument("--quick", action="store_true", help="3 repeats on bert-medium")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.size = 3, "bert-medium"
+    chosen = args.scenario or all_scenarios
+    scenarios: list[Scenario] = []
+    with tempfile.TemporaryDirectory(prefix="aioov-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        compile_s = None
+        if {"compile", "infer", "openvino"} & set(chosen):
+            compile_s = scenario_compile(args.size, args.repeats, tmp)
+            scenarios.append(compile_s)
+        if "infer" in chosen and compile_s is not None:
+            scenarios.append(scenario_infer(args.size, args.repeats, tmp, compile_s.notes["cache_dir"]))
+        if "openvino" in chosen:
+            warm = compile_s.med("aioov warm hit (verify FULL)") if compile_s else None
+            ov = scenario_openvino(args.size, args.repeats, tmp, warm)
+            if ov:
+                scenarios.append(ov)
+        if "shared" in chosen:
+            scenarios.append(scenario_shared(max(3, args.repeats // 2), tmp))
+        if "bulk" in chosen:
+            scenarios.append(scenario_bulk(args.repeats, tmp))
+    print_table(scenarios)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result = {"machine": machine(), "size": args.size, "repeats": args.repeats, "when": stamp,
+              "scenarios": {s.name: s.as_json() for s in scenarios}}
+    name = "-".join(chosen) if args.scenario else "all"
+    out = args.out / f"{name}-{args.size}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nresults: {out}")
+    chart(scenarios, args.out / f"{name}-{args.size}.png")
+    return 0

@@ -1,0 +1,204 @@
+"""What one fresh benchmark process does: ``python -m benchmarks.worker TASK JSON``.
+
+Each task times only the work itself (not interpreter start-up or imports) and prints
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+
+
+def ort_cold(model: str) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    ort.get_available_providers()  # initialize ORT's environment outside the timing, as aioov does
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    started = time.perf_counter()
+    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return {"seconds": time.perf_counter() - started}
+
+
+def bare_load(model: str) -> dict[str, Any]:
+    """Load a cache entry's blob directly: the floor for a warm hit."""
+    import onnxruntime as ort
+
+    ort.get_available_providers()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    started = time.perf_counter()
+    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return {"seconds": time.perf_counter() - started}
+
+
+async def aioov_compile(model: str, cache_dir: str | None, config: dict[str, Any] | None = None,
+                        wait_export: bool = False) -> dict[str, Any]:
+    import aioov
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        core.get_available_devices()  # probe outside the timing, as a server does at start-up
+        started = time.perf_counter()
+        compiled = await core.compile_model(model, "CPU", config)
+        seconds = time.perf_counter() - started
+        export_seconds = None
+        if wait_export:
+            await core.wait_exports()
+            export_seconds = time.perf_counter() - started
+        return {"seconds": seconds, "export_done": export_seconds,
+                "from_cache": compiled.get_property("LOADED_FROM_CACHE"), "stats": core.cache_stats.as_dict()}
+
+
+def openvino_compile(model: str, cache_dir: str | None) -> dict[str, Any]:
+    import openvino as ov
+
+    core = ov.Core()
+    if cache_dir:
+        core.set_property({"CACHE_DIR": cache_dir})
+    started = time.perf_counter()
+    compiled = core.compile_model(model, "CPU")
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "from_cache": bool(compiled.get_property("LOADED_FROM_CACHE"))}
+
+
+async def infer_compare(model: str, cache_dir: str, runs: int = 30) -> dict[str, Any]:
+    """Inference latency of plain onnxruntime vs aioov's cached session, alternating."""
+    import onnxruntime as ort
+
+    import aioov
+
+    ids = np.random.default_rng(0).integers(0, 8000, (1, 128), dtype=np.int64)
+    plain = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(model, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE"), "run the compile scenario first"
+        cached = compiled.session
+        for session in (plain, cached):
+            session.run(None, {"input_ids": ids})
+        times: dict[str, list[float]] = {"plain": [], "cached": [], "aioov_infer": []}
+        order = ["plain", "cached", "aioov_infer"]
+        for index in range(runs):
+            for name in order[index % 3 :] + order[: index % 3]:  # rotate: no variant always runs first
+                started = time.perf_counter()
+                if name == "aioov_infer":
+                    await compiled.infer({"input_ids": ids})
+                else:
+                    (plain if name == "plain" else cached).run(None, {"input_ids": ids})
+                times[name].append(time.perf_counter() - started)
+        same = np.allclose(plain.run(None, {"input_ids": ids})[0], cached.run(None, {"input_ids": ids})[0],
+                           rtol=1e-3, atol=1e-4)
+    return {name: float(np.median(values)) for name, values in times.items()} | {"same_outputs": bool(same)}
+
+
+async def bulk(models: list[str], mode: str, cache_dir: str | None) -> dict[str, Any]:
+    """Load ``models`` one at a time or with compile_models, with a 5 ms ticker measuring lag."""
+    import aioov
+
+    lags: list[float] = []
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        core.get_available_devices()
+        stop = anyio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await anyio.sleep(0.005)
+                now = time.perf_counter()
+                lags.append(max(0.0, now - last - 0.005))
+                last = now
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            started = time.perf_counter()
+            if mode == "sequential":
+                for model in models:
+                    await core.compile_model(model, "CPU")
+            else:
+                results = await core.compile_all(models, "CPU")
+                assert all(r.ok for r in results)
+            seconds = time.perf_counter() - started
+            stop.set()
+        if cache_dir:
+            await core.wait_exports()
+        stats = core.cache_stats.as_dict()
+    return {"seconds": seconds, "lag_p99": float(np.percentile(lags, 99)), "lag_max": max(lags), "stats": stats}
+
+
+async def shared_start(models: list[str], cache_dir: str, barrier: str) -> dict[str, Any]:
+    """One of P processes: signal readiness, wait for the common go, then load ``models``."""
+    import os
+    from pathlib import Path
+
+    import aioov
+
+    gate = Path(barrier)
+    (gate / f"ready.{os.getpid()}").touch()
+    while not (gate / "go").exists():  # every process starts within ~1 ms of the others
+        time.sleep(0.001)
+    started = time.time()
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        results = await core.compile_all(models, "CPU")
+        ready = time.time()
+        await core.wait_exports()
+        stats = core.cache_stats.as_dict()
+    return {"started": started, "ready": ready, "done": time.time(), "compiles": stats["compiles"],
+            "hits": sum(r.from_cache for r in results), "ok": all(r.ok for r in results)}
+
+
+async def warm_overhead(model: str, cache_dir: str, blob: str, rounds: int = 10) -> dict[str, Any]:
+    """In one process, alternate a bare onnxruntime load of the entry's blob with a warm
+    ``compile_model(path)`` on a fresh Core: the difference is what aioov adds."""
+    import onnxruntime as ort
+
+    import aioov
+
+    def bare() -> float:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        started = time.perf_counter()
+        ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        return time.perf_counter() - started
+
+    results: dict[str, list[float]] = {"bare": [], "SIZE": [], "FULL": []}
+    bare()
+    cores = {
+        verify: aioov.Core(cache_dir=cache_dir, properties={"CACHE_VERIFY": verify}) for verify in ("SIZE", "FULL")
+    }
+    for core in cores.values():  # a server's Core is long-lived: its first use is not the warm path
+        await core.compile_model(model, "CPU")
+    for _ in range(rounds):
+        results["bare"].append(bare())
+        for verify, core in cores.items():
+            started = time.perf_counter()
+            compiled = await core.compile_model(model, "CPU")
+            results[verify].append(time.perf_counter() - started)
+            assert compiled.get_property("LOADED_FROM_CACHE")
+            del compiled
+    for core in cores.values():
+        await core.aclose()
+    return {name: float(np.median(values)) for name, values in results.items()}
+
+
+TASKS = {
+    "warm_overhead": warm_overhead,
+    "ort_cold": ort_cold, "bare_load": bare_load, "aioov_compile": aioov_compile,
+    "openvino_compile": openvino_compile, "infer_compare": infer_compare, "bulk": bulk,
+    "shared_start": shared_start,
+}
+
+if __name__ == "__main__":
+    task = TASKS[sys.argv[1]]
+    kwargs = json.loads(sys.argv[2])
+    if hasattr(task, "__code__") and task.__code__.co_flags & 0x80:  # coroutine function
+        result = anyio.run(lambda: task(**kwargs))
+    else:
+        result = task(**kwargs)
+    print(json.dumps(result))

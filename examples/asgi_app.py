@@ -1,0 +1,62 @@
+"""An ASGI app (Starlette) that loads a folder of models in its lifespan and serves inference.
+
+    MODELS_DIR=./models AIOOV_CACHE_DIR=/var/cache/aioov uvicorn examples.asgi_app:app --workers 4
+
+Every worker process compiles nothing that another one already compiled: the first to
+need a model compiles and publishes it; the others wait on the cache lock and import it.
+
+    curl -X POST localhost:8000/models/bert/infer -d '{"input_ids": [[1, 2, 3]]}'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import aioov
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    folder = Path(os.environ.get("MODELS_DIR", "models"))
+    async with aioov.Core(cache_dir=os.environ.get("AIOOV_CACHE_DIR")) as core:
+        results = await core.compile_all(sorted(folder.glob("*.onnx")), os.environ.get("AIOOV_DEVICE", "AUTO"))
+        app.state.models = {Path(str(r.model)).stem: r.compiled for r in results if r.ok}
+        app.state.failed = {Path(str(r.model)).stem: str(r.error) for r in results if not r.ok}
+        yield
+
+
+async def list_models(request: Request) -> JSONResponse:
+    models: dict[str, aioov.CompiledModel] = request.app.state.models
+    return JSONResponse({
+        "models": {name: {"inputs": [p.name for p in m.inputs],
+                          "from_cache": m.get_property("LOADED_FROM_CACHE")} for name, m in models.items()},
+        "failed": request.app.state.failed,
+    })
+
+
+async def infer(request: Request) -> JSONResponse:
+    compiled = request.app.state.models.get(request.path_params["name"])
+    if compiled is None:
+        return JSONResponse({"error": "no such model"}, status_code=404)
+    body = await request.json()
+    try:
+        outputs = await compiled.infer({name: np.asarray(value, dtype=compiled.input(name).dtype)
+                                        for name, value in body.items()})
+    except (aioov.InferenceError, KeyError, ValueError, TypeError) as exc:
+        return JSONResponse({"error": str(exc)}, status_code=422)
+    return JSONResponse({name: value.tolist() for name, value in outputs.items()})
+
+
+app = Starlette(
+    routes=[Route("/models", list_models), Route("/models/{name}/infer", infer, methods=["POST"])],
+    lifespan=lifespan,
+)
