@@ -31,3 +31,19 @@ def run_python(code: str, *args: str, timeout: float = 120, env: dict[str, str] 
     if check and proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def make_models(folder: Path, count: int, *, prefix: str = "m", layers: int = 2, hidden: int = 64,
+                vocab: int = 300) -> list[Path]:
+    """``count`` small transformer models that differ in their weights (seed = index)."""
+    import onnx
+
+    from aioov.testing import bert_like
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(count):
+        path = folder / f"{prefix}{seed}.onnx"
+        onnx.save(bert_like(layers=layers, hidden=hidden, heads=4, vocab=vocab, seed=seed), path)
+        paths.append(path)
+    return paths

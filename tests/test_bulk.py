@@ -7,25 +7,19 @@ from contextlib import aclosing
 from pathlib import Path
 
 import anyio
-import onnx
 import pytest
 
 import aioov
 from aioov._core import Core
-from aioov.testing import bert_like
+
+from .helpers import make_models
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
 def six_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    base = tmp_path_factory.mktemp("bulk")
-    paths = []
-    for seed in range(6):
-        path = base / f"m{seed}.onnx"
-        onnx.save(bert_like(layers=2, hidden=64, heads=4, vocab=300, seed=seed), path)
-        paths.append(path)
-    return paths
+    return make_models(tmp_path_factory.mktemp("bulk"), 6)
 
 
 async def test_compile_all_returns_results_in_input_order(six_models: list[Path], cache_dir: Path) -> None:

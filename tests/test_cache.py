@@ -396,3 +396,21 @@ async def test_cache_max_size_prunes_least_recently_used_after_publishing(
             await core.wait_exports()
     sources = [Path(e.source or "").name for e in aioov.CacheStore(cache_dir).scan().entries]
     assert sorted(sources) == ["m1.onnx", "m2.onnx"]  # m0, used least recently, was pruned
+
+
+async def test_locks_that_cannot_be_taken_compile_uncached_and_hits_still_work(
+    mlp_path: Path, bert_path: Path, cache_dir: Path, caplog_warnings
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU")
+    locks = cache_dir / "v1" / ".locks"
+    shutil.rmtree(locks)
+    locks.write_text("a file where the lock directory should be: every lock open fails")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        hit = await core.compile_model(mlp_path, "CPU")  # readers go on without the shared lock
+        miss = await core.compile_model(bert_path, "CPU")
+        stats = core.cache_stats
+    assert hit.get_property("LOADED_FROM_CACHE") is True
+    assert miss.get_property("LOADED_FROM_CACHE") is False
+    assert stats.errors >= 1
+    assert "compiling without the cache" in caplog_warnings.text

@@ -74,3 +74,19 @@ def test_asgi_app_loads_models_in_its_lifespan(tmp_path: Path, monkeypatch: pyte
         bad = client.post("/models/bert/infer", content=json.dumps({"input_ids": [1, 2, 3]}))
         assert bad.status_code == 422 and "rank" in bad.json()["error"]
         assert client.post("/models/nope/infer", content="{}").status_code == 404
+
+
+def test_ahead_of_time_warmup_script(tmp_path: Path) -> None:
+    """The container build step of examples/Dockerfile, run twice."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for seed in range(2):
+        onnx.save(bert_like(2, 64, 4, vocab=300, seed=seed), folder / f"m{seed}.onnx")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cache = tmp_path / "cache"
+    runs = [subprocess.run(["sh", str(EXAMPLES / "aot_warmup.sh"), str(folder), str(cache)], capture_output=True,
+                           text=True, env=env, timeout=300) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr + runs[1].stderr
+    assert "2 models: 0 from cache, 2 compiled, 0 failed" in runs[0].stdout
+    assert "2 models: 2 from cache, 0 compiled, 0 failed" in runs[1].stdout
+    assert "verified 2 entries: 0 bad" in runs[1].stdout and "entries:     2" in runs[1].stdout

@@ -10,12 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 import pytest
 
-from aioov.testing import bert_like
-
-from .helpers import ROOT, run_python
+from .helpers import ROOT, make_models, run_python
 
 WORKER = """
 import json, sys, time, anyio, numpy as np, onnxruntime as ort, aioov
@@ -39,13 +36,7 @@ anyio.run(main)
 
 @pytest.fixture(scope="module")
 def three_models(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    base = tmp_path_factory.mktemp("mp_models")
-    paths = []
-    for seed in range(3):
-        path = base / f"model_{seed}.onnx"
-        onnx.save(bert_like(layers=3, hidden=128, heads=4, vocab=1000, seed=seed), path)
-        paths.append(str(path))
-    return paths
+    return [str(p) for p in make_models(tmp_path_factory.mktemp("mp_models"), 3, layers=3, hidden=128, vocab=1000)]
 
 
 def start(code: str, *args: str) -> subprocess.Popen[str]:

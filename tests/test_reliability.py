@@ -25,7 +25,7 @@ import aioov
 from aioov._onnx_scan import ScanError, scan_bytes
 from aioov.testing import bert_like, mlp
 
-from .helpers import ROOT, reference, run_python
+from .helpers import ROOT, make_models, reference, run_python
 
 TRIALS = int(os.environ.get("AIOOV_TRIALS", "100"))
 
@@ -276,11 +276,7 @@ def test_sigkill_stress(crash_model: Path, tmp_path: Path) -> None:
 
 def test_sigkill_during_prune_leaves_only_whole_entries(crash_model: Path, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    paths = []
-    for seed in range(4):
-        path = tmp_path / f"p{seed}.onnx"
-        onnx.save(bert_like(2, 64, 4, vocab=300, seed=seed), path)
-        paths.append(str(path))
+    paths = [str(p) for p in make_models(tmp_path, 4, prefix="p")]
     rng = random.Random(3)
     for _trial in range(4):
         subprocess.run([str(Path(sys.executable).parent / "aioov"), "warmup", *paths, "-q",
@@ -321,11 +317,7 @@ anyio.run(main)
 
 def stress(tmp_path: Path, processes: int, rounds: int) -> list[dict[str, int]]:
     cache_dir = tmp_path / "cache"
-    paths = []
-    for seed in range(3):
-        path = tmp_path / f"s{seed}.onnx"
-        onnx.save(bert_like(2, 64, 4, vocab=300, seed=seed), path)
-        paths.append(str(path))
+    paths = [str(p) for p in make_models(tmp_path, 3, prefix="s")]
     procs = [subprocess.Popen([sys.executable, "-c", STRESS, str(cache_dir), str(rounds), str(i), *paths],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}) for i in range(processes)]
