@@ -249,6 +249,19 @@ def scenario_bulk(repeats: int, tmp: Path, count: int = 16) -> Scenario:
     return s
 
 
+def scenario_export(repeats: int, tmp: Path, count: int = 16) -> Scenario:
+    """Does lowering the export thread's priority keep exports from slowing the compiles?"""
+    s = Scenario("export", f"cold bulk load of {count} models with a cache: export priority (seconds)")
+    paths = [str(model("bert-small", seed)) for seed in range(count)]
+    for repeat in range(repeats):
+        for nice in (10, 0):
+            result = work("export_priority", models=paths, cache_dir=str(tmp / f"export-{nice}-{repeat}"), nice=nice)
+            s.add(f"nice {nice}: all compiled", result["ready"])
+            s.add(f"nice {nice}: all exported", result["done"])
+    s.ratios = {"ready, nice 10 / nice 0": s.med("nice 10: all compiled") / s.med("nice 0: all compiled")}
+    return s
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -327,7 +340,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk"]
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -355,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_shared(max(3, args.repeats // 2), tmp))
         if "bulk" in chosen:
             scenarios.append(scenario_bulk(args.repeats, tmp))
+        if "export" in chosen:
+            scenarios.append(scenario_export(args.repeats, tmp))
     print_table(scenarios)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

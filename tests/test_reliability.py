@@ -201,6 +201,7 @@ def test_fuzzed_models_compile_or_fail_cleanly_in_a_subprocess(tmp_path: Path) -
 COMPILER = """
 import sys, anyio, aioov
 async def main():
+    print("start", flush=True)  # imports done: from here on, every moment is in the cache code
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
         await core.compile_model(sys.argv[2], "CPU")
 anyio.run(main)
@@ -221,29 +222,32 @@ anyio.run(main)
 """
 
 
-def popen(code: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def start_compiler(cache_dir: Path, model: Path) -> subprocess.Popen[str]:
+    """A compiling process, returned once it has finished importing (it prints "start")."""
+    proc = subprocess.Popen([sys.executable, "-c", COMPILER, str(cache_dir), str(model)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "start"
+    return proc
 
 
 def kill_trials(model: Path, cache_dir: Path, trials: int, seed: int) -> dict[str, int]:
     """Kill a compiling/exporting process at random moments; after each kill, every entry
     that is visible must verify, and a checker must get correct outputs."""
+    probe = start_compiler(cache_dir / "probe", model)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", COMPILER, str(cache_dir / "probe"), str(model)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-    duration = time.perf_counter() - started
+    probe.communicate()
+    duration = time.perf_counter() - started  # compile + background export + exit
     rng = random.Random(seed)
     stats = {"trials": 0, "killed": 0, "finished": 0, "served_corrupt": 0}
     for _ in range(trials):
-        proc = popen(COMPILER, str(cache_dir), str(model))
+        proc = start_compiler(cache_dir, model)
         time.sleep(rng.uniform(0.0, duration))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             stats["killed"] += 1
         else:
             stats["finished"] += 1
-        proc.wait()
+        proc.communicate()
         stats["trials"] += 1
         every_entry_verifies(cache_dir)
         if entries(cache_dir):
