@@ -36,8 +36,9 @@ from ._cache.blob import BLOB_MODEL, BLOB_WEIGHTS
 from ._cache.export import Exporter
 from ._cache.inflight import Inflight, Job
 from ._cache.key import FileStat, cache_key
-from ._cache.locks import Cancelled, LockBusy
-from ._cache.store import CacheStore, Entry
+from ._cache.locks import Cancelled, KeyLock, LockBusy
+from ._cache.remote import RemoteError, RemoteLock, RemoteStore, remote_for
+from ._cache.store import CacheStore, Entry, EntryError
 from ._compiled import CompiledModel
 from ._concurrency import CancelToken, wait_future
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
@@ -88,6 +89,29 @@ _EXPORT_ENTRIES = (
 )
 
 
+@dataclass
+class _Held:
+    """The locks a compiling job holds for one key, released together once it is published
+    (or given up): the local flock, and the hosts' Redis lock when a remote tier is used."""
+
+    local: KeyLock
+    remote_lock: RemoteLock | None = None
+    remote: RemoteStore | None = None  # set when this host must upload what it compiles
+
+    def release(self) -> None:
+        if self.remote_lock is not None:
+            self.remote_lock.release()
+            self.remote_lock = None
+        self.local.release()
+
+
+#: properties that take their default from the environment (for fleets configured by env)
+_ENV_PROPERTIES = {
+    "CACHE_REMOTE_URL": "AIOOV_CACHE_REMOTE_URL",
+    "CACHE_REMOTE_LOCK_URL": "AIOOV_CACHE_REMOTE_LOCK_URL",
+}
+
+
 class _State(enum.Enum):
     OPEN = 1
     CLOSED = 2
@@ -105,6 +129,8 @@ class CacheStats:
     lock_waits: int = 0  # misses that found another process compiling and waited
     lock_timeouts: int = 0  # waits that gave up and compiled uncached
     errors: int = 0  # cache operations that failed (disk full, read-only...) and were skipped
+    remote_hits: int = 0  # entries downloaded from the remote tier
+    uploads: int = 0  # entries uploaded to the remote tier
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -156,6 +182,8 @@ class Core:
         devices: DeviceRegistry | None = None,
     ) -> None:
         self._props: dict[str, Any] = dict(DEFAULTS)
+        self._props.update(normalize({name: os.environ[var] for name, var in _ENV_PROPERTIES.items()
+                                      if os.environ.get(var)}))
         self._props.update(normalize(properties or {}))
         if cache_dir is not None:
             self._props.update(normalize({"CACHE_DIR": cache_dir}))
@@ -397,26 +425,79 @@ class Core:
             session = self._create_session(source, device, providers, props, token)
             return _Result(session, str(spec), props, False, key)
 
+        held = _Held(lock)
         handed_over = False
         try:
             # Another process may have published while we waited for its lock.
             session = self._try_import(store, key, device, providers, props, token, locked=True)
+            if session is None and props["CACHE_REMOTE_URL"]:
+                session = self._try_remote(held, store, key, device, providers, props, token)
             if session is not None:
                 self._count(hits=1)
                 return _Result(session, str(spec), props, True, key)
             self._count(misses=1)
             manifest = _manifest(key_inputs, source, spec)
             if props["CACHE_EXPORT"] is ExportMode.SYNC:
-                session = self._compile_and_export(store, key, source, device, providers, props, token, manifest)
+                session = self._compile_and_export(held, store, key, source, device, providers, props, token, manifest)
             else:
                 session = self._create_session(source, device, providers, props, token)
-                job = self._export_job(store, key, lock, source, stats, device, providers, props, manifest)
-                self._exporter.submit(job, on_drop=lock.release)
+                job = self._export_job(store, key, held, source, stats, device, providers, props, manifest)
+                self._exporter.submit(job, on_drop=held.release)
                 handed_over = True
             return _Result(session, str(spec), props, False, key)
         finally:
             if not handed_over:
-                lock.release()
+                held.release()
+
+    def _try_remote(
+        self,
+        held: _Held,
+        store: CacheStore,
+        key: str,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        token: CancelToken,
+    ) -> ort.InferenceSession | None:
+        """Second tier: fetch the entry from the shared bucket, or take the hosts' lock so that
+        this host compiles it for all (``held.remote`` is then set, for the upload)."""
+        url = props["CACHE_REMOTE_URL"]
+        try:
+            remote = remote_for(url)
+            if self._fetch(remote, store, key, props):
+                return self._try_import(store, key, device, providers, props, token, locked=True)
+            if props["CACHE_REMOTE_LOCK_URL"]:
+                rlock = RemoteLock(props["CACHE_REMOTE_LOCK_URL"], key, props["CACHE_REMOTE_LOCK_TTL"])
+                if rlock.acquire(props["CACHE_LOCK_TIMEOUT"], cancel=token.event):
+                    held.remote_lock = rlock
+                    # Another host may have uploaded while we waited for its lock.
+                    if self._fetch(remote, store, key, props):
+                        return self._try_import(store, key, device, providers, props, token, locked=True)
+                elif token.cancelled:
+                    raise Cancelled()
+            held.remote = remote
+        except (RemoteError, ValueError, EntryError, OSError) as exc:
+            self._count(errors=1)
+            self._warn_once(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only",
+                            url, exc)
+        return None
+
+    def _fetch(self, remote: RemoteStore, store: CacheStore, key: str, props: Mapping[str, Any]) -> bool:
+        if remote.fetch(key, store, mac_key=_mac_key(props)):
+            self._count(remote_hits=1)
+            return True
+        return False
+
+    def _upload(self, held: _Held, store: CacheStore, key: str) -> None:
+        if held.remote is None:
+            return
+        try:
+            if held.remote.upload(key, store.entry_path(key)):
+                self._count(uploads=1)
+        except (RemoteError, OSError) as exc:
+            self._count(errors=1)
+            self._warn_once(f"upload:{held.remote.url}", "aioov cache: upload to %s failed: %s",
+                            held.remote.url, exc)
 
     def _store(self, cache_dir: str | None) -> CacheStore | None:
         """The store for ``cache_dir``, created and tidied on first use; None if unusable."""
@@ -614,6 +695,7 @@ class Core:
     # -- export -----------------------------------------------------------------------
     def _compile_and_export(
         self,
+        held: _Held,
         store: CacheStore,
         key: str,
         source: _Source,
@@ -635,6 +717,7 @@ class Core:
                 blob.finalize(tmp, [i.name for i in session.get_inputs()])
                 if store.publish(key, tmp, manifest, mac_key=_mac_key(props)):
                     self._count(exports=1)
+                    self._upload(held, store, key)
                     self._prune_if_needed(store)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
@@ -649,7 +732,7 @@ class Core:
         self,
         store: CacheStore,
         key: str,
-        lock: Any,
+        held: _Held,
         source: _Source,
         stats: list[FileStat] | None,
         device: Device,
@@ -673,6 +756,7 @@ class Core:
                     return
                 if store.publish(key, tmp, manifest, abort=lambda: token.cancelled, mac_key=_mac_key(props)):
                     self._count(exports=1)
+                    self._upload(held, store, key)
                     self._prune_if_needed(store)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
@@ -689,7 +773,7 @@ class Core:
             finally:
                 if tmp is not None:
                     store.discard(tmp)
-                lock.release()
+                held.release()
 
         return export
 

@@ -124,6 +124,18 @@ def _secret(value: object) -> bytes | None:
     raise ValueError("expected a str or bytes secret")
 
 
+def _remote_url(*schemes: str) -> Callable[[object], str | None]:
+    def parse(value: object) -> str | None:
+        if value is None or value == "":
+            return None
+        text = str(value)
+        if text.split("://", 1)[0] not in schemes or "://" not in text:
+            raise ValueError(f"expected a {'/'.join(s + '://' for s in schemes)} URL, got {value!r}")
+        return text
+
+    return parse
+
+
 def _opt_level(value: object) -> str:
     text = str(value).upper().removeprefix("ORT_").removeprefix("ENABLE_")
     if text not in GRAPH_OPTIMIZATION_LEVELS:
@@ -156,6 +168,11 @@ PROPERTIES: dict[str, Property] = {
         Property("CACHE_MAX_SIZE", parse_size, "core", doc="prune LRU entries above this size"),
         Property("CACHE_HMAC_KEY", _secret, "compile",
                  doc="secret that authenticates entries; unauthenticated ones are recompiled"),
+        Property("CACHE_REMOTE_URL", _remote_url("s3"), "compile",
+                 doc="s3://bucket/prefix: a cache tier shared by many hosts"),
+        Property("CACHE_REMOTE_LOCK_URL", _remote_url("redis", "rediss", "unix"), "compile",
+                 doc="redis://host:port/db: a lock so that N hosts compile a model once"),
+        Property("CACHE_REMOTE_LOCK_TTL", _seconds, "compile", doc="lease of the hosts' lock, in seconds"),
         Property("CACHE_PREPACK", _bool, "compile", in_key=True,
                  doc="store prepacked weights: faster load, ~1.8x disk"),
         Property("PERFORMANCE_HINT", _enum(PerformanceHint), "compile"),
@@ -184,6 +201,9 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_LOCK_TIMEOUT": 600.0,
     "CACHE_MAX_SIZE": 0,
     "CACHE_HMAC_KEY": None,
+    "CACHE_REMOTE_URL": None,
+    "CACHE_REMOTE_LOCK_URL": None,
+    "CACHE_REMOTE_LOCK_TTL": 300.0,
     "CACHE_PREPACK": True,
     "PERFORMANCE_HINT": PerformanceHint.LATENCY,
     "INFERENCE_NUM_THREADS": 0,

@@ -189,9 +189,8 @@ async def warm_overhead(model: str, cache_dir: str, blob: str, rounds: int = 10)
 
 async def export_priority(models: list[str], cache_dir: str, nice: int) -> dict[str, Any]:
     """Cold bulk load with a cache: background exports at nice ``nice`` compete with compiles."""
-    from aioov._cache import export
-
     import aioov
+    from aioov._cache import export
 
     export.EXPORT_NICE = nice
     async with aioov.Core(cache_dir=cache_dir) as core:

@@ -277,6 +277,21 @@ class CacheStore:
         if mac_key is not None:
             manifest = auth.sign(manifest, tmp, mac_key)
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), durable=True)
+        return self._rename_into_place(key, tmp, abort)
+
+    def adopt(self, key: str, tmp: Path, manifest: dict[str, Any], *, mac_key: bytes | None = None) -> bool:
+        """Publish files that came from elsewhere (the remote tier) under their own manifest,
+        after checking them against it; raises EntryError when they do not match."""
+        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        entry = self._read_entry(key, tmp, check_sizes=True)
+        problem = auth.check(manifest, tmp, mac_key) if mac_key is not None else self.verify(entry)
+        if problem:
+            raise EntryError(f"downloaded entry {key[:16]}: {problem}")
+        for file in tmp.iterdir():
+            fsync_file(file)
+        return self._rename_into_place(key, tmp, None)
+
+    def _rename_into_place(self, key: str, tmp: Path, abort: Callable[[], bool] | None) -> bool:
         fsync_dir(tmp)
         final = self.entry_path(key)
         final.parent.mkdir(exist_ok=True)

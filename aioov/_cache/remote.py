@@ -1,0 +1,161 @@
+"""A second cache tier shared by many hosts: an S3-compatible bucket, plus a Redis lock.
+
+Lookup order: local entry → remote entry (downloaded into the local cache, verified, then
+published there with the same atomic rename) → compile, then upload in the background.
+
+Remote layout mirrors the local one: ``s3://BUCKET/PREFIX/v1/<key>/<file>``, with
+``manifest.json`` uploaded last, so that a reader who finds a manifest finds every file it
+lists (and verifies them against it anyway). Uploads never overwrite a manifest that exists.
+
+boto3 was chosen over s3fs/aiobotocore: aioov's cache work already runs in worker threads,
+so a synchronous client is the simple fit, and boto3 reads credentials and endpoints the
+usual AWS ways (environment, config files, ``AWS_ENDPOINT_URL``) with no code of ours.
+
+The distributed lock is redis-py's lock (``SET NX PX`` with a token): its TTL is the lease,
+so a host that dies holding it blocks the others for at most ``CACHE_REMOTE_LOCK_TTL``
+seconds. A compile that outlives the TTL loses exclusivity, never correctness: the worst
+case is two hosts compiling one model. Without a lock URL, hosts may compile in parallel,
+and the first manifest uploaded wins.
+
+Every remote failure (unreachable, denied, missing bucket) is a warning and a fall-back to
+the local path: the remote tier never makes a compile fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .store import MANIFEST, CacheStore
+
+__all__ = ("RemoteError", "RemoteLock", "RemoteStore", "remote_for")
+
+logger = logging.getLogger("aioov.cache")
+
+
+class RemoteError(Exception):
+    """The remote store or lock service failed."""
+
+
+class RemoteStore:
+    """Entries in an S3-compatible bucket (``s3://bucket/prefix``)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"CACHE_REMOTE_URL must look like s3://bucket/prefix, got {url!r}")
+        self.url = url
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RemoteError("the remote cache needs boto3: pip install 'aioov[remote]'") from exc
+        self._client = boto3.client(
+            "s3", config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=30)
+        )
+
+    def _name(self, key: str, file: str) -> str:
+        return "/".join(part for part in (self.prefix, "v1", key, file) if part)
+
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        """The remote entry's manifest, or None when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._name(key, MANIFEST))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise RemoteError(str(exc)) from exc
+        except Exception as exc:
+            raise RemoteError(str(exc)) from exc
+        try:
+            manifest = json.loads(body)
+        except ValueError as exc:
+            raise RemoteError(f"remote manifest of {key[:16]} is not JSON") from exc
+        return manifest if isinstance(manifest, dict) else None
+
+    def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None) -> bool:
+        """Download the entry into ``store`` (verified, atomically published). False if absent."""
+        manifest = self.manifest(key)
+        if manifest is None:
+            return False
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise RemoteError(f"remote manifest of {key[:16]} lists no files")
+        tmp = store.new_tmp(key)
+        try:
+            for name in files:
+                if not isinstance(name, str) or "/" in name or name in ("", ".", "..", MANIFEST):
+                    raise RemoteError(f"remote manifest of {key[:16]} has a bad file name {name!r}")
+                try:
+                    self._client.download_file(self.bucket, self._name(key, name), str(tmp / name))
+                except Exception as exc:
+                    raise RemoteError(f"downloading {name} of {key[:16]}: {exc}") from exc
+            return store.adopt(key, tmp, manifest, mac_key=mac_key)
+        finally:
+            store.discard(tmp)
+
+    def upload(self, key: str, entry: Path) -> bool:
+        """Upload a published local entry, manifest last; False if the remote has one already."""
+        if self.manifest(key) is not None:
+            return False
+        manifest_bytes = (entry / MANIFEST).read_bytes()
+        try:
+            for name in json.loads(manifest_bytes)["files"]:
+                self._client.upload_file(str(entry / name), self.bucket, self._name(key, name))
+            self._client.put_object(Bucket=self.bucket, Key=self._name(key, MANIFEST), Body=manifest_bytes)
+        except Exception as exc:
+            raise RemoteError(f"uploading {key[:16]}: {exc}") from exc
+        return True
+
+
+class RemoteLock:
+    """One key's lock in Redis, with a TTL lease (redis-py's ``Lock``)."""
+
+    def __init__(self, url: str, key: str, ttl: float) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RemoteError("the distributed lock needs redis: pip install 'aioov[remote]'") from exc
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        self._lock = self._client.lock(f"aioov:lock:{key}", timeout=ttl, thread_local=False)
+
+    def acquire(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (polling, so a cancel is noticed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        try:
+            while not self._lock.acquire(blocking=False):
+                if (cancel is not None and cancel.is_set()) or time.monotonic() >= deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        except Exception as exc:
+            raise RemoteError(f"redis lock: {exc}") from exc
+        return True
+
+    def release(self) -> None:
+        try:
+            self._lock.release()
+        except Exception as exc:  # expired (TTL) or redis gone: nothing to release
+            logger.debug("aioov cache: releasing the redis lock: %s", exc)
+
+
+_REMOTES: dict[str, RemoteStore] = {}
+_REMOTES_LOCK = threading.Lock()
+
+
+def remote_for(url: str) -> RemoteStore:
+    """One client per URL and process (boto3 clients are thread-safe)."""
+    with _REMOTES_LOCK:
+        if url not in _REMOTES:
+            _REMOTES[url] = RemoteStore(url)
+        return _REMOTES[url]

@@ -1,0 +1,228 @@
+"""The remote tier: a real local S3 (moto's server) and a real redis-server, separate local
+cache dirs standing for separate hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import aioov
+
+from .helpers import ROOT, make_models, reference
+
+pytestmark = pytest.mark.anyio
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("redis")
+pytest.importorskip("moto")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.skip(f"{what} exited at start (code {proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.skip(f"{what} did not start")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto in server mode: a real HTTP S3 endpoint on loopback."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc, "moto server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket; credentials and endpoint the usual AWS way (inherited by subprocesses)."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    from aioov._cache import remote
+
+    remote._REMOTES.clear()
+    name = f"models-{abs(hash(request.node.nodeid)) % 10**8}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}/aioov"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_models(tmp_path_factory.mktemp("remote_models"), 2)
+
+
+async def test_a_second_host_downloads_instead_of_compiling(models: list[Path], bucket: str, tmp_path: Path) -> None:
+    ids = np.arange(8, dtype=np.int64).reshape(1, 8)
+    async with aioov.Core(cache_dir=tmp_path / "host-a", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        await core.compile_model(models[0], "CPU")
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    async with aioov.Core(cache_dir=tmp_path / "host-b", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        compiled = await core.compile_model(models[0], "CPU")
+        stats = core.cache_stats
+        got = (await compiled.infer(ids))["last_hidden_state"]
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+    assert (stats.remote_hits, stats.compiles, stats.uploads) == (1, 0, 0)
+    np.testing.assert_allclose(got, reference(models[0], {"input_ids": ids})[0], rtol=1e-4, atol=1e-4)
+    assert len(list((tmp_path / "host-b" / "v1").glob("??/*"))) == 1  # now in host B's local cache too
+
+
+HOST = """
+import json, sys, time, anyio, aioov
+async def main():
+    cache_dir, start_at, *paths = sys.argv[1:]
+    time.sleep(max(0.0, float(start_at) - time.time()))
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        results = await core.compile_all(paths, "CPU")
+        await core.wait_exports()
+        print(json.dumps({"compiles": core.cache_stats.compiles, "ok": all(r.ok for r in results),
+                          "remote_hits": core.cache_stats.remote_hits}))
+anyio.run(main)
+"""
+
+
+def run_hosts(tmp_path: Path, models: list[Path], env: dict[str, str], hosts: int = 3) -> list[dict[str, int]]:
+    start_at = str(time.time() + 2.5)
+    procs = [subprocess.Popen([sys.executable, "-c", HOST, str(tmp_path / f"host-{i}"), start_at,
+                               *map(str, models)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **env}) for i in range(hosts)]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["ok"] for r in reports)
+    return reports
+
+
+def test_hosts_with_a_redis_lock_compile_each_model_once(
+    models: list[Path], bucket: str, redis_url: str, tmp_path: Path
+) -> None:
+    reports = run_hosts(tmp_path, models, {"AIOOV_CACHE_REMOTE_URL": bucket, "AIOOV_CACHE_REMOTE_LOCK_URL": redis_url})
+    assert sum(r["compiles"] for r in reports) == len(models)
+    assert sum(r["remote_hits"] for r in reports) == len(models) * 2
+
+
+def test_hosts_without_a_lock_may_compile_twice_but_never_corrupt(
+    models: list[Path], bucket: str, tmp_path: Path
+) -> None:
+    reports = run_hosts(tmp_path, models, {"AIOOV_CACHE_REMOTE_URL": bucket})
+    assert len(models) <= sum(r["compiles"] for r in reports) <= 3 * len(models)
+    store = aioov.CacheStore(tmp_path / "fresh")
+    store.ensure()
+    from aioov._cache.remote import RemoteStore
+
+    remote = RemoteStore(bucket)
+    keys = {e.name for i in range(3) for e in (tmp_path / f"host-{i}" / "v1").glob("??/*")}
+    assert len(keys) == len(models)
+    for key in keys:  # every remote entry downloads and verifies
+        assert remote.fetch(key, store)
+        found = store.lookup(key)
+        assert found is not None and store.verify(found) is None
+
+
+async def test_a_tampered_remote_entry_is_not_served(models: list[Path], bucket: str, tmp_path: Path,
+                                                     caplog_warnings) -> None:
+    async with aioov.Core(cache_dir=tmp_path / "a", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        compiled = await core.compile_model(models[1], "CPU")
+        await core.wait_exports()
+    key = compiled.get_property("CACHE_KEY")
+    name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3")
+    weights = bytearray(s3.get_object(Bucket=name, Key=f"{prefix}/v1/{key}/weights.bin")["Body"].read())
+    weights[len(weights) // 2] ^= 0xFF
+    s3.put_object(Bucket=name, Key=f"{prefix}/v1/{key}/weights.bin", Body=bytes(weights))
+    async with aioov.Core(cache_dir=tmp_path / "b", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        again = await core.compile_model(models[1], "CPU")
+        stats = core.cache_stats
+    assert again.get_property("LOADED_FROM_CACHE") is False and stats.compiles == 1
+    assert "checksum mismatch" in caplog_warnings.text
+
+
+async def test_remote_down_falls_back_to_local(models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog_warnings) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    from aioov._cache import remote
+
+    remote._REMOTES.clear()
+    props = {"CACHE_REMOTE_URL": "s3://nowhere/x", "CACHE_REMOTE_LOCK_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    async with aioov.Core(cache_dir=tmp_path / "c", properties=props) as core:
+        compiled = await core.compile_model(models[0], "CPU")
+        await core.wait_exports()
+        again = await core.compile_model(models[0], "CPU")
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert again.get_property("LOADED_FROM_CACHE") is True  # the local tier still works
+    assert caplog_warnings.text.count("using the local cache only") == 1
+
+
+def test_a_dead_hosts_lock_expires_with_its_ttl(models: list[Path], bucket: str, redis_url: str,
+                                                tmp_path: Path) -> None:
+    import anyio
+    import redis
+
+    async def key_of() -> str:
+        async with aioov.Core(cache_dir=tmp_path / "probe", properties={"CACHE_EXPORT": "SYNC"}) as core:
+            return str((await core.compile_model(models[0], "CPU")).get_property("CACHE_KEY"))
+
+    key = anyio.run(key_of)
+    # A host took the lock with a 6 s lease and died.
+    assert redis.Redis.from_url(redis_url).set(f"aioov:lock:{key}", "dead-host", nx=True, px=6000)
+    started = time.monotonic()
+    reports = run_hosts(tmp_path, models[:1], {"AIOOV_CACHE_REMOTE_URL": bucket,
+                                               "AIOOV_CACHE_REMOTE_LOCK_URL": redis_url}, hosts=1)
+    elapsed = time.monotonic() - started
+    assert reports[0]["compiles"] == 1
+    assert 5.5 < elapsed < 60  # it waited for the lease to run out, then compiled
+
+
+def test_bad_remote_urls_are_property_errors() -> None:
+    with pytest.raises(aioov.PropertyError, match="s3://"):
+        aioov.Core(properties={"CACHE_REMOTE_URL": "http://bucket"})
+    with pytest.raises(aioov.PropertyError, match="redis://"):
+        aioov.Core(properties={"CACHE_REMOTE_LOCK_URL": "localhost:6379"})
