@@ -31,8 +31,8 @@ import anyio
 import onnxruntime as ort
 
 from ._bulk import BulkProgress, CompileResult, compile_models
-from ._cache import auth, blob
-from ._cache.blob import BLOB_MODEL, BLOB_WEIGHTS
+from ._cache import auth
+from ._cache.blob import BlobError
 from ._cache.export import Exporter
 from ._cache.inflight import Inflight, Job
 from ._cache.key import FileStat, cache_key
@@ -81,12 +81,6 @@ _OPT_LEVELS = {
     ),
     "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-#: session-config entries aioov sets itself when exporting; never part of a user's key
-_EXPORT_ENTRIES = (
-    "session.optimized_model_external_initializers_file_name",
-    "session.optimized_model_external_initializers_min_size_in_bytes",
-    "session.save_external_prepacked_constant_initializers",
-)
 
 
 @dataclass
@@ -391,7 +385,7 @@ class Core:
         device, spec = self._devices.resolve(device_name)
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         props = _apply_hints(props)
-        store = self._store(props["CACHE_DIR"]) if device.blob_kind else None
+        store = self._store(props["CACHE_DIR"]) if device.blob is not None else None
         if store is None:
             if source.path is not None and source.model is None:
                 check_model_file(source.path)
@@ -437,7 +431,8 @@ class Core:
                 return _Result(session, str(spec), props, True, key)
             self._count(misses=1)
             manifest = _manifest(key_inputs, source, spec)
-            if props["CACHE_EXPORT"] is ExportMode.SYNC:
+            assert device.blob is not None
+            if props["CACHE_EXPORT"] is ExportMode.SYNC or not device.blob.background:
                 session = self._compile_and_export(held, store, key, source, device, providers, props, token, manifest)
             else:
                 session = self._create_session(source, device, providers, props, token)
@@ -546,29 +541,14 @@ class Core:
         return stats, digest
 
     # -- sessions -------------------------------------------------------------------
-    def _session_options(
-        self,
-        props: Mapping[str, Any],
-        *,
-        imported: bool = False,
-        export_to: Path | None = None,
-    ) -> ort.SessionOptions:
+    def _session_options(self, props: Mapping[str, Any]) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if props["INFERENCE_NUM_THREADS"]:
             options.intra_op_num_threads = props["INFERENCE_NUM_THREADS"]
         for name, value in props["ORT_SESSION_CONFIG"].items():
             options.add_session_config_entry(name, value)
-        if imported:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        else:
-            options.graph_optimization_level = _OPT_LEVELS[props["ORT_GRAPH_OPTIMIZATION_LEVEL"]]
-        if export_to is not None:
-            options.optimized_model_filepath = str(export_to / BLOB_MODEL)
-            options.add_session_config_entry(_EXPORT_ENTRIES[0], BLOB_WEIGHTS)
-            options.add_session_config_entry(_EXPORT_ENTRIES[1], "1024")
-            if props["CACHE_PREPACK"]:
-                options.add_session_config_entry(_EXPORT_ENTRIES[2], "1")
+        options.graph_optimization_level = _OPT_LEVELS[props["ORT_GRAPH_OPTIMIZATION_LEVEL"]]
         return options
 
     def _new_session(
@@ -595,9 +575,13 @@ class Core:
         providers: ProviderList,
         props: Mapping[str, Any],
         token: CancelToken | None,
-        export_to: Path | None = None,
+        export: tuple[Path, str] | None = None,
     ) -> ort.InferenceSession:
-        options = self._session_options(props, export_to=export_to)
+        """A session compiled from the source; with ``export=(tmp, key)`` it also writes the blob."""
+        options = self._session_options(props)
+        if export is not None:
+            assert device.blob is not None
+            providers = device.blob.configure_export(options, providers, export[0], export[1], props)
         try:
             session = self._new_session(source.ort_input, options, device, providers, token)
         except ORT_ERRORS as exc:
@@ -651,12 +635,14 @@ class Core:
         props: Mapping[str, Any],
         token: CancelToken | None,
     ) -> ort.InferenceSession | None:
+        assert device.blob is not None
+        graph = device.blob.model_file
         check: concurrent.futures.Future[str | None] | None = None
-        rest = [name for name in entry.files if name != BLOB_MODEL]
+        rest = [name for name in entry.files if name != graph]
         mac_key = auth.derive_key(props["CACHE_HMAC_KEY"]) if props["CACHE_HMAC_KEY"] else None
         if mac_key is not None:
             # Authenticated entries: keyed blake3 MACs instead of checksums, whatever CACHE_VERIFY.
-            problem = auth.check(entry.manifest, entry.path, mac_key, [BLOB_MODEL])
+            problem = auth.check(entry.manifest, entry.path, mac_key, [graph])
             if problem:
                 self._discard(store, entry.key, problem)
                 return None
@@ -665,14 +651,15 @@ class Core:
             # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
             # ORT fail, they would silently change the outputs. The small graph file is checked
             # first, so ORT never parses a corrupt one.
-            problem = store.verify(entry, [BLOB_MODEL])
+            problem = store.verify(entry, [graph])
             if problem:
                 self._discard(store, entry.key, problem)
                 return None
             check = self._io_pool.submit(store.verify, entry, rest)
-        options = self._session_options(props, imported=True)
+        options = self._session_options(props)
+        providers = device.blob.configure_import(options, providers, entry.path)
         try:
-            session = self._new_session(str(entry.file(BLOB_MODEL)), options, device, providers, token)
+            session = self._new_session(str(entry.file(graph)), options, device, providers, token)
         except ORT_ERRORS as exc:
             if check is not None:
                 check.result()
@@ -712,16 +699,17 @@ class Core:
             self._cache_write_failed(store, exc)
             return self._create_session(source, device, providers, props, token)
         try:
-            session = self._create_session(source, device, providers, props, token, export_to=tmp)
+            session = self._create_session(source, device, providers, props, token, export=(tmp, key))
             try:
-                blob.finalize(tmp, [i.name for i in session.get_inputs()])
+                assert device.blob is not None
+                device.blob.finalize(tmp, [i.name for i in session.get_inputs()])
                 if store.publish(key, tmp, manifest, mac_key=_mac_key(props)):
                     self._count(exports=1)
                     self._upload(held, store, key)
                     self._prune_if_needed(store)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
-            except blob.BlobError as exc:
+            except BlobError as exc:
                 self._count(errors=1)
                 logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
             return session
@@ -744,13 +732,15 @@ class Core:
             tmp: Path | None = None
             try:
                 tmp = store.new_tmp(key)
-                options = self._session_options(props, export_to=tmp)
+                assert device.blob is not None
+                options = self._session_options(props)
                 options.intra_op_num_threads = 1
                 options.inter_op_num_threads = 1
-                session = self._new_session(source.ort_input, options, device, providers, token)
+                writing = device.blob.configure_export(options, providers, tmp, key, props)
+                session = self._new_session(source.ort_input, options, device, writing, token)
                 input_names = [i.name for i in session.get_inputs()]
                 del session
-                blob.finalize(tmp, input_names)
+                device.blob.finalize(tmp, input_names)
                 if stats is not None and [FileStat.of(s.path) for s in stats] != stats:
                     logger.warning("aioov cache: %s changed during export; not cached", source.describe())
                     return
@@ -760,7 +750,7 @@ class Core:
                     self._prune_if_needed(store)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
-            except blob.BlobError as exc:
+            except BlobError as exc:
                 self._count(errors=1)
                 logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
             except ORT_ERRORS as exc:
@@ -807,7 +797,7 @@ class Core:
 
     def _export_to_dir(self, source: _Source, device_name: str, props: dict[str, Any], dest: Path) -> Path:
         device, spec = self._devices.resolve(device_name)
-        if device.blob_kind is None:
+        if device.blob is None:
             raise CacheError(f"device {spec} cannot export a compiled model")
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         if os.path.lexists(dest):
@@ -820,11 +810,11 @@ class Core:
         try:
             store.ensure()
             tmp = store.new_tmp(key)
-            session = self._create_session(source, device, providers, props, None, export_to=tmp)
-            blob.finalize(tmp, [i.name for i in session.get_inputs()])
+            session = self._create_session(source, device, providers, props, None, export=(tmp, key))
+            device.blob.finalize(tmp, [i.name for i in session.get_inputs()])
             store.publish(key, tmp, _manifest(key_inputs, source, spec))
             os.rename(store.entry_path(key), dest)
-        except (OSError, blob.BlobError) as exc:
+        except (OSError, BlobError) as exc:
             raise CacheError(f"cannot write {dest}: {exc}") from exc
         finally:
             import shutil
@@ -862,9 +852,11 @@ class Core:
         problem = store.verify(entry)
         if problem:
             raise CacheError(f"{path} is damaged: {problem}")
-        options = self._session_options(props, imported=True)
+        assert device.blob is not None
+        options = self._session_options(props)
+        providers = device.blob.configure_import(options, providers, path)
         try:
-            session = self._new_session(str(path / BLOB_MODEL), options, device, providers, None)
+            session = self._new_session(str(path / device.blob.model_file), options, device, providers, None)
         except ORT_ERRORS as exc:
             raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
         return _Result(session, str(spec), props, True, key)
@@ -959,7 +951,7 @@ def _key_inputs(
     return {
         "model": digest,
         "device": device.family,
-        "blob": device.blob_kind,
+        "blob": device.blob.kind if device.blob is not None else None,
         "providers": [[name, dict(sorted(opts.items()))] for name, opts in providers],
         "hardware": device.fingerprint(spec.index),
         "onnxruntime": ort.__version__,

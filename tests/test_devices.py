@@ -80,15 +80,15 @@ def test_gpu_devices_map_to_providers_with_fallbacks() -> None:
     assert trt[0][1] == {"device_id": "0", "trt_fp16_enable": "1"}
 
 
-def test_devices_that_cannot_export_do_not_claim_export_import() -> None:
+def test_only_devices_that_can_export_claim_export_import() -> None:
     assert "EXPORT_IMPORT" in CPUDevice().capabilities()
+    assert "EXPORT_IMPORT" in TensorRTDevice().capabilities()
     assert "EXPORT_IMPORT" not in CUDADevice().capabilities()
-    assert "EXPORT_IMPORT" not in TensorRTDevice().capabilities()
 
 
 async def test_a_device_that_cannot_export_compiles_without_writing(mlp_path: Path, cache_dir: Path) -> None:
     class NoExportCPU(CPUDevice):
-        blob_kind = None
+        blob = None
 
     core = aioov.Core(cache_dir=cache_dir, devices=DeviceRegistry([NoExportCPU()]))
     compiled = await core.compile_model(mlp_path, "CPU")
@@ -116,3 +116,116 @@ async def test_compile_on_a_real_gpu(mlp_path: Path) -> None:  # pragma: no cove
     compiled = await aioov.Core().compile_model(mlp_path, "GPU")
     assert compiled.get_property("EXECUTION_PROVIDERS")[0] == "CUDAExecutionProvider"
     assert (await compiled.infer(np.ones((1, 8), np.float32)))["y"].shape == (1, 4)
+
+
+# -- TensorRT entries, with the provider calls isolated -----------------------------------
+
+
+def test_tensorrt_export_writes_everything_inside_the_entry(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from aioov._cache.blob import TensorRTContextBlob
+
+    providers = TensorRTDevice().providers(1, {"trt_fp16_enable": "1"})
+    configured = TensorRTContextBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "ab" * 32, {})
+    (name, trt), *fallbacks = configured
+    assert name == "TensorrtExecutionProvider" and fallbacks == providers[1:]
+    assert trt["device_id"] == "1" and trt["trt_fp16_enable"] == "1"
+    assert trt["trt_engine_cache_prefix"] == "aioov_" + "ab" * 16  # the content key, not ORT's name hash
+    for option in ("trt_engine_cache_path", "trt_timing_cache_path", "trt_ep_context_file_path"):
+        assert Path(trt[option]).resolve().is_relative_to(tmp_path.resolve()), option
+    assert trt["trt_dump_ep_context_model"] == "True" and trt["trt_ep_context_embed_mode"] == "1"
+
+
+def test_tensorrt_import_never_writes_into_the_entry(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from aioov._cache.blob import TensorRTContextBlob
+
+    blob = TensorRTContextBlob()
+    exported = blob.configure_export(ort.SessionOptions(), TensorRTDevice().providers(None, {}), tmp_path, "c" * 64, {})
+    (_, trt), *_ = blob.configure_import(ort.SessionOptions(), exported, tmp_path)
+    assert not [k for k in trt if k.startswith(("trt_engine_cache", "trt_timing_cache"))]
+
+
+def test_tensorrt_finalize_keeps_only_the_context_model(tmp_path: Path) -> None:
+    from aioov._cache.blob import BlobError, TensorRTContextBlob
+
+    blob = TensorRTContextBlob()
+    (tmp_path / "aioov_x.engine").write_bytes(b"engine")
+    (tmp_path / "aioov_x.timing").write_bytes(b"timing")
+    with pytest.raises(BlobError, match="no EP-context model"):
+        blob.finalize(tmp_path, ["x"])
+    (tmp_path / "model_ctx.onnx").write_bytes(b"ctx")
+    blob.finalize(tmp_path, ["x"])
+    assert [p.name for p in tmp_path.iterdir()] == ["model_ctx.onnx"]
+
+
+def test_tensorrt_key_includes_the_gpu_and_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioov._core import _key_inputs
+    from aioov._devices import DeviceSpec, gpu
+    from aioov._properties import DEFAULTS
+
+    trt = TensorRTDevice()
+    keys = []
+    for name in ("NVIDIA H100", "NVIDIA L4"):
+        monkeypatch.setattr(gpu, "nvidia_gpus", lambda name=name: ({"name": name, "compute_capability": "9.0"},))
+        inputs = _key_inputs("d", trt, DeviceSpec("TENSORRT", 0), trt.providers(0, {}), DEFAULTS)
+        assert inputs["blob"] == "trt-ep-context" and "tensorrt" in inputs["hardware"]
+        keys.append(str(inputs))
+    assert keys[0] != keys[1]
+
+
+class _ContextStyleBlob:
+    """The TensorRT entry flow (compile writes the blob, no background export, a context
+    model as the entry's graph) with a CPU stand-in for TensorRT's dump."""
+
+    kind = "trt-ep-context"
+    model_file = "model_ctx.onnx"
+    background = False
+
+    def configure_export(self, options, providers, tmp, key, props):  # type: ignore[no-untyped-def]
+        options.optimized_model_filepath = str(tmp / self.model_file)  # stands in for trt_dump_ep_context_model
+        return providers
+
+    def configure_import(self, options, providers, entry):  # type: ignore[no-untyped-def]
+        return providers
+
+    def finalize(self, tmp, input_names):  # type: ignore[no-untyped-def]
+        from aioov._cache.blob import TensorRTContextBlob
+
+        TensorRTContextBlob.finalize(self, tmp, input_names)  # type: ignore[arg-type]
+
+
+async def test_context_model_entries_are_written_by_the_compile_itself(
+    mlp_path: Path, cache_dir: Path
+) -> None:
+    import numpy as np
+
+    from .helpers import reference
+
+    class StandInTensorRT(CPUDevice):
+        family = "TENSORRT"
+        blob = _ContextStyleBlob()  # type: ignore[assignment]
+
+    registry = DeviceRegistry([CPUDevice(), StandInTensorRT()])
+    async with aioov.Core(cache_dir=cache_dir, devices=registry) as core:
+        first = await core.compile_model(mlp_path, "TENSORRT")
+        assert core.pending_exports == 0  # published before compile_model returned
+        (entry,) = list((cache_dir / "v1").glob("??/*"))
+        assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model_ctx.onnx"]
+        second = await core.compile_model(mlp_path, "TENSORRT")
+    assert first.get_property("LOADED_FROM_CACHE") is False and second.get_property("LOADED_FROM_CACHE") is True
+    x = np.ones((2, 8), np.float32)
+    np.testing.assert_allclose((await second.infer(x))["y"], reference(mlp_path, {"x": x})[0], rtol=1e-5)
+
+
+@pytest.mark.skipif(not TensorRTDevice().available(),
+                    reason=f"TensorRT does not load here: {TensorRTDevice().unavailable_reason}")
+async def test_tensorrt_entry_on_a_real_gpu(mlp_path: Path, cache_dir: Path) -> None:  # pragma: no cover - GPU
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        first = await core.compile_model(mlp_path, "TENSORRT")
+        second = await core.compile_model(mlp_path, "TENSORRT")
+    assert first.get_property("LOADED_FROM_CACHE") is False and second.get_property("LOADED_FROM_CACHE") is True
+    (entry,) = list((cache_dir / "v1").glob("??/*"))
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model_ctx.onnx"]

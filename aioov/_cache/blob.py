@@ -1,46 +1,139 @@
-"""The CPU blob: ONNX Runtime's optimized model (``model.onnx``) with its weights,
-prepacked where ``CACHE_PREPACK`` is on, in ``weights.bin``.
+"""Blob formats: what a cache entry holds for a device, and how sessions write and read it.
 
-ONNX Runtime writes it while building a session with ``optimized_model_filepath``;
-loading it later with graph optimizations off skips the expensive work.
-``finalize`` repairs one quirk before an entry is published: for IR < 4 models,
-ONNX Runtime keeps graph inputs for initializers that constant folding removed,
-so the saved model would demand hundreds of extra inputs (seen with the
-DenseNet-121 shipped in the onnx wheel). Such dangling inputs are dropped; a
-blob whose inputs still differ from the source session's is not published.
+Each format only configures ONNX Runtime (session options and provider options); the
+Core builds the sessions. That keeps the provider-specific knowledge here, testable on a
+machine without the provider.
+
+``OrtOptimizedBlob`` (CPU): ONNX Runtime's optimized model (``model.onnx``) with its weights,
+prepacked where ``CACHE_PREPACK`` is on, in ``weights.bin``; loaded with graph
+optimizations off. It can be produced by a second session after the caller's, in the
+background. ``finalize`` repairs one quirk before an entry is published: for IR < 4 models,
+ONNX Runtime keeps graph inputs for initializers that constant folding removed, so the
+saved model would demand hundreds of extra inputs (seen with the DenseNet-121 shipped in
+the onnx wheel). Such dangling inputs are dropped; a blob whose inputs still differ from
+the source session's is not published.
+
+``TensorRTContextBlob`` (TENSORRT): the EP-context model TensorRT dumps while it builds its
+engine (``model_ctx.onnx``, engine embedded), written by the compile itself. The engine
+cache prefix is the aioov key, so two models of one structure can never share an engine
+(onnxruntime's own cache keys hash names, not weights: upstream #6455), and every path
+points inside the entry being written: the same locks, atomic publish and checksums apply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import onnx
 
-__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "BlobError", "finalize")
+__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "BlobError", "BlobFormat", "OrtOptimizedBlob", "TensorRTContextBlob")
 
 BLOB_MODEL = "model.onnx"
 BLOB_WEIGHTS = "weights.bin"
+
+ProviderList = list[tuple[str, dict[str, str]]]
 
 
 class BlobError(Exception):
     """The exported blob does not reproduce the source model's interface."""
 
 
-def finalize(entry_dir: Path, input_names: list[str]) -> None:
-    path = entry_dir / BLOB_MODEL
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    wanted = set(input_names)
-    used = {name for node in graph.node for name in node.input}
-    dangling = [i for i in graph.input if i.name not in wanted and i.name not in initializers]
-    if dangling:
-        if any(i.name in used for i in dangling):
-            raise BlobError("the optimized model needs inputs that the source model does not have")
-        keep = [i for i in graph.input if i.name in wanted or i.name in initializers]
-        del graph.input[:]
-        graph.input.extend(keep)
-        onnx.save(model, str(path))
-    exposed = [i.name for i in graph.input if i.name not in initializers or i.name in wanted]
-    if sorted(exposed) != sorted(input_names):
-        raise BlobError(f"blob inputs {exposed} differ from the model's {input_names}")
+class BlobFormat:
+    kind: ClassVar[str]
+    #: the file ONNX Runtime loads when the entry is imported (checked before it is parsed)
+    model_file: ClassVar[str]
+    #: True: a second session can write the blob after the caller got theirs
+    background: ClassVar[bool]
+
+    def configure_export(
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, props: Mapping[str, Any]
+    ) -> ProviderList:
+        """Make a compile from source also write the blob into ``tmp``."""
+        raise NotImplementedError
+
+    def configure_import(self, options: Any, providers: ProviderList, entry: Path) -> ProviderList:
+        """Make a session load the blob in ``entry``."""
+        raise NotImplementedError
+
+    def finalize(self, tmp: Path, input_names: list[str]) -> None:
+        """Check (and tidy) what the export wrote, before it is published."""
+
+
+class OrtOptimizedBlob(BlobFormat):
+    kind = "ort-optimized"
+    model_file = BLOB_MODEL
+    background = True
+
+    def configure_export(
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, props: Mapping[str, Any]
+    ) -> ProviderList:
+        options.optimized_model_filepath = str(tmp / BLOB_MODEL)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", BLOB_WEIGHTS)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        if props["CACHE_PREPACK"]:
+            options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        return providers
+
+    def configure_import(self, options: Any, providers: ProviderList, entry: Path) -> ProviderList:
+        import onnxruntime as ort
+
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return providers
+
+    def finalize(self, tmp: Path, input_names: list[str]) -> None:
+        path = tmp / BLOB_MODEL
+        model = onnx.load(str(path), load_external_data=False)
+        graph = model.graph
+        initializers = {t.name for t in graph.initializer}
+        wanted = set(input_names)
+        used = {name for node in graph.node for name in node.input}
+        dangling = [i for i in graph.input if i.name not in wanted and i.name not in initializers]
+        if dangling:
+            if any(i.name in used for i in dangling):
+                raise BlobError("the optimized model needs inputs that the source model does not have")
+            keep = [i for i in graph.input if i.name in wanted or i.name in initializers]
+            del graph.input[:]
+            graph.input.extend(keep)
+            onnx.save(model, str(path))
+        exposed = [i.name for i in graph.input if i.name not in initializers or i.name in wanted]
+        if sorted(exposed) != sorted(input_names):
+            raise BlobError(f"blob inputs {exposed} differ from the model's {input_names}")
+
+
+class TensorRTContextBlob(BlobFormat):
+    kind = "trt-ep-context"
+    model_file = "model_ctx.onnx"
+    background = False  # the engine build is the compile: it writes the blob as it goes
+
+    def configure_export(
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, props: Mapping[str, Any]
+    ) -> ProviderList:
+        (name, first), *rest = providers
+        first = {
+            **first,
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(tmp),
+            "trt_engine_cache_prefix": f"aioov_{key[:32]}",
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(tmp),
+            "trt_dump_ep_context_model": "True",
+            "trt_ep_context_file_path": str(tmp / self.model_file),
+            "trt_ep_context_embed_mode": "1",  # the engine inside the context model: one self-contained file
+        }
+        return [(name, first), *rest]
+
+    def configure_import(self, options: Any, providers: ProviderList, entry: Path) -> ProviderList:
+        # The engine is embedded in the context model; no cache paths, so that ONNX Runtime
+        # never writes into a published entry.
+        (name, first), *rest = providers
+        first = {k: v for k, v in first.items() if not k.startswith(("trt_engine_cache", "trt_timing_cache"))}
+        return [(name, first), *rest]
+
+    def finalize(self, tmp: Path, input_names: list[str]) -> None:
+        if not (tmp / self.model_file).is_file():
+            raise BlobError("TensorRT wrote no EP-context model (no node ran on TensorRT?)")
+        for file in tmp.iterdir():  # engines and timing caches are inside the context model now
+            if file.name != self.model_file:
+                file.unlink()

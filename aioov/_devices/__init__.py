@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 
 from .._errors import DeviceNotFoundError
-from .base import BlobKind, Device, DeviceSpec, ProviderList, cpu_fingerprint, probe_session
+from .base import Device, DeviceSpec, ProviderList, cpu_fingerprint, probe_session
 from .cpu import CPUDevice
 from .gpu import CUDADevice, OpenVINODevice, TensorRTDevice
 
 __all__ = (
     "AUTO_PRIORITY",
-    "BlobKind",
     "Device",
     "DeviceRegistry",
     "DeviceSpec",

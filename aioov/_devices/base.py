@@ -19,15 +19,11 @@ from typing import Any, ClassVar
 
 import onnxruntime as ort
 
-__all__ = ("BlobKind", "Device", "ProviderList", "cpu_fingerprint", "probe_session")
+from .._cache.blob import BlobFormat
+
+__all__ = ("Device", "ProviderList", "cpu_fingerprint", "probe_session")
 
 ProviderList = list[tuple[str, dict[str, str]]]
-
-
-class BlobKind:
-    """How a device's compiled result is stored in a cache entry."""
-
-    ORT_OPTIMIZED = "ort-optimized"  # the optimized ONNX model + external (prepacked) weights
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class Device:
     family: ClassVar[str]
     provider: ClassVar[str]
     #: what a cache entry holds for this device; None: compiles are not cached
-    blob_kind: ClassVar[str | None] = None
+    blob: ClassVar[BlobFormat | None] = None
     #: create sessions one at a time (upstream races with several GPU sessions at once)
     serialize_compiles: ClassVar[bool] = False
 
@@ -99,7 +95,7 @@ class Device:
 
     def capabilities(self) -> list[str]:
         caps = ["FP32"]
-        if self.blob_kind is not None:
+        if self.blob is not None:
             caps.append("EXPORT_IMPORT")
         return caps
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import platform
 
-from .base import BlobKind, Device
+from .._cache.blob import OrtOptimizedBlob
+from .base import Device
 
 __all__ = ("CPUDevice",)
 
@@ -12,7 +13,7 @@ __all__ = ("CPUDevice",)
 class CPUDevice(Device):
     family = "CPU"
     provider = "CPUExecutionProvider"
-    blob_kind = BlobKind.ORT_OPTIMIZED
+    blob = OrtOptimizedBlob()
 
     def available(self) -> bool:
         return True
@@ -28,4 +29,4 @@ class CPUDevice(Device):
         return platform.processor() or platform.machine() or "CPU"
 
     def capabilities(self) -> list[str]:
-        return ["FP32", "INT8", "EXPORT_IMPORT"]
+        return ["FP32", "INT8", *super().capabilities()[1:]]

@@ -4,20 +4,25 @@
 onnxruntime-gpu is installed, even on a machine without CUDA: availability is
 therefore probed by building a tiny session (see ``Device.available``).
 
-None of these advertise ``EXPORT_IMPORT`` yet: a model optimized by the CUDA
-provider contains Memcpy nodes, and one compiled by TensorRT or OpenVINO
-cannot be saved at all ("contains compiled nodes"). They compile normally,
-with no error, and write nothing to the cache.
+TENSORRT is cached as an EP-context model with its engine embedded (see
+``_cache.blob.TensorRTContextBlob``). GPU (CUDA) and OPENVINO do not advertise
+``EXPORT_IMPORT``: a model optimized by the CUDA provider contains Memcpy nodes
+and there is no engine to keep; they compile normally, with no error, and write
+nothing to the cache.
 """
 
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping
 from functools import cache
+from typing import Any
 
-from .base import Device, ProviderList
+from .._cache.blob import TensorRTContextBlob
+from .base import Device, ProviderList, cpu_fingerprint
 
 __all__ = ("CUDADevice", "OpenVINODevice", "TensorRTDevice")
 
@@ -36,11 +41,48 @@ def nvidia_driver_missing() -> str | None:
     return None
 
 
+@cache
+def nvidia_gpus() -> tuple[dict[str, str], ...]:
+    """Name, compute capability and driver of each GPU, from nvidia-smi (empty without it)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ()
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    fields = ("name", "compute_capability", "driver")
+    return tuple(dict(zip(fields, (part.strip() for part in line.split(",")))) for line in out.splitlines() if line)
+
+
+@cache
+def tensorrt_version() -> str:
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except ImportError:
+        pass
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll"):
+        try:
+            return str(ctypes.CDLL(name).getInferLibVersion())
+        except (OSError, AttributeError):
+            continue
+    return "unknown"
+
+
 class _NvidiaDevice(Device):
     serialize_compiles = True
 
     def precheck(self) -> str | None:
         return nvidia_driver_missing()
+
+    def fingerprint(self, index: int | None) -> dict[str, Any]:
+        """An engine is specific to the GPU model, compute capability and driver."""
+        gpus = nvidia_gpus()
+        gpu = gpus[index or 0] if len(gpus) > (index or 0) else {"name": "unknown"}
+        return {**cpu_fingerprint(), "gpu": gpu}
 
 
 class CUDADevice(_NvidiaDevice):
@@ -58,6 +100,10 @@ class CUDADevice(_NvidiaDevice):
 class TensorRTDevice(_NvidiaDevice):
     family = "TENSORRT"
     provider = "TensorrtExecutionProvider"
+    blob = TensorRTContextBlob()
+
+    def fingerprint(self, index: int | None) -> dict[str, Any]:
+        return {**super().fingerprint(index), "tensorrt": tensorrt_version()}
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         device = {"device_id": str(index or 0)}
