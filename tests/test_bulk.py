@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 import aioov
-from aioov._core import Core
+from aioov._pipeline import Pipeline
 
 from .helpers import make_models
 
@@ -97,14 +97,14 @@ async def test_cancelling_a_bulk_load_leaves_no_half_written_entries(
 ) -> None:
     started = threading.Event()
     release = threading.Event()
-    original = Core._create_session
+    original = Pipeline.create_session
 
     def slow(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         started.set()
         release.wait(10)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Core, "_create_session", slow)
+    monkeypatch.setattr(Pipeline, "create_session", slow)
     async with aioov.Core(cache_dir=cache_dir) as core:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:

@@ -98,8 +98,8 @@ async def test_a_device_that_cannot_export_compiles_without_writing(mlp_path: Pa
 
 
 def test_key_inputs_differ_per_device_and_provider_options() -> None:
-    from aioov._core import _key_inputs
     from aioov._devices import DeviceSpec
+    from aioov._pipeline import _key_inputs
     from aioov._properties import DEFAULTS
 
     cpu, cuda = CPUDevice(), CUDADevice()
@@ -162,8 +162,8 @@ def test_tensorrt_finalize_keeps_only_the_context_model(tmp_path: Path) -> None:
 
 
 def test_tensorrt_key_includes_the_gpu_and_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov._core import _key_inputs
     from aioov._devices import DeviceSpec, gpu
+    from aioov._pipeline import _key_inputs
     from aioov._properties import DEFAULTS
 
     trt = TensorRTDevice()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import aioov
-from aioov._core import Core
+from aioov._pipeline import Pipeline
 
 pytestmark = pytest.mark.anyio
 
@@ -19,13 +19,13 @@ pytestmark = pytest.mark.anyio
 def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Hold every compile from the source model until the test opens the gate."""
     opened = threading.Event()
-    original = Core._create_session
+    original = Pipeline.create_session
 
     def gated(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         assert opened.wait(30), "the test never opened the gate"
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Core, "_create_session", gated)
+    monkeypatch.setattr(Pipeline, "create_session", gated)
     return opened
 
 
@@ -130,7 +130,7 @@ async def test_different_keys_never_wait_for_each_other(
 
             shutil.rmtree(entry)
         # Someone else (another file description: as good as another process) compiles bert.
-        holder = core._store(str(cache_dir)).lock(key)  # type: ignore[union-attr]
+        holder = core._pipeline.store(str(cache_dir)).lock(key)  # type: ignore[union-attr]
         assert holder.try_acquire()
         try:
             other = await core.compile_model(mlp_path, "CPU")  # not blocked by bert's lock
