@@ -245,8 +245,14 @@ class Pipeline:
             remote = remote_for(url)
             if self._fetch(remote, store, key, props):
                 return self._try_import(store, key, device, providers, props, token, locked=True)
-            if props["CACHE_REMOTE_LOCK_URL"]:
-                rlock = RemoteLock(props["CACHE_REMOTE_LOCK_URL"], key, props["CACHE_REMOTE_LOCK_TTL"])
+        except (RemoteError, ValueError, EntryError, OSError) as exc:
+            self._remote_failed(url, exc)
+            return None
+        held.remote = remote  # whatever happens with the lock, what this host compiles is shared
+        lock_url = props["CACHE_REMOTE_LOCK_URL"]
+        if lock_url:
+            try:
+                rlock = RemoteLock(lock_url, key, props["CACHE_REMOTE_LOCK_TTL"])
                 if rlock.acquire(props["CACHE_LOCK_TIMEOUT"], cancel=token.event):
                     held.remote_lock = rlock
                     # Another host may have uploaded while we waited for its lock.
@@ -254,12 +260,13 @@ class Pipeline:
                         return self._try_import(store, key, device, providers, props, token, locked=True)
                 elif token.cancelled:
                     raise Cancelled()
-            held.remote = remote
-        except (RemoteError, ValueError, EntryError, OSError) as exc:
-            self._count(errors=1)
-            self._warn_once(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only",
-                            url, exc)
+            except (RemoteError, EntryError, OSError) as exc:
+                self._remote_failed(lock_url, exc)
         return None
+
+    def _remote_failed(self, url: str, exc: Exception) -> None:
+        self._count(errors=1)
+        self._warn_once(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only", url, exc)
 
     def _fetch(self, remote: RemoteStore, store: CacheStore, key: str, props: Mapping[str, Any]) -> bool:
         if remote.fetch(key, store, mac_key=_mac_key(props)):
@@ -284,18 +291,19 @@ class Pipeline:
             return None
         with self._stores_lock:
             if cache_dir not in self._stores:
-                store: CacheStore | None = CacheStore(cache_dir)
-                store.on_discard = lambda key, reason: self._count(corrupt=1)  # type: ignore[union-attr]
+                store = CacheStore(cache_dir)
+                store.on_discard = lambda key, reason: self._count(corrupt=1)
+                usable: CacheStore | None = store
                 try:
-                    store.ensure()  # type: ignore[union-attr]
-                    store.clean_tmp()  # type: ignore[union-attr]
+                    store.ensure()
+                    store.clean_tmp()
                 except OSError as exc:
                     self._count(errors=1)
                     self._warn_once(f"dir:{cache_dir}", "aioov cache: cannot use %s (%s); "
                                     "compiling without the cache", cache_dir, exc)
                     # A read-only cache (e.g. baked into an image) can still serve hits.
-                    store = store if store.base.is_dir() else None  # type: ignore[union-attr]
-                self._stores[cache_dir] = store
+                    usable = store if store.base.is_dir() else None
+                self._stores[cache_dir] = usable
             return self._stores[cache_dir]
 
     def _identify(self, source: Source, store: CacheStore) -> tuple[list[FileStat] | None, str]:

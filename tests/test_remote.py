@@ -226,3 +226,16 @@ def test_bad_remote_urls_are_property_errors() -> None:
         aioov.Core(properties={"CACHE_REMOTE_URL": "http://bucket"})
     with pytest.raises(aioov.PropertyError, match="redis://"):
         aioov.Core(properties={"CACHE_REMOTE_LOCK_URL": "localhost:6379"})
+
+
+async def test_with_redis_down_the_bucket_is_still_shared(models: list[Path], bucket: str, tmp_path: Path,
+                                                          caplog_warnings) -> None:
+    props = {"CACHE_REMOTE_URL": bucket, "CACHE_REMOTE_LOCK_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    async with aioov.Core(cache_dir=tmp_path / "a", properties=props) as core:
+        await core.compile_model(models[0], "CPU")
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    async with aioov.Core(cache_dir=tmp_path / "b", properties=props) as core:
+        compiled = await core.compile_model(models[0], "CPU")
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+    assert "using the local cache only" in caplog_warnings.text  # redis was reported
