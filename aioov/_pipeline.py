@@ -490,21 +490,38 @@ class Pipeline:
             return self.create_session(source, device, providers, props, token)
         try:
             session = self.create_session(source, device, providers, props, token, export=(tmp, key))
-            try:
-                assert device.blob is not None
-                device.blob.finalize(tmp, [i.name for i in session.get_inputs()])
-                if store.publish(key, tmp, manifest, mac_key=_mac_key(props)):
-                    self._count(exports=1)
-                    self._upload(held, store, key)
-                    self._prune_if_needed(store)
-            except OSError as exc:
-                self._cache_write_failed(store, exc)
-            except BlobError as exc:
-                self._count(errors=1)
-                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
+            inputs = [i.name for i in session.get_inputs()]
+            self._publish(held, store, key, tmp, manifest, device, inputs, props, source)
             return session
         finally:
             store.discard(tmp)
+
+    def _publish(
+        self,
+        held: Held,
+        store: CacheStore,
+        key: str,
+        tmp: Path,
+        manifest: dict[str, Any],
+        device: Device,
+        input_names: list[str],
+        props: Mapping[str, Any],
+        source: Source,
+        abort: Callable[[], bool] | None = None,
+    ) -> None:
+        """Check the blob written in ``tmp``, publish it, share it. Failing only means "not cached"."""
+        assert device.blob is not None
+        try:
+            device.blob.finalize(tmp, input_names)
+            if store.publish(key, tmp, manifest, abort=abort, mac_key=_mac_key(props)):
+                self._count(exports=1)
+                self._upload(held, store, key)
+                self._prune_if_needed(store)
+        except OSError as exc:
+            self._cache_write_failed(store, exc)
+        except BlobError as exc:
+            self._count(errors=1)
+            logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
 
     def _export_job(
         self,
@@ -528,21 +545,15 @@ class Pipeline:
                 options.inter_op_num_threads = 1
                 writing = device.blob.configure_export(options, providers, tmp, key, props)
                 session = self._new_session(source.ort_input, options, device, writing, token)
-                input_names = [i.name for i in session.get_inputs()]
+                inputs = [i.name for i in session.get_inputs()]
                 del session
-                device.blob.finalize(tmp, input_names)
                 if stats is not None and [FileStat.of(s.path) for s in stats] != stats:
                     logger.warning("aioov cache: %s changed during export; not cached", source.describe())
                     return
-                if store.publish(key, tmp, manifest, abort=lambda: token.cancelled, mac_key=_mac_key(props)):
-                    self._count(exports=1)
-                    self._upload(held, store, key)
-                    self._prune_if_needed(store)
+                self._publish(held, store, key, tmp, manifest, device, inputs, props, source,
+                              abort=lambda: token.cancelled)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
-            except BlobError as exc:
-                self._count(errors=1)
-                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
             except ORT_ERRORS as exc:
                 if not token.cancelled:
                     self._count(errors=1)
