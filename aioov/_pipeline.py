@@ -32,7 +32,7 @@ from ._cache.blob import BlobError
 from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
 from ._cache.locks import Cancelled, KeyLock, LockBusy
-from ._cache.remote import RemoteError, RemoteLock, RemoteStore, remote_for
+from ._cache.remote import RemoteError, RemoteLock, RemoteTier, remote_for
 from ._cache.store import CacheStore, Entry, EntryError
 from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
@@ -63,7 +63,7 @@ class Held:
 
     local: KeyLock
     remote_lock: RemoteLock | None = None
-    remote: RemoteStore | None = None  # set when this host must upload what it compiles
+    remote: RemoteTier | None = None  # set when this host must upload what it compiles
 
     def release(self) -> None:
         if self.remote_lock is not None:
@@ -268,7 +268,7 @@ class Pipeline:
         self._count(errors=1)
         self._warn_once(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only", url, exc)
 
-    def _fetch(self, remote: RemoteStore, store: CacheStore, key: str, props: Mapping[str, Any]) -> bool:
+    def _fetch(self, remote: RemoteTier, store: CacheStore, key: str, props: Mapping[str, Any]) -> bool:
         if remote.fetch(key, store, mac_key=_mac_key(props)):
             self._count(remote_hits=1)
             return True

@@ -25,21 +25,95 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
 
 from .store import MANIFEST, CacheStore
 
-__all__ = ("RemoteError", "RemoteLock", "RemoteStore", "remote_for")
+__all__ = ("DirectoryRemote", "RemoteError", "RemoteLock", "RemoteStore", "RemoteTier", "remote_for")
 
 logger = logging.getLogger("aioov.cache")
 
 
 class RemoteError(Exception):
     """The remote store or lock service failed."""
+
+
+class RemoteTier(Protocol):
+    """What the Core needs of a second cache tier. ``s3://`` and ``file://`` implement it."""
+
+    url: str
+
+    def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None) -> bool:
+        """Download entry ``key`` into ``store`` (verified, atomically published); False if absent."""
+        ...
+
+    def upload(self, key: str, entry: Path) -> bool:
+        """Share a published local entry, manifest last; False if the tier has one already."""
+        ...
+
+
+def _safe_names(key: str, manifest: dict[str, Any]) -> list[str]:
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise RemoteError(f"remote manifest of {key[:16]} lists no files")
+    for name in files:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST):
+            raise RemoteError(f"remote manifest of {key[:16]} has a bad file name {name!r}")
+    return list(files)
+
+
+class DirectoryRemote:
+    """Entries in a directory shared by hosts (``file:///mnt/shared/aioov``), e.g. over NFS.
+
+    Unlike using that directory as ``CACHE_DIR`` on every host, each host keeps its own local
+    cache (and its flock locks, which NFS may not honour) and copies entries across.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.root = Path(unquote(urlparse(url).path)) / "v1"
+
+    def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None) -> bool:
+        source = self.root / key
+        try:
+            manifest = json.loads((source / MANIFEST).read_bytes())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as exc:
+            raise RemoteError(f"remote manifest of {key[:16]}: {exc}") from exc
+        tmp = store.new_tmp(key)
+        try:
+            for name in _safe_names(key, manifest):
+                shutil.copyfile(source / name, tmp / name, follow_symlinks=False)
+            return store.adopt(key, tmp, manifest, mac_key=mac_key)
+        finally:
+            store.discard(tmp)
+
+    def upload(self, key: str, entry: Path) -> bool:
+        final = self.root / key
+        if final.exists():
+            return False
+        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incomplete"
+        try:
+            tmp.mkdir(parents=True)
+            manifest = json.loads((entry / MANIFEST).read_bytes())
+            for name in (*_safe_names(key, manifest), MANIFEST):  # the manifest last
+                shutil.copyfile(entry / name, tmp / name)
+            os.rename(tmp, final)  # atomic: other hosts see all of it or none
+            return True
+        except OSError as exc:
+            if final.exists():
+                return False
+            raise RemoteError(f"uploading {key[:16]}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RemoteStore:
@@ -87,14 +161,10 @@ class RemoteStore:
         manifest = self.manifest(key)
         if manifest is None:
             return False
-        files = manifest.get("files")
-        if not isinstance(files, dict):
-            raise RemoteError(f"remote manifest of {key[:16]} lists no files")
+        names = _safe_names(key, manifest)
         tmp = store.new_tmp(key)
         try:
-            for name in files:
-                if not isinstance(name, str) or "/" in name or name in ("", ".", "..", MANIFEST):
-                    raise RemoteError(f"remote manifest of {key[:16]} has a bad file name {name!r}")
+            for name in names:
                 try:
                     self._client.download_file(self.bucket, self._name(key, name), str(tmp / name))
                 except Exception as exc:
@@ -149,13 +219,13 @@ class RemoteLock:
             logger.debug("aioov cache: releasing the redis lock: %s", exc)
 
 
-_REMOTES: dict[str, RemoteStore] = {}
+_REMOTES: dict[str, RemoteTier] = {}
 _REMOTES_LOCK = threading.Lock()
 
 
-def remote_for(url: str) -> RemoteStore:
+def remote_for(url: str) -> RemoteTier:
     """One client per URL and process (boto3 clients are thread-safe)."""
     with _REMOTES_LOCK:
         if url not in _REMOTES:
-            _REMOTES[url] = RemoteStore(url)
+            _REMOTES[url] = DirectoryRemote(url) if url.startswith("file://") else RemoteStore(url)
         return _REMOTES[url]

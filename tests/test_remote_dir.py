@@ -1,0 +1,66 @@
+"""The ``file://`` remote tier: a directory shared by hosts (NFS, a mounted volume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import aioov
+
+from .helpers import make_models, reference
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_models(tmp_path_factory.mktemp("dir_remote"), 1)[0]
+
+
+async def test_hosts_share_entries_through_a_directory(model: Path, tmp_path: Path) -> None:
+    shared = {"CACHE_REMOTE_URL": (tmp_path / "shared").as_uri()}
+    async with aioov.Core(cache_dir=tmp_path / "host-a", properties=shared) as core:
+        await core.compile_model(model, "CPU")
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    (entry,) = list((tmp_path / "shared" / "v1").iterdir())
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model.onnx", "weights.bin"]
+    async with aioov.Core(cache_dir=tmp_path / "host-b", properties=shared) as core:
+        compiled = await core.compile_model(model, "CPU")
+        assert (core.cache_stats.remote_hits, core.cache_stats.compiles) == (1, 0)
+        ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+        got = (await compiled.infer(ids))["last_hidden_state"]
+    np.testing.assert_allclose(got, reference(model, {"input_ids": ids})[0], rtol=1e-4, atol=1e-4)
+
+
+async def test_a_damaged_shared_entry_is_not_served(model: Path, tmp_path: Path, caplog_warnings) -> None:
+    shared = {"CACHE_REMOTE_URL": (tmp_path / "shared").as_uri()}
+    async with aioov.Core(cache_dir=tmp_path / "a", properties=shared) as core:
+        await core.compile_model(model, "CPU")
+    (entry,) = list((tmp_path / "shared" / "v1").iterdir())
+    weights = entry / "weights.bin"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    async with aioov.Core(cache_dir=tmp_path / "b", properties=shared) as core:
+        compiled = await core.compile_model(model, "CPU")
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert "checksum mismatch" in caplog_warnings.text
+
+
+async def test_a_manifest_naming_files_outside_the_entry_is_refused(model: Path, tmp_path: Path,
+                                                                    caplog_warnings) -> None:
+    shared = {"CACHE_REMOTE_URL": (tmp_path / "shared").as_uri()}
+    async with aioov.Core(cache_dir=tmp_path / "a", properties=shared) as core:
+        await core.compile_model(model, "CPU")
+    (entry,) = list((tmp_path / "shared" / "v1").iterdir())
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"]["../../../etc/passwd"] = {"size": 1, "xxh3_128": "0"}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    async with aioov.Core(cache_dir=tmp_path / "b", properties=shared) as core:
+        compiled = await core.compile_model(model, "CPU")
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert "bad file name" in caplog_warnings.text
