@@ -27,6 +27,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from . import _ortenv
 from ._cache import auth
 from ._cache.blob import BlobError
 from ._cache.export import Exporter
@@ -334,8 +335,9 @@ class Pipeline:
     def _session_options(self, props: Mapping[str, Any]) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if props["INFERENCE_NUM_THREADS"]:
-            options.intra_op_num_threads = props["INFERENCE_NUM_THREADS"]
+        if props["ORT_SHARED_THREAD_POOL"]:
+            _ortenv.enable_shared_pool(props["INFERENCE_NUM_THREADS"])
+        _ortenv.apply(options, props["INFERENCE_NUM_THREADS"])
         for name, value in props["ORT_SESSION_CONFIG"].items():
             options.add_session_config_entry(name, value)
         options.graph_optimization_level = _OPT_LEVELS[props["ORT_GRAPH_OPTIMIZATION_LEVEL"]]
@@ -541,8 +543,9 @@ class Pipeline:
                 tmp = store.new_tmp(key)
                 assert device.blob is not None
                 options = self._session_options(props)
-                options.intra_op_num_threads = 1
-                options.inter_op_num_threads = 1
+                if options.use_per_session_threads:
+                    options.intra_op_num_threads = 1
+                    options.inter_op_num_threads = 1
                 writing = device.blob.configure_export(options, providers, tmp, key, props)
                 session = self._new_session(source.ort_input, options, device, writing, token)
                 inputs = [i.name for i in session.get_inputs()]

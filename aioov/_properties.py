@@ -179,6 +179,8 @@ PROPERTIES: dict[str, Property] = {
         Property("INFERENCE_NUM_THREADS", _int(0), "compile", doc="intra-op threads, 0 = ORT default"),
         Property("NUM_STREAMS", _int(1), "compile", doc="concurrent infer requests allowed"),
         Property("ORT_GRAPH_OPTIMIZATION_LEVEL", _opt_level, "compile", in_key=True),
+        Property("ORT_SHARED_THREAD_POOL", _bool, "compile",
+                 doc="sessions share onnxruntime's process-wide thread pool (faster bulk loads)"),
         Property("ORT_SESSION_CONFIG", _str_map, "compile", in_key=True,
                  doc="entries for SessionOptions.add_session_config_entry"),
         Property("ORT_PROVIDER_OPTIONS", _str_map, "compile", in_key=True,
@@ -209,6 +211,7 @@ DEFAULTS: dict[str, Any] = {
     "INFERENCE_NUM_THREADS": 0,
     "NUM_STREAMS": 1,
     "ORT_GRAPH_OPTIMIZATION_LEVEL": "ALL",
+    "ORT_SHARED_THREAD_POOL": False,
     "ORT_SESSION_CONFIG": {},
     "ORT_PROVIDER_OPTIONS": {},
 }

@@ -97,12 +97,12 @@ async def infer_compare(model: str, cache_dir: str, runs: int = 30) -> dict[str,
     return {name: float(np.median(values)) for name, values in times.items()} | {"same_outputs": bool(same)}
 
 
-async def bulk(models: list[str], mode: str, cache_dir: str | None) -> dict[str, Any]:
+async def bulk(models: list[str], mode: str, cache_dir: str | None, shared_pool: bool = False) -> dict[str, Any]:
     """Load ``models`` one at a time or with compile_models, with a 5 ms ticker measuring lag."""
     import aioov
 
     lags: list[float] = []
-    async with aioov.Core(cache_dir=cache_dir) as core:
+    async with aioov.Core(cache_dir=cache_dir, properties={"ORT_SHARED_THREAD_POOL": shared_pool}) as core:
         core.get_available_devices()
         stop = anyio.Event()
 

@@ -162,3 +162,30 @@ async def test_event_loop_keeps_ticking_while_four_models_compile(model_dir: Pat
     assert elapsed > 0.1, "the models must take measurable time to compile"
     assert len(gaps) > 10
     assert max(gaps) < 0.05, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+SHARED_POOL = """
+import sys, anyio, numpy as np, onnxruntime as ort, aioov
+async def main():
+    async with aioov.Core(properties={"ORT_SHARED_THREAD_POOL": True}) as core:
+        results = await core.compile_all(sys.argv[1:], "CPU")
+        for r in results:
+            compiled = r.unwrap()
+            assert compiled.session.get_session_options().use_per_session_threads is False
+            ids = np.arange(8, dtype=np.int64).reshape(1, 8)
+            options = ort.SessionOptions()
+            options.use_per_session_threads = False  # onnxruntime's rule once the shared pool exists
+            want = ort.InferenceSession(r.model, options).run(None, {"input_ids": ids})[0]
+            got = (await compiled.infer(ids))["last_hidden_state"]
+            assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
+    print("ok", len(results))
+anyio.run(main)
+"""
+
+
+def test_shared_thread_pool_in_a_fresh_process(model_dir: Path) -> None:
+    """ORT_SHARED_THREAD_POOL changes onnxruntime's process-wide environment: its own process."""
+    from .helpers import make_models, run_python
+
+    paths = make_models(model_dir / "shared_pool", 3)
+    assert run_python(SHARED_POOL, *map(str, paths)).stdout.split() == ["ok", "3"]

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import onnxruntime as ort
 
+from .. import _ortenv
 from .._cache.blob import BlobFormat
 
 __all__ = ("Device", "ProviderList", "cpu_fingerprint", "probe_session")
@@ -139,6 +140,7 @@ def probe_session(providers: ProviderList) -> bool:
     """Build a tiny session; true when ORT kept the first provider rather than falling back."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    _ortenv.apply(options)
     session = ort.InferenceSession(
         _probe_model(),
         options,
