@@ -57,6 +57,17 @@ def nvidia_gpus() -> tuple[dict[str, str], ...]:
 
 
 @cache
+def cuda_version() -> str:
+    """The CUDA version this onnxruntime build targets."""
+    try:
+        from onnxruntime.capi import build_and_package_info
+
+        return str(getattr(build_and_package_info, "cuda_version", "none"))
+    except ImportError:
+        return "none"
+
+
+@cache
 def tensorrt_version() -> str:
     try:
         import tensorrt
@@ -82,7 +93,7 @@ class _NvidiaDevice(Device):
         """An engine is specific to the GPU model, compute capability and driver."""
         gpus = nvidia_gpus()
         gpu = gpus[index or 0] if len(gpus) > (index or 0) else {"name": "unknown"}
-        return {**cpu_fingerprint(), "gpu": gpu}
+        return {**cpu_fingerprint(), "gpu": gpu, "cuda": cuda_version()}
 
 
 class CUDADevice(_NvidiaDevice):
