@@ -254,10 +254,12 @@ class Core:
     def _merge(self, device: str, config: Mapping[str, object] | None) -> dict[str, Any]:
         if not isinstance(device, str):
             raise DeviceNotFoundError(f"a device name must be a string, got {type(device).__name__}")
-        spec = self._devices.parse(device)
+        # An unknown name is reported by the compile job, in its thread: the message lists the
+        # devices available here, and finding those out may mean probing providers.
+        family = self._devices.family_of(device)
         props = dict(self._props)
         props.pop("CACHE_MAX_SIZE", None)
-        props.update(self._device_props.get(spec.family, {}))
+        props.update(self._device_props.get(family or "", {}))
         props.update(normalize(config or {}, allow_core=False))
         return props
 

@@ -396,12 +396,8 @@ class Pipeline:
     ) -> ort.InferenceSession | None:
         """Load the entry for ``key`` if present and intact; None means compile."""
         verify = props["CACHE_VERIFY"]
-        try:
-            entry = store.lookup(key, check_sizes=verify is not CacheVerify.OFF)
-        except OSError:
-            entry = None
-        if entry is None:
-            return None
+        if not os.path.lexists(store.entry_path(key)):
+            return None  # the common miss: no lock file is created, no manifest read
         reader = store.lock(key)
         if not locked:
             try:
@@ -409,10 +405,13 @@ class Pipeline:
                 reader.acquire(min(5.0, props["CACHE_LOCK_TIMEOUT"]), shared=True)
             except (LockTimeout, OSError):
                 pass  # read-only dir, or a long prune: read without the lock
+        try:
             entry = store.lookup(key, check_sizes=verify is not CacheVerify.OFF)
-            if entry is None:
-                reader.release()
-                return None
+        except OSError:
+            entry = None
+        if entry is None:
+            reader.release()
+            return None
         try:
             return self._load_entry(store, entry, device, providers, props, token)
         finally:

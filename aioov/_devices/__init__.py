@@ -48,6 +48,13 @@ class DeviceRegistry:
         """Names of the devices that really load here, CPU first."""
         return [name for name, device in self._devices.items() if device.available()]
 
+    def family_of(self, name: str) -> str | None:
+        """The family a name belongs to, or None when it names no device; never probes."""
+        match = _NAME.match(name.strip().upper())
+        if not match or (match.group(1) not in self._devices and match.group(1) != "AUTO"):
+            return None
+        return match.group(1)
+
     def parse(self, name: str) -> DeviceSpec:
         if not isinstance(name, str):
             raise DeviceNotFoundError(f"a device name must be a string, got {type(name).__name__}")
