@@ -52,6 +52,7 @@ ModelSource = Union[Model, str, "os.PathLike[str]", bytes, Any]
 _ENV_PROPERTIES = {
     "CACHE_REMOTE_URL": "AIOOV_CACHE_REMOTE_URL",
     "CACHE_REMOTE_LOCK_URL": "AIOOV_CACHE_REMOTE_LOCK_URL",
+    "CACHE_HMAC_KEY": "AIOOV_CACHE_HMAC_KEY",
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from ._bulk import BulkProgress
+from ._cache import auth
 from ._cache.store import CacheStore, EntryInfo
 from ._core import Core
 from ._errors import AioovError, PropertyError
@@ -259,6 +260,8 @@ def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
 
 
 def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
+    secret = os.environ.get("AIOOV_CACHE_HMAC_KEY")
+    mac_key = auth.derive_key(secret) if secret else None  # then MACs are checked too
     bad: list[dict[str, str]] = []
     checked = 0
     for key in list(store.keys()):
@@ -269,11 +272,7 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
         except Exception:
             pass
         try:
-            try:
-                entry = store._read_entry(key, store.entry_path(key), check_sizes=True)
-                problem = store.verify(entry)
-            except Exception as exc:
-                problem = str(exc)
+            problem = store.check(key, mac_key)
         finally:
             lock.release()
         if problem:

@@ -209,3 +209,17 @@ def test_bad_arguments_exit_2_with_a_message(args: list[str], message: str, cach
 def test_missing_model_exits_1(tmp_path: Path) -> None:
     proc = aioov_cli("compile", str(tmp_path / "nope.onnx"), "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == 1 and "no such model file" in proc.stderr
+
+
+def test_verify_with_the_hmac_key_catches_what_checksums_miss(models: Path, cache_dir: Path) -> None:
+    from .test_reliability import tamper_and_fix_checksums
+
+    secret = {"AIOOV_CACHE_HMAC_KEY": "s3cret"}
+    assert aioov_cli("warmup", str(models), "--cache-dir", str(cache_dir), "-q", env=secret).returncode == 0
+    victim = sorted((cache_dir / "v1").glob("??/*"))[0]
+    tamper_and_fix_checksums(victim)
+    assert aioov_cli("cache", "verify", "--dry-run", "--cache-dir", str(cache_dir)).returncode == 0  # fooled
+    report = aioov_cli("cache", "verify", "--cache-dir", str(cache_dir), "--json", env=secret)
+    assert report.returncode == 1
+    # the forger rewrote the checksum in the manifest, which the manifest MAC covers
+    assert json.loads(report.stdout)["bad"] == [{"key": victim.name, "problem": "manifest MAC does not verify"}]

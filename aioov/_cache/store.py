@@ -227,6 +227,18 @@ class CacheStore:
                 return f"{name} unreadable: {exc}"
         return None
 
+    def check(self, key: str, mac_key: bytes | None = None) -> str | None:
+        """Everything about one entry: manifest, sizes, checksums (and MACs, given the key).
+        The problem, or None when it is sound."""
+        try:
+            entry = self._read_entry(key, self.entry_path(key), check_sizes=True)
+        except (EntryError, OSError) as exc:
+            return str(exc)
+        problem = self.verify(entry)
+        if problem is None and mac_key is not None:
+            problem = auth.check(entry.manifest, entry.path, mac_key)
+        return problem
+
     def touch(self, key: str) -> None:
         """Record a use (the entry directory's mtime is its last-used time)."""
         try:
