@@ -134,6 +134,7 @@ class Pipeline:
         self._stores_lock = threading.Lock()
         self._device_locks = {family: threading.Lock() for family in devices.families()}
         self._warned: set[str] = set()
+        self._verified: dict[Path, tuple[tuple[int, ...], ...] | None] = {}  # entries checksummed here
 
     @property
     def exporter(self) -> Exporter:
@@ -438,10 +439,13 @@ class Pipeline:
                 self._discard(store, entry.key, problem)
                 return None
             check = self._io_pool.submit(auth.check, entry.manifest, entry.path, mac_key, rest)
-        elif props["CACHE_VERIFY"] is CacheVerify.FULL:
+        elif props["CACHE_VERIFY"] is CacheVerify.FULL and (
+            entry.path not in self._verified or self._verified[entry.path] != _identity(entry)
+        ):
             # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
             # ORT fail, they would silently change the outputs. The small graph file is checked
-            # first, so ORT never parses a corrupt one.
+            # first, so ORT never parses a corrupt one. Once per entry and process: later loads
+            # only check that the files are the same ones (size, mtime, inode).
             problem = store.verify(entry, [graph])
             if problem:
                 self._discard(store, entry.key, problem)
@@ -464,6 +468,7 @@ class Pipeline:
                 del session
                 self._discard(store, entry.key, problem)
                 return None
+            self._verified[entry.path] = _identity(entry)
         store.touch(entry.key)
         return session
 
@@ -634,6 +639,15 @@ class Pipeline:
         except ORT_ERRORS as exc:
             raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
         return Result(session, str(spec), props, True, key)
+
+
+def _identity(entry: Entry) -> tuple[tuple[int, ...], ...] | None:
+    """Which files an entry is made of: any rewrite changes the mtime (and usually more)."""
+    try:
+        stats = [os.stat(entry.file(name)) for name in sorted(entry.files)]
+    except OSError:
+        return None
+    return tuple((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) for st in stats)
 
 
 def _mac_key(props: Mapping[str, Any]) -> bytes | None:

@@ -414,3 +414,27 @@ async def test_locks_that_cannot_be_taken_compile_uncached_and_hits_still_work(
     assert miss.get_property("LOADED_FROM_CACHE") is False
     assert stats.errors >= 1
     assert "compiling without the cache" in caplog_warnings.text
+
+
+async def test_checksums_run_once_per_entry_and_core_while_the_files_are_unchanged(
+    bert_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioov._cache.store import CacheStore
+
+    checked: list[list[str] | None] = []
+    original = CacheStore.verify
+
+    def counting(self, entry, names=None):  # type: ignore[no-untyped-def]
+        checked.append(names)
+        return original(self, entry, names)
+
+    monkeypatch.setattr(CacheStore, "verify", counting)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+        for _ in range(3):
+            assert (await core.compile_model(bert_path, "CPU")).get_property("LOADED_FROM_CACHE")
+        assert len(checked) == 2  # graph, then weights: on the first load only
+        corrupt_weights(entries(cache_dir)[0])  # a rewrite: new mtime
+        again = await core.compile_model(bert_path, "CPU")
+        assert again.get_property("LOADED_FROM_CACHE") is False and core.cache_stats.corrupt == 1
