@@ -31,7 +31,7 @@ from ._errors import (
     ModelReadError,
     PropertyError,
 )
-from ._model import Model
+from ._model import Model, read_any
 from ._pipeline import CacheStats, Pipeline, Result, Source
 from ._properties import (
     DEFAULTS,
@@ -196,7 +196,7 @@ class Core:
     async def read_model(self, model: str | os.PathLike[str] | bytes | Any) -> Model:
         """Read and check an ONNX model (file path, bytes or ``onnx.ModelProto``) in a worker thread."""
         self._check_open()
-        return await anyio.to_thread.run_sync(_read, model)
+        return await anyio.to_thread.run_sync(read_any, model)
 
     # -- compiling --------------------------------------------------------------------
     async def compile_model(
@@ -249,7 +249,7 @@ class Core:
             loaded_from_cache=result.loaded_from_cache,
             cache_key=result.key,
             core=self,
-            source=source.model or source.path,
+            source=source.model or source.raw or source.path,
         )
 
     def _merge(self, device: str, config: Mapping[str, object] | None) -> dict[str, Any]:
@@ -336,24 +336,12 @@ class Core:
         return sorted(collected, key=lambda r: r.index)
 
 
-def _read(model: Any) -> Model:
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return Model.from_path(model)
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        return Model.from_bytes(model)
-    if hasattr(model, "SerializeToString"):
-        return Model.from_proto(model)
-    raise ModelReadError(f"cannot read a model from {type(model).__name__}; give a path, bytes or a ModelProto")
-
-
 def _as_source(model: Any) -> Source:
     if isinstance(model, Model):
         return Source(model.path, model, id(model))
     if isinstance(model, (str, os.PathLike)):
         return Source(os.path.abspath(os.fspath(model)))
     if isinstance(model, (bytes, bytearray, memoryview)) or hasattr(model, "SerializeToString"):
-        read = _read(model)
-        return Source(None, read, id(read))
+        # Read (and serialize a ModelProto) in the compile job's thread, not on the event loop.
+        return Source(None, None, id(model), raw=model)
     raise ModelReadError(f"cannot compile a {type(model).__name__}; give a Model, a path, bytes or a ModelProto")

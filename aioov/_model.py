@@ -14,7 +14,7 @@ from ._onnx_scan import ModelScan, ScanError, scan_bytes, scan_file
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ("Model", "check_model_file", "resolve_external")
+__all__ = ("Model", "check_model_file", "read_any", "resolve_external")
 
 
 class Model:
@@ -119,6 +119,19 @@ class Model:
         except ValueError as exc:  # > 2 GB
             raise ModelReadError(f"cannot serialize the ModelProto: {exc}; save it to a file") from exc
         return cls.from_bytes(data)
+
+
+def read_any(model: object) -> Model:
+    """A ``Model`` from a Model, a path, serialized bytes or an ``onnx.ModelProto`` (blocking)."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return Model.from_path(model)
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return Model.from_bytes(model)
+    if hasattr(model, "SerializeToString"):
+        return Model.from_proto(model)  # type: ignore[arg-type]
+    raise ModelReadError(f"cannot read a model from {type(model).__name__}; give a path, bytes or a ModelProto")
 
 
 def check_model_file(path: str) -> tuple[ModelScan, list[str]]:

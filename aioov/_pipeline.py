@@ -38,7 +38,7 @@ from ._cache.store import CacheStore, Entry, EntryError
 from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._errors import ORT_ERRORS, CacheError, LockTimeout, ModelReadError, raise_compile_error
-from ._model import Model, check_model_file
+from ._model import Model, check_model_file, read_any
 from ._properties import PROPERTIES, CacheVerify, ExportMode, PerformanceHint, public_value
 from ._version import __version__
 
@@ -107,7 +107,14 @@ class Source:
 
     path: str | None
     model: Model | None = field(default=None, hash=False, compare=False)
-    model_id: int = 0  # identity of ``model``: two reads of one file are two models
+    model_id: int = 0  # identity of ``model`` (or ``raw``): two reads of one file are two models
+    raw: Any = field(default=None, hash=False, compare=False)  # bytes or a ModelProto, read in the job
+
+    def read(self) -> Source:
+        """This source with ``raw`` read into a ``Model`` (blocking: serializes, scans)."""
+        if self.raw is None:
+            return self
+        return Source(None, read_any(self.raw), self.model_id)
 
     @property
     def ort_input(self) -> str | bytes:
@@ -169,6 +176,7 @@ class Pipeline:
         defer_if_busy: bool = False,
     ) -> Result:
         device, spec = self._devices.resolve(device_name)
+        source = source.read()
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         props = _apply_hints(props)
         store = self.store(props["CACHE_DIR"]) if device.blob is not None else None
@@ -595,7 +603,8 @@ class Pipeline:
         if os.path.lexists(dest):
             raise CacheError(f"{dest} already exists")
         dest = dest.absolute()
-        digest = source.model.digest() if source.model else Model.from_path(source.path).digest()  # type: ignore[arg-type]
+        source = source.read()
+        digest = (source.model or read_any(source.path)).digest()
         key_inputs = _key_inputs(digest, device, spec, providers, props)
         key = cache_key(key_inputs)
         store = CacheStore(dest.parent / f".{dest.name}.aioov-export")

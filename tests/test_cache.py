@@ -438,3 +438,16 @@ async def test_checksums_run_once_per_entry_and_core_while_the_files_are_unchang
         corrupt_weights(entries(cache_dir)[0])  # a rewrite: new mtime
         again = await core.compile_model(bert_path, "CPU")
         assert again.get_property("LOADED_FROM_CACHE") is False and core.cache_stats.corrupt == 1
+
+
+async def test_export_and_import_a_model_given_as_a_proto(tmp_path: Path) -> None:
+    """Bytes and ModelProtos are serialized and scanned in the job's thread, not on the loop."""
+    proto = mlp(seed=4)
+    x = np.ones((3, 8), np.float32)
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(proto, "CPU")
+        await compiled.export_model(tmp_path / "blob")
+        imported = await core.import_model(tmp_path / "blob", "CPU")
+        np.testing.assert_allclose((await imported.infer(x))["y"], (await compiled.infer(x))["y"], rtol=1e-6)
+        with pytest.raises(aioov.CacheError, match="already exists"):
+            await core.export_model(proto.SerializeToString(), tmp_path / "blob")
