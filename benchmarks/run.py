@@ -184,11 +184,11 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
     s = Scenario("shared", f"{processes} processes x {models} models (bert-small) cold start (seconds)")
     paths = [str(model("bert-small", seed)) for seed in range(models)]
 
-    def run(count: int, cache: Path) -> tuple[float, float, int]:
+    def run(count: int, cache: Path, config: dict[str, Any] | None = None) -> tuple[float, float, int]:
         barrier = Path(tempfile.mkdtemp(dir=tmp))
         procs = [subprocess.Popen(
             [sys.executable, "-m", "benchmarks.worker", "shared_start",
-             json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier)})],
+             json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier), "config": config})],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(count)]
         while len(list(barrier.glob("ready.*"))) < count:  # all imported and waiting
@@ -214,11 +214,16 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
         s.add(f"{processes} processes: all models ready", ready)
         s.add(f"{processes} processes: exports done", done)
         s.add(f"{processes} processes: compiles in total", compiles)
+        ready, done, compiles = run(processes, tmp / f"shared-sync-{repeat}", {"CACHE_EXPORT": "SYNC"})
+        s.add(f"{processes} processes, CACHE_EXPORT=SYNC: all models ready", ready)
+        s.add(f"{processes} processes, CACHE_EXPORT=SYNC: compiles in total", compiles)
     s.ratios = {
         "P x M ready / 1 x M ready": s.med(f"{processes} processes: all models ready")
         / s.med("1 process: all models ready"),
         "P x M exports done / 1 x M exports done": s.med(f"{processes} processes: exports done")
         / s.med("1 process: exports done"),
+        "P x M ready, SYNC export / 1 x M ready": s.med(f"{processes} processes, CACHE_EXPORT=SYNC: all models ready")
+        / s.med("1 process: all models ready"),
     }
     s.target(f"exactly {models} compiles for {processes}x{models}",
              max(s.samples[f"{processes} processes: compiles in total"]), models, "lower")

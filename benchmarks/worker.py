@@ -131,7 +131,8 @@ async def bulk(models: list[str], mode: str, cache_dir: str | None, shared_pool:
     return {"seconds": seconds, "lag_p99": float(np.percentile(lags, 99)), "lag_max": max(lags), "stats": stats}
 
 
-async def shared_start(models: list[str], cache_dir: str, barrier: str) -> dict[str, Any]:
+async def shared_start(models: list[str], cache_dir: str, barrier: str,
+                       config: dict[str, Any] | None = None) -> dict[str, Any]:
     """One of P processes: signal readiness, wait for the common go, then load ``models``."""
     import os
     from pathlib import Path
@@ -144,7 +145,7 @@ async def shared_start(models: list[str], cache_dir: str, barrier: str) -> dict[
         time.sleep(0.001)
     started = time.time()
     async with aioov.Core(cache_dir=cache_dir) as core:
-        results = await core.compile_all(models, "CPU")
+        results = await core.compile_all(models, "CPU", config)
         ready = time.time()
         await core.wait_exports()
         stats = core.cache_stats.as_dict()
