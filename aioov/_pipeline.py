@@ -627,27 +627,28 @@ class Pipeline:
         device, spec = self._devices.resolve(device_name)
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         props = _apply_hints(props)
+        if device.blob is None:
+            raise CacheError(f"device {spec} cannot import compiled models")
+        store = CacheStore(path.parent)
         try:
-            manifest = json.loads((path / "manifest.json").read_bytes())
-            key = manifest["key"]
-            store = CacheStore(path.parent)
-            entry = store._read_entry(key, path, check_sizes=True)
-        except Exception as exc:
+            entry = store.read_blob(path)
+        except EntryError as exc:
             raise CacheError(f"{path} is not an aioov blob: {exc}") from exc
-        want = _key_inputs(manifest["key_inputs"]["model"], device, spec, providers, props)
-        if manifest.get("key_inputs") != json.loads(json.dumps(want)):
+        inputs = entry.manifest.get("key_inputs")
+        model = inputs.get("model") if isinstance(inputs, dict) else None
+        want = _key_inputs(model, device, spec, providers, props) if isinstance(model, str) else None
+        if want is None or inputs != json.loads(json.dumps(want)):
             raise CacheError(f"{path} was compiled for another device, configuration or machine")
         problem = store.verify(entry)
         if problem:
             raise CacheError(f"{path} is damaged: {problem}")
-        assert device.blob is not None
         options = self._session_options(props)
         providers = device.blob.configure_import(options, providers, path)
         try:
             session = self._new_session(str(path / device.blob.model_file), options, device, providers, None)
         except ORT_ERRORS as exc:
             raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
-        return Result(session, str(spec), props, True, key)
+        return Result(session, str(spec), props, True, entry.key)
 
 
 def _identity(entry: Entry) -> tuple[tuple[int, ...], ...] | None:

@@ -451,3 +451,38 @@ async def test_export_and_import_a_model_given_as_a_proto(tmp_path: Path) -> Non
         np.testing.assert_allclose((await imported.infer(x))["y"], (await compiled.infer(x))["y"], rtol=1e-6)
         with pytest.raises(aioov.CacheError, match="already exists"):
             await core.export_model(proto.SerializeToString(), tmp_path / "blob")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda blob: (blob / "manifest.json").write_text("[]"), "not an aioov blob"),
+        (lambda blob: (blob / "manifest.json").unlink(), "not an aioov blob"),
+        (lambda blob: (blob / "manifest.json").write_text(
+            json.dumps({**json.loads((blob / "manifest.json").read_text()), "key_inputs": "x"})),
+         "another device, configuration or machine"),
+        (corrupt_graph, "damaged: model.onnx checksum mismatch"),
+    ],
+    ids=["not-an-object", "no-manifest", "bad-key-inputs", "flipped-bytes"],
+)
+async def test_import_model_refuses_bad_blobs_with_cache_error(tmp_path: Path, damage, message: str) -> None:
+    blob = tmp_path / "blob"
+    async with aioov.Core() as core:
+        await core.export_model(mlp(), blob, "CPU")
+        damage(blob)
+        with pytest.raises(aioov.CacheError, match=message):
+            await core.import_model(blob, "CPU")
+
+
+async def test_import_model_on_a_device_that_cannot_import(tmp_path: Path) -> None:
+    from aioov._devices import DeviceRegistry
+    from aioov._devices.cpu import CPUDevice
+
+    class NoExportCPU(CPUDevice):
+        blob = None
+
+    async with aioov.Core() as core:
+        await core.export_model(mlp(), tmp_path / "blob", "CPU")
+    async with aioov.Core(devices=DeviceRegistry([NoExportCPU()])) as core:
+        with pytest.raises(aioov.CacheError, match="cannot import"):
+            await core.import_model(tmp_path / "blob", "CPU")

@@ -216,6 +216,18 @@ class CacheStore:
                     raise EntryError(f"{name} has the wrong size")
         return Entry(key, path, manifest)
 
+    def read_blob(self, path: Path) -> Entry:
+        """An entry directory outside the tree (``export_model``'s output), its manifest checked
+        like a cache entry's; raises EntryError."""
+        try:
+            with open(path / MANIFEST, "rb", opener=_nofollow_opener) as f:
+                key = json.loads(f.read(_MAX_MANIFEST_BYTES + 1)).get("key")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise EntryError(f"no readable manifest: {exc}") from None
+        if not isinstance(key, str):
+            raise EntryError("manifest names no key")
+        return self._read_entry(key, path, check_sizes=True)
+
     def verify(self, entry: Entry, names: list[str] | None = None) -> str | None:
         """Compare the files' xxh3-128 (``names``, default all) with the manifest; the problem, or None."""
         for name in names if names is not None else list(entry.files):
@@ -251,14 +263,18 @@ class CacheStore:
         logger.warning("aioov cache: discarding entry %s: %s", key[:16], reason)
         if self.on_discard is not None:
             self.on_discard(key, reason)
-        path = self.entry_path(key)
-        aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.corrupt"
+        self._delete(key, "corrupt")
+
+    def _delete(self, key: str, why: str) -> bool:
+        """Rename an entry out of the tree (atomic: readers see it or nothing), then delete it."""
+        aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.{why}"
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
-            os.rename(path, aside)
+            os.rename(self.entry_path(key), aside)
         except OSError:
-            return
+            return False
         _rmtree(aside)
+        return True
 
     # -- write --------------------------------------------------------------------
     def new_tmp(self, key: str) -> Path:
@@ -404,14 +420,7 @@ class CacheStore:
         except Exception:
             return False
         try:
-            path = self.entry_path(key)
-            aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.pruned"
-            try:
-                os.rename(path, aside)
-            except OSError:
-                return False
-            _rmtree(aside)
-            return True
+            return self._delete(key, "pruned")
         finally:
             lock.release()
 
