@@ -327,8 +327,8 @@ class Pipeline:
             assert source.path is not None
             hit = store.index.lookup(source.path)
             if hit is not None:
-                digest, external = hit
-                return [FileStat.of(p) for p in (source.path, *external)], digest
+                digest, stats = hit  # just compared with the files on disk
+                return stats, digest
             _, external = check_model_file(source.path)
             stats = [FileStat.of(p) for p in (source.path, *external)]
             digest = digest_files([source.path, *external])

@@ -83,8 +83,8 @@ class StatIndex:
         name = hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
         return self.root / f"{name}.json"
 
-    def lookup(self, path: str) -> tuple[str, list[str]] | None:
-        """(digest, external files) when the model and its external files are unchanged."""
+    def lookup(self, path: str) -> tuple[str, list[FileStat]] | None:
+        """(digest, stats of the model and its external files) when none of them changed."""
         try:
             record = json.loads(self._file(path).read_bytes())
             files = [FileStat(**item) for item in record["files"]]
@@ -93,7 +93,7 @@ class StatIndex:
             for recorded in files:
                 if FileStat.of(recorded.path) != recorded:
                     return None
-            return str(record["digest"]), [f.path for f in files[1:]]
+            return str(record["digest"]), files
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
