@@ -18,6 +18,8 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +36,7 @@ from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
 from ._cache.locks import Cancelled, KeyLock, LockBusy
 from ._cache.remote import RemoteError, RemoteLock, RemoteTier, remote_for
-from ._cache.store import CacheStore, Entry, EntryError
+from ._cache.store import MANIFEST, CacheStore, Entry, EntryError
 from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._errors import ORT_ERRORS, CacheError, LockTimeout, ModelReadError, raise_compile_error
@@ -125,6 +127,23 @@ class Source:
 
     def describe(self) -> str:
         return self.path or (self.model.describe() if self.model else "?")
+
+    def copy_into(self, dest: Path, name: str) -> None:
+        """Copy the model into ``dest`` as ``name``, with its external data beside it
+        (blocking), for blob formats whose entries load a copy of the source."""
+        if self.model is not None and self.model.data is not None:
+            (dest / name).write_bytes(self.model.data)
+            return
+        path = self.path if self.path is not None else self.model.path if self.model is not None else None
+        assert path is not None
+        external = self.model.external_data_files if self.model is not None else check_model_file(path)[1]
+        names = [os.path.relpath(file, os.path.dirname(path)) for file in external]
+        for file_name in names:
+            if os.path.dirname(file_name) or file_name in (name, MANIFEST) or file_name.endswith(".blob"):
+                raise BlobError(f"its external data {file_name!r} cannot sit beside the model in a cache entry")
+        shutil.copyfile(path, dest / name)
+        for file, file_name in zip(external, names):
+            shutil.copyfile(file, dest / file_name)
 
 
 class Pipeline:
@@ -460,9 +479,11 @@ class Pipeline:
                 return None
             check = self._io_pool.submit(store.verify, entry, rest)
         options = self._session_options(props)
-        providers = device.blob.configure_import(options, providers, entry.path)
+        scratch = _scratch(store, entry.key) if device.blob.import_scratch else None
         try:
+            providers = device.blob.configure_import(options, providers, entry.path, scratch)
             session = self._new_session(str(entry.file(graph)), options, device, providers, token)
+            problem = device.blob.after_import(entry.path, scratch)
         except ORT_ERRORS as exc:
             if check is not None:
                 check.result()
@@ -470,12 +491,16 @@ class Pipeline:
                 raise Cancelled() from exc
             self._discard(store, entry.key, f"onnxruntime could not load it: {exc}")
             return None
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         if check is not None:
-            problem = check.result()
-            if problem:
-                del session
-                self._discard(store, entry.key, problem)
-                return None
+            problem = check.result() or problem
+        if problem:
+            del session
+            self._discard(store, entry.key, problem)
+            return None
+        if check is not None:
             self._verified[entry.path] = _identity(entry)
         store.touch(entry.key)
         return session
@@ -503,6 +528,15 @@ class Pipeline:
             self._cache_write_failed(store, exc)
             return self.create_session(source, device, providers, props, token)
         try:
+            try:
+                _stage_source(source, device, tmp)
+            except OSError as exc:
+                self._cache_write_failed(store, exc)
+                return self.create_session(source, device, providers, props, token)
+            except BlobError as exc:
+                self._count(errors=1)
+                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
+                return self.create_session(source, device, providers, props, token)
             session = self.create_session(source, device, providers, props, token, export=(tmp, key))
             inputs = [i.name for i in session.get_inputs()]
             self._publish(held, store, key, tmp, manifest, device, inputs, props, source)
@@ -553,6 +587,7 @@ class Pipeline:
             tmp: Path | None = None
             try:
                 tmp = store.new_tmp(key)
+                _stage_source(source, device, tmp)
                 assert device.blob is not None
                 options = self._session_options(props)
                 if options.use_per_session_threads:
@@ -569,6 +604,9 @@ class Pipeline:
                               abort=lambda: token.cancelled)
             except OSError as exc:
                 self._cache_write_failed(store, exc)
+            except BlobError as exc:
+                self._count(errors=1)
+                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
             except ORT_ERRORS as exc:
                 if not token.cancelled:
                     self._count(errors=1)
@@ -611,6 +649,7 @@ class Pipeline:
         try:
             store.ensure()
             tmp = store.new_tmp(key)
+            _stage_source(source, device, tmp)
             session = self.create_session(source, device, providers, props, None, export=(tmp, key))
             device.blob.finalize(tmp, [i.name for i in session.get_inputs()])
             store.publish(key, tmp, _manifest(key_inputs, source, spec))
@@ -618,8 +657,6 @@ class Pipeline:
         except (OSError, BlobError) as exc:
             raise CacheError(f"cannot write {dest}: {exc}") from exc
         finally:
-            import shutil
-
             shutil.rmtree(store.root, ignore_errors=True)
         return dest
 
@@ -643,12 +680,35 @@ class Pipeline:
         if problem:
             raise CacheError(f"{path} is damaged: {problem}")
         options = self._session_options(props)
-        providers = device.blob.configure_import(options, providers, path)
+        scratch = Path(tempfile.mkdtemp(prefix="aioov-import-")) if device.blob.import_scratch else None
         try:
+            providers = device.blob.configure_import(options, providers, path, scratch)
             session = self._new_session(str(path / device.blob.model_file), options, device, providers, None)
+            problem = device.blob.after_import(path, scratch)
         except ORT_ERRORS as exc:
             raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if problem:
+            raise CacheError(f"{path} could not be imported: {problem}")
         return Result(session, str(spec), props, True, entry.key)
+
+
+def _scratch(store: CacheStore, key: str) -> Path:
+    """A directory to write in while importing: in the cache (same filesystem, swept after a
+    crash like any temporary), or the system's where the cache is read-only."""
+    try:
+        return store.new_tmp(key)
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="aioov-import-"))
+
+
+def _stage_source(source: Source, device: Device, tmp: Path) -> None:
+    """Put a copy of the source in an entry being written, where its format keeps one."""
+    assert device.blob is not None
+    if device.blob.keeps_source:
+        source.copy_into(tmp, device.blob.model_file)
 
 
 def _identity(entry: Entry) -> tuple[tuple[int, ...], ...] | None:

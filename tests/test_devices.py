@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import aioov
+from aioov._cache.blob import BlobError, OpenVINOCacheBlob, TensorRTContextBlob
 from aioov._devices import DeviceRegistry
 from aioov._devices.base import Device
 from aioov._devices.cpu import CPUDevice
-from aioov._devices.gpu import CUDADevice, TensorRTDevice
+from aioov._devices.gpu import CUDADevice, OpenVINODevice, TensorRTDevice
+from aioov.testing import mlp, save_with_external_data
+
+from .helpers import reference
 
 pytestmark = pytest.mark.anyio
 
@@ -144,7 +149,7 @@ def test_tensorrt_import_never_writes_into_the_entry(tmp_path: Path) -> None:
 
     blob = TensorRTContextBlob()
     exported = blob.configure_export(ort.SessionOptions(), TensorRTDevice().providers(None, {}), tmp_path, "c" * 64, {})
-    (_, trt), *_ = blob.configure_import(ort.SessionOptions(), exported, tmp_path)
+    (_, trt), *_ = blob.configure_import(ort.SessionOptions(), exported, tmp_path, None)
     assert not [k for k in trt if k.startswith(("trt_engine_cache", "trt_timing_cache"))]
 
 
@@ -177,25 +182,16 @@ def test_tensorrt_key_includes_the_gpu_and_tensorrt(monkeypatch: pytest.MonkeyPa
     assert keys[0] != keys[1]
 
 
-class _ContextStyleBlob:
+class _ContextStyleBlob(TensorRTContextBlob):
     """The TensorRT entry flow (compile writes the blob, no background export, a context
     model as the entry's graph) with a CPU stand-in for TensorRT's dump."""
-
-    kind = "trt-ep-context"
-    model_file = "model_ctx.onnx"
-    background = False
 
     def configure_export(self, options, providers, tmp, key, props):  # type: ignore[no-untyped-def]
         options.optimized_model_filepath = str(tmp / self.model_file)  # stands in for trt_dump_ep_context_model
         return providers
 
-    def configure_import(self, options, providers, entry):  # type: ignore[no-untyped-def]
+    def configure_import(self, options, providers, entry, scratch=None):  # type: ignore[no-untyped-def]
         return providers
-
-    def finalize(self, tmp, input_names):  # type: ignore[no-untyped-def]
-        from aioov._cache.blob import TensorRTContextBlob
-
-        TensorRTContextBlob.finalize(self, tmp, input_names)  # type: ignore[arg-type]
 
 
 async def test_context_model_entries_are_written_by_the_compile_itself(
@@ -207,7 +203,7 @@ async def test_context_model_entries_are_written_by_the_compile_itself(
 
     class StandInTensorRT(CPUDevice):
         family = "TENSORRT"
-        blob = _ContextStyleBlob()  # type: ignore[assignment]
+        blob = _ContextStyleBlob()
 
     registry = DeviceRegistry([CPUDevice(), StandInTensorRT()])
     async with aioov.Core(cache_dir=cache_dir, devices=registry) as core:
@@ -230,3 +226,177 @@ async def test_tensorrt_entry_on_a_real_gpu(mlp_path: Path, cache_dir: Path) -> 
     assert first.get_property("LOADED_FROM_CACHE") is False and second.get_property("LOADED_FROM_CACHE") is True
     (entry,) = list((cache_dir / "v1").glob("??/*"))
     assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model_ctx.onnx"]
+
+
+# -- OpenVINO entries: OpenVINO's own cache, kept inside the entry ----------------------------
+
+
+def test_openvino_export_points_its_cache_dir_at_the_entry(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    providers = OpenVINODevice().providers(None, {"device_type": "GPU"})
+    (name, ov), cpu = OpenVINOCacheBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "k" * 64, {})
+    assert name == "OpenVINOExecutionProvider" and ov == {"device_type": "GPU", "cache_dir": str(tmp_path)}
+    assert cpu == ("CPUExecutionProvider", {})
+    assert OpenVINOCacheBlob.keeps_source and not OpenVINOCacheBlob.background
+    assert "EXPORT_IMPORT" in OpenVINODevice().capabilities()
+
+
+def test_openvino_import_reads_a_scratch_copy_so_the_entry_is_never_written(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    entry, scratch = tmp_path / "entry", tmp_path / "scratch"
+    entry.mkdir(), scratch.mkdir()
+    for name in ("manifest.json", "model.onnx", "1234.blob"):
+        (entry / name).write_bytes(name.encode())
+    blob = OpenVINOCacheBlob()
+    (_, ov), _ = blob.configure_import(ort.SessionOptions(), OpenVINODevice().providers(None, {}), entry, scratch)
+    assert ov["cache_dir"] == str(scratch) and (scratch / "1234.blob").read_bytes() == b"1234.blob"
+    (scratch / "1234.blob").write_bytes(b"rewritten")  # what the provider does on every load
+    assert blob.after_import(entry, scratch) is None and (entry / "1234.blob").read_bytes() == b"1234.blob"
+    (scratch / "5678.blob").write_bytes(b"compiled again")  # what it does when its hash misses
+    assert "5678.blob" in (blob.after_import(entry, scratch) or "")
+
+
+def test_openvino_finalize_wants_a_compiled_blob(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"model")
+    with pytest.raises(BlobError, match="no compiled blob"):
+        OpenVINOCacheBlob().finalize(tmp_path, ["x"])
+    (tmp_path / "1234.blob").write_bytes(b"compiled")
+    OpenVINOCacheBlob().finalize(tmp_path, ["x"])
+
+
+def test_openvino_key_includes_the_openvino_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioov._devices import DeviceSpec, gpu
+    from aioov._pipeline import _key_inputs
+    from aioov._properties import DEFAULTS
+
+    ov = OpenVINODevice()
+    keys = []
+    for version in ("2025.4.1", "2026.0.0"):
+        monkeypatch.setattr(gpu, "openvino_version", lambda version=version: version)
+        inputs = _key_inputs("d", ov, DeviceSpec("OPENVINO"), ov.providers(None, {}), DEFAULTS)
+        assert inputs["blob"] == "ov-cache-dir" and inputs["hardware"]["openvino"] == version
+        keys.append(str(inputs))
+    assert keys[0] != keys[1]
+
+
+class _SourceKeepingBlob(OpenVINOCacheBlob):
+    """The OpenVINO entry flow (a copy of the source beside a blob the compile writes) with a
+    CPU stand-in for OpenVINO's cache; ``miss_on_import`` plays OpenVINO not finding its blob."""
+
+    def __init__(self, miss_on_import: bool = False) -> None:
+        self.miss_on_import = miss_on_import
+
+    def configure_export(self, options, providers, tmp, key, props):  # type: ignore[no-untyped-def]
+        (tmp / "4242.blob").write_bytes(b"compiled")
+        return providers
+
+    def configure_import(self, options, providers, entry, scratch=None):  # type: ignore[no-untyped-def]
+        super().configure_import(options, providers, entry, scratch)
+        (scratch / "4242.blob").write_bytes(b"rewritten")  # as the provider does on every load
+        if self.miss_on_import:
+            (scratch / "4343.blob").write_bytes(b"compiled again")
+        return providers
+
+
+def _stand_in_openvino(blob: OpenVINOCacheBlob) -> DeviceRegistry:
+    class StandInOpenVINO(CPUDevice):
+        family = "OPENVINO"
+
+    device = StandInOpenVINO()
+    device.blob = blob  # type: ignore[misc]
+    return DeviceRegistry([CPUDevice(), device])
+
+
+async def test_openvino_entries_hold_the_model_and_its_external_data(
+    external_path: Path, tmp_path: Path, cache_dir: Path, ids: np.ndarray
+) -> None:
+    registry = _stand_in_openvino(_SourceKeepingBlob())
+    async with aioov.Core(cache_dir=cache_dir, devices=registry) as core:
+        first = await core.compile_model(external_path, "OPENVINO")
+        assert core.pending_exports == 0  # published before compile_model returned
+        (entry,) = list((cache_dir / "v1").glob("??/*"))
+        assert sorted(p.name for p in entry.iterdir()) == [
+            "4242.blob", "bert_ext.onnx.data", "manifest.json", "model.onnx"]
+        second = await core.compile_model(external_path, "OPENVINO")
+        assert sorted(p.name for p in entry.iterdir()) == [
+            "4242.blob", "bert_ext.onnx.data", "manifest.json", "model.onnx"]
+        blob = await core.export_model(external_path, tmp_path / "blob", "OPENVINO")
+    assert first.get_property("LOADED_FROM_CACHE") is False and second.get_property("LOADED_FROM_CACHE") is True
+    want = reference(external_path, {"input_ids": ids})[0]
+    np.testing.assert_allclose((await second.infer(ids))["last_hidden_state"], want, rtol=1e-4, atol=1e-5)
+
+    # The blob is self-contained: it loads after the source model is gone.
+    moved = external_path.parent.rename(tmp_path / "gone")
+    try:
+        async with aioov.Core(devices=_stand_in_openvino(_SourceKeepingBlob())) as core:
+            imported = await core.import_model(blob, "OPENVINO")
+        np.testing.assert_allclose((await imported.infer(ids))["last_hidden_state"], want, rtol=1e-4, atol=1e-5)
+    finally:
+        moved.rename(external_path.parent)
+
+
+async def test_openvino_entry_that_it_cannot_use_is_replaced(
+    mlp_path: Path, cache_dir: Path
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir, devices=_stand_in_openvino(_SourceKeepingBlob())) as core:
+        await core.compile_model(mlp_path, "OPENVINO")
+    registry = _stand_in_openvino(_SourceKeepingBlob(miss_on_import=True))
+    async with aioov.Core(cache_dir=cache_dir, devices=registry) as core:
+        compiled = await core.compile_model(mlp_path, "OPENVINO")
+        assert core.cache_stats.corrupt == 1
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    (entry,) = list((cache_dir / "v1").glob("??/*"))  # compiled again and published afresh
+    assert sorted(p.name for p in entry.iterdir()) == ["4242.blob", "manifest.json", "model.onnx"]
+
+
+async def test_openvino_model_whose_data_sits_in_a_subfolder_compiles_uncached(
+    tmp_path: Path, cache_dir: Path, caplog_warnings: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "weights").mkdir()
+    path = save_with_external_data(mlp(64, 64, 4), tmp_path / "m.onnx", "weights/m.bin")
+    async with aioov.Core(cache_dir=cache_dir, devices=_stand_in_openvino(_SourceKeepingBlob())) as core:
+        compiled = await core.compile_model(path, "OPENVINO")
+        assert core.cache_stats.errors == 1
+    assert (await compiled.infer(np.ones((1, 64), np.float32)))["y"].shape == (1, 4)
+    assert not list((cache_dir / "v1").glob("??/*"))
+    assert "cannot sit beside the model" in caplog_warnings.text
+
+
+_OV_REASON = f"OpenVINO does not load here: {OpenVINODevice().unavailable_reason}"
+
+
+@pytest.mark.skipif(not OpenVINODevice().available(), reason=_OV_REASON)
+async def test_openvino_entry_for_real(bert_path: Path, cache_dir: Path) -> None:
+    ids = np.random.default_rng(0).integers(0, 2000, (2, 16), dtype=np.int64)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        first = await core.compile_model(bert_path, "OPENVINO")
+        (entry,) = list((cache_dir / "v1").glob("??/*"))
+        files = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+        second = await core.compile_model(bert_path, "OPENVINO")
+    async with aioov.Core(cache_dir=cache_dir) as core:  # a fresh Core: no in-process memo
+        third = await core.compile_model(bert_path, "OPENVINO")
+    assert [m.get_property("LOADED_FROM_CACHE") for m in (first, second, third)] == [False, True, True]
+    assert third.get_property("EXECUTION_PROVIDERS")[0] == "OpenVINOExecutionProvider"
+    assert [name for name in files if name.endswith(".blob")] and "model.onnx" in files
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == files  # hits wrote nothing
+    want = reference(bert_path, {"input_ids": ids})[0]
+    np.testing.assert_allclose((await third.infer(ids))["last_hidden_state"], want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not OpenVINODevice().available(), reason=_OV_REASON)
+async def test_openvino_external_data_and_blob_round_trip_for_real(
+    external_path: Path, tmp_path: Path, cache_dir: Path, ids: np.ndarray
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(external_path, "OPENVINO")
+        hit = await core.compile_model(external_path, "OPENVINO")
+        blob = await core.export_model(external_path, tmp_path / "blob", "OPENVINO")
+        imported = await core.import_model(blob, "OPENVINO")
+    assert hit.get_property("LOADED_FROM_CACHE") is True
+    assert sorted(p.name for p in blob.iterdir() if not p.name.endswith(".blob")) == [
+        "bert_ext.onnx.data", "manifest.json", "model.onnx"]
+    want = reference(external_path, {"input_ids": ids})[0]
+    for compiled in (hit, imported):
+        np.testing.assert_allclose((await compiled.infer(ids))["last_hidden_state"], want, rtol=1e-3, atol=1e-4)

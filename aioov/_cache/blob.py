@@ -18,17 +18,36 @@ engine (``model_ctx.onnx``, engine embedded), written by the compile itself. The
 cache prefix is the aioov key, so two models of one structure can never share an engine
 (onnxruntime's own cache keys hash names, not weights: upstream #6455), and every path
 points inside the entry being written: the same locks, atomic publish and checksums apply.
+
+``OpenVINOCacheBlob`` (OPENVINO): OpenVINO's own model cache, with the provider's ``cache_dir``
+pointing at the entry being written, next to a copy of the source model (the provider needs
+an ONNX model to load; OpenVINO then finds its compiled blob by hashing it). OpenVINO names
+blobs by a hash of the model's content, not its path, so the copy in the entry finds the blob
+written while compiling the source. The provider rewrites its blob on every load, hit or not
+(seen with onnxruntime-openvino 1.24.1: the file changes size each time), and without a lock:
+pointed at a published entry it would break the entry's checksums under its readers. Imports
+therefore point ``cache_dir`` at a scratch copy of the blob, and a blob name the entry does not
+have afterwards means OpenVINO missed and compiled again.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import onnx
 
-__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "BlobError", "BlobFormat", "OrtOptimizedBlob", "TensorRTContextBlob")
+__all__ = (
+    "BLOB_MODEL",
+    "BLOB_WEIGHTS",
+    "BlobError",
+    "BlobFormat",
+    "OpenVINOCacheBlob",
+    "OrtOptimizedBlob",
+    "TensorRTContextBlob",
+)
 
 BLOB_MODEL = "model.onnx"
 BLOB_WEIGHTS = "weights.bin"
@@ -46,6 +65,10 @@ class BlobFormat:
     model_file: ClassVar[str]
     #: True: a second session can write the blob after the caller got theirs
     background: ClassVar[bool]
+    #: True: the entry holds a copy of the source model (as ``model_file``) beside the blob
+    keeps_source: ClassVar[bool] = False
+    #: True: the provider writes into its cache even on a hit; imports get a scratch directory
+    import_scratch: ClassVar[bool] = False
 
     def configure_export(
         self, options: Any, providers: ProviderList, tmp: Path, key: str, props: Mapping[str, Any]
@@ -53,12 +76,20 @@ class BlobFormat:
         """Make a compile from source also write the blob into ``tmp``."""
         raise NotImplementedError
 
-    def configure_import(self, options: Any, providers: ProviderList, entry: Path) -> ProviderList:
-        """Make a session load the blob in ``entry``."""
+    def configure_import(
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+    ) -> ProviderList:
+        """Make a session load the blob in ``entry`` (``scratch``: a directory to write in,
+        given when ``import_scratch`` is set)."""
         raise NotImplementedError
 
     def finalize(self, tmp: Path, input_names: list[str]) -> None:
         """Check (and tidy) what the export wrote, before it is published."""
+
+    def after_import(self, entry: Path, scratch: Path | None) -> str | None:
+        """After a session was built from ``entry``: why the entry was not really used
+        (the provider compiled again), or None."""
+        return None
 
 
 class OrtOptimizedBlob(BlobFormat):
@@ -76,7 +107,9 @@ class OrtOptimizedBlob(BlobFormat):
             options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         return providers
 
-    def configure_import(self, options: Any, providers: ProviderList, entry: Path) -> ProviderList:
+    def configure_import(
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+    ) -> ProviderList:
         import onnxruntime as ort
 
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -124,7 +157,9 @@ class TensorRTContextBlob(BlobFormat):
         }
         return [(name, first), *rest]
 
-    def configure_import(self, options: Any, providers: ProviderList, entry: Path) -> ProviderList:
+    def configure_import(
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+    ) -> ProviderList:
         # The engine is embedded in the context model; no cache paths, so that ONNX Runtime
         # never writes into a published entry.
         (name, first), *rest = providers
@@ -137,3 +172,45 @@ class TensorRTContextBlob(BlobFormat):
         for file in tmp.iterdir():  # engines and timing caches are inside the context model now
             if file.name != self.model_file:
                 file.unlink()
+
+
+class OpenVINOCacheBlob(BlobFormat):
+    kind = "ov-cache-dir"
+    model_file = BLOB_MODEL  # the source model, copied
+    background = False  # OpenVINO exports its blob inside the compile
+    keeps_source = True
+    import_scratch = True
+
+    def configure_export(
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, props: Mapping[str, Any]
+    ) -> ProviderList:
+        return _with_first(providers, cache_dir=str(tmp))
+
+    def configure_import(
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+    ) -> ProviderList:
+        assert scratch is not None
+        for blob in _blobs(entry):
+            shutil.copyfile(blob, scratch / blob.name)  # copy_file_range: a reflink where the filesystem can
+        return _with_first(providers, cache_dir=str(scratch))
+
+    def finalize(self, tmp: Path, input_names: list[str]) -> None:
+        if not _blobs(tmp):
+            raise BlobError("OpenVINO wrote no compiled blob (did no node run on OpenVINO?)")
+
+    def after_import(self, entry: Path, scratch: Path | None) -> str | None:
+        assert scratch is not None
+        new = {blob.name for blob in _blobs(scratch)} - {blob.name for blob in _blobs(entry)}
+        if new:
+            return f"OpenVINO did not find its blob in the entry and compiled again (wrote {min(new)})"
+        return None
+
+
+def _blobs(folder: Path) -> list[Path]:
+    return [file for file in folder.iterdir() if file.suffix == ".blob"]
+
+
+def _with_first(providers: ProviderList, **options: str) -> ProviderList:
+    """``providers`` with ``options`` added to the first provider's."""
+    (name, first), *rest = providers
+    return [(name, {**first, **options}), *rest]

@@ -5,15 +5,18 @@ onnxruntime-gpu is installed, even on a machine without CUDA: availability is
 therefore probed by building a tiny session (see ``Device.available``).
 
 TENSORRT is cached as an EP-context model with its engine embedded (see
-``_cache.blob.TensorRTContextBlob``). GPU (CUDA) and OPENVINO do not advertise
-``EXPORT_IMPORT``: a model optimized by the CUDA provider contains Memcpy nodes
-and there is no engine to keep; they compile normally, with no error, and write
-nothing to the cache.
+``_cache.blob.TensorRTContextBlob``), OPENVINO as OpenVINO's own cached blob beside
+a copy of the model (``_cache.blob.OpenVINOCacheBlob``). GPU (CUDA) does not
+advertise ``EXPORT_IMPORT``: a model optimized by the CUDA provider contains Memcpy
+nodes and there is no engine to keep; it compiles normally, with no error, and
+writes nothing to the cache.
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +24,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from .._cache.blob import TensorRTContextBlob
+from .._cache.blob import OpenVINOCacheBlob, TensorRTContextBlob
 from .base import Device, ProviderList, cpu_fingerprint
 
 __all__ = ("CUDADevice", "OpenVINODevice", "TensorRTDevice")
@@ -83,6 +86,24 @@ def tensorrt_version() -> str:
     return "unknown"
 
 
+@cache
+def openvino_version() -> str:
+    """The OpenVINO runtime the provider uses: onnxruntime-openvino bundles its own
+    ``libopenvino.so.<version>`` beside the provider library."""
+    import onnxruntime
+
+    capi = os.path.join(os.path.dirname(onnxruntime.__file__), "capi")
+    bundled = sorted(glob.glob(os.path.join(capi, "libopenvino.so.*.*.*")))
+    if bundled:
+        return os.path.basename(bundled[-1]).removeprefix("libopenvino.so.")
+    try:
+        import openvino
+
+        return str(openvino.__version__)
+    except ImportError:
+        return "unknown"
+
+
 class _NvidiaDevice(Device):
     serialize_compiles = True
 
@@ -127,6 +148,11 @@ class TensorRTDevice(_NvidiaDevice):
 class OpenVINODevice(Device):
     family = "OPENVINO"
     provider = "OpenVINOExecutionProvider"
+    blob = OpenVINOCacheBlob()
+
+    def fingerprint(self, index: int | None) -> dict[str, Any]:
+        """OpenVINO's blobs are specific to its version (it refuses others) and the CPU's ISA."""
+        return {**cpu_fingerprint(), "openvino": openvino_version()}
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         return [(self.provider, {"device_type": "CPU", **options}), _CPU]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The OPENVINO device's real tests (tests/test_devices.py, which skips them elsewhere).
+#
+# onnxruntime-openvino and onnxruntime-gpu install the same `onnxruntime` module, so they
+# cannot share an environment: this builds .venv-openvino with onnxruntime-openvino and
+# aioov's other dependencies (read from pyproject.toml), aioov installed without its own
+# onnxruntime requirement. Where the wheel cannot be installed (no registry, no wheel for
+# this platform) it says so and exits 0; where it installs, its provider must load and the
+# tests must pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-openvino
+"${PYTHON:-python3}" -m venv "$venv"
+"$venv/bin/pip" install --quiet --upgrade pip
+if ! "$venv/bin/pip" install --quiet onnxruntime-openvino; then
+    echo "scripts/test_openvino.sh: onnxruntime-openvino cannot be installed here; OPENVINO's tests not run" >&2
+    exit 0
+fi
+mapfile -t deps < <("$venv/bin/python" - <<'PY'
+import tomllib
+
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
+for requirement in project["dependencies"]:
+    if not requirement.startswith("onnxruntime"):
+        print(requirement)
+PY
+)
+"$venv/bin/pip" install --quiet "${deps[@]}" pytest pytest-asyncio trio hypothesis
+"$venv/bin/pip" install --quiet --no-deps -e .
+"$venv/bin/python" - <<'PY'
+from importlib.metadata import distributions
+
+from aioov._devices.gpu import OpenVINODevice
+
+runtimes = sorted(d.metadata["Name"] for d in distributions() if d.metadata["Name"].startswith("onnxruntime"))
+assert runtimes == ["onnxruntime-openvino"], f"one onnxruntime distribution only, found {runtimes}"
+device = OpenVINODevice()
+assert device.available(), f"onnxruntime-openvino is installed but its provider does not load: {device.unavailable_reason}"
+PY
+"$venv/bin/python" -m pytest -p no:cacheprovider -ra tests/test_devices.py
