@@ -170,15 +170,15 @@ class Core:
             device, spec = self._devices.resolve("AUTO")
         else:
             device = self._devices.get(spec.family)
+        merged = {**self._props, **self._device_props.get(device.family, {})}
         if key == "OPTIMIZATION_CAPABILITIES":
-            return device.capabilities()
+            return device.capabilities(merged["ORT_PROVIDER_OPTIONS"])
         if key == "FULL_DEVICE_NAME":
             return device.full_name()
         if key == "SUPPORTED_PROPERTIES":
             return sorted(n for n, p in PROPERTIES.items() if p.scope == "compile") + [
                 "FULL_DEVICE_NAME", "OPTIMIZATION_CAPABILITIES"
             ]
-        merged = {**self._props, **self._device_props.get(device.family, {})}
         if key in merged and PROPERTIES[key].scope == "compile":
             return public_value(merged[key])
         raise PropertyError(f"device {spec} has no property {name!r}")

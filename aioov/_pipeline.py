@@ -198,7 +198,7 @@ class Pipeline:
         source = source.read()
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         props = _apply_hints(props)
-        store = self.store(props["CACHE_DIR"]) if device.blob is not None else None
+        store = self.store(props["CACHE_DIR"]) if device.caches(providers[0][1]) else None
         if store is None:
             if source.path is not None and source.model is None:
                 check_model_file(source.path)
@@ -491,6 +491,11 @@ class Pipeline:
                 raise Cancelled() from exc
             self._discard(store, entry.key, f"onnxruntime could not load it: {exc}")
             return None
+        except OSError as exc:  # copying into the scratch directory: the entry is fine, the disk is not
+            if check is not None:
+                check.result()
+            self._cache_write_failed(store, exc)
+            return None
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -534,8 +539,7 @@ class Pipeline:
                 self._cache_write_failed(store, exc)
                 return self.create_session(source, device, providers, props, token)
             except BlobError as exc:
-                self._count(errors=1)
-                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
+                self._uncacheable(source, exc)
                 return self.create_session(source, device, providers, props, token)
             session = self.create_session(source, device, providers, props, token, export=(tmp, key))
             inputs = [i.name for i in session.get_inputs()]
@@ -568,8 +572,7 @@ class Pipeline:
         except OSError as exc:
             self._cache_write_failed(store, exc)
         except BlobError as exc:
-            self._count(errors=1)
-            logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
+            self._uncacheable(source, exc)
 
     def _export_job(
         self,
@@ -605,8 +608,7 @@ class Pipeline:
             except OSError as exc:
                 self._cache_write_failed(store, exc)
             except BlobError as exc:
-                self._count(errors=1)
-                logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
+                self._uncacheable(source, exc)
             except ORT_ERRORS as exc:
                 if not token.cancelled:
                     self._count(errors=1)
@@ -620,6 +622,10 @@ class Pipeline:
                 held.release()
 
         return export
+
+    def _uncacheable(self, source: Source, exc: BlobError) -> None:
+        self._count(errors=1)
+        logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
 
     def _cache_write_failed(self, store: CacheStore, exc: OSError) -> None:
         self._count(errors=1)
@@ -635,9 +641,9 @@ class Pipeline:
 
     def export_to_dir(self, source: Source, device_name: str, props: dict[str, Any], dest: Path) -> Path:
         device, spec = self._devices.resolve(device_name)
-        if device.blob is None:
-            raise CacheError(f"device {spec} cannot export a compiled model")
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
+        if device.blob is None or not device.caches(providers[0][1]):
+            raise CacheError(f"device {spec} cannot export a compiled model")
         if os.path.lexists(dest):
             raise CacheError(f"{dest} already exists")
         dest = dest.absolute()
@@ -664,7 +670,7 @@ class Pipeline:
         device, spec = self._devices.resolve(device_name)
         providers = device.providers(spec.index, props["ORT_PROVIDER_OPTIONS"])
         props = _apply_hints(props)
-        if device.blob is None:
+        if device.blob is None or not device.caches(providers[0][1]):
             raise CacheError(f"device {spec} cannot import compiled models")
         store = CacheStore(path.parent)
         try:
@@ -687,6 +693,8 @@ class Pipeline:
             problem = device.blob.after_import(path, scratch)
         except ORT_ERRORS as exc:
             raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
+        except OSError as exc:
+            raise CacheError(f"cannot import {path}: {exc}") from exc
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)

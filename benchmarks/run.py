@@ -179,6 +179,46 @@ def scenario_openvino(size: str, repeats: int, tmp: Path, aioov_warm: float | No
     return s
 
 
+def scenario_ovep(size: str, repeats: int, tmp: Path) -> Scenario | None:
+    """The OPENVINO device on CPU: the OpenVINO provider cold, with its own cache_dir, and through
+    aioov (which does not cache it on CPU; the forced-cache rows show why)."""
+    import onnxruntime as ort
+
+    if "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        print("onnxruntime-openvino is not installed here (run from .venv-openvino, made by "
+              "scripts/test_openvino.sh): skipping the ovep scenario", file=sys.stderr)
+        return None
+    s = Scenario("ovep", f"OPENVINO device (onnxruntime {ort.__version__} OpenVINO provider), {size} (seconds)")
+    path = str(model(size))
+    for repeat in range(repeats):
+        own, cache = tmp / f"ovep-own-{repeat}", tmp / f"ovep-{repeat}"
+        s.add("CPU provider cold (same onnxruntime)", work("ort_cold", model=path)["seconds"])
+        s.add("OpenVINO provider cold", work("ovep_session", model=path)["seconds"])
+        s.add("provider's own cache_dir: first", work("ovep_session", model=path, cache_dir=str(own))["seconds"])
+        s.add("provider's own cache_dir: hit", work("ovep_session", model=path, cache_dir=str(own))["seconds"])
+        plain = work("aioov_compile", model=path, cache_dir=str(cache), device="OPENVINO")
+        assert not plain["from_cache"] and not cache.exists(), plain
+        s.add("aioov OPENVINO (not cached on CPU)", plain["seconds"])
+        forced = {"model": path, "cache_dir": str(cache), "device": "OPENVINO", "openvino_cpu_cache": True}
+        first = work("aioov_compile", **forced)
+        assert not first["from_cache"], first
+        s.add("  cache forced on CPU: first", first["seconds"])
+        warm = work("aioov_compile", **forced)
+        assert warm["from_cache"], warm
+        s.add("  cache forced on CPU: warm hit", warm["seconds"])
+        s.notes["entry_bytes"] = sum(f.stat().st_size for f in Path(entry_blob(cache)).parent.iterdir())
+        for d in (own, cache):
+            shutil.rmtree(d, ignore_errors=True)
+    cold = s.med("OpenVINO provider cold")
+    s.ratios = {
+        "aioov OPENVINO / provider cold": s.med("aioov OPENVINO (not cached on CPU)") / cold,
+        "own cache_dir hit / provider cold": s.med("provider's own cache_dir: hit") / cold,
+        "forced: first / provider cold": s.med("  cache forced on CPU: first") / cold,
+        "forced: warm hit / provider cold": s.med("  cache forced on CPU: warm hit") / cold,
+    }
+    return s
+
+
 def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8) -> Scenario:
     """4: P processes x M models starting together on one empty cache vs one process."""
     s = Scenario("shared", f"{processes} processes x {models} models (bert-small) cold start (seconds)")
@@ -354,7 +394,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export"]
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -384,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:
             scenarios.append(scenario_export(args.repeats, tmp))
+        if "ovep" in chosen:
+            ovep = scenario_ovep(args.size, args.repeats, tmp)
+            if ovep:
+                scenarios.append(ovep)
     print_table(scenarios)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -52,6 +52,22 @@ def test_names_are_parsed() -> None:
             registry.parse(bad)
 
 
+def test_auto_prefers_a_gpu_and_never_picks_tensorrt_or_openvino() -> None:
+    class LoadsCUDA(CUDADevice):
+        def available(self) -> bool:
+            return True
+
+    class LoadsEverywhere(OpenVINODevice):
+        def available(self) -> bool:
+            return True
+
+    registry = DeviceRegistry([CPUDevice(), LoadsEverywhere()])
+    assert registry.resolve("AUTO")[0].family == "CPU"
+    registry = DeviceRegistry([CPUDevice(), LoadsEverywhere(), LoadsCUDA()])
+    device, spec = registry.resolve("AUTO")
+    assert device.family == "GPU" and str(spec) == "GPU"
+
+
 def test_auto_falls_back_to_cpu_when_no_gpu_loads() -> None:
     registry = DeviceRegistry([CPUDevice(), NowhereDevice()])
     device, spec = registry.resolve("AUTO")
@@ -239,7 +255,18 @@ def test_openvino_export_points_its_cache_dir_at_the_entry(tmp_path: Path) -> No
     assert name == "OpenVINOExecutionProvider" and ov == {"device_type": "GPU", "cache_dir": str(tmp_path)}
     assert cpu == ("CPUExecutionProvider", {})
     assert OpenVINOCacheBlob.keeps_source and not OpenVINOCacheBlob.background
-    assert "EXPORT_IMPORT" in OpenVINODevice().capabilities()
+
+
+def test_openvino_caches_on_its_gpu_and_npu_but_not_on_cpu() -> None:
+    """On CPU a hit of OpenVINO's cache costs more than compiling (benchmarks, scenario ovep)."""
+    ov = OpenVINODevice()
+    assert "EXPORT_IMPORT" not in ov.capabilities()
+    assert "EXPORT_IMPORT" in ov.capabilities({"device_type": "GPU.1"})
+    for device_type, cached in [("CPU", False), ("GPU", True), ("NPU", True), ("HETERO:GPU,CPU", True)]:
+        assert ov.caches(ov.providers(None, {"device_type": device_type})[0][1]) is cached, device_type
+    core = aioov.Core()
+    core.set_property("OPENVINO", {"ORT_PROVIDER_OPTIONS": {"device_type": "GPU"}})
+    assert "EXPORT_IMPORT" in core.get_property("OPENVINO", "OPTIMIZATION_CAPABILITIES")
 
 
 def test_openvino_import_reads_a_scratch_copy_so_the_entry_is_never_written(tmp_path: Path) -> None:
@@ -351,6 +378,23 @@ async def test_openvino_entry_that_it_cannot_use_is_replaced(
     assert sorted(p.name for p in entry.iterdir()) == ["4242.blob", "manifest.json", "model.onnx"]
 
 
+async def test_openvino_import_without_room_for_its_scratch_copy_compiles_and_keeps_the_entry(
+    mlp_path: Path, cache_dir: Path, caplog_warnings: pytest.LogCaptureFixture
+) -> None:
+    class NoRoom(_SourceKeepingBlob):
+        def configure_import(self, options, providers, entry, scratch=None):  # type: ignore[no-untyped-def]
+            raise OSError(28, "No space left on device")
+
+    async with aioov.Core(cache_dir=cache_dir, devices=_stand_in_openvino(_SourceKeepingBlob())) as core:
+        await core.compile_model(mlp_path, "OPENVINO")
+    (entry,) = list((cache_dir / "v1").glob("??/*"))
+    async with aioov.Core(cache_dir=cache_dir, devices=_stand_in_openvino(NoRoom())) as core:
+        compiled = await core.compile_model(mlp_path, "OPENVINO")
+        assert core.cache_stats.corrupt == 0
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert entry.is_dir() and "No space left" in caplog_warnings.text
+
+
 async def test_openvino_model_whose_data_sits_in_a_subfolder_compiles_uncached(
     tmp_path: Path, cache_dir: Path, caplog_warnings: pytest.LogCaptureFixture
 ) -> None:
@@ -367,15 +411,33 @@ async def test_openvino_model_whose_data_sits_in_a_subfolder_compiles_uncached(
 _OV_REASON = f"OpenVINO does not load here: {OpenVINODevice().unavailable_reason}"
 
 
+def _caching_openvino() -> DeviceRegistry:
+    """The real OpenVINO device, caching on CPU too: the only OpenVINO device a CI machine has."""
+
+    class CachingOpenVINO(OpenVINODevice):
+        cached_device_types = ("GPU", "NPU", "CPU")
+
+    return DeviceRegistry([CPUDevice(), CachingOpenVINO()])
+
+
+@pytest.mark.skipif(not OpenVINODevice().available(), reason=_OV_REASON)
+async def test_openvino_on_cpu_compiles_without_the_cache_for_real(mlp_path: Path, cache_dir: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "OPENVINO")
+        again = await core.compile_model(mlp_path, "OPENVINO", {"NUM_STREAMS": 2})
+    assert compiled.get_property("EXECUTION_PROVIDERS")[0] == "OpenVINOExecutionProvider"
+    assert again.get_property("LOADED_FROM_CACHE") is False and not cache_dir.exists()
+
+
 @pytest.mark.skipif(not OpenVINODevice().available(), reason=_OV_REASON)
 async def test_openvino_entry_for_real(bert_path: Path, cache_dir: Path) -> None:
     ids = np.random.default_rng(0).integers(0, 2000, (2, 16), dtype=np.int64)
-    async with aioov.Core(cache_dir=cache_dir) as core:
+    async with aioov.Core(cache_dir=cache_dir, devices=_caching_openvino()) as core:
         first = await core.compile_model(bert_path, "OPENVINO")
         (entry,) = list((cache_dir / "v1").glob("??/*"))
         files = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
         second = await core.compile_model(bert_path, "OPENVINO")
-    async with aioov.Core(cache_dir=cache_dir) as core:  # a fresh Core: no in-process memo
+    async with aioov.Core(cache_dir=cache_dir, devices=_caching_openvino()) as core:  # no in-process memo
         third = await core.compile_model(bert_path, "OPENVINO")
     assert [m.get_property("LOADED_FROM_CACHE") for m in (first, second, third)] == [False, True, True]
     assert third.get_property("EXECUTION_PROVIDERS")[0] == "OpenVINOExecutionProvider"
@@ -389,7 +451,7 @@ async def test_openvino_entry_for_real(bert_path: Path, cache_dir: Path) -> None
 async def test_openvino_external_data_and_blob_round_trip_for_real(
     external_path: Path, tmp_path: Path, cache_dir: Path, ids: np.ndarray
 ) -> None:
-    async with aioov.Core(cache_dir=cache_dir) as core:
+    async with aioov.Core(cache_dir=cache_dir, devices=_caching_openvino()) as core:
         await core.compile_model(external_path, "OPENVINO")
         hit = await core.compile_model(external_path, "OPENVINO")
         blob = await core.export_model(external_path, tmp_path / "blob", "OPENVINO")

@@ -3,7 +3,10 @@
 Names: ``CPU``, ``GPU`` / ``GPU.N``, ``TENSORRT`` / ``TENSORRT.N``, ``OPENVINO``,
 ``AUTO``. ``AUTO`` picks the first available of ``AUTO_PRIORITY``; CPU always
 loads, so AUTO never fails for want of a GPU. TensorRT is left out of AUTO on
-purpose: its engine builds take minutes, which nobody should get by surprise.
+purpose: its engine builds take minutes, which nobody should get by surprise. So
+is OPENVINO: on a CPU (its default device type) it is a second CPU backend whose
+sessions took 2.5x the CPU provider's to build and are not cached, for inference
+within ~10% (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ __all__ = (
     "probe_session",
 )
 
-AUTO_PRIORITY = ("GPU", "OPENVINO", "CPU")
+AUTO_PRIORITY = ("GPU", "CPU")
 _NAME = re.compile(r"^([A-Z]+)(?:\.(\d+))?$")
 
 

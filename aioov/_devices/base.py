@@ -94,9 +94,14 @@ class Device:
     def full_name(self) -> str:
         return self.family
 
-    def capabilities(self) -> list[str]:
+    def caches(self, options: Mapping[str, str]) -> bool:
+        """Whether compiles with these provider options go through the cache: only where
+        what the blob skips is worth more than writing and reading it."""
+        return self.blob is not None
+
+    def capabilities(self, options: Mapping[str, str] | None = None) -> list[str]:
         caps = ["FP32"]
-        if self.blob is not None:
+        if self.caches(self.providers(None, options or {})[0][1]):
             caps.append("EXPORT_IMPORT")
         return caps
 

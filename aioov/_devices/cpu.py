@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 
 from .._cache.blob import OrtOptimizedBlob
 from .base import Device
@@ -28,5 +29,5 @@ class CPUDevice(Device):
             pass
         return platform.processor() or platform.machine() or "CPU"
 
-    def capabilities(self) -> list[str]:
-        return ["FP32", "INT8", *super().capabilities()[1:]]
+    def capabilities(self, options: Mapping[str, str] | None = None) -> list[str]:
+        return ["FP32", "INT8", *super().capabilities(options)[1:]]

@@ -5,11 +5,12 @@ onnxruntime-gpu is installed, even on a machine without CUDA: availability is
 therefore probed by building a tiny session (see ``Device.available``).
 
 TENSORRT is cached as an EP-context model with its engine embedded (see
-``_cache.blob.TensorRTContextBlob``), OPENVINO as OpenVINO's own cached blob beside
-a copy of the model (``_cache.blob.OpenVINOCacheBlob``). GPU (CUDA) does not
-advertise ``EXPORT_IMPORT``: a model optimized by the CUDA provider contains Memcpy
-nodes and there is no engine to keep; it compiles normally, with no error, and
-writes nothing to the cache.
+``_cache.blob.TensorRTContextBlob``), OPENVINO on its GPU and NPU as OpenVINO's own
+cached blob beside a copy of the model (``_cache.blob.OpenVINOCacheBlob``). GPU (CUDA)
+and OPENVINO on CPU do not advertise ``EXPORT_IMPORT``: a model optimized by the CUDA
+provider contains Memcpy nodes and there is no engine to keep, and OpenVINO's cache
+makes a CPU session slower; they compile normally, with no error, and write nothing
+to the cache.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 from .._cache.blob import OpenVINOCacheBlob, TensorRTContextBlob
 from .base import Device, ProviderList, cpu_fingerprint
@@ -149,6 +150,14 @@ class OpenVINODevice(Device):
     family = "OPENVINO"
     provider = "OpenVINOExecutionProvider"
     blob = OpenVINOCacheBlob()
+    #: OpenVINO device types whose compile a cached blob skips. Not CPU: there the provider's
+    #: session time is onnxruntime's and the ONNX conversion, and a hit was measured slower
+    #: than a compile (benchmarks, scenario ovep; docs/devices.md)
+    cached_device_types: ClassVar[tuple[str, ...]] = ("GPU", "NPU")
+
+    def caches(self, options: Mapping[str, str]) -> bool:
+        device_type = options.get("device_type", "CPU").upper()  # e.g. GPU.1, HETERO:GPU,CPU
+        return any(kind in device_type for kind in self.cached_device_types)
 
     def fingerprint(self, index: int | None) -> dict[str, Any]:
         """OpenVINO's blobs are specific to its version (it refuses others) and the CPU's ISA."""
