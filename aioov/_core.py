@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import anyio
 
+from . import _ortenv
 from ._bulk import BulkProgress, CompileResult, compile_models
 from ._cache.inflight import Inflight, Job
 from ._compiled import CompiledModel
@@ -86,6 +87,7 @@ class Core:
             self._props.update(normalize({"CACHE_DIR": cache_dir}))
         self._device_props: dict[str, dict[str, Any]] = {}
         self._devices = devices or DeviceRegistry()
+        _ortenv.warn_if_session_builds_hold_the_gil()
         workers = max_concurrent_compiles or max(1, min(os.cpu_count() or 1, 8))
         if workers < 1:
             raise PropertyError("max_concurrent_compiles must be >= 1")

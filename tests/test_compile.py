@@ -9,9 +9,11 @@ from pathlib import Path
 import anyio
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 import aioov
+from aioov import _ortenv
 from aioov.testing import bert_like, mlp
 
 from .helpers import reference
@@ -132,6 +134,8 @@ async def test_closed_core_refuses_work(mlp_path: Path) -> None:
         await core.compile_model(mlp_path, "CPU")
 
 
+@pytest.mark.skipif(_ortenv.builds_hold_the_gil(),
+                    reason=f"onnxruntime {ort.__version__} holds the GIL while it builds a session")
 async def test_event_loop_keeps_ticking_while_four_models_compile(model_dir: Path) -> None:
     """Compiles run in worker threads and ONNX Runtime releases the GIL while building
     a session, so a 5 ms ticker keeps its pace (max gap < 50 ms)."""
@@ -193,3 +197,23 @@ def test_shared_thread_pool_in_a_fresh_process(model_dir: Path) -> None:
 
     paths = make_models(model_dir / "shared_pool", 3)
     assert run_python(SHARED_POOL, *map(str, paths)).stdout.split() == ["ok", "3"]
+
+
+@pytest.mark.parametrize(("version", "holds"), [("1.24.1", True), ("1.30.0", True), ("1.31.0", False),
+                                                ("1.32.0", False), ("2.0.0", False), ("1.33.0.dev1", False)])
+def test_onnxruntime_builds_that_hold_the_gil_are_recognised(version: str, holds: bool) -> None:
+    assert _ortenv.builds_hold_the_gil(version) is holds
+
+
+def test_a_core_on_an_onnxruntime_that_holds_the_gil_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog_warnings: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(ort, "__version__", "1.24.1")
+    monkeypatch.setattr(_ortenv, "_warned", False)
+    aioov.Core(), aioov.Core()
+    assert caplog_warnings.text.count("holds the GIL") == 1
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    monkeypatch.setattr(_ortenv, "_warned", False)
+    caplog_warnings.clear()
+    aioov.Core()
+    assert "GIL" not in caplog_warnings.text
