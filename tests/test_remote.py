@@ -174,14 +174,74 @@ async def test_a_tampered_remote_entry_is_not_served(models: list[Path], bucket:
     key = compiled.get_property("CACHE_KEY")
     name, prefix = bucket.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3")
-    weights = bytearray(s3.get_object(Bucket=name, Key=f"{prefix}/v1/{key}/weights.bin")["Body"].read())
+    upload = s3.get_object(Bucket=name, Key=f"{prefix}/v1/{key}/HEAD")["Body"].read().decode()
+    weights_key = f"{prefix}/v1/{key}/{upload}/weights.bin"
+    weights = bytearray(s3.get_object(Bucket=name, Key=weights_key)["Body"].read())
     weights[len(weights) // 2] ^= 0xFF
-    s3.put_object(Bucket=name, Key=f"{prefix}/v1/{key}/weights.bin", Body=bytes(weights))
+    s3.put_object(Bucket=name, Key=weights_key, Body=bytes(weights))
     async with aioov.Core(cache_dir=tmp_path / "b", properties={"CACHE_REMOTE_URL": bucket}) as core:
         again = await core.compile_model(models[1], "CPU")
         stats = core.cache_stats
     assert again.get_property("LOADED_FROM_CACHE") is False and stats.compiles == 1
     assert "checksum mismatch" in caplog_warnings.text
+
+
+def _remote_objects(bucket: str, key: str) -> list[str]:
+    name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    listing = boto3.client("s3").list_objects_v2(Bucket=name, Prefix=f"{prefix}/v1/{key}/")
+    return sorted(o["Key"].removeprefix(f"{prefix}/v1/{key}/") for o in listing.get("Contents", []))
+
+
+async def _published_entry(model: Path, cache: Path) -> tuple[str, Path]:
+    async with aioov.Core(cache_dir=cache) as core:
+        compiled = await core.compile_model(model, "CPU")
+        await core.wait_exports()
+    key = compiled.get_property("CACHE_KEY")
+    return key, aioov.CacheStore(cache).entry_path(key)
+
+
+async def test_a_host_that_loses_the_upload_race_leaves_the_winners_entry_whole(
+    models: list[Path], bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioov._cache.remote import RemoteStore
+
+    key, entry = await _published_entry(models[0], tmp_path / "local")
+    winner, loser = RemoteStore(bucket), RemoteStore(bucket)
+    assert winner.upload(key, entry) is True
+    won = _remote_objects(bucket, key)
+    monkeypatch.setattr(loser, "head", lambda key: None)  # it looked before the winner named its upload
+    assert loser.upload(key, entry) is False
+    assert _remote_objects(bucket, key) == won  # its own upload deleted, the winner's untouched
+    store = aioov.CacheStore(tmp_path / "fresh")
+    store.ensure()
+    assert winner.fetch(key, store)
+    found = store.lookup(key)
+    assert found is not None and store.verify(found) is None
+
+
+async def test_an_upload_that_died_before_naming_itself_is_no_entry(
+    models: list[Path], bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioov._cache.remote import RemoteError, RemoteStore
+
+    key, entry = await _published_entry(models[1], tmp_path / "local")
+    dying = RemoteStore(bucket)
+    real_put = dying._client.put_object
+
+    def die_at_head(**kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["Key"].endswith("/HEAD"):
+            raise ConnectionError("host lost")
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(dying._client, "put_object", die_at_head)
+    with pytest.raises(RemoteError):
+        dying.upload(key, entry)
+    assert _remote_objects(bucket, key) and "HEAD" not in _remote_objects(bucket, key)
+    store = aioov.CacheStore(tmp_path / "fresh")
+    store.ensure()
+    healthy = RemoteStore(bucket)
+    assert healthy.fetch(key, store) is False  # absent, not broken
+    assert healthy.upload(key, entry) is True and healthy.fetch(key, store) is True
 
 
 async def test_remote_down_falls_back_to_local(models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -3,9 +3,15 @@
 Lookup order: local entry → remote entry (downloaded into the local cache, verified, then
 published there with the same atomic rename) → compile, then upload in the background.
 
-Remote layout mirrors the local one: ``s3://BUCKET/PREFIX/v1/<key>/<file>``, with
-``manifest.json`` uploaded last, so that a reader who finds a manifest finds every file it
-lists (and verifies them against it anyway). Uploads never overwrite a manifest that exists.
+Remote layout: each upload writes its files under a prefix of its own,
+``s3://BUCKET/PREFIX/v1/<key>/<upload-id>/<file>`` (``manifest.json`` last), and only then
+names that upload in ``v1/<key>/HEAD``, written once (``If-None-Match: *``). Objects are never
+overwritten, so an entry is never a mix of two uploads — which a single ``v1/<key>/<file>``
+set would be when two lock-less hosts upload at once, and would stay for good if one of them
+died between its files and its manifest. A host that loses the race for HEAD deletes its
+upload; one that dies before writing HEAD leaves objects no HEAD names (for a lifecycle rule
+to expire). A store that ignores ``If-None-Match`` lets the last HEAD win: still a complete
+upload. Readers verify every file against the manifest anyway.
 
 boto3 was chosen over s3fs/aiobotocore: aioov's cache work already runs in worker threads,
 so a synchronous client is the simple fit, and boto3 reads credentials and endpoints the
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -57,6 +64,10 @@ class RemoteTier(Protocol):
     def upload(self, key: str, entry: Path) -> bool:
         """Share a published local entry, manifest last; False if the tier has one already."""
         ...
+
+
+HEAD = "HEAD"
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _safe_names(key: str, manifest: dict[str, Any]) -> list[str]:
@@ -135,38 +146,60 @@ class RemoteStore:
             "s3", config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=30)
         )
 
-    def _name(self, key: str, file: str) -> str:
-        return "/".join(part for part in (self.prefix, "v1", key, file) if part)
+    def _name(self, key: str, *parts: str) -> str:
+        return "/".join(part for part in (self.prefix, "v1", key, *parts) if part)
 
-    def manifest(self, key: str) -> dict[str, Any] | None:
-        """The remote entry's manifest, or None when there is none."""
+    def _get(self, name: str) -> bytes | None:
+        """An object's bytes; None when it does not exist."""
         from botocore.exceptions import ClientError
 
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._name(key, MANIFEST))["Body"].read()
+            return self._client.get_object(Bucket=self.bucket, Key=name)["Body"].read()  # type: ignore[no-any-return]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise RemoteError(str(exc)) from exc
         except Exception as exc:
             raise RemoteError(str(exc)) from exc
+
+    def head(self, key: str) -> str | None:
+        """The upload the remote entry ``key`` is made of, or None when there is none."""
+        raw = self._get(self._name(key, HEAD))
+        if raw is None:
+            return None
+        upload = raw.decode("ascii", "replace").strip()
+        if not _UPLOAD_ID.fullmatch(upload):
+            raise RemoteError(f"remote HEAD of {key[:16]} names no upload")
+        return upload
+
+    def manifest(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """(upload, manifest) of the remote entry, or None when there is none."""
+        upload = self.head(key)
+        if upload is None:
+            return None
+        body = self._get(self._name(key, upload, MANIFEST))
+        if body is None:
+            raise RemoteError(f"remote upload {upload} of {key[:16]} has no manifest")
         try:
             manifest = json.loads(body)
         except ValueError as exc:
             raise RemoteError(f"remote manifest of {key[:16]} is not JSON") from exc
-        return manifest if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise RemoteError(f"remote manifest of {key[:16]} is not an object")
+        return upload, manifest
 
     def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None) -> bool:
         """Download the entry into ``store`` (verified, atomically published). False if absent."""
-        manifest = self.manifest(key)
-        if manifest is None:
+        found = self.manifest(key)
+        if found is None:
             return False
+        upload, manifest = found
         names = _safe_names(key, manifest)
         tmp = store.new_tmp(key)
         try:
             for name in names:
                 try:
-                    self._client.download_file(self.bucket, self._name(key, name), str(tmp / name))
+                    self._client.download_file(self.bucket, self._name(key, upload, name), str(tmp / name))
                 except Exception as exc:
                     raise RemoteError(f"downloading {name} of {key[:16]}: {exc}") from exc
             return store.adopt(key, tmp, manifest, mac_key=mac_key)
@@ -174,17 +207,36 @@ class RemoteStore:
             store.discard(tmp)
 
     def upload(self, key: str, entry: Path) -> bool:
-        """Upload a published local entry, manifest last; False if the remote has one already."""
-        if self.manifest(key) is not None:
+        """Upload a published local entry under an upload id of its own, then name it in HEAD;
+        False if the remote has the entry already (or another host named its upload first)."""
+        from botocore.exceptions import ClientError
+
+        if self.head(key) is not None:
             return False
+        upload = uuid.uuid4().hex
         manifest_bytes = (entry / MANIFEST).read_bytes()
+        names = [*json.loads(manifest_bytes)["files"], MANIFEST]
         try:
-            for name in json.loads(manifest_bytes)["files"]:
-                self._client.upload_file(str(entry / name), self.bucket, self._name(key, name))
-            self._client.put_object(Bucket=self.bucket, Key=self._name(key, MANIFEST), Body=manifest_bytes)
+            for name in names[:-1]:
+                self._client.upload_file(str(entry / name), self.bucket, self._name(key, upload, name))
+            self._client.put_object(Bucket=self.bucket, Key=self._name(key, upload, MANIFEST), Body=manifest_bytes)
+            self._client.put_object(Bucket=self.bucket, Key=self._name(key, HEAD), Body=upload.encode(),
+                                    IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise RemoteError(f"uploading {key[:16]}: {exc}") from exc
+            self._delete(key, upload, names)  # another host's upload is the entry
+            return False
         except Exception as exc:
             raise RemoteError(f"uploading {key[:16]}: {exc}") from exc
         return True
+
+    def _delete(self, key: str, upload: str, names: list[str]) -> None:
+        try:
+            self._client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": self._name(key, upload, name)} for name in names], "Quiet": True})
+        except Exception as exc:  # garbage, not damage: a lifecycle rule can expire it
+            logger.info("aioov cache: could not delete the losing upload %s of %s: %s", upload, key[:16], exc)
 
 
 class RemoteLock:
