@@ -91,6 +91,8 @@ async def compile_models(
         groups.setdefault(_identity(model, dev, cfg), []).append(index)
     queue = list(groups.values())
     queue.reverse()
+    names = {dev for _, dev, _ in items if isinstance(dev, str)}
+    concrete = {dev: await core._concrete(dev) for dev in names}  # AUTO resolved once, in a thread
     # Models whose cache lock another process holds (it is compiling them) are put aside and
     # retried last: meanwhile this process compiles what nobody else is compiling, so that
     # P processes loading the same M models share the work instead of queueing on each lock.
@@ -116,7 +118,8 @@ async def compile_models(
                 model, dev, cfg = items[indexes[0]]
                 started = time.perf_counter()
                 try:
-                    job = core._submit(model, dev, cfg, defer_if_busy=may_defer)
+                    name, via_auto = concrete.get(dev, (dev, False)) if isinstance(dev, str) else (dev, False)
+                    job = core._submit(model, name, cfg, via_auto=via_auto, defer_if_busy=may_defer)
                 except AioovError as exc:
                     if fail_fast:
                         raise

@@ -212,7 +212,8 @@ class Core:
         A path is not read at all on a cache hit. Identical concurrent calls
         share one compile; cancelling one caller does not cancel it for others.
         """
-        job = self._submit(model, device, config)
+        device, via_auto = await self._concrete(device)
+        job = self._submit(model, device, config, via_auto=via_auto)
         try:
             result: Result = await wait_future(job.future)
         finally:
@@ -220,7 +221,13 @@ class Core:
         return self._wrap(result, job.key[0])  # type: ignore[index]
 
     def _submit(
-        self, model: ModelSource, device: str, config: Mapping[str, object] | None, *, defer_if_busy: bool = False
+        self,
+        model: ModelSource,
+        device: str,
+        config: Mapping[str, object] | None,
+        *,
+        via_auto: bool = False,
+        defer_if_busy: bool = False,
     ) -> Job:
         """Start (or join) the compile job for this request; pair with ``_inflight.leave``.
 
@@ -228,7 +235,7 @@ class Core:
         process is compiling the model: a bulk load then does other models first."""
         self._check_open()
         source = _as_source(model)
-        props = self._merge(device, config)
+        props = self._merge(device, config, via_auto=via_auto)
         request_id = (
             source,
             str(device).strip().upper(),
@@ -254,7 +261,16 @@ class Core:
             source=source.model or source.raw or source.path,
         )
 
-    def _merge(self, device: str, config: Mapping[str, object] | None) -> dict[str, Any]:
+    async def _concrete(self, device: str) -> tuple[str, bool]:
+        """(the device AUTO picks, True) for AUTO, probing in a thread; (device, False) otherwise."""
+        if isinstance(device, str) and self._devices.family_of(device) == "AUTO":
+            _, spec = await anyio.to_thread.run_sync(self._devices.resolve, device)
+            return str(spec), True
+        return device, False
+
+    def _merge(self, device: str, config: Mapping[str, object] | None, *, via_auto: bool = False) -> dict[str, Any]:
+        """Core properties, then the device's, then AUTO's (when AUTO picked it), then ``config``:
+        as in OpenVINO, what was set for CPU applies when AUTO compiles on CPU."""
         if not isinstance(device, str):
             raise DeviceNotFoundError(f"a device name must be a string, got {type(device).__name__}")
         # An unknown name is reported by the compile job, in its thread: the message lists the
@@ -263,6 +279,8 @@ class Core:
         props = dict(self._props)
         props.pop("CACHE_MAX_SIZE", None)
         props.update(self._device_props.get(family or "", {}))
+        if via_auto:
+            props.update(self._device_props.get("AUTO", {}))
         props.update(normalize(config or {}, allow_core=False))
         return props
 
@@ -278,8 +296,10 @@ class Core:
         (model.onnx, weights.bin, manifest.json), for ``import_model``."""
         self._check_open()
         source = _as_source(model)
+        device, via_auto = await self._concrete(device)
         props = self._merge(device, {k: public_value(v) for k, v in (config or {}).items()
-                                     if PROPERTIES.get(k.upper()) and PROPERTIES[k.upper()].scope == "compile"})
+                                     if PROPERTIES.get(k.upper()) and PROPERTIES[k.upper()].scope == "compile"},
+                            via_auto=via_auto)
         return await anyio.to_thread.run_sync(self._pipeline.export_to_dir, source, device, props, Path(destination))
 
     async def import_model(
@@ -290,7 +310,8 @@ class Core:
     ) -> CompiledModel:
         """Load a blob written by ``export_model``; ``CacheError`` if it is damaged or foreign."""
         self._check_open()
-        props = self._merge(device, config)
+        device, via_auto = await self._concrete(device)
+        props = self._merge(device, config, via_auto=via_auto)
         result = await anyio.to_thread.run_sync(self._pipeline.import_dir, Path(blob), device, props)
         return CompiledModel(result.session, device=result.device, properties=result.props,
                              loaded_from_cache=True, cache_key=result.key, core=self)

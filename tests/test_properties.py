@@ -89,3 +89,16 @@ async def test_throughput_hint_sets_streams_and_threads(mlp_path: Path) -> None:
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
     assert compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 1
     assert compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT"
+
+
+async def test_what_was_set_for_a_device_applies_when_auto_picks_it(mlp_path: Path) -> None:
+    """As in OpenVINO: properties set for CPU apply when AUTO compiles on CPU; AUTO's own win."""
+    async with aioov.Core() as core:
+        core.set_property("CPU", {"NUM_STREAMS": 3})
+        auto = await core.compile_model(mlp_path, "AUTO")
+        assert auto.get_property("EXECUTION_DEVICES") == ["CPU"] and auto.get_property("NUM_STREAMS") == 3
+        core.set_property("AUTO", {"NUM_STREAMS": 2})
+        assert (await core.compile_model(mlp_path, "AUTO")).get_property("NUM_STREAMS") == 2
+        assert (await core.compile_model(mlp_path, "CPU")).get_property("NUM_STREAMS") == 3
+        (result,) = await core.compile_all([mlp_path], "AUTO")
+        assert result.device == "AUTO" and result.unwrap().get_property("NUM_STREAMS") == 2
