@@ -142,3 +142,24 @@ async def test_different_keys_never_wait_for_each_other(
     assert waited.get_property("LOADED_FROM_CACHE") is False
     assert stats.lock_waits == 1 and stats.lock_timeouts == 1
     assert "compiling without the cache" in caplog_warnings.text
+
+
+def test_the_last_waiter_forgets_a_finished_job_before_its_callback_runs() -> None:
+    """A worker thread sets a future's result before it runs the done-callbacks: in between,
+    the job is done but not yet forgotten. The last waiter to leave forgets it then."""
+    import concurrent.futures
+
+    from aioov._cache.inflight import Inflight
+
+    class LateCallbacks(concurrent.futures.Future):  # type: ignore[type-arg]
+        def add_done_callback(self, fn):  # type: ignore[no-untyped-def]
+            self.pending_callback = fn  # never run: the worker thread has not got there yet
+
+    inflight = Inflight()
+    future = LateCallbacks()
+    job = inflight.join("model", lambda token: future)
+    future.set_result("session")
+    assert job.future.done() and len(inflight) == 1
+    inflight.leave(job)
+    assert len(inflight) == 0
+    assert inflight.join("model", lambda token: concurrent.futures.Future()) is not job

@@ -61,8 +61,11 @@ class Inflight:
         """A waiter is done with ``job``; the last one to leave early cancels it."""
         with self._lock:
             job.waiters -= 1
-            if job.waiters == 0 and not job.future.done():
-                job.token.cancel()
+            if job.waiters == 0:
+                if not job.future.done():
+                    job.token.cancel()
+                # Forget it now even if it is done: its done-callback (``_forget``) may not
+                # have run yet in the worker thread that finished it.
                 if self._jobs.get(job.key) is job:
                     del self._jobs[job.key]
 
