@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The OPENVINO device's real tests (tests/test_devices.py, which skips them elsewhere).
+# The test suite on onnxruntime-openvino: the OPENVINO device's real tests (which skip
+# elsewhere), and everything else on a second onnxruntime build (1.24 at the time of writing)
+# with a fourth device present. The remote-tier and example tests, which need boto3, moto,
+# redis and starlette and do not depend on the runtime, run in the main environment only.
 #
 # onnxruntime-openvino and onnxruntime-gpu install the same `onnxruntime` module, so they
 # cannot share an environment: this builds .venv-openvino with onnxruntime-openvino and
@@ -38,4 +41,5 @@ assert runtimes == ["onnxruntime-openvino"], f"one onnxruntime distribution only
 device = OpenVINODevice()
 assert device.available(), f"onnxruntime-openvino is installed but its provider does not load: {device.unavailable_reason}"
 PY
-"$venv/bin/python" -m pytest -p no:cacheprovider -ra tests/test_devices.py
+"$venv/bin/python" -m pytest -p no:cacheprovider -ra -m "not slow" tests \
+    --ignore=tests/test_remote.py --ignore=tests/test_examples.py
