@@ -364,6 +364,24 @@ async def test_openvino_entries_hold_the_model_and_its_external_data(
         moved.rename(external_path.parent)
 
 
+async def test_openvino_entries_copy_models_read_first_or_given_as_bytes(
+    external_path: Path, cache_dir: Path, ids: np.ndarray
+) -> None:
+    proto = mlp(8, 16, 4)
+    async with aioov.Core(cache_dir=cache_dir, devices=_stand_in_openvino(_SourceKeepingBlob())) as core:
+        read = await core.read_model(external_path)
+        from_model = await core.compile_model(read, "OPENVINO")
+        from_bytes = await core.compile_model(proto.SerializeToString(), "OPENVINO")
+        again = [await core.compile_model(read, "OPENVINO"), await core.compile_model(proto, "OPENVINO")]
+    entries = {tuple(sorted(p.name for p in entry.iterdir())) for entry in (cache_dir / "v1").glob("??/*")}
+    assert entries == {("4242.blob", "bert_ext.onnx.data", "manifest.json", "model.onnx"),
+                       ("4242.blob", "manifest.json", "model.onnx")}
+    assert [m.get_property("LOADED_FROM_CACHE") for m in (from_model, from_bytes, *again)] == [
+        False, False, True, True]
+    want = reference(external_path, {"input_ids": ids})[0]
+    np.testing.assert_allclose((await again[0].infer(ids))["last_hidden_state"], want, rtol=1e-4, atol=1e-5)
+
+
 async def test_openvino_entry_that_it_cannot_use_is_replaced(
     mlp_path: Path, cache_dir: Path
 ) -> None:
