@@ -56,7 +56,8 @@ ProviderList = list[tuple[str, dict[str, str]]]
 
 
 class BlobError(Exception):
-    """The exported blob does not reproduce the source model's interface."""
+    """This model cannot be cached in this format (the blob would not reproduce the source
+    model, or the entry could not hold it); it is compiled, not cached."""
 
 
 class BlobFormat:
