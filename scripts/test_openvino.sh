@@ -15,6 +15,10 @@ cd "$(dirname "$0")/.."
 venv=.venv-openvino
 "${PYTHON:-python3}" -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
+if ! "$venv/bin/python" -c "import tomllib" 2>/dev/null; then
+    echo "scripts/test_openvino.sh: needs Python 3.11+ (tomllib) to read pyproject.toml; OPENVINO's tests not run" >&2
+    exit 0
+fi
 if ! "$venv/bin/pip" install --quiet onnxruntime-openvino; then
     echo "scripts/test_openvino.sh: onnxruntime-openvino cannot be installed here; OPENVINO's tests not run" >&2
     exit 0
