@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -480,3 +481,62 @@ async def test_openvino_external_data_and_blob_round_trip_for_real(
     want = reference(external_path, {"input_ids": ids})[0]
     for compiled in (hit, imported):
         np.testing.assert_allclose((await compiled.infer(ids))["last_hidden_state"], want, rtol=1e-3, atol=1e-4)
+
+
+_OV_WORKER = """
+import json, sys, time, anyio, numpy as np, onnxruntime as ort, aioov
+from aioov._devices import DeviceRegistry
+from aioov._devices.cpu import CPUDevice
+from aioov._devices.gpu import OpenVINODevice
+class CachingOpenVINO(OpenVINODevice):
+    cached_device_types = ("CPU",)
+cache_dir, start_at, path, rounds = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+async def main():
+    time.sleep(max(0.0, start_at - time.time()))  # start together
+    ids = np.arange(32, dtype=np.int64).reshape(2, 16)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    hits, correct = [], []
+    for _ in range(rounds):  # a fresh Core each round: every load verifies and imports again
+        async with aioov.Core(cache_dir=cache_dir, devices=DeviceRegistry([CPUDevice(), CachingOpenVINO()])) as core:
+            compiled = await core.compile_model(path, "OPENVINO")
+            got = (await compiled.infer(ids))["last_hidden_state"]
+            hits.append(compiled.get_property("LOADED_FROM_CACHE"))
+            correct.append(bool(np.allclose(got, want, rtol=1e-3, atol=1e-4)))
+            stats = core.cache_stats
+            compiles, corrupt = stats.compiles, stats.corrupt
+        print(json.dumps({"compiles": compiles, "corrupt": corrupt}), file=sys.stderr)
+    print(json.dumps({"hits": hits, "correct": correct}))
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not OpenVINODevice().available(), reason=_OV_REASON)
+def test_four_processes_share_one_openvino_entry_for_real(bert_path: Path, tmp_path: Path) -> None:
+    """The provider rewrites its blob on every load: with four processes loading one entry
+    over and over, the entry must stay intact and be compiled once."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import ROOT
+
+    cache_dir = tmp_path / "cache"
+    start_at = str(time.time() + 2.0)
+    procs = [subprocess.Popen([sys.executable, "-c", _OV_WORKER, str(cache_dir), start_at, str(bert_path), "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(4)]
+    reports, logs = [], []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+        logs.extend(json.loads(line) for line in err.splitlines() if line.startswith("{"))
+    assert all(all(r["correct"]) for r in reports)
+    assert sum(not hit for r in reports for hit in r["hits"]) == 1  # one compile, eleven imports
+    assert sum(log["corrupt"] for log in logs) == 0
+    (entry,) = list((cache_dir / "v1").glob("??/*"))
+    store = aioov.CacheStore(cache_dir)
+    found = store.lookup(entry.name)
+    assert found is not None and store.verify(found) is None
+    assert not list(store.tmp.iterdir())  # every scratch copy removed
