@@ -157,7 +157,7 @@ class OpenVINODevice(Device):
 
     def caches(self, options: Mapping[str, str]) -> bool:
         device_type = options.get("device_type", "CPU").upper()  # e.g. GPU.1, HETERO:GPU,CPU
-        return any(kind in device_type for kind in self.cached_device_types)
+        return super().caches(options) and any(kind in device_type for kind in self.cached_device_types)
 
     def fingerprint(self, index: int | None) -> dict[str, Any]:
         """OpenVINO's blobs are specific to its version (it refuses others) and the CPU's ISA."""
