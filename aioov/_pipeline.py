@@ -36,7 +36,7 @@ from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
 from ._cache.locks import Cancelled, KeyLock, LockBusy
 from ._cache.remote import RemoteError, RemoteLock, RemoteTier, remote_for
-from ._cache.store import MANIFEST, CacheStore, Entry, EntryError
+from ._cache.store import CacheStore, Entry, EntryError
 from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._errors import ORT_ERRORS, CacheError, LockTimeout, ModelReadError, raise_compile_error
@@ -128,22 +128,15 @@ class Source:
     def describe(self) -> str:
         return self.path or (self.model.describe() if self.model else "?")
 
-    def copy_into(self, dest: Path, name: str) -> None:
-        """Copy the model into ``dest`` as ``name``, with its external data beside it
-        (blocking), for blob formats whose entries load a copy of the source."""
+    def files(self) -> bytes | tuple[str, list[str]]:
+        """The serialized model, or its file and its external-data files (blocking)."""
         if self.model is not None and self.model.data is not None:
-            (dest / name).write_bytes(self.model.data)
-            return
-        path = self.path if self.path is not None else self.model.path if self.model is not None else None
-        assert path is not None
-        external = self.model.external_data_files if self.model is not None else check_model_file(path)[1]
-        names = [os.path.relpath(file, os.path.dirname(path)) for file in external]
-        for file_name in names:
-            if os.path.dirname(file_name) or file_name in (name, MANIFEST) or file_name.endswith(".blob"):
-                raise BlobError(f"its external data {file_name!r} cannot sit beside the model in a cache entry")
-        shutil.copyfile(path, dest / name)
-        for file, file_name in zip(external, names):
-            shutil.copyfile(file, dest / file_name)
+            return self.model.data
+        if self.model is not None:
+            assert self.model.path is not None
+            return self.model.path, self.model.external_data_files
+        assert self.path is not None
+        return self.path, check_model_file(self.path)[1]
 
 
 class Pipeline:
@@ -716,7 +709,7 @@ def _stage_source(source: Source, device: Device, tmp: Path) -> None:
     """Put a copy of the source in an entry being written, where its format keeps one."""
     assert device.blob is not None
     if device.blob.keeps_source:
-        source.copy_into(tmp, device.blob.model_file)
+        device.blob.stage_source(tmp, source.files())
 
 
 def _identity(entry: Entry) -> tuple[tuple[int, ...], ...] | None:

@@ -32,12 +32,15 @@ have afterwards means OpenVINO missed and compiled again.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import onnx
+
+from .store import MANIFEST
 
 __all__ = (
     "BLOB_MODEL",
@@ -82,6 +85,11 @@ class BlobFormat:
     ) -> ProviderList:
         """Make a session load the blob in ``entry`` (``scratch``: a directory to write in,
         given when ``import_scratch`` is set)."""
+        raise NotImplementedError
+
+    def stage_source(self, tmp: Path, model: bytes | tuple[str, list[str]]) -> None:
+        """Copy the source (its bytes, or its file and external-data files) into ``tmp``,
+        for formats that ``keeps_source``; BlobError when the entry cannot hold it."""
         raise NotImplementedError
 
     def finalize(self, tmp: Path, input_names: list[str]) -> None:
@@ -194,6 +202,19 @@ class OpenVINOCacheBlob(BlobFormat):
         for blob in _blobs(entry):
             shutil.copyfile(blob, scratch / blob.name)  # copy_file_range: a reflink where the filesystem can
         return _with_first(providers, cache_dir=str(scratch))
+
+    def stage_source(self, tmp: Path, model: bytes | tuple[str, list[str]]) -> None:
+        if isinstance(model, bytes):
+            (tmp / self.model_file).write_bytes(model)
+            return
+        path, external = model
+        names = [os.path.relpath(file, os.path.dirname(path)) for file in external]
+        for name in names:  # an entry is one flat directory, and these names are taken
+            if os.path.dirname(name) or name in (self.model_file, MANIFEST) or name.endswith(".blob"):
+                raise BlobError(f"its external data {name!r} cannot sit beside the model in a cache entry")
+        shutil.copyfile(path, tmp / self.model_file)
+        for file, name in zip(external, names):
+            shutil.copyfile(file, tmp / name)
 
     def finalize(self, tmp: Path, input_names: list[str]) -> None:
         if not _blobs(tmp):
