@@ -87,7 +87,6 @@ class Core:
             self._props.update(normalize({"CACHE_DIR": cache_dir}))
         self._device_props: dict[str, dict[str, Any]] = {}
         self._devices = devices or DeviceRegistry()
-        _ortenv.warn_if_session_builds_hold_the_gil()
         workers = max_concurrent_compiles or max(1, min(os.cpu_count() or 1, 8))
         if workers < 1:
             raise PropertyError("max_concurrent_compiles must be >= 1")
@@ -234,6 +233,7 @@ class Core:
         With ``defer_if_busy`` the job raises ``LockBusy`` instead of waiting when another
         process is compiling the model: a bulk load then does other models first."""
         self._check_open()
+        _ortenv.warn_if_session_builds_hold_the_gil()  # once per process, on the first compile
         source = _as_source(model)
         props = self._merge(device, config, via_auto=via_auto)
         request_id = (
@@ -295,6 +295,7 @@ class Core:
         """Compile ``model`` and write its blob into the new directory ``destination``
         (model.onnx, weights.bin, manifest.json), for ``import_model``."""
         self._check_open()
+        _ortenv.warn_if_session_builds_hold_the_gil()
         source = _as_source(model)
         device, via_auto = await self._concrete(device)
         props = self._merge(device, {k: public_value(v) for k, v in (config or {}).items()
@@ -310,6 +311,7 @@ class Core:
     ) -> CompiledModel:
         """Load a blob written by ``export_model``; ``CacheError`` if it is damaged or foreign."""
         self._check_open()
+        _ortenv.warn_if_session_builds_hold_the_gil()
         device, via_auto = await self._concrete(device)
         props = self._merge(device, config, via_auto=via_auto)
         result = await anyio.to_thread.run_sync(self._pipeline.import_dir, Path(blob), device, props)
