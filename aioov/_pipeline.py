@@ -471,12 +471,9 @@ class Pipeline:
                 self._discard(store, entry.key, problem)
                 return None
             check = self._io_pool.submit(store.verify, entry, rest)
-        options = self._session_options(props)
-        scratch = _scratch(store, entry.key) if device.blob.import_scratch else None
         try:
-            providers = device.blob.configure_import(options, providers, entry.path, scratch)
-            session = self._new_session(str(entry.file(graph)), options, device, providers, token)
-            problem = device.blob.after_import(entry.path, scratch)
+            session, problem = self._open_blob(entry.path, device, providers, props, token,
+                                               lambda: _scratch(store, entry.key))
         except ORT_ERRORS as exc:
             if check is not None:
                 check.result()
@@ -489,9 +486,6 @@ class Pipeline:
                 check.result()
             self._cache_write_failed(store, exc)
             return None
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
         if check is not None:
             problem = check.result() or problem
         if problem:
@@ -502,6 +496,29 @@ class Pipeline:
             self._verified[entry.path] = _identity(entry)
         store.touch(entry.key)
         return session
+
+    def _open_blob(
+        self,
+        folder: Path,
+        device: Device,
+        providers: ProviderList,
+        props: Mapping[str, Any],
+        token: CancelToken | None,
+        make_scratch: Callable[[], Path],
+    ) -> tuple[ort.InferenceSession, str | None]:
+        """A session on the blob in ``folder`` (an entry, or an ``export_model`` directory), and
+        why the blob was not really used (None when it was). Formats that write into their
+        cache even on a hit get a scratch directory from ``make_scratch``, removed after."""
+        assert device.blob is not None
+        options = self._session_options(props)
+        scratch = make_scratch() if device.blob.import_scratch else None
+        try:
+            providers = device.blob.configure_import(options, providers, folder, scratch)
+            session = self._new_session(str(folder / device.blob.model_file), options, device, providers, token)
+            return session, device.blob.after_import(folder, scratch)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def _discard(self, store: CacheStore, key: str, reason: str) -> None:
         store.quarantine(key, reason)  # counted by the store's on_discard hook
@@ -678,19 +695,13 @@ class Pipeline:
         problem = store.verify(entry)
         if problem:
             raise CacheError(f"{path} is damaged: {problem}")
-        options = self._session_options(props)
-        scratch = Path(tempfile.mkdtemp(prefix="aioov-import-")) if device.blob.import_scratch else None
         try:
-            providers = device.blob.configure_import(options, providers, path, scratch)
-            session = self._new_session(str(path / device.blob.model_file), options, device, providers, None)
-            problem = device.blob.after_import(path, scratch)
+            session, problem = self._open_blob(path, device, providers, props, None,
+                                               lambda: Path(tempfile.mkdtemp(prefix="aioov-import-")))
         except ORT_ERRORS as exc:
             raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc
         except OSError as exc:
             raise CacheError(f"cannot import {path}: {exc}") from exc
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
         if problem:
             raise CacheError(f"{path} could not be imported: {problem}")
         return Result(session, str(spec), props, True, entry.key)
