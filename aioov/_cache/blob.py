@@ -152,19 +152,17 @@ class TensorRTContextBlob(BlobFormat):
     def configure_export(
         self, options: Any, providers: ProviderList, tmp: Path, key: str, props: Mapping[str, Any]
     ) -> ProviderList:
-        (name, first), *rest = providers
-        first = {
-            **first,
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": str(tmp),
-            "trt_engine_cache_prefix": f"aioov_{key[:32]}",
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": str(tmp),
-            "trt_dump_ep_context_model": "True",
-            "trt_ep_context_file_path": str(tmp / self.model_file),
-            "trt_ep_context_embed_mode": "1",  # the engine inside the context model: one self-contained file
-        }
-        return [(name, first), *rest]
+        return _with_first(
+            providers,
+            trt_engine_cache_enable="True",
+            trt_engine_cache_path=str(tmp),
+            trt_engine_cache_prefix=f"aioov_{key[:32]}",
+            trt_timing_cache_enable="True",
+            trt_timing_cache_path=str(tmp),
+            trt_dump_ep_context_model="True",
+            trt_ep_context_file_path=str(tmp / self.model_file),
+            trt_ep_context_embed_mode="1",  # the engine inside the context model: one self-contained file
+        )
 
     def configure_import(
         self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
