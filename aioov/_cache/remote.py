@@ -215,9 +215,9 @@ class RemoteStore:
             return False
         upload = uuid.uuid4().hex
         manifest_bytes = (entry / MANIFEST).read_bytes()
-        names = [*json.loads(manifest_bytes)["files"], MANIFEST]
+        files = list(json.loads(manifest_bytes)["files"])
         try:
-            for name in names[:-1]:
+            for name in files:
                 self._client.upload_file(str(entry / name), self.bucket, self._name(key, upload, name))
             self._client.put_object(Bucket=self.bucket, Key=self._name(key, upload, MANIFEST), Body=manifest_bytes)
             self._client.put_object(Bucket=self.bucket, Key=self._name(key, HEAD), Body=upload.encode(),
@@ -225,7 +225,7 @@ class RemoteStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise RemoteError(f"uploading {key[:16]}: {exc}") from exc
-            self._delete(key, upload, names)  # another host's upload is the entry
+            self._delete(key, upload, [*files, MANIFEST])  # another host's upload is the entry
             return False
         except Exception as exc:
             raise RemoteError(f"uploading {key[:16]}: {exc}") from exc
