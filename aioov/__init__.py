@@ -6,6 +6,7 @@
 """
 
 from ._bulk import BulkProgress, CompileResult
+from ._cache.stats import CacheStats
 from ._cache.store import CacheInfo, CacheStore, EntryInfo
 from ._compiled import CompiledModel, InferInputs, InferRequest, Port
 from ._core import Core, ModelSource
@@ -21,7 +22,6 @@ from ._errors import (
     PropertyError,
 )
 from ._model import Model
-from ._pipeline import CacheStats
 from ._properties import CacheVerify, ExportMode, PerformanceHint
 from ._version import __version__
 

@@ -14,18 +14,18 @@ import os
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._cache.locks import LockBusy
+from ._compiled import CompiledModel
 from ._concurrency import wait_first
-from ._errors import AioovError
+from ._errors import AioovError, LockBusy, PropertyError
+from ._jobs import CompileJobs, Job, Ticket
+from ._request import Result
 
-if TYPE_CHECKING:
-    from ._cache.inflight import Job
-    from ._compiled import CompiledModel
-    from ._core import Core
+__all__ = ("BulkProgress", "CompileResult", "Planned", "compile_models", "parse_items")
 
-__all__ = ("BulkProgress", "CompileResult", "compile_models")
+#: one item of a bulk load as given: (model, device, config)
+Item = tuple[Any, str, "Mapping[str, object] | None"]
 
 
 @dataclass(frozen=True)
@@ -61,65 +61,77 @@ class BulkProgress:
     current: CompileResult
 
 
-def _identity(item: Any, device: str, config: Mapping[str, object] | None) -> tuple[Any, ...]:
-    model = os.path.abspath(os.fspath(item)) if isinstance(item, (str, os.PathLike)) else id(item)
-    return (model, device.upper(), json.dumps(dict(config or {}), sort_keys=True, default=str))
+@dataclass(frozen=True)
+class Planned:
+    """One item, ready to submit: its ticket, or the error that kept it from having one."""
+
+    model: Any  # the item as given
+    device: str
+    config: Mapping[str, object] | None
+    ticket: Ticket | AioovError
 
 
-async def compile_models(
-    core: Core,
-    models: Iterable[Any],
-    device: str,
-    config: Mapping[str, object] | None,
-    *,
-    max_concurrency: int,
-    fail_fast: bool,
-    progress: Callable[[BulkProgress], object] | None,
-) -> AsyncGenerator[CompileResult, None]:
-    if max_concurrency < 1:
-        raise ValueError("max_concurrency must be >= 1")
-    items: list[tuple[Any, str, Mapping[str, object] | None]] = []
+def parse_items(models: Iterable[Any], device: str, config: Mapping[str, object] | None) -> list[Item]:
+    """Paths, Models, or ``(model, device, config)`` tuples (device and config optional)."""
+    items: list[Item] = []
     for item in models:
         if isinstance(item, tuple):
             model, dev, cfg = (*item, None, None)[:3] if len(item) < 3 else item
             items.append((model, dev or device, cfg if cfg is not None else config))
         else:
             items.append((item, device, config))
+    return items
+
+
+def _identity(item: Any, device: str, config: Mapping[str, object] | None) -> tuple[Any, ...]:
+    model = os.path.abspath(os.fspath(item)) if isinstance(item, (str, os.PathLike)) else id(item)
+    return (model, str(device).upper(), json.dumps(dict(config or {}), sort_keys=True, default=str))
+
+
+async def compile_models(
+    jobs: CompileJobs,
+    plan: list[Planned],
+    wrap: Callable[[Result, Ticket], CompiledModel],
+    *,
+    max_concurrency: int,
+    fail_fast: bool,
+    progress: Callable[[BulkProgress], object] | None,
+) -> AsyncGenerator[CompileResult, None]:
+    if max_concurrency < 1:
+        raise PropertyError("max_concurrency must be >= 1")
     # Duplicates compile once: every index of a group gets the same result.
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for index, (model, dev, cfg) in enumerate(items):
-        groups.setdefault(_identity(model, dev, cfg), []).append(index)
+    for index, item in enumerate(plan):
+        groups.setdefault(_identity(item.model, item.device, item.config), []).append(index)
     queue = list(groups.values())
     queue.reverse()
-    names = {dev for _, dev, _ in items if isinstance(dev, str)}
-    concrete = {dev: await core._concrete(dev) for dev in names}  # AUTO resolved once, in a thread
     # Models whose cache lock another process holds (it is compiling them) are put aside and
     # retried last: meanwhile this process compiles what nobody else is compiling, so that
     # P processes loading the same M models share the work instead of queueing on each lock.
     deferred: list[list[int]] = []
-    total = len(items)
+    total = len(plan)
     done = 0
     running: dict[Any, tuple[list[int], Job, float]] = {}
 
     def results_for(
-        indexes: list[int], compiled: Any, error: BaseException | None, started: float
+        indexes: list[int], compiled: CompiledModel | None, error: BaseException | None, started: float
     ) -> Iterator[CompileResult]:
         seconds = time.perf_counter() - started
         for index in indexes:
-            model, dev, _ = items[index]
             cached = bool(compiled is not None and compiled.get_property("LOADED_FROM_CACHE"))
-            yield CompileResult(index, model, dev, compiled, error, seconds, cached)
+            yield CompileResult(index, plan[index].model, plan[index].device, compiled, error, seconds, cached)
 
     try:
         while queue or running or deferred:
             while (queue or deferred) and len(running) < max_concurrency:
                 may_defer = bool(queue)
                 indexes = queue.pop() if queue else deferred.pop(0)
-                model, dev, cfg = items[indexes[0]]
+                ticket = plan[indexes[0]].ticket
                 started = time.perf_counter()
                 try:
-                    name, via_auto = concrete.get(dev, (dev, False)) if isinstance(dev, str) else (dev, False)
-                    job = core._submit(model, name, cfg, via_auto=via_auto, defer_if_busy=may_defer)
+                    if isinstance(ticket, AioovError):
+                        raise ticket
+                    job = jobs.submit(ticket, defer_if_busy=may_defer)
                 except AioovError as exc:
                     if fail_fast:
                         raise
@@ -135,11 +147,13 @@ async def compile_models(
             await wait_first(list(running))
             for future in [f for f in running if f.done()]:
                 indexes, job, started = running.pop(future)
-                core._inflight.leave(job)
+                jobs.leave(job)
                 compiled = None
                 error_: BaseException | None = None
                 try:
-                    compiled = core._wrap(future.result(), job.key[0])  # type: ignore[index]
+                    ticket = plan[indexes[0]].ticket
+                    assert isinstance(ticket, Ticket)
+                    compiled = wrap(jobs.result(job), ticket)
                 except LockBusy:
                     deferred.append(indexes)
                     continue
@@ -154,4 +168,4 @@ async def compile_models(
                     yield result
     finally:
         for _, job, _ in running.values():
-            core._inflight.leave(job)
+            jobs.leave(job)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import numpy as np
@@ -13,12 +14,10 @@ import onnxruntime as ort
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
 from ._properties import public_value
 
-if TYPE_CHECKING:
-    import os
-
-    from ._core import Core
-
 __all__ = ("CompiledModel", "InferRequest", "Port", "InferInputs")
+
+#: writes a compiled model's blob to a directory (``Core.export_model`` bound to its source)
+Exporter = Callable[["str | os.PathLike[str]"], Awaitable[object]]
 
 #: what ``infer`` accepts: a mapping by input name, a sequence in input order,
 #: or one array for a single-input model
@@ -94,16 +93,14 @@ class CompiledModel:
         properties: Mapping[str, Any],
         loaded_from_cache: bool,
         cache_key: str | None,
-        core: Core | None = None,
-        source: Any = None,
+        export: Exporter | None = None,
     ) -> None:
         self._session = session
         self._device = device
         self._properties = dict(properties)
         self._loaded_from_cache = loaded_from_cache
         self._cache_key = cache_key
-        self._core = core
-        self._source = source
+        self._export = export
         self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
         self._by_name = {p.name: p for p in self._inputs}
@@ -127,12 +124,19 @@ class CompiledModel:
         return list(self._outputs)
 
     def input(self, key: int | str = 0) -> Port:
-        return self._inputs[key] if isinstance(key, int) else self._by_name[key]
+        if isinstance(key, int):
+            return self._inputs[key]
+        if key not in self._by_name:
+            raise InferenceError(f"no input {key!r}; the model's inputs are {list(self._by_name)}")
+        return self._by_name[key]
 
     def output(self, key: int | str = 0) -> Port:
         if isinstance(key, int):
             return self._outputs[key]
-        return next(p for p in self._outputs if p.name == key)
+        for port in self._outputs:
+            if port.name == key:
+                return port
+        raise InferenceError(f"no output {key!r}; the model's outputs are {[p.name for p in self._outputs]}")
 
     def get_property(self, name: str) -> Any:
         """``LOADED_FROM_CACHE``, ``CACHE_KEY``, ``EXECUTION_DEVICES``, or a compile property."""
@@ -194,9 +198,9 @@ class CompiledModel:
 
     async def export_model(self, destination: str | os.PathLike[str]) -> None:
         """Write this model's blob to a directory, for ``Core.import_model``."""
-        if self._core is None or self._source is None:
+        if self._export is None:
             raise PropertyError("this compiled model does not know its source; use Core.export_model")
-        await self._core.export_model(self._source, destination, self._device, self._properties)
+        await self._export(destination)
 
     def __repr__(self) -> str:
         cached = " (from cache)" if self._loaded_from_cache else ""

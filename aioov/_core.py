@@ -1,14 +1,15 @@
 """``Core``: the async, OpenVINO-shaped front of aioov.
 
-It owns properties and devices, de-duplicates identical in-flight compiles, and runs
-each compile job (``_pipeline.Pipeline.compile_job``: key, cache lookup, compile, export)
-in a bounded pool of worker threads. The event loop only awaits.
+It owns properties and devices, turns each call into a ``Ticket`` (merged, typed
+properties) and hands it to ``CompileJobs``, which de-duplicates identical in-flight
+compiles and runs each job (``Pipeline.compile_job``: key, cache lookup, compile, export)
+in a bounded pool of worker threads. The event loop only awaits. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import enum
+import functools
 import json
 import logging
 import os
@@ -20,26 +21,18 @@ from typing import Any, Union
 
 import anyio
 
-from . import _ortenv
-from ._bulk import BulkProgress, CompileResult, compile_models
-from ._cache.inflight import Inflight, Job
+from . import _bulk, _ortenv, _portable
+from ._bulk import BulkProgress, CompileResult, Planned
+from ._cache.export import Exporter
+from ._cache.stats import CacheStats
 from ._compiled import CompiledModel
-from ._concurrency import wait_future
 from ._devices import DeviceRegistry
-from ._errors import (
-    AioovError,
-    DeviceNotFoundError,
-    ModelReadError,
-    PropertyError,
-)
+from ._errors import AioovError, DeviceNotFoundError, ModelReadError, PropertyError
+from ._jobs import CompileJobs, Ticket
 from ._model import Model, read_any
-from ._pipeline import CacheStats, Pipeline, Result, Source
-from ._properties import (
-    DEFAULTS,
-    PROPERTIES,
-    normalize,
-    public_value,
-)
+from ._pipeline import Pipeline
+from ._properties import DEFAULTS, PROPERTIES, CompileConfig, normalize, public_value
+from ._request import CompileRequest, Result, Source
 
 __all__ = ("Core", "ModelSource")
 
@@ -91,12 +84,9 @@ class Core:
         if workers < 1:
             raise PropertyError("max_concurrent_compiles must be >= 1")
         self._max_workers = workers
-        # A compile must outlive a cancelled caller (others may share it, and it may hold a
-        # cache lock), so jobs run in an executor of their own rather than in a caller's task.
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aioov-compile")
-        self._inflight = Inflight()
-        self._pipeline = Pipeline(self._devices, self._props)
-        self._exporter = self._pipeline.exporter
+        self._exporter = Exporter()
+        self._pipeline = Pipeline(self._devices, self._exporter)
+        self._jobs = CompileJobs(self._pipeline.compile_job, workers)
         self._state = _State.OPEN
 
     # -- lifecycle ----------------------------------------------------------------
@@ -117,7 +107,7 @@ class Core:
         self._state = _State.CLOSED
         if abandon:
             self._exporter.cancel_all()
-        self._inflight.cancel_all()
+        self._jobs.close()
         with anyio.CancelScope(shield=True):
             finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout)
             if not finished:
@@ -125,8 +115,10 @@ class Core:
             await anyio.to_thread.run_sync(self._shutdown)
 
     def _shutdown(self) -> None:
+        # Compile jobs first: one still running may hand an export over or read an entry.
+        self._jobs.shutdown()
+        self._exporter.shutdown()
         self._pipeline.shutdown()
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def wait_exports(self, timeout: float | None = None) -> bool:
         """Wait until every background export has been published; False on timeout."""
@@ -212,26 +204,13 @@ class Core:
         share one compile; cancelling one caller does not cancel it for others.
         """
         device, via_auto = await self._concrete(device)
-        job = self._submit(model, device, config, via_auto=via_auto)
-        try:
-            result: Result = await wait_future(job.future)
-        finally:
-            self._inflight.leave(job)
-        return self._wrap(result, job.key[0])  # type: ignore[index]
+        ticket = self._ticket(model, device, config, via_auto=via_auto)
+        return self._wrap(await self._jobs.run(ticket), ticket)
 
-    def _submit(
-        self,
-        model: ModelSource,
-        device: str,
-        config: Mapping[str, object] | None,
-        *,
-        via_auto: bool = False,
-        defer_if_busy: bool = False,
-    ) -> Job:
-        """Start (or join) the compile job for this request; pair with ``_inflight.leave``.
-
-        With ``defer_if_busy`` the job raises ``LockBusy`` instead of waiting when another
-        process is compiling the model: a bulk load then does other models first."""
+    def _ticket(
+        self, model: ModelSource, device: str, config: Mapping[str, object] | None, *, via_auto: bool = False
+    ) -> Ticket:
+        """This call's compile, with its properties merged and typed (raises AioovError)."""
         self._check_open()
         _ortenv.warn_if_session_builds_hold_the_gil()  # once per process, on the first compile
         source = _as_source(model)
@@ -241,25 +220,24 @@ class Core:
             str(device).strip().upper(),
             json.dumps({k: v.hex() if isinstance(v, bytes) else public_value(v) for k, v in props.items()},
                        sort_keys=True, default=str),
-            defer_if_busy,
         )
-        return self._inflight.join(
-            request_id,
-            lambda token: self._pool.submit(
-                self._pipeline.compile_job, source, str(device), props, token, defer_if_busy
-            ),
-        )
+        return Ticket(source, str(device), CompileConfig.from_props(props), self._props["CACHE_MAX_SIZE"], request_id)
 
-    def _wrap(self, result: Result, source: Source) -> CompiledModel:
+    def _wrap(self, result: Result, ticket: Ticket) -> CompiledModel:
+        properties = result.config.as_props()
         return CompiledModel(
             result.session,
             device=result.device,
-            properties=result.props,
+            properties=properties,
             loaded_from_cache=result.loaded_from_cache,
             cache_key=result.key,
-            core=self,
-            source=source.model or source.raw or source.path,
+            export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
         )
+
+    async def _export_to(
+        self, model: ModelSource, destination: str | os.PathLike[str], *, device: str, config: Mapping[str, object]
+    ) -> Path:
+        return await self.export_model(model, destination, device, config)
 
     async def _concrete(self, device: str) -> tuple[str, bool]:
         """(the device AUTO picks, True) for AUTO, probing in a thread; (device, False) otherwise."""
@@ -298,10 +276,13 @@ class Core:
         _ortenv.warn_if_session_builds_hold_the_gil()
         source = _as_source(model)
         device, via_auto = await self._concrete(device)
-        props = self._merge(device, {k: public_value(v) for k, v in (config or {}).items()
-                                     if PROPERTIES.get(k.upper()) and PROPERTIES[k.upper()].scope == "compile"},
-                            via_auto=via_auto)
-        return await anyio.to_thread.run_sync(self._pipeline.export_to_dir, source, device, props, Path(destination))
+        config_ = CompileConfig.from_props(self._merge(device, config, via_auto=via_auto))
+
+        def export() -> Path:
+            request = CompileRequest.resolve(self._devices, source, device, config_)
+            return _portable.export_to_dir(self._pipeline, request, Path(destination))
+
+        return await anyio.to_thread.run_sync(export)
 
     async def import_model(
         self,
@@ -313,13 +294,18 @@ class Core:
         self._check_open()
         _ortenv.warn_if_session_builds_hold_the_gil()
         device, via_auto = await self._concrete(device)
-        props = self._merge(device, config, via_auto=via_auto)
-        result = await anyio.to_thread.run_sync(self._pipeline.import_dir, Path(blob), device, props)
-        return CompiledModel(result.session, device=result.device, properties=result.props,
-                             loaded_from_cache=True, cache_key=result.key, core=self)
+        config_ = CompileConfig.from_props(self._merge(device, config, via_auto=via_auto))
+
+        def load() -> Result:
+            request = CompileRequest.resolve(self._devices, Source(None), device, config_)
+            return _portable.import_dir(self._pipeline, request, Path(blob))
+
+        result = await anyio.to_thread.run_sync(load)
+        return CompiledModel(result.session, device=result.device, properties=result.config.as_props(),
+                             loaded_from_cache=True, cache_key=result.key)
 
     # -- bulk -------------------------------------------------------------------------
-    def compile_models(
+    async def compile_models(
         self,
         models: Iterable[Any],
         device: str = "AUTO",
@@ -336,11 +322,26 @@ class Core:
         the rest. If you may stop iterating early, close the generator promptly
         (``async with contextlib.aclosing(core.compile_models(...)) as results:``).
         """
-        return compile_models(
-            self, models, device, config,
-            max_concurrency=max_concurrency or self._max_workers,
-            fail_fast=fail_fast, progress=progress,
+        items = _bulk.parse_items(models, device, config)
+        names = {dev for _, dev, _ in items if isinstance(dev, str)}  # other values: an error per item
+        concrete = {dev: await self._concrete(dev) for dev in names}  # AUTO resolved once, in a thread
+        plan = [
+            Planned(model, dev, cfg, self._plan(model, concrete[dev] if isinstance(dev, str) else (dev, False), cfg))
+            for model, dev, cfg in items
+        ]
+        results = _bulk.compile_models(
+            self._jobs, plan, self._wrap,
+            max_concurrency=max_concurrency or self._max_workers, fail_fast=fail_fast, progress=progress,
         )
+        async with aclosing(results):
+            async for result in results:
+                yield result
+
+    def _plan(self, model: Any, device: tuple[str, bool], config: Mapping[str, object] | None) -> Ticket | AioovError:
+        try:
+            return self._ticket(model, device[0], config, via_auto=device[1])
+        except AioovError as exc:
+            return exc
 
     async def compile_all(
         self,

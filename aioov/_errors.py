@@ -13,6 +13,16 @@
 Cache failures during ``compile_model`` are never raised: the compile goes on
 uncached and a warning is logged (see docs/cache.md). ``CacheError`` is for the
 operations whose whole purpose is the cache.
+
+Internal signals, raised and caught inside aioov and never seen by a caller
+(``tests/test_architecture.py`` checks where each is caught)::
+
+    InternalSignal
+    ├── Cancelled     nobody wants a compile's result any more (lock waits, loads stop)
+    ├── LockBusy      another process compiles this key; a bulk load defers it
+    ├── EntryError    an entry on disk is unusable (quarantined, then recompiled)
+    ├── BlobError     a model cannot be cached in its device's format (compiled, not cached)
+    └── RemoteError   the remote tier failed (the local cache is used alone)
 """
 
 from __future__ import annotations
@@ -68,6 +78,31 @@ class CacheError(AioovError):
 
 class LockTimeout(CacheError):
     """Waiting for another process's cache lock took longer than ``CACHE_LOCK_TIMEOUT``."""
+
+
+class InternalSignal(Exception):
+    """Base of the exceptions that stay inside aioov: each is caught where it is handled."""
+
+
+class Cancelled(InternalSignal):
+    """The wait was abandoned because nobody wants the result any more."""
+
+
+class LockBusy(InternalSignal):
+    """Another process holds this key's lock; raised instead of waiting when asked to defer."""
+
+
+class EntryError(InternalSignal):
+    """An entry on disk is unusable; the message says why."""
+
+
+class BlobError(InternalSignal):
+    """This model cannot be cached in its device's format (the blob would not reproduce the
+    source model, or the entry could not hold it); it is compiled, not cached."""
+
+
+class RemoteError(InternalSignal):
+    """The remote store or lock service failed."""
 
 
 # ONNX Runtime's error classes, mapped at the boundary to ours (see map_ort_error).

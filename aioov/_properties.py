@@ -9,6 +9,7 @@ the cache key, so that e.g. a different thread count still hits the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any
 
 from ._errors import PropertyError
 
-__all__ = ("CacheVerify", "ExportMode", "PerformanceHint", "PROPERTIES", "normalize", "parse_size")
+__all__ = ("CacheVerify", "CompileConfig", "ExportMode", "PerformanceHint", "PROPERTIES", "normalize", "parse_size")
 
 
 class PerformanceHint(str, enum.Enum):
@@ -215,6 +216,54 @@ DEFAULTS: dict[str, Any] = {
     "ORT_SESSION_CONFIG": {},
     "ORT_PROVIDER_OPTIONS": {},
 }
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """The properties of one compile, parsed and typed: what the compile path reads.
+
+    Field names are the property names in lower case; ``from_props`` builds one from the
+    merged ``{NAME: value}`` mapping (Core, device, AUTO, then the call's config)."""
+
+    cache_dir: str | None = DEFAULTS["CACHE_DIR"]
+    cache_verify: CacheVerify = DEFAULTS["CACHE_VERIFY"]
+    cache_export: ExportMode = DEFAULTS["CACHE_EXPORT"]
+    cache_lock_timeout: float = DEFAULTS["CACHE_LOCK_TIMEOUT"]
+    cache_hmac_key: bytes | None = DEFAULTS["CACHE_HMAC_KEY"]
+    cache_remote_url: str | None = DEFAULTS["CACHE_REMOTE_URL"]
+    cache_remote_lock_url: str | None = DEFAULTS["CACHE_REMOTE_LOCK_URL"]
+    cache_remote_lock_ttl: float = DEFAULTS["CACHE_REMOTE_LOCK_TTL"]
+    cache_prepack: bool = DEFAULTS["CACHE_PREPACK"]
+    performance_hint: PerformanceHint = DEFAULTS["PERFORMANCE_HINT"]
+    inference_num_threads: int = DEFAULTS["INFERENCE_NUM_THREADS"]
+    num_streams: int = DEFAULTS["NUM_STREAMS"]
+    ort_graph_optimization_level: str = DEFAULTS["ORT_GRAPH_OPTIMIZATION_LEVEL"]
+    ort_shared_thread_pool: bool = DEFAULTS["ORT_SHARED_THREAD_POOL"]
+    ort_session_config: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ort_provider_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, Any]) -> CompileConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name.lower(): value for name, value in props.items() if name.lower() in names})
+
+    def as_props(self) -> dict[str, Any]:
+        """``{NAME: value}``, as ``CompiledModel.get_property`` shows them."""
+        return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def key_props(self) -> dict[str, Any]:
+        """The properties that shape the compiled blob (``in_key``), in readable form."""
+        return {name: public_value(getattr(self, name.lower())) for name, p in PROPERTIES.items() if p.in_key}
+
+    def with_hints(self) -> CompileConfig:
+        """``PERFORMANCE_HINT=THROUGHPUT``: many single-threaded requests in parallel."""
+        if self.performance_hint is not PerformanceHint.THROUGHPUT:
+            return self
+        return dataclasses.replace(
+            self,
+            inference_num_threads=self.inference_num_threads or 1,
+            num_streams=(os.cpu_count() or 1) if self.num_streams == 1 else self.num_streams,
+        )
 
 
 def normalize(props: Mapping[str, object], *, allow_core: bool = True) -> dict[str, Any]:

@@ -58,7 +58,7 @@ async def aioov_compile(model: str, cache_dir: str | None, config: dict[str, Any
     import aioov
 
     if openvino_cpu_cache:  # what OPENVINO on CPU would cost if aioov cached it (it does not)
-        from aioov._devices.gpu import OpenVINODevice
+        from aioov._devices.openvino import OpenVINODevice
 
         OpenVINODevice.cached_device_types = ("CPU",)
 

@@ -38,7 +38,7 @@ PY
 "$venv/bin/python" - <<'PY'
 from importlib.metadata import distributions
 
-from aioov._devices.gpu import OpenVINODevice
+from aioov._devices.openvino import OpenVINODevice
 
 runtimes = sorted(d.metadata["Name"] for d in distributions() if d.metadata["Name"].startswith("onnxruntime"))
 assert runtimes == ["onnxruntime-openvino"], f"one onnxruntime distribution only, found {runtimes}"

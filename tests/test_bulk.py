@@ -11,7 +11,7 @@ import pytest
 
 import aioov
 from aioov._devices import AUTO_PRIORITY
-from aioov._pipeline import Pipeline
+from aioov._sessions import SessionFactory
 
 from .helpers import make_models
 
@@ -64,7 +64,7 @@ async def test_fail_fast_raises_and_cancels_the_rest(six_models: list[Path], tmp
     async with aioov.Core(max_concurrent_compiles=1) as core:
         with pytest.raises(aioov.ModelReadError):
             await core.compile_all([bad, *six_models], "CPU", max_concurrency=1, fail_fast=True)
-        assert len(core._inflight) == 0
+        assert len(core._jobs.inflight) == 0
 
 
 async def test_duplicates_compile_once(six_models: list[Path]) -> None:
@@ -99,14 +99,14 @@ async def test_cancelling_a_bulk_load_leaves_no_half_written_entries(
 ) -> None:
     started = threading.Event()
     release = threading.Event()
-    original = Pipeline.create_session
+    original = SessionFactory.compile
 
     def slow(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         started.set()
         release.wait(10)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Pipeline, "create_session", slow)
+    monkeypatch.setattr(SessionFactory, "compile", slow)
     async with aioov.Core(cache_dir=cache_dir) as core:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
@@ -119,7 +119,7 @@ async def test_cancelling_a_bulk_load_leaves_no_half_written_entries(
                 scope.cancel()
         assert scope.cancelled_caught
         release.set()
-        assert len(core._inflight) == 0
+        assert len(core._jobs.inflight) == 0
     assert list((cache_dir / "v1").glob("??/*")) == []
     assert list((cache_dir / "v1" / ".tmp").iterdir()) == []
 
@@ -129,7 +129,7 @@ async def test_breaking_out_early_releases_the_rest(six_models: list[Path]) -> N
         async with aclosing(core.compile_models(six_models, "CPU", max_concurrency=2)) as results:
             first = await results.__anext__()
         assert first.ok
-        assert len(core._inflight) == 0  # the job still running was released and cancelled
+        assert len(core._jobs.inflight) == 0  # the job still running was released and cancelled
 
 
 async def test_models_another_process_is_compiling_are_loaded_last(six_models: list[Path], cache_dir: Path) -> None:

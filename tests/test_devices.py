@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import aioov
-from aioov._cache.blob import BlobError, OpenVINOCacheBlob, TensorRTContextBlob
 from aioov._devices import DeviceRegistry
 from aioov._devices.base import Device
 from aioov._devices.cpu import CPUDevice
-from aioov._devices.gpu import CUDADevice, OpenVINODevice, TensorRTDevice
+from aioov._devices.nvidia import CUDADevice, TensorRTContextBlob, TensorRTDevice
+from aioov._devices.openvino import OpenVINOCacheBlob, OpenVINODevice
+from aioov._errors import BlobError
 from aioov.testing import mlp, save_with_external_data
 
 from .helpers import reference
@@ -119,15 +120,21 @@ async def test_a_device_that_cannot_export_compiles_without_writing(mlp_path: Pa
     assert not cache_dir.exists()
 
 
+def _key_inputs(digest: str, device: Device, spec: object, providers: list) -> dict:  # type: ignore[type-arg]
+    """The key inputs of a compile of model ``digest`` with default properties."""
+    from aioov._properties import CompileConfig
+    from aioov._request import CompileRequest, Source
+
+    return CompileRequest(Source(None), device, spec, providers, CompileConfig()).key_inputs(digest)  # type: ignore[arg-type]
+
+
 def test_key_inputs_differ_per_device_and_provider_options() -> None:
     from aioov._devices import DeviceSpec
-    from aioov._pipeline import _key_inputs
-    from aioov._properties import DEFAULTS
 
     cpu, cuda = CPUDevice(), CUDADevice()
-    a = _key_inputs("d", cpu, DeviceSpec("CPU"), cpu.providers(None, {}), DEFAULTS)
-    b = _key_inputs("d", cuda, DeviceSpec("GPU", 0), cuda.providers(0, {}), DEFAULTS)
-    c = _key_inputs("d", cuda, DeviceSpec("GPU", 1), cuda.providers(1, {}), DEFAULTS)
+    a = _key_inputs("d", cpu, DeviceSpec("CPU"), cpu.providers(None, {}))
+    b = _key_inputs("d", cuda, DeviceSpec("GPU", 0), cuda.providers(0, {}))
+    c = _key_inputs("d", cuda, DeviceSpec("GPU", 1), cuda.providers(1, {}))
     assert len({str(a), str(b), str(c)}) == 3
 
 
@@ -146,10 +153,8 @@ async def test_compile_on_a_real_gpu(mlp_path: Path) -> None:  # pragma: no cove
 def test_tensorrt_export_writes_everything_inside_the_entry(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from aioov._cache.blob import TensorRTContextBlob
-
     providers = TensorRTDevice().providers(1, {"trt_fp16_enable": "1"})
-    configured = TensorRTContextBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "ab" * 32, {})
+    configured = TensorRTContextBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "ab" * 32, True)
     (name, trt), *fallbacks = configured
     assert name == "TensorrtExecutionProvider" and fallbacks == providers[1:]
     assert trt["device_id"] == "1" and trt["trt_fp16_enable"] == "1"
@@ -162,17 +167,14 @@ def test_tensorrt_export_writes_everything_inside_the_entry(tmp_path: Path) -> N
 def test_tensorrt_import_never_writes_into_the_entry(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from aioov._cache.blob import TensorRTContextBlob
-
     blob = TensorRTContextBlob()
-    exported = blob.configure_export(ort.SessionOptions(), TensorRTDevice().providers(None, {}), tmp_path, "c" * 64, {})
+    providers = TensorRTDevice().providers(None, {})
+    exported = blob.configure_export(ort.SessionOptions(), providers, tmp_path, "c" * 64, True)
     (_, trt), *_ = blob.configure_import(ort.SessionOptions(), exported, tmp_path, None)
     assert not [k for k in trt if k.startswith(("trt_engine_cache", "trt_timing_cache"))]
 
 
 def test_tensorrt_finalize_keeps_only_the_context_model(tmp_path: Path) -> None:
-    from aioov._cache.blob import BlobError, TensorRTContextBlob
-
     blob = TensorRTContextBlob()
     (tmp_path / "aioov_x.engine").write_bytes(b"engine")
     (tmp_path / "aioov_x.timing").write_bytes(b"timing")
@@ -184,15 +186,13 @@ def test_tensorrt_finalize_keeps_only_the_context_model(tmp_path: Path) -> None:
 
 
 def test_tensorrt_key_includes_the_gpu_and_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov._devices import DeviceSpec, gpu
-    from aioov._pipeline import _key_inputs
-    from aioov._properties import DEFAULTS
+    from aioov._devices import DeviceSpec, nvidia
 
     trt = TensorRTDevice()
     keys = []
     for name in ("NVIDIA H100", "NVIDIA L4"):
-        monkeypatch.setattr(gpu, "nvidia_gpus", lambda name=name: ({"name": name, "compute_capability": "9.0"},))
-        inputs = _key_inputs("d", trt, DeviceSpec("TENSORRT", 0), trt.providers(0, {}), DEFAULTS)
+        monkeypatch.setattr(nvidia, "nvidia_gpus", lambda name=name: ({"name": name, "compute_capability": "9.0"},))
+        inputs = _key_inputs("d", trt, DeviceSpec("TENSORRT", 0), trt.providers(0, {}))
         assert inputs["blob"] == "trt-ep-context"
         assert {"tensorrt", "cuda", "gpu"} <= set(inputs["hardware"])
         keys.append(str(inputs))
@@ -203,7 +203,7 @@ class _ContextStyleBlob(TensorRTContextBlob):
     """The TensorRT entry flow (compile writes the blob, no background export, a context
     model as the entry's graph) with a CPU stand-in for TensorRT's dump."""
 
-    def configure_export(self, options, providers, tmp, key, props):  # type: ignore[no-untyped-def]
+    def configure_export(self, options, providers, tmp, key, prepack):  # type: ignore[no-untyped-def]
         options.optimized_model_filepath = str(tmp / self.model_file)  # stands in for trt_dump_ep_context_model
         return providers
 
@@ -295,15 +295,13 @@ def test_openvino_finalize_wants_a_compiled_blob(tmp_path: Path) -> None:
 
 
 def test_openvino_key_includes_the_openvino_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov._devices import DeviceSpec, gpu
-    from aioov._pipeline import _key_inputs
-    from aioov._properties import DEFAULTS
+    from aioov._devices import DeviceSpec, openvino
 
     ov = OpenVINODevice()
     keys = []
     for version in ("2025.4.1", "2026.0.0"):
-        monkeypatch.setattr(gpu, "openvino_version", lambda version=version: version)
-        inputs = _key_inputs("d", ov, DeviceSpec("OPENVINO"), ov.providers(None, {}), DEFAULTS)
+        monkeypatch.setattr(openvino, "openvino_version", lambda version=version: version)
+        inputs = _key_inputs("d", ov, DeviceSpec("OPENVINO"), ov.providers(None, {}))
         assert inputs["blob"] == "ov-cache-dir" and inputs["hardware"]["openvino"] == version
         keys.append(str(inputs))
     assert keys[0] != keys[1]
@@ -316,7 +314,7 @@ class _SourceKeepingBlob(OpenVINOCacheBlob):
     def __init__(self, miss_on_import: bool = False) -> None:
         self.miss_on_import = miss_on_import
 
-    def configure_export(self, options, providers, tmp, key, props):  # type: ignore[no-untyped-def]
+    def configure_export(self, options, providers, tmp, key, prepack):  # type: ignore[no-untyped-def]
         (tmp / "4242.blob").write_bytes(b"compiled")
         return providers
 
@@ -487,7 +485,6 @@ _OV_WORKER = """
 import json, sys, time, anyio, numpy as np, onnxruntime as ort, aioov
 from aioov._devices import DeviceRegistry
 from aioov._devices.cpu import CPUDevice
-from aioov._devices.gpu import OpenVINODevice
 class CachingOpenVINO(OpenVINODevice):
     cached_device_types = ("CPU",)
 cache_dir, start_at, path, rounds = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])

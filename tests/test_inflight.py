@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import aioov
-from aioov._pipeline import Pipeline
+from aioov._sessions import SessionFactory
 
 pytestmark = pytest.mark.anyio
 
@@ -19,13 +19,13 @@ pytestmark = pytest.mark.anyio
 def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Hold every compile from the source model until the test opens the gate."""
     opened = threading.Event()
-    original = Pipeline.create_session
+    original = SessionFactory.compile
 
     def gated(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         assert opened.wait(30), "the test never opened the gate"
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Pipeline, "create_session", gated)
+    monkeypatch.setattr(SessionFactory, "compile", gated)
     return opened
 
 
@@ -40,7 +40,7 @@ async def test_twenty_identical_compiles_compile_once(bert_path: Path, cache_dir
             for _ in range(20):
                 tg.start_soon(one)
         assert core.cache_stats.compiles == 1
-        assert core._inflight.started == 1 and core._inflight.joined == 19
+        assert core._jobs.inflight.started == 1 and core._jobs.inflight.joined == 19
     assert len(results) == 20
     assert {r.session for r in results} == {results[0].session}
 
@@ -90,7 +90,7 @@ async def test_when_every_caller_leaves_the_job_is_cancelled(
     async with aioov.Core(cache_dir=cache_dir) as core:
         with anyio.move_on_after(0.2):
             await core.compile_model(mlp_path, "CPU")
-        assert len(core._inflight) == 0  # forgotten: a new caller starts afresh
+        assert len(core._jobs.inflight) == 0  # forgotten: a new caller starts afresh
         gate.set()
         compiled = await core.compile_model(mlp_path, "CPU")
         assert compiled.get_property("LOADED_FROM_CACHE") is False
@@ -149,7 +149,7 @@ def test_the_last_waiter_forgets_a_finished_job_before_its_callback_runs() -> No
     the job is done but not yet forgotten. The last waiter to leave forgets it then."""
     import concurrent.futures
 
-    from aioov._cache.inflight import Inflight
+    from aioov._jobs import Inflight
 
     class LateCallbacks(concurrent.futures.Future):  # type: ignore[type-arg]
         def add_done_callback(self, fn):  # type: ignore[no-untyped-def]

@@ -88,6 +88,17 @@ async def main():
 anyio.run(main)
 """
 
+#: prefix for ONE_COMPILE: say on stderr when the process starts waiting for a key's lock
+SAYS_WHEN_IT_WAITS = """
+import sys
+from aioov._cache.locks import KeyLock
+_acquire = KeyLock.acquire
+def acquire(self, *args, **kwargs):
+    print("waiting for the lock", file=sys.stderr, flush=True)
+    return _acquire(self, *args, **kwargs)
+KeyLock.acquire = acquire
+"""
+
 
 def test_sigkill_of_the_lock_holder_releases_the_others(three_models: list[str], tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
@@ -95,9 +106,9 @@ def test_sigkill_of_the_lock_holder_releases_the_others(three_models: list[str],
     holder = start(STUCK_EXPORTER, str(cache_dir), model)
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == "exporting"  # lock held, blob half-way
-    waiter = start(ONE_COMPILE, str(cache_dir), model)
-    time.sleep(0.5)
-    assert waiter.poll() is None, "the waiter must be waiting for the lock"
+    waiter = start(SAYS_WHEN_IT_WAITS + ONE_COMPILE, str(cache_dir), model)
+    assert waiter.stderr is not None
+    assert waiter.stderr.readline().strip() == "waiting for the lock"  # however slow its start was
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate(timeout=30)
     out, err = waiter.communicate(timeout=120)

@@ -21,12 +21,9 @@ from typing import Any
 import blake3
 
 from .fsutil import atomic_write_bytes
+from .layout import FORMAT_VERSION
 
 __all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files")
-
-#: bump when the meaning of a key or the entry layout changes
-FORMAT_VERSION = 1
-
 
 @dataclass(frozen=True)
 class FileStat:

@@ -25,20 +25,12 @@ from types import TracebackType
 
 import portalocker
 
-from .._errors import LockTimeout
+from .._errors import Cancelled, LockTimeout
 
-__all__ = ("Cancelled", "KeyLock", "LockBusy")
+__all__ = ("KeyLock",)
 
 _POLL_START = 0.005
 _POLL_MAX = 0.1
-
-
-class Cancelled(Exception):
-    """The wait was abandoned because nobody wants the result any more."""
-
-
-class LockBusy(Exception):
-    """Another process holds this key's lock; raised instead of waiting when asked to defer."""
 
 
 class KeyLock:

@@ -41,15 +41,13 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from .store import MANIFEST, CacheStore
+from .._errors import RemoteError
+from .layout import MANIFEST
+from .store import CacheStore
 
-__all__ = ("DirectoryRemote", "RemoteError", "RemoteLock", "RemoteStore", "RemoteTier", "remote_for")
+__all__ = ("DirectoryRemote", "RemoteLock", "RemoteStore", "RemoteTier", "remote_for")
 
 logger = logging.getLogger("aioov.cache")
-
-
-class RemoteError(Exception):
-    """The remote store or lock service failed."""
 
 
 class RemoteTier(Protocol):

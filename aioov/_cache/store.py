@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,18 +33,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
+from .._errors import EntryError
 from . import auth
-from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, is_plain_dir, is_plain_file
-from .key import FORMAT_VERSION, StatIndex
+from .fsutil import (
+    atomic_write_bytes,
+    checksum_file,
+    children,
+    fsync_dir,
+    fsync_file,
+    is_plain_dir,
+    is_plain_file,
+    newest_mtime,
+    nofollow_opener,
+    rmtree,
+)
+from .key import StatIndex
+from .layout import FORMAT_VERSION, MANIFEST
 from .locks import KeyLock
 
-__all__ = ("CacheStore", "Entry", "EntryInfo", "checksum_file")
+__all__ = ("CacheInfo", "CacheStore", "Entry", "EntryInfo")
 
 logger = logging.getLogger("aioov.cache")
 
-MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 1 << 20
 _CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -55,33 +63,6 @@ _CACHEDIR_TAG = (
 )
 #: a temp dir is removed only when no writer holds its key's lock and it is at least this old
 TMP_MIN_AGE = 60.0
-
-
-#: xxh3 holds the GIL while it hashes; hashing in slices bounds how long the event loop can
-#: be kept waiting (4 MiB ≈ 0.4 ms) while a worker thread verifies a large weights file.
-CHECKSUM_SLICE = 4 << 20
-
-
-def checksum_file(path: Path) -> str:
-    """xxh3-128 of a file through a memory map (~10 GB/s, no copy)."""
-    hasher = xxhash.xxh3_128()
-    with open(path, "rb", opener=_nofollow_opener) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return hasher.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-            for start in range(0, size, CHECKSUM_SLICE):
-                with view[start : start + CHECKSUM_SLICE] as piece:
-                    hasher.update(piece)
-    return hasher.hexdigest()
-
-
-def _nofollow_opener(path: str, flags: int) -> int:
-    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
-
-
-class EntryError(Exception):
-    """An entry on disk is unusable; the message says why."""
 
 
 @dataclass
@@ -176,7 +157,7 @@ class CacheStore:
         if not is_plain_dir(path):
             raise EntryError("entry is not a plain directory")
         try:
-            with open(path / MANIFEST, "rb", opener=_nofollow_opener) as f:
+            with open(path / MANIFEST, "rb", opener=nofollow_opener) as f:
                 raw = f.read(_MAX_MANIFEST_BYTES + 1)
         except OSError as exc:
             raise EntryError(f"manifest unreadable: {exc}") from None
@@ -220,7 +201,7 @@ class CacheStore:
         """An entry directory outside the tree (``export_model``'s output), its manifest checked
         like a cache entry's; raises EntryError."""
         try:
-            with open(path / MANIFEST, "rb", opener=_nofollow_opener) as f:
+            with open(path / MANIFEST, "rb", opener=nofollow_opener) as f:
                 key = json.loads(f.read(_MAX_MANIFEST_BYTES + 1)).get("key")
         except (OSError, ValueError, AttributeError) as exc:
             raise EntryError(f"no readable manifest: {exc}") from None
@@ -273,7 +254,7 @@ class CacheStore:
             os.rename(self.entry_path(key), aside)
         except OSError:
             return False
-        _rmtree(aside)
+        rmtree(aside)
         return True
 
     # -- write --------------------------------------------------------------------
@@ -324,13 +305,13 @@ class CacheStore:
         final = self.entry_path(key)
         final.parent.mkdir(exist_ok=True)
         if abort is not None and abort():
-            _rmtree(tmp)
+            rmtree(tmp)
             return False
         try:
             os.rename(tmp, final)
         except OSError:
             if os.path.lexists(final):  # published meanwhile by a writer that had no lock
-                _rmtree(tmp)
+                rmtree(tmp)
                 return False
             raise
         fsync_dir(final.parent)
@@ -338,16 +319,16 @@ class CacheStore:
 
     def discard(self, tmp: Path) -> None:
         """Remove a temp dir that will not be published."""
-        _rmtree(tmp)
+        rmtree(tmp)
 
     # -- maintenance --------------------------------------------------------------
     def clean_tmp(self, min_age: float = TMP_MIN_AGE) -> list[Path]:
         """Remove temp dirs left by crashed writers (never one whose key lock is held)."""
         removed = []
         now = time.time()
-        for path in _children(self.tmp):
+        for path in children(self.tmp):
             try:
-                if now - _newest_mtime(path) < min_age:
+                if now - newest_mtime(path) < min_age:
                     continue
             except OSError:
                 continue
@@ -358,7 +339,7 @@ class CacheStore:
             except (OSError, ValueError):
                 continue
             try:
-                _rmtree(path)
+                rmtree(path)
                 removed.append(path)
             finally:
                 if lock is not None:
@@ -366,10 +347,10 @@ class CacheStore:
         return removed
 
     def keys(self) -> Iterator[str]:
-        for shard in _children(self.base):
+        for shard in children(self.base):
             if shard.name.startswith(".") or not is_plain_dir(shard):
                 continue
-            for entry in _children(shard):
+            for entry in children(shard):
                 yield entry.name
 
     def info(self, key: str) -> EntryInfo:
@@ -383,7 +364,7 @@ class CacheStore:
         except OSError as exc:
             problem = f"unreadable: {exc}"
         size = 0
-        for file in _children(path):
+        for file in children(path):
             try:
                 size += file.lstat().st_size
             except OSError:
@@ -406,7 +387,7 @@ class CacheStore:
     def scan(self) -> CacheInfo:
         info = CacheInfo(self.root)
         info.entries = sorted((self.info(k) for k in self.keys()), key=lambda e: e.last_used)
-        info.incomplete = list(_children(self.tmp))
+        info.incomplete = list(children(self.tmp))
         return info
 
     def remove(self, key: str, *, wait: float = 0.0) -> bool:
@@ -453,28 +434,3 @@ class CacheStore:
         self.clean_tmp(min_age=0)
         return removed
 
-
-def _children(path: Path) -> list[Path]:
-    try:
-        return sorted(path.iterdir())
-    except OSError:
-        return []
-
-
-def _newest_mtime(path: Path) -> float:
-    newest = path.lstat().st_mtime
-    for child in _children(path):
-        newest = max(newest, child.lstat().st_mtime)
-    return newest
-
-
-def _rmtree(path: Path) -> None:
-    try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        else:
-            shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.warning("aioov cache: could not remove %s: %s", path, exc)

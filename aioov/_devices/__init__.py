@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 
 from .._errors import DeviceNotFoundError
-from .base import Device, DeviceSpec, ProviderList, cpu_fingerprint, probe_session
+from .base import BlobFormat, Device, DeviceSpec, ProviderList, cpu_fingerprint, probe_session
 from .cpu import CPUDevice
-from .gpu import CUDADevice, OpenVINODevice, TensorRTDevice
+from .nvidia import CUDADevice, TensorRTDevice
+from .openvino import OpenVINODevice
 
 __all__ = (
     "AUTO_PRIORITY",
+    "BlobFormat",
     "Device",
     "DeviceRegistry",
     "DeviceSpec",

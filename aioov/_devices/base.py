@@ -2,9 +2,13 @@
 
 Each concrete device says which providers (with which options) it runs on,
 how to probe that it really loads, whether its compiled result can be
-exported to the cache, and what about the hardware enters the cache key.
-The provider calls live here, behind ``Device``, so that the logic above it
-is testable on a machine without a GPU.
+exported to the cache (its ``BlobFormat``), and what about the hardware enters
+the cache key. The provider calls live here, behind ``Device``, so that the
+logic above it is testable on a machine without a GPU.
+
+A ``BlobFormat`` only configures ONNX Runtime (session and provider options) to write or
+read an entry; the compile path builds the sessions. Each format lives beside the device
+that needs it; of the cache, a device knows only the reserved names in ``_cache/layout.py``.
 """
 
 from __future__ import annotations
@@ -15,16 +19,73 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, ClassVar
 
 import onnxruntime as ort
 
 from .. import _ortenv
-from .._cache.blob import BlobFormat
 
-__all__ = ("Device", "ProviderList", "cpu_fingerprint", "probe_session")
+__all__ = (
+    "CPU_FALLBACK",
+    "BlobFormat",
+    "Device",
+    "DeviceSpec",
+    "ProviderList",
+    "cpu_fingerprint",
+    "probe_session",
+    "with_first",
+)
 
 ProviderList = list[tuple[str, dict[str, str]]]
+#: the provider ONNX Runtime falls back to for nodes a GPU provider does not take
+CPU_FALLBACK: tuple[str, dict[str, str]] = ("CPUExecutionProvider", {})
+
+
+class BlobFormat:
+    """What a cache entry holds for a device, and how sessions write and read it."""
+
+    kind: ClassVar[str]
+    #: the file ONNX Runtime loads when the entry is imported (checked before it is parsed)
+    model_file: ClassVar[str]
+    #: True: a second session can write the blob after the caller got theirs
+    background: ClassVar[bool]
+    #: True: the entry holds a copy of the source model (as ``model_file``) beside the blob
+    keeps_source: ClassVar[bool] = False
+    #: True: the provider writes into its cache even on a hit; imports get a scratch directory
+    import_scratch: ClassVar[bool] = False
+
+    def configure_export(
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
+    ) -> ProviderList:
+        """Make a compile from source also write the blob into ``tmp``."""
+        raise NotImplementedError
+
+    def configure_import(
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+    ) -> ProviderList:
+        """Make a session load the blob in ``entry`` (``scratch``: a directory to write in,
+        given when ``import_scratch`` is set)."""
+        raise NotImplementedError
+
+    def stage_source(self, tmp: Path, model: bytes | tuple[str, list[str]]) -> None:
+        """Copy the source (its bytes, or its file and external-data files) into ``tmp``,
+        for formats that ``keeps_source``; BlobError when the entry cannot hold it."""
+        raise NotImplementedError
+
+    def finalize(self, tmp: Path, input_names: list[str]) -> None:
+        """Check (and tidy) what the export wrote, before it is published."""
+
+    def after_import(self, entry: Path, scratch: Path | None) -> str | None:
+        """After a session was built from ``entry``: why the entry was not really used
+        (the provider compiled again), or None."""
+        return None
+
+
+def with_first(providers: ProviderList, **options: str) -> ProviderList:
+    """``providers`` with ``options`` added to the first provider's."""
+    (name, first), *rest = providers
+    return [(name, {**first, **options}), *rest]
 
 
 @dataclass(frozen=True)
@@ -133,11 +194,17 @@ _PROBE_MODEL: bytes | None = None
 
 
 def _probe_model() -> bytes:
+    """The smallest model worth a session: y = x + x, in float32."""
     global _PROBE_MODEL
     if _PROBE_MODEL is None:
-        from ..testing import mlp
+        from onnx import TensorProto, helper
 
-        _PROBE_MODEL = mlp(2, 2, 2).SerializeToString()
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+        graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        _PROBE_MODEL = model.SerializeToString()
     return _PROBE_MODEL
 
 

@@ -1,36 +1,35 @@
-"""GPU devices: ``GPU[.N]`` (CUDA), ``TENSORRT[.N]`` and ``OPENVINO``.
+"""NVIDIA devices: ``GPU[.N]`` (CUDA) and ``TENSORRT[.N]``, and TensorRT's blob format.
 
 ``onnxruntime.get_available_providers()`` lists CUDA and TensorRT whenever
 onnxruntime-gpu is installed, even on a machine without CUDA: availability is
 therefore probed by building a tiny session (see ``Device.available``).
 
-TENSORRT is cached as an EP-context model with its engine embedded (see
-``_cache.blob.TensorRTContextBlob``), OPENVINO on its GPU and NPU as OpenVINO's own
-cached blob beside a copy of the model (``_cache.blob.OpenVINOCacheBlob``). GPU (CUDA)
-and OPENVINO on CPU do not advertise ``EXPORT_IMPORT``: a model optimized by the CUDA
-provider contains Memcpy nodes and there is no engine to keep, and OpenVINO's cache
-makes a CPU session slower; they compile normally, with no error, and write nothing
-to the cache.
+GPU (CUDA) does not advertise ``EXPORT_IMPORT``: a model optimized by the CUDA provider
+contains Memcpy nodes and there is no engine to keep; it compiles normally, with no error,
+and writes nothing to the cache.
+
+``TensorRTContextBlob`` (TENSORRT): the EP-context model TensorRT dumps while it builds its
+engine (``model_ctx.onnx``, engine embedded), written by the compile itself. The engine
+cache prefix is the aioov key, so two models of one structure can never share an engine
+(onnxruntime's own cache keys hash names, not weights: upstream #6455), and every path
+points inside the entry being written: the same locks, atomic publish and checksums apply.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
 from functools import cache
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any
 
-from .._cache.blob import OpenVINOCacheBlob, TensorRTContextBlob
-from .base import Device, ProviderList, cpu_fingerprint
+from .._errors import BlobError
+from .base import CPU_FALLBACK, BlobFormat, Device, ProviderList, cpu_fingerprint, with_first
 
-__all__ = ("CUDADevice", "OpenVINODevice", "TensorRTDevice")
-
-_CPU: tuple[str, dict[str, str]] = ("CPUExecutionProvider", {})
+__all__ = ("CUDADevice", "TensorRTContextBlob", "TensorRTDevice")
 
 
 @cache
@@ -87,22 +86,41 @@ def tensorrt_version() -> str:
     return "unknown"
 
 
-@cache
-def openvino_version() -> str:
-    """The OpenVINO runtime the provider uses: onnxruntime-openvino bundles its own
-    ``libopenvino.so.<version>`` beside the provider library."""
-    import onnxruntime
+class TensorRTContextBlob(BlobFormat):
+    kind = "trt-ep-context"
+    model_file = "model_ctx.onnx"
+    background = False  # the engine build is the compile: it writes the blob as it goes
 
-    capi = os.path.join(os.path.dirname(onnxruntime.__file__), "capi")
-    bundled = sorted(glob.glob(os.path.join(capi, "libopenvino.so.*.*.*")))
-    if bundled:
-        return os.path.basename(bundled[-1]).removeprefix("libopenvino.so.")
-    try:
-        import openvino
+    def configure_export(
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
+    ) -> ProviderList:
+        return with_first(
+            providers,
+            trt_engine_cache_enable="True",
+            trt_engine_cache_path=str(tmp),
+            trt_engine_cache_prefix=f"aioov_{key[:32]}",
+            trt_timing_cache_enable="True",
+            trt_timing_cache_path=str(tmp),
+            trt_dump_ep_context_model="True",
+            trt_ep_context_file_path=str(tmp / self.model_file),
+            trt_ep_context_embed_mode="1",  # the engine inside the context model: one self-contained file
+        )
 
-        return str(openvino.__version__)
-    except ImportError:
-        return "unknown"
+    def configure_import(
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+    ) -> ProviderList:
+        # The engine is embedded in the context model; no cache paths, so that ONNX Runtime
+        # never writes into a published entry.
+        (name, first), *rest = providers
+        first = {k: v for k, v in first.items() if not k.startswith(("trt_engine_cache", "trt_timing_cache"))}
+        return [(name, first), *rest]
+
+    def finalize(self, tmp: Path, input_names: list[str]) -> None:
+        if not (tmp / self.model_file).is_file():
+            raise BlobError("TensorRT wrote no EP-context model (no node ran on TensorRT?)")
+        for file in tmp.iterdir():  # engines and timing caches are inside the context model now
+            if file.name != self.model_file:
+                file.unlink()
 
 
 class _NvidiaDevice(Device):
@@ -124,7 +142,7 @@ class CUDADevice(_NvidiaDevice):
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         opts = {"device_id": str(index or 0), **options}
-        return [(self.provider, opts), _CPU]
+        return [(self.provider, opts), CPU_FALLBACK]
 
     def full_name(self) -> str:
         return "NVIDIA GPU (CUDA)"
@@ -140,31 +158,7 @@ class TensorRTDevice(_NvidiaDevice):
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         device = {"device_id": str(index or 0)}
-        return [(self.provider, {**device, **options}), ("CUDAExecutionProvider", device), _CPU]
+        return [(self.provider, {**device, **options}), ("CUDAExecutionProvider", device), CPU_FALLBACK]
 
     def full_name(self) -> str:
         return "NVIDIA GPU (TensorRT)"
-
-
-class OpenVINODevice(Device):
-    family = "OPENVINO"
-    provider = "OpenVINOExecutionProvider"
-    blob = OpenVINOCacheBlob()
-    #: OpenVINO device types whose compile a cached blob skips. Not CPU: there the provider's
-    #: session time is onnxruntime's and the ONNX conversion, and a hit was measured slower
-    #: than a compile (benchmarks, scenario ovep; docs/devices.md)
-    cached_device_types: ClassVar[tuple[str, ...]] = ("GPU", "NPU")
-
-    def caches(self, options: Mapping[str, str]) -> bool:
-        device_type = options.get("device_type", "CPU").upper()  # e.g. GPU.1, HETERO:GPU,CPU
-        return super().caches(options) and any(kind in device_type for kind in self.cached_device_types)
-
-    def fingerprint(self, index: int | None) -> dict[str, Any]:
-        """OpenVINO's blobs are specific to its version (it refuses others) and the CPU's ISA."""
-        return {**cpu_fingerprint(), "openvino": openvino_version()}
-
-    def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
-        return [(self.provider, {"device_type": "CPU", **options}), _CPU]
-
-    def full_name(self) -> str:
-        return "Intel OpenVINO execution provider"

@@ -1,0 +1,22 @@
+"""The names a cache entry and a cache directory reserve, and nothing else.
+
+Dependency-free on purpose: it is the one cache module a device (and its blob format) may
+import, so that devices never depend on how the store works.
+"""
+
+from __future__ import annotations
+
+__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "is_reserved")
+
+#: bump when the meaning of a key or the entry layout changes (``CACHE_DIR/v<FORMAT_VERSION>``)
+FORMAT_VERSION = 1
+#: an entry's manifest, written last: key inputs, sizes, checksums
+MANIFEST = "manifest.json"
+#: the optimized (or copied) ONNX model of an entry, and its external weights
+BLOB_MODEL = "model.onnx"
+BLOB_WEIGHTS = "weights.bin"
+
+
+def is_reserved(name: str) -> bool:
+    """Whether a file name in an entry is one the cache itself gives meaning to."""
+    return name in (MANIFEST, "", ".", "..") or "/" in name or "\\" in name

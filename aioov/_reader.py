@@ -1,0 +1,164 @@
+"""Cache hits: find an entry, check it, load it; quarantine what a check proved bad.
+
+The reader never writes an entry. Checksums (or MACs, with ``CACHE_HMAC_KEY``) of the
+weights run on an I/O thread while ONNX Runtime maps them, so a hit costs little more than
+the load; the small graph file is checked first, so ORT never parses a corrupt one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ._cache import auth
+from ._cache.stats import CacheEvents
+from ._cache.store import CacheStore, Entry
+from ._concurrency import CancelToken
+from ._errors import ORT_ERRORS, Cancelled, LockTimeout
+from ._properties import CacheVerify
+from ._request import CompileRequest
+from ._sessions import SessionFactory
+
+__all__ = ("EntryReader", "mac_key_of")
+
+
+def mac_key_of(secret: bytes | None) -> bytes | None:
+    return auth.derive_key(secret) if secret else None
+
+
+class EntryReader:
+    """Loads cache entries (and ``export_model`` directories) for one Core."""
+
+    def __init__(self, sessions: SessionFactory, events: CacheEvents) -> None:
+        self._sessions = sessions
+        self._events = events
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aioov-io")
+        self._verified: dict[Path, tuple[tuple[int, ...], ...] | None] = {}  # entries checksummed here
+
+    def shutdown(self) -> None:
+        self._io_pool.shutdown(wait=True)
+
+    def try_import(
+        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, *, locked: bool = False
+    ) -> ort.InferenceSession | None:
+        """Load the entry for ``key`` if present and intact; None means compile."""
+        config = request.config
+        if not os.path.lexists(store.entry_path(key)):
+            return None  # the common miss: no lock file is created, no manifest read
+        reader = store.lock(key)
+        if not locked:
+            try:
+                # Shared: prune skips entries being read. Held only until the session exists.
+                reader.acquire(min(5.0, config.cache_lock_timeout), shared=True)
+            except (LockTimeout, OSError):
+                pass  # read-only dir, or a long prune: read without the lock
+        try:
+            entry = store.lookup(key, check_sizes=config.cache_verify is not CacheVerify.OFF)
+        except OSError:
+            entry = None
+        if entry is None:
+            reader.release()
+            return None
+        try:
+            return self._load_entry(store, entry, request, token)
+        finally:
+            reader.release()
+
+    def _load_entry(
+        self, store: CacheStore, entry: Entry, request: CompileRequest, token: CancelToken | None
+    ) -> ort.InferenceSession | None:
+        assert request.device.blob is not None
+        graph = request.device.blob.model_file
+        check: concurrent.futures.Future[str | None] | None = None
+        rest = [name for name in entry.files if name != graph]
+        mac_key = mac_key_of(request.config.cache_hmac_key)
+        if mac_key is not None:
+            # Authenticated entries: keyed blake3 MACs instead of checksums, whatever CACHE_VERIFY.
+            problem = auth.check(entry.manifest, entry.path, mac_key, [graph])
+            if problem:
+                store.quarantine(entry.key, problem)
+                return None
+            check = self._io_pool.submit(auth.check, entry.manifest, entry.path, mac_key, rest)
+        elif request.config.cache_verify is CacheVerify.FULL and (
+            entry.path not in self._verified or self._verified[entry.path] != _identity(entry)
+        ):
+            # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
+            # ORT fail, they would silently change the outputs. Once per entry and process:
+            # later loads only check that the files are the same ones (size, mtime, inode).
+            problem = store.verify(entry, [graph])
+            if problem:
+                store.quarantine(entry.key, problem)
+                return None
+            check = self._io_pool.submit(store.verify, entry, rest)
+        try:
+            session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key))
+        except ORT_ERRORS as exc:
+            if check is not None:
+                check.result()
+            if token is not None and token.cancelled:
+                raise Cancelled() from exc
+            store.quarantine(entry.key, f"onnxruntime could not load it: {exc}")
+            return None
+        except OSError as exc:  # copying into the scratch directory: the entry is fine, the disk is not
+            if check is not None:
+                check.result()
+            self._events.failed(f"write:{store.root}", "aioov cache: cannot write to %s (%s); "
+                                "the model is compiled but not cached", store.root, exc)
+            return None
+        if check is not None:
+            problem = check.result() or problem
+        if problem:
+            del session
+            store.quarantine(entry.key, problem)
+            return None
+        if check is not None:
+            self._verified[entry.path] = _identity(entry)
+        store.touch(entry.key)
+        return session
+
+    def open_blob(
+        self,
+        folder: Path,
+        request: CompileRequest,
+        token: CancelToken | None,
+        make_scratch: Callable[[], Path],
+    ) -> tuple[ort.InferenceSession, str | None]:
+        """A session on the blob in ``folder`` (an entry, or an ``export_model`` directory), and
+        why the blob was not really used (None when it was). Formats that write into their
+        cache even on a hit get a scratch directory from ``make_scratch``, removed after."""
+        blob = request.device.blob
+        assert blob is not None
+        options = self._sessions.options(request.config)
+        scratch = make_scratch() if blob.import_scratch else None
+        try:
+            providers = blob.configure_import(options, request.providers, folder, scratch)
+            session = self._sessions.open(str(folder / blob.model_file), options, request.device, providers, token)
+            return session, blob.after_import(folder, scratch)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch(store: CacheStore, key: str) -> Path:
+    """A directory to write in while importing: in the cache (same filesystem, swept after a
+    crash like any temporary), or the system's where the cache is read-only."""
+    import tempfile
+
+    try:
+        return store.new_tmp(key)
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="aioov-import-"))
+
+
+def _identity(entry: Entry) -> tuple[tuple[int, ...], ...] | None:
+    """Which files an entry is made of: any rewrite changes the mtime (and usually more)."""
+    try:
+        stats = [os.stat(entry.file(name)) for name in sorted(entry.files)]
+    except OSError:
+        return None
+    return tuple((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) for st in stats)

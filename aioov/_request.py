@@ -1,0 +1,123 @@
+"""One compile, described once: what to compile, on what, with which properties, under which key.
+
+A ``CompileRequest`` is built in the compile job's thread (resolving a device may probe
+providers, and reading bytes or a ModelProto serializes it) and then handed down, frozen,
+through the cache reader, the writer and the session factory: nothing below asks for more.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime as ort
+
+from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
+from ._model import Model, check_model_file, read_any
+from ._properties import CompileConfig
+from ._version import __version__
+
+__all__ = ("CompileRequest", "Result", "Source")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model to compile: a path (not yet read) or a read ``Model``."""
+
+    path: str | None
+    model: Model | None = field(default=None, hash=False, compare=False)
+    model_id: int = 0  # identity of ``model`` (or ``raw``): two reads of one file are two models
+    raw: Any = field(default=None, hash=False, compare=False)  # bytes or a ModelProto, read in the job
+
+    def read(self) -> Source:
+        """This source with ``raw`` read into a ``Model`` (blocking: serializes, scans)."""
+        if self.raw is None:
+            return self
+        return Source(None, read_any(self.raw), self.model_id)
+
+    @property
+    def ort_input(self) -> str | bytes:
+        if self.model is not None and self.model.data is not None:
+            return self.model.data
+        assert self.path is not None
+        return self.path
+
+    @property
+    def given(self) -> Any:
+        """What the caller gave: the Model, the bytes or ModelProto, or the path."""
+        return self.model or self.raw or self.path
+
+    def describe(self) -> str:
+        return self.path or (self.model.describe() if self.model else "?")
+
+    def files(self) -> bytes | tuple[str, list[str]]:
+        """The serialized model, or its file and its external-data files (blocking)."""
+        if self.model is not None and self.model.data is not None:
+            return self.model.data
+        if self.model is not None:
+            assert self.model.path is not None
+            return self.model.path, self.model.external_data_files
+        assert self.path is not None
+        return self.path, check_model_file(self.path)[1]
+
+
+@dataclass(frozen=True, eq=False)
+class CompileRequest:
+    """Everything one compile job needs, resolved: source, device, providers, typed config."""
+
+    source: Source
+    device: Device
+    spec: DeviceSpec
+    providers: ProviderList
+    config: CompileConfig
+    #: CACHE_MAX_SIZE, a Core-wide property: the writer prunes down to it after publishing
+    max_cache_size: int = 0
+
+    @classmethod
+    def resolve(
+        cls, devices: DeviceRegistry, source: Source, device_name: str, config: CompileConfig, max_cache_size: int = 0
+    ) -> CompileRequest:
+        """Resolve the device (AUTO included; may probe providers) and read raw sources (blocking)."""
+        device, spec = devices.resolve(device_name)
+        providers = device.providers(spec.index, config.ort_provider_options)
+        return cls(source.read(), device, spec, providers, config.with_hints(), max_cache_size)
+
+    @property
+    def caches(self) -> bool:
+        """Whether this compile goes through the cache at all."""
+        return self.config.cache_dir is not None and self.device.caches(self.providers[0][1])
+
+    def key_inputs(self, digest: str) -> dict[str, Any]:
+        """Everything that shapes the compiled blob, in readable form (also saved in the manifest)."""
+        device = self.device
+        return {
+            "model": digest,
+            "device": device.family,
+            "blob": device.blob.kind if device.blob is not None else None,
+            "providers": [[name, dict(sorted(opts.items()))] for name, opts in self.providers],
+            "hardware": device.fingerprint(self.spec.index),
+            "onnxruntime": ort.__version__,
+            **self.config.key_props(),
+        }
+
+    def manifest(self, key_inputs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "created": time.time(),
+            "aioov": __version__,
+            "onnxruntime": ort.__version__,
+            "device": str(self.spec),
+            "source": {"path": self.source.path},
+            "key_inputs": key_inputs,
+        }
+
+
+@dataclass
+class Result:
+    """What a compile job hands back to the Core."""
+
+    session: ort.InferenceSession
+    device: str
+    config: CompileConfig
+    loaded_from_cache: bool
+    key: str | None
