@@ -41,6 +41,7 @@ class Model:
         self._scan = scan
         self._external_files = external_files or []
         self._digest: str | None = None
+        self._digest_stats: list[FileStat] | None = None  # the files as they were hashed
         self._digest_lock = threading.Lock()
 
     @property
@@ -75,15 +76,27 @@ class Model:
         return [FileStat.of(p) for p in (self._path, *self._external_files)]
 
     def digest(self) -> str:
-        """blake3 of the model and its external data (computed once; blocking)."""
+        """blake3 of the model and its external data (blocking; see ``identity``)."""
+        return self.identity()[1]
+
+    def identity(self) -> tuple[list[FileStat] | None, str]:
+        """(file stats, content digest) of the model as it is now: hashed once, and again
+        whenever its files changed since (a compile of a read file compiles what is on disk,
+        so its key must describe that, not what ``read_model`` saw). Blocking."""
         with self._digest_lock:
-            if self._digest is None:
-                if self._data is not None:
+            if self._data is not None:
+                if self._digest is None:
                     self._digest = digest_bytes(self._data)
-                else:
-                    assert self._path is not None
-                    self._digest = digest_files([self._path, *self._external_files])
-            return self._digest
+                return None, self._digest
+            now = self.file_stats()
+            if self._digest is None or now != self._digest_stats:
+                assert self._path is not None
+                digest = digest_files([self._path, *self._external_files])
+                if self.file_stats() != now:
+                    raise ModelReadError(f"{self._path} changed while it was being hashed")
+                self._digest, self._digest_stats = digest, now
+            assert self._digest is not None
+            return list(now), self._digest
 
     def describe(self) -> str:
         return self._path or f"<model from {len(self._data or b'')} bytes>"

@@ -17,7 +17,8 @@ from pathlib import Path
 __all__ = ("ScanError", "ModelScan", "scan_bytes", "scan_file")
 
 # Field numbers from onnx/onnx.proto
-_MODEL_IR_VERSION, _MODEL_OPSET, _MODEL_GRAPH = 1, 8, 7
+_MODEL_IR_VERSION, _MODEL_OPSET, _MODEL_GRAPH, _MODEL_FUNCTIONS = 1, 8, 7, 25
+_FUNCTION_NODE, _FUNCTION_ATTRIBUTE_PROTO = 7, 11
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 _GRAPH_INPUT, _GRAPH_OUTPUT = 11, 12
 _NODE_ATTRIBUTE = 5
@@ -118,6 +119,8 @@ class _Scanner:
             elif number == _MODEL_GRAPH and wire == 2:
                 saw_graph = True
                 self.graph(value, depth=0, top=True)
+            elif number == _MODEL_FUNCTIONS and wire == 2:
+                self.function(value)
         if not saw_graph or self.result.ir_version <= 0:
             raise ScanError("no graph or ir_version: not an ONNX model")
         return self.result
@@ -140,19 +143,32 @@ class _Scanner:
                     if n == _VALUE_INFO_NAME and w == 2:
                         names.append(_text(self.buf, v))
 
+    def function(self, span: tuple[int, int]) -> None:
+        """A model-local function: its nodes, and its attributes' defaults, may hold tensors
+        stored externally just like the main graph's."""
+        for number, wire, value in _fields(self.buf, *span):
+            if wire != 2:
+                continue
+            if number == _FUNCTION_NODE:
+                self.node(value, 0)
+            elif number == _FUNCTION_ATTRIBUTE_PROTO:
+                self.attribute(value, 0)
+
     def node(self, span: tuple[int, int], depth: int) -> None:
         for number, wire, value in _fields(self.buf, *span):
-            if number != _NODE_ATTRIBUTE or wire != 2:
+            if number == _NODE_ATTRIBUTE and wire == 2:
+                self.attribute(value, depth)
+
+    def attribute(self, span: tuple[int, int], depth: int) -> None:
+        for number, wire, value in _fields(self.buf, *span):
+            if wire != 2:
                 continue
-            for n, w, v in _fields(self.buf, *value):
-                if w != 2:
-                    continue
-                if n in (_ATTR_T, _ATTR_TENSORS):
-                    self.tensor(v)
-                elif n in (_ATTR_G, _ATTR_GRAPHS):
-                    self.graph(v, depth + 1)
-                elif n in (_ATTR_SPARSE, _ATTR_SPARSES):
-                    self.sparse(v)
+            if number in (_ATTR_T, _ATTR_TENSORS):
+                self.tensor(value)
+            elif number in (_ATTR_G, _ATTR_GRAPHS):
+                self.graph(value, depth + 1)
+            elif number in (_ATTR_SPARSE, _ATTR_SPARSES):
+                self.sparse(value)
 
     def sparse(self, span: tuple[int, int]) -> None:
         for number, wire, value in _fields(self.buf, *span):

@@ -41,7 +41,7 @@ class Pipeline:
     def __init__(self, devices: DeviceRegistry, exporter: Exporter) -> None:
         self.devices = devices
         self.events = CacheEvents()
-        self.sessions = SessionFactory(devices.families(), self.events)
+        self.sessions = SessionFactory(self.events)
         self.reader = EntryReader(self.sessions, self.events)
         self.writer = EntryWriter(self.sessions, self.events, exporter)
         self._stores: dict[str, CacheStore | None] = {}
@@ -67,7 +67,7 @@ class Pipeline:
             return self._result(request, self.sessions.compile(request, token), None)
 
         try:
-            stats, digest = self._identify(source, store)
+            stats, digest = self._identify(source, store, mac_key_of(config.cache_hmac_key))
         except OSError as exc:
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
         key_inputs = request.key_inputs(digest)
@@ -117,35 +117,45 @@ class Pipeline:
         return Result(session, str(request.spec), request.config, hit, key)
 
     def store(self, cache_dir: str | None) -> CacheStore | None:
-        """The store for ``cache_dir``, created and tidied on first use; None if unusable."""
+        """The store for ``cache_dir``, created and tidied on first use, and again if the
+        directory disappeared (or was unusable) since; None while it cannot be used."""
         if cache_dir is None:
             return None
         with self._stores_lock:
-            if cache_dir not in self._stores:
-                store = CacheStore(cache_dir)
-                store.on_discard = lambda key, reason: self.events.count(corrupt=1)
-                usable: CacheStore | None = store
-                try:
-                    store.ensure()
-                    store.clean_tmp()
-                except OSError as exc:
-                    self.events.failed(f"dir:{cache_dir}", "aioov cache: cannot use %s (%s); "
-                                       "compiling without the cache", cache_dir, exc)
-                    # A read-only cache (e.g. baked into an image) can still serve hits.
-                    usable = store if store.base.is_dir() else None
-                self._stores[cache_dir] = usable
-            return self._stores[cache_dir]
+            store = self._stores.get(cache_dir)
+            if store is None or not store.base.is_dir():
+                store = self._stores[cache_dir] = self._open_store(cache_dir)
+            return store
 
-    def _identify(self, source: Source, store: CacheStore) -> tuple[list[FileStat] | None, str]:
+    def _open_store(self, cache_dir: str) -> CacheStore | None:
+        store = CacheStore(cache_dir)
+        store.on_discard = lambda key, reason: self.events.count(corrupt=1)
+        try:
+            store.ensure()
+            store.clean_tmp()
+        except OSError as exc:
+            self.events.failed(f"dir:{cache_dir}", "aioov cache: cannot use %s (%s); "
+                               "compiling without the cache", cache_dir, exc)
+            # A read-only cache (e.g. baked into an image) can still serve hits; a tree with
+            # symlinks where directories belong serves nothing and receives nothing.
+            try:
+                store.check_tree()
+            except OSError:
+                return None
+            return store if store.is_cache() and store.base.is_dir() else None
+        return store
+
+    def _identify(
+        self, source: Source, store: CacheStore, mac_key: bytes | None
+    ) -> tuple[list[FileStat] | None, str]:
         """(file stats, content digest) of the model, from the stat index when it can."""
         if source.model is not None:
-            if source.model.path is None:
-                return None, source.model.digest()
-            stats = source.model.file_stats()
-            digest = source.model.digest()
+            stats, digest = source.model.identity()
+            if stats is None:
+                return None, digest
         else:
             assert source.path is not None
-            hit = store.index.lookup(source.path)
+            hit = store.index.lookup(source.path, mac_key)
             if hit is not None:
                 digest, stats = hit  # just compared with the files on disk
                 return stats, digest
@@ -155,7 +165,7 @@ class Pipeline:
             if [FileStat.of(s.path) for s in stats] != stats:
                 raise ModelReadError(f"{source.path} changed while it was being hashed")
         try:
-            store.index.store(stats, digest)
+            store.index.store(stats, digest, mac_key)
         except OSError:
             pass
         return stats, digest

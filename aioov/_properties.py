@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -75,13 +76,13 @@ def _bool(value: object) -> bool:
     raise ValueError(f"expected a boolean (YES/NO), got {value!r}")
 
 
-def _int(minimum: int) -> Callable[[object], int]:
+def _int(minimum: int, maximum: int = 1 << 16) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"expected an integer, got {value!r}")
         number = int(value)
-        if number < minimum:
-            raise ValueError(f"must be >= {minimum}, got {number}")
+        if not minimum <= number <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {number}")
         return number
 
     return parse
@@ -91,8 +92,8 @@ def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected seconds")
     number = float(value)  # type: ignore[arg-type,unused-ignore]
-    if number < 0:
-        raise ValueError("must be >= 0")
+    if math.isnan(number) or number < 0:
+        raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
     return number
 
 
@@ -177,7 +178,7 @@ PROPERTIES: dict[str, Property] = {
         Property("CACHE_PREPACK", _bool, "compile", in_key=True,
                  doc="store prepacked weights: faster load, ~1.8x disk"),
         Property("PERFORMANCE_HINT", _enum(PerformanceHint), "compile"),
-        Property("INFERENCE_NUM_THREADS", _int(0), "compile", doc="intra-op threads, 0 = ORT default"),
+        Property("INFERENCE_NUM_THREADS", _int(0, 1024), "compile", doc="intra-op threads, 0 = ORT default"),
         Property("NUM_STREAMS", _int(1), "compile", doc="concurrent infer requests allowed"),
         Property("ORT_GRAPH_OPTIMIZATION_LEVEL", _opt_level, "compile", in_key=True),
         Property("ORT_SHARED_THREAD_POOL", _bool, "compile",

@@ -98,11 +98,15 @@ class EntryReader:
         try:
             session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key))
         except ORT_ERRORS as exc:
-            if check is not None:
-                check.result()
+            problem = check.result() if check is not None else None
             if token is not None and token.cancelled:
                 raise Cancelled() from exc
-            store.quarantine(entry.key, f"onnxruntime could not load it: {exc}")
+            if problem is None and _looks_transient(exc):
+                # Out of memory and the like: the entry is not proven bad, so it stays.
+                self._events.failed(f"load:{entry.key}", "aioov cache: could not load entry %s now (%s); "
+                                    "compiling instead", entry.key[:16], exc)
+                return None
+            store.quarantine(entry.key, problem or f"onnxruntime could not load it: {exc}")
             return None
         except OSError as exc:  # copying into the scratch directory: the entry is fine, the disk is not
             if check is not None:
@@ -137,11 +141,20 @@ class EntryReader:
         scratch = make_scratch() if blob.import_scratch else None
         try:
             providers = blob.configure_import(options, request.providers, folder, scratch)
-            session = self._sessions.open(str(folder / blob.model_file), options, request.device, providers, token)
+            session = self._sessions.open(str(folder / blob.model_file), options, request, providers, token)
             return session, blob.after_import(folder, scratch)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: words in onnxruntime's errors that mean "not now", not "never": memory, device, driver
+_TRANSIENT = ("alloc", "out of memory", "cuda", "cudnn", "cublas", "resource exhausted")
+
+
+def _looks_transient(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in _TRANSIENT)
 
 
 def _scratch(store: CacheStore, key: str) -> Path:

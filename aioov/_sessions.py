@@ -14,8 +14,8 @@ import onnxruntime as ort
 from . import _ortenv
 from ._cache.stats import CacheEvents
 from ._concurrency import CancelToken
-from ._devices import Device, ProviderList
-from ._errors import ORT_ERRORS, Cancelled, raise_compile_error
+from ._devices import ProviderList
+from ._errors import ORT_ERRORS, Cancelled, DeviceNotFoundError, raise_compile_error
 from ._properties import CompileConfig
 from ._request import CompileRequest
 
@@ -33,11 +33,18 @@ _OPT_LEVELS = {
 
 
 class SessionFactory:
-    """Sessions for one Core. Devices with ``serialize_compiles`` build one session at a time."""
+    """Sessions for one Core. Devices with ``serialize_compiles`` build one session at a time
+    per device (``GPU.0`` and ``GPU.1`` build in parallel)."""
 
-    def __init__(self, families: list[str], events: CacheEvents) -> None:
-        self._device_locks = {family: threading.Lock() for family in families}
+    def __init__(self, events: CacheEvents) -> None:
+        self._device_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self._events = events
+
+    def _device_lock(self, request: CompileRequest) -> threading.Lock:
+        name = f"{request.spec.family}.{request.spec.index or 0}"
+        with self._locks_lock:
+            return self._device_locks.setdefault(name, threading.Lock())
 
     def options(self, config: CompileConfig) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -54,19 +61,29 @@ class SessionFactory:
         self,
         model: str | bytes,
         options: ort.SessionOptions,
-        device: Device,
+        request: CompileRequest,
         providers: ProviderList,
         token: CancelToken | None,
     ) -> ort.InferenceSession:
-        """A session, raw: onnxruntime's errors are the caller's to map."""
+        """A session, raw: onnxruntime's errors are the caller's to map. Raises
+        DeviceNotFoundError when onnxruntime fell back to another provider than the device's
+        (a ``GPU.7`` on a one-GPU machine would otherwise run on the CPU, silently)."""
         if token is not None:
             token.register(options)
         names = [name for name, _ in providers]
         provider_options = [opts for _, opts in providers]
-        if device.serialize_compiles:
-            with self._device_locks[device.family]:
-                return ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
-        return ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
+        if request.device.serialize_compiles:
+            with self._device_lock(request):
+                session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
+        else:
+            session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
+        used = session.get_providers()
+        if not used or used[0] != names[0]:
+            raise DeviceNotFoundError(
+                f"device {request.spec} is not usable here: onnxruntime could not start {names[0]} "
+                f"with {provider_options[0]} and fell back to {used[0] if used else 'nothing'}"
+            )
+        return session
 
     def compile(
         self, request: CompileRequest, token: CancelToken | None, export: tuple[Path, str] | None = None
@@ -80,7 +97,7 @@ class SessionFactory:
                 options, providers, export[0], export[1], request.config.cache_prepack
             )
         try:
-            session = self.open(request.source.ort_input, options, request.device, providers, token)
+            session = self.open(request.source.ort_input, options, request, providers, token)
         except ORT_ERRORS as exc:
             if token is not None and token.cancelled:
                 raise Cancelled() from exc

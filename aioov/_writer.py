@@ -125,12 +125,9 @@ class EntryWriter:
                     options.inter_op_num_threads = 1
                 writing = blob.configure_export(options, request.providers, tmp, claim.key,
                                                 request.config.cache_prepack)
-                session = self._sessions.open(source.ort_input, options, request.device, writing, token)
+                session = self._sessions.open(source.ort_input, options, request, writing, token)
                 inputs = [i.name for i in session.get_inputs()]
                 del session
-                if claim.stats is not None and [FileStat.of(s.path) for s in claim.stats] != claim.stats:
-                    logger.warning("aioov cache: %s changed during export; not cached", source.describe())
-                    return
                 self._publish(claim, tmp, request, inputs, abort=lambda: token.cancelled)
             except OSError as exc:
                 self._write_failed(store, exc)
@@ -162,10 +159,16 @@ class EntryWriter:
         assert request.device.blob is not None
         store = claim.store
         try:
+            if claim.stats is not None and [FileStat.of(s.path) for s in claim.stats] != claim.stats:
+                # What was compiled may not be what was hashed: the key would lie.
+                logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())
+                return
             request.device.blob.finalize(tmp, input_names)
             if store.publish(claim.key, tmp, claim.manifest, abort=abort,
                              mac_key=mac_key_of(request.config.cache_hmac_key)):
                 self._events.count(exports=1)
+                # Local waiters and readers need not wait for the upload: the entry is here.
+                claim.lock.release()
                 if claim.remote is not None:
                     claim.remote.share(claim.key)
                 self._prune_if_needed(store, request.max_cache_size)
@@ -175,10 +178,15 @@ class EntryWriter:
             self._uncacheable(request.source, exc)
 
     def _prune_if_needed(self, store: CacheStore, limit: int) -> None:
-        if limit:
+        if not limit:
+            return
+        try:
             removed = store.prune(max_size=limit)
-            if removed:
-                logger.info("aioov cache: pruned %d entries to stay under %d bytes", len(removed), limit)
+        except Exception as exc:  # the entry is published: a failed prune is the cache's, not the compile's
+            self._events.failed(f"prune:{store.root}", "aioov cache: pruning %s failed: %s", store.root, exc)
+            return
+        if removed:
+            logger.info("aioov cache: pruned %d entries to stay under %d bytes", len(removed), limit)
 
     def _uncacheable(self, source: Source, exc: BlobError) -> None:
         self._events.count(errors=1)

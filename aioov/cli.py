@@ -74,7 +74,9 @@ def _config(pairs: Sequence[str]) -> dict[str, object]:
             except ValueError:
                 pass
         config[name] = value
-    normalize(config, allow_core=False)  # bad names and values are usage errors, before any work
+    normalized = normalize(config, allow_core=False)  # bad names and values are usage errors, before any work
+    if "CACHE_DIR" in normalized:
+        raise PropertyError("give the cache directory with --cache-dir, not --config CACHE_DIR=...")
     return config
 
 
@@ -163,6 +165,11 @@ async def _warmup(
     models = _models_in(args.models) if models is None else models
     if not models:
         print("aioov: no models found", file=sys.stderr)
+        return EXIT_USAGE
+    store = CacheStore(args.cache_dir)
+    if store.root.is_dir() and any(store.root.iterdir()) and not store.is_cache():
+        print(f"aioov: {store.root} is not empty and not an aioov cache; give a new or empty --cache-dir",
+              file=sys.stderr)
         return EXIT_USAGE
     started = time.perf_counter()
     async with Core(cache_dir=args.cache_dir, max_concurrent_compiles=args.max_concurrency) as core:
@@ -277,9 +284,17 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
             lock.release()
         if problem:
             bad.append({"key": key, "problem": problem})
+    if mac_key is not None:  # a forged stat index record could map a model to another's entry
+        for record in store.index.records():
+            checked += 1
+            if not store.index.check(record, mac_key):
+                bad.append({"key": f"index/{record.name}", "problem": "stat index record is not signed with the key"})
     if not args.dry_run:
         for item in bad:
-            store.quarantine(item["key"], item["problem"])
+            if item["key"].startswith("index/"):
+                (store.index.root / item["key"].removeprefix("index/")).unlink(missing_ok=True)
+            else:
+                store.quarantine(item["key"], item["problem"])
     if args.json:
         print(json.dumps({"checked": checked, "bad": bad, "removed": not args.dry_run}, indent=1))
     else:
@@ -376,9 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not store.root.is_dir():
                 print(f"aioov: no cache at {store.root}", file=sys.stderr)
                 return EXIT_FAILED
+            if not store.is_cache() and any(store.root.iterdir()):  # never delete in a folder that is not ours
+                print(f"aioov: {store.root} is not an aioov cache (no CACHEDIR.TAG, no v1/)", file=sys.stderr)
+                return EXIT_FAILED
             handler = {"stats": _cache_stats, "ls": _cache_ls, "verify": _cache_verify,
                        "prune": _cache_prune, "clear": _cache_clear}[args.action]
-            return handler(store, args)
+            try:
+                store.check_tree()
+                return handler(store, args)
+            except OSError as exc:
+                print(f"aioov: {exc}", file=sys.stderr)
+                return EXIT_FAILED
         if args.max_concurrency is not None and args.max_concurrency < 1:
             parser.error("--max-concurrency must be >= 1")
         command = _compile if args.command == "compile" else _warmup

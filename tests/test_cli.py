@@ -118,37 +118,42 @@ def test_prune_to_a_size_limit_removes_least_recently_used(models: Path, cache_d
 
 
 LOADER = """
-import sys, anyio, aioov, numpy as np
+import sys, pathlib, anyio, aioov, numpy as np
 async def main():
-    ok = 0
+    ok = rounds = 0
+    stop = pathlib.Path(sys.argv[2])
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
-        for _ in range(int(sys.argv[2])):
+        while not stop.exists():  # until the test has pruned often enough, however slow this machine
+            rounds += 1
             for path in sys.argv[3:]:
                 compiled = await core.compile_model(path, "CPU")
                 out = await compiled.infer(np.ones((1, 4), np.int64))
                 ok += out["last_hidden_state"].shape == (1, 4, 64)
         await core.wait_exports()
-    print(ok)
+    print(ok, rounds * len(sys.argv[3:]))
 anyio.run(main)
 """
 
 
-def test_concurrent_prune_while_another_process_loads(models: Path, cache_dir: Path) -> None:
+def test_concurrent_prune_while_another_process_loads(models: Path, cache_dir: Path, tmp_path: Path) -> None:
     paths = [str(p) for p in sorted(models.glob("*.onnx"))]
+    stop = tmp_path / "stop"
     loader = subprocess.Popen(
-        [sys.executable, "-c", LOADER, str(cache_dir), "15", *paths], stdout=subprocess.PIPE,
+        [sys.executable, "-c", LOADER, str(cache_dir), str(stop), *paths], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     prunes = 0
-    while loader.poll() is None:
+    while prunes < 3 and loader.poll() is None:
         if (cache_dir / "v1").exists():
             proc = aioov_cli("cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir))
             assert proc.returncode == 0, proc.stderr
             prunes += 1
-    out, err = loader.communicate()
+    stop.touch()
+    out, err = loader.communicate(timeout=300)
     assert loader.returncode == 0, err
-    assert int(out) == 45  # every load worked, pruned or not
-    assert prunes >= 2
+    ok, loads = map(int, out.split())
+    assert ok == loads > 0  # every load worked, pruned or not
+    assert prunes == 3
     assert "Traceback" not in err
 
 
@@ -177,7 +182,11 @@ def test_devices_json() -> None:
     cpu = next(d for d in devices if d["device"] == "CPU")  # type: ignore[union-attr,index]
     assert cpu["available"] is True and "EXPORT_IMPORT" in cpu["capabilities"]
     gpu = next(d for d in devices if d["device"] == "GPU")  # type: ignore[union-attr,index]
-    assert gpu["available"] or gpu["reason"]
+    from aioov._devices.nvidia import CUDADevice
+
+    here = CUDADevice()
+    assert gpu["available"] is here.available()
+    assert gpu["reason"] == (None if here.available() else here.unavailable_reason)  # the probe's, word for word
 
 
 def test_default_cache_dir_from_the_environment(models: Path, tmp_path: Path) -> None:

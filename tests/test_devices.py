@@ -29,21 +29,6 @@ class NowhereDevice(Device):
     provider = "NowhereExecutionProvider"
 
 
-class ListedButBrokenDevice(Device):
-    """A provider ORT lists but that falls back to CPU when a session is built: the
-    situation of CUDA on a machine without CUDA libraries."""
-
-    family = "GPU"
-    provider = "CPUExecutionProvider"
-
-    def provider_listed(self) -> bool:
-        return True
-
-    def available(self) -> bool:
-        self._probed, self._probe_error = False, "falls back to CPU"
-        return False
-
-
 def test_names_are_parsed() -> None:
     registry = DeviceRegistry()
     assert str(registry.parse("gpu.1")) == "GPU.1"
@@ -537,3 +522,52 @@ def test_four_processes_share_one_openvino_entry_for_real(bert_path: Path, tmp_p
     found = store.lookup(entry.name)
     assert found is not None and store.verify(found) is None
     assert not list(store.tmp.iterdir())  # every scratch copy removed
+
+
+# -- which GPU a CUDA ordinal means ---------------------------------------------------------
+
+TWO_GPUS = (
+    {"index": "0", "uuid": "GPU-aaaa", "name": "NVIDIA L4", "compute_capability": "8.9", "driver": "580"},
+    {"index": "1", "uuid": "GPU-bbbb", "name": "NVIDIA H100", "compute_capability": "9.0", "driver": "580"},
+)
+
+
+def test_the_gpu_in_a_key_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioov._devices import nvidia
+
+    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: TWO_GPUS)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert nvidia.gpu_identity(0)["name"] == "NVIDIA H100"  # CUDA's device 0 is nvidia-smi's 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa")
+    assert nvidia.gpu_identity(0)["name"] == "NVIDIA L4"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [nvidia.gpu_identity(i)["name"] for i in (0, 1)] == ["NVIDIA L4", "NVIDIA H100"]
+    assert nvidia.gpu_identity(2) == {"name": "unknown"}
+
+
+def test_mixed_gpus_in_cuda_order_are_keyed_by_all_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PCI_BUS_ID order CUDA numbers the fastest GPU first: the key may not guess."""
+    from aioov._devices import nvidia
+
+    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: TWO_GPUS)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    first, second = nvidia.gpu_identity(0), nvidia.gpu_identity(1)
+    assert "name" not in first and first["visible"] == ["NVIDIA H100 (9.0)", "NVIDIA L4 (8.9)"]
+    assert first != second
+
+
+async def test_a_device_onnxruntime_falls_back_from_is_not_found(mlp_path: Path) -> None:
+    """A GPU that is listed but cannot start (here: CUDA without a driver, claimed usable)
+    must not hand back a model that runs on the CPU."""
+
+    class ClaimsToWork(CUDADevice):
+        def available(self) -> bool:
+            return True
+
+    if CUDADevice().available():
+        pytest.skip("CUDA really works here: nothing falls back")
+    async with aioov.Core(devices=DeviceRegistry([CPUDevice(), ClaimsToWork()])) as core:
+        with pytest.raises(aioov.DeviceNotFoundError, match="fell back to CPUExecutionProvider"):
+            await core.compile_model(mlp_path, "GPU.7")

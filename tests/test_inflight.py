@@ -78,7 +78,7 @@ async def test_cancelling_one_caller_does_not_cancel_the_others(
             assert outcome == {"first": "cancelled"}
             gate.set()
         assert isinstance(outcome["second"], aioov.CompiledModel)
-        assert outcome["third"] is not None and outcome["third"] is not outcome["second"]
+        assert isinstance(outcome["third"], aioov.CompiledModel) and outcome["third"] is not outcome["second"]
         assert core.cache_stats.compiles == 1
         y = await outcome["second"].infer(np.ones((1, 8), np.float32))  # type: ignore[union-attr]
         assert y["y"].shape == (1, 4)

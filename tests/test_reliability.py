@@ -134,7 +134,7 @@ def test_mutated_models_are_read_or_refused_clearly(flips: list[tuple[int, int]]
 
 
 FUZZ_COMPILER = """
-import sys, pathlib, anyio, aioov
+import sys, json, pathlib, anyio, aioov
 async def main():
     progress = pathlib.Path(sys.argv[1])
     outcomes = {}
@@ -146,7 +146,7 @@ async def main():
                 outcomes["ok"] = outcomes.get("ok", 0) + 1
             except (aioov.ModelReadError, aioov.CompileError) as exc:
                 outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
-    print(outcomes)
+    print(json.dumps(outcomes))
 anyio.run(main)
 """
 
@@ -191,7 +191,7 @@ def test_fuzzed_models_compile_or_fail_cleanly_in_a_subprocess(tmp_path: Path) -
     progress = tmp_path / "progress"
     proc = run_python(FUZZ_COMPILER, str(progress), str(folder), check=False, timeout=600)
     assert proc.returncode == 0, f"crashed ({proc.returncode}) on {progress.read_text()}:\n{proc.stderr[-2000:]}"
-    outcomes = eval(proc.stdout.strip().splitlines()[-1])  # a dict printed by the subprocess
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sum(outcomes.values()) == count
     assert outcomes.get("ModelReadError", 0) + outcomes.get("InvalidModelError", 0) > 0
 

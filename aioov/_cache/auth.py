@@ -20,6 +20,9 @@ import blake3
 __all__ = ("derive_key", "manifest_mac", "file_mac", "sign", "check")
 
 _CONTEXT = "aioov 2026-11 cache entry authentication v1"
+#: version 2 binds each file's MAC to its entry and name, and the manifest's MAC to the file MACs:
+#: version 1 let a file and its MAC be copied from one signed entry into another
+MAC_VERSION = 2
 
 
 def derive_key(secret: str | bytes) -> bytes:
@@ -28,25 +31,32 @@ def derive_key(secret: str | bytes) -> bytes:
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:
-    return json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    """The manifest, file MACs included, without the manifest's own MAC."""
+    mac = manifest.get("mac")
+    body = {k: v for k, v in manifest.items() if k != "mac"}
+    if isinstance(mac, dict):
+        body["mac"] = {k: v for k, v in mac.items() if k != "manifest"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def manifest_mac(manifest: dict[str, Any], key: bytes) -> str:
     return blake3.blake3(_canonical(manifest), key=key).hexdigest()
 
 
-def file_mac(path: Path, key: bytes) -> str:
+def file_mac(path: Path, key: bytes, entry_key: str = "", name: str = "") -> str:
+    """Keyed blake3 of (entry key, file name, content): valid for this file of this entry only."""
     hasher = blake3.blake3(key=key, max_threads=blake3.blake3.AUTO)
+    hasher.update(f"{entry_key}\0{name}\0".encode())
     if path.stat().st_size:
         hasher.update_mmap(str(path))
     return hasher.hexdigest()
 
 
 def sign(manifest: dict[str, Any], directory: Path, key: bytes) -> dict[str, Any]:
-    """Return ``manifest`` with its ``mac`` record."""
-    files = {name: file_mac(directory / name, key) for name in sorted(manifest["files"])}
-    signed = {**manifest, "mac": {"files": files}}
+    """Return ``manifest`` (which names its entry's ``key``) with its ``mac`` record."""
+    entry_key = str(manifest["key"])
+    files = {name: file_mac(directory / name, key, entry_key, name) for name in sorted(manifest["files"])}
+    signed = {**manifest, "mac": {"v": MAC_VERSION, "files": files}}
     signed["mac"]["manifest"] = manifest_mac(signed, key)
     return signed
 
@@ -56,12 +66,15 @@ def check(manifest: dict[str, Any], directory: Path, key: bytes, names: list[str
     mac = manifest.get("mac")
     if not isinstance(mac, dict) or not isinstance(mac.get("files"), dict):
         return "entry is not authenticated (no MAC)"
+    if mac.get("v") != MAC_VERSION:
+        return "entry is authenticated by an older, weaker MAC format"
     if not hmac.compare_digest(str(mac.get("manifest", "")), manifest_mac(manifest, key)):
         return "manifest MAC does not verify"
+    entry_key = str(manifest.get("key", ""))
     for name in names if names is not None else sorted(manifest["files"]):
         expected = mac["files"].get(name)
         try:
-            actual = file_mac(directory / name, key)
+            actual = file_mac(directory / name, key, entry_key, name)
         except OSError as exc:
             return f"{name} unreadable: {exc}"
         if not isinstance(expected, str) or not hmac.compare_digest(expected, actual):

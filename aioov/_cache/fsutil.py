@@ -1,13 +1,22 @@
-"""Small filesystem helpers: atomic writes, fsync, no-follow checks."""
+"""Small filesystem helpers: atomic writes, fsync, and opening only what is safe to open.
+
+A cache directory is shared, so what is in it is untrusted input: a symlink may point out of
+the tree, and a FIFO would block any process that opens it for good. Nothing here follows a
+symlink or opens a file that ``fstat`` has not shown to be a regular file (opened with
+``O_NONBLOCK``, so that even the open cannot hang on a FIFO).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -19,16 +28,21 @@ __all__ = (
     "fsync_file",
     "is_plain_dir",
     "is_plain_file",
+    "load_json",
     "newest_mtime",
     "nofollow_opener",
+    "read_regular",
     "rmtree",
 )
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 logger = logging.getLogger("aioov.cache")
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = nofollow_opener(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -68,11 +82,32 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> Non
 
 def is_plain_dir(path: Path) -> bool:
     """A real directory, not a symlink to one (never follow links out of CACHE_DIR)."""
-    return path.is_dir() and not path.is_symlink()
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def is_plain_file(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink()
+    """A regular file, not a symlink, FIFO, socket or device."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """Up to ``limit`` + 1 bytes of a regular file (never a symlink or a FIFO); OSError otherwise."""
+    with open(path, "rb", opener=nofollow_opener) as f:
+        return f.read(limit + 1)
+
+
+def load_json(raw: bytes) -> Any:
+    """``json.loads``, with nesting too deep for the parser reported as the ValueError it is."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 #: xxh3 holds the GIL while it hashes; hashing in slices bounds how long the event loop can
@@ -95,9 +130,20 @@ def checksum_file(path: Path) -> str:
 
 
 def nofollow_opener(path: str, flags: int) -> int:
-    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+    """``open``'s opener for cache files: no symlinks, no blocking open, regular files only."""
+    fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 def children(path: Path) -> list[Path]:
+    """What a directory holds; nothing for a symlink (to a directory or not) or a non-directory."""
+    if not is_plain_dir(path):
+        return []
     try:
         return sorted(path.iterdir())
     except OSError:
@@ -106,14 +152,17 @@ def children(path: Path) -> list[Path]:
 
 def newest_mtime(path: Path) -> float:
     newest = path.lstat().st_mtime
-    for child in children(path):
+    for child in children(path) if is_plain_dir(path) else []:
         newest = max(newest, child.lstat().st_mtime)
     return newest
 
 
 def rmtree(path: Path) -> None:
+    """Remove a file or a tree; a symlink, FIFO or other non-directory is only unlinked (never
+    followed, never opened), and files are unlinked, not truncated: a process that has a
+    removed weights file mapped keeps its pages."""
     try:
-        if path.is_symlink() or path.is_file():
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
             path.unlink()
         else:
             shutil.rmtree(path)

@@ -11,6 +11,7 @@ reads nor hashes the model; any mismatch falls back to hashing.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 import blake3
 
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, children, load_json, read_regular
 from .layout import FORMAT_VERSION
 
 __all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files")
@@ -80,10 +81,15 @@ class StatIndex:
         name = hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
         return self.root / f"{name}.json"
 
-    def lookup(self, path: str) -> tuple[str, list[FileStat]] | None:
-        """(digest, stats of the model and its external files) when none of them changed."""
+    def lookup(self, path: str, mac_key: bytes | None = None) -> tuple[str, list[FileStat]] | None:
+        """(digest, stats of the model and its external files) when none of them changed.
+        With ``mac_key`` (``CACHE_HMAC_KEY``), only a record this key signed counts: a forged
+        record could otherwise map one model's file to another model's entry."""
         try:
-            record = json.loads(self._file(path).read_bytes())
+            record = load_json(read_regular(self._file(path), _MAX_RECORD_BYTES))
+            if mac_key is not None and not hmac.compare_digest(str(record.get("mac", "")),
+                                                               _record_mac(record, mac_key)):
+                return None
             files = [FileStat(**item) for item in record["files"]]
             if not files or files[0].path != path:
                 return None
@@ -91,9 +97,31 @@ class StatIndex:
                 if FileStat.of(recorded.path) != recorded:
                     return None
             return str(record["digest"]), files
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def store(self, stats: Sequence[FileStat], digest: str) -> None:
-        record = {"digest": digest, "files": [asdict(s) for s in stats]}
+    def store(self, stats: Sequence[FileStat], digest: str, mac_key: bytes | None = None) -> None:
+        record: dict[str, Any] = {"digest": digest, "files": [asdict(s) for s in stats]}
+        if mac_key is not None:
+            record["mac"] = _record_mac(record, mac_key)
         atomic_write_bytes(self._file(stats[0].path), json.dumps(record).encode())
+
+    def records(self) -> list[Path]:
+        return [p for p in children(self.root) if p.suffix == ".json"]
+
+    def check(self, record: Path, mac_key: bytes) -> bool:
+        """Whether a record file is well formed and signed with ``mac_key``."""
+        try:
+            data = load_json(read_regular(record, _MAX_RECORD_BYTES))
+            return hmac.compare_digest(str(data.get("mac", "")), _record_mac(data, mac_key))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return False
+
+
+#: a stat index record lists a model and its external files: small
+_MAX_RECORD_BYTES = 1 << 20
+
+
+def _record_mac(record: dict[str, Any], key: bytes) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
+    return blake3.blake3(body.encode(), key=key).hexdigest()

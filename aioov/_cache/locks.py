@@ -55,6 +55,11 @@ class KeyLock:
         except portalocker.AlreadyLocked:
             os.close(fd)
             return False
+        except portalocker.LockException as exc:
+            # Any other failure (ENOLCK on NFS without a lock daemon, a FUSE filesystem that
+            # refuses flock): an OSError, which callers treat as "no cache coordination here".
+            os.close(fd)
+            raise OSError(f"cannot lock {self.path}: {exc}") from exc
         except BaseException:
             os.close(fd)
             raise

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from .._errors import RemoteError
+from .fsutil import load_json, read_regular
 from .layout import MANIFEST
 from .store import CacheStore
 
@@ -92,7 +93,7 @@ class DirectoryRemote:
     def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None) -> bool:
         source = self.root / key
         try:
-            manifest = json.loads((source / MANIFEST).read_bytes())
+            manifest = load_json(read_regular(source / MANIFEST, 1 << 20))
         except FileNotFoundError:
             return False
         except (OSError, ValueError) as exc:
@@ -179,7 +180,7 @@ class RemoteStore:
         if body is None:
             raise RemoteError(f"remote upload {upload} of {key[:16]} has no manifest")
         try:
-            manifest = json.loads(body)
+            manifest = load_json(body)
         except ValueError as exc:
             raise RemoteError(f"remote manifest of {key[:16]} is not JSON") from exc
         if not isinstance(manifest, dict):

@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,15 @@ from .fsutil import (
     fsync_file,
     is_plain_dir,
     is_plain_file,
+    load_json,
     newest_mtime,
-    nofollow_opener,
+    read_regular,
     rmtree,
 )
 from .key import StatIndex
 from .layout import FORMAT_VERSION, MANIFEST
 from .locks import KeyLock
+from .records import CacheInfo, Entry, EntryInfo
 
 __all__ = ("CacheInfo", "CacheStore", "Entry", "EntryInfo")
 
@@ -65,46 +67,11 @@ _CACHEDIR_TAG = (
 TMP_MIN_AGE = 60.0
 
 
-@dataclass
-class Entry:
-    key: str
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["files"]  # type: ignore[no-any-return]
-
-    def file(self, name: str) -> Path:
-        return self.path / name
+_KEY = re.compile(r"[0-9a-f]{16,128}")
 
 
-@dataclass(frozen=True)
-class EntryInfo:
-    """One entry as ``scan`` sees it (for ``aioov cache ls`` and pruning)."""
-
-    key: str
-    path: Path
-    size: int
-    created: float
-    last_used: float
-    device: str
-    source: str | None
-    problem: str | None = None
-
-
-@dataclass
-class CacheInfo:
-    """What ``CacheStore.scan`` found: entries (least recently used first) and leftovers."""
-
-    root: Path
-    entries: list[EntryInfo] = field(default_factory=list)
-    incomplete: list[Path] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        """Bytes used by all entries."""
-        return sum(e.size for e in self.entries)
+def is_key(name: str) -> bool:
+    return bool(_KEY.fullmatch(name))
 
 
 class CacheStore:
@@ -121,20 +88,34 @@ class CacheStore:
 
     # -- set-up -----------------------------------------------------------------
     def ensure(self) -> None:
-        """Create the tree (respecting the umask); raises OSError when it cannot."""
+        """Create the tree (respecting the umask); raises OSError when it cannot, when a
+        directory of the tree is a symlink, or when ``root`` is a non-empty folder that is not
+        an aioov cache (its CACHEDIR.TAG would make backup tools skip the user's files)."""
+        if children(self.root) and not self.is_cache():
+            raise OSError(f"{self.root} is not empty and not an aioov cache; give a new or empty directory")
         for path in (self.base, self.tmp, self.locks, self.index.root):
             path.mkdir(parents=True, exist_ok=True)
-            if path.is_symlink():
-                raise OSError(f"{path} is a symlink; refusing to use it")
+        self.check_tree()
         tag = self.root / "CACHEDIR.TAG"
-        if not tag.exists():
+        if not os.path.lexists(tag):
             try:
                 atomic_write_bytes(tag, _CACHEDIR_TAG)
             except OSError:
                 pass
 
+    def is_cache(self) -> bool:
+        """Whether ``root`` holds an aioov cache (its tag or its tree)."""
+        return is_plain_file(self.root / "CACHEDIR.TAG") or is_plain_dir(self.base)
+
+    def check_tree(self) -> None:
+        """Raise OSError when a directory of the tree is a symlink: entries would be written,
+        served and deleted outside the cache. (``root`` itself may be a link.)"""
+        for path in (self.base, self.tmp, self.locks, self.index.root):
+            if os.path.islink(path):
+                raise OSError(f"{path} is a symlink; refusing to use this cache")
+
     def entry_path(self, key: str) -> Path:
-        if len(key) < 16 or not all(c in "0123456789abcdef" for c in key):
+        if not is_key(key):
             raise ValueError(f"not a cache key: {key!r}")
         return self.base / key[:2] / key
 
@@ -153,18 +134,20 @@ class CacheStore:
             self.quarantine(key, str(exc))
             return None
 
-    def _read_entry(self, key: str, path: Path, *, check_sizes: bool) -> Entry:
-        if not is_plain_dir(path):
+    def _read_entry(self, key: str, path: Path, *, check_sizes: bool, check_version: bool = True) -> Entry:
+        """The entry's manifest, checked. ``check_version``: refuse an entry another onnxruntime
+        built (a lookup's concern; the version is in the key, so for maintenance such an entry
+        is another host's valid entry, not a problem)."""
+        if not is_plain_dir(path) or not is_plain_dir(path.parent):
             raise EntryError("entry is not a plain directory")
         try:
-            with open(path / MANIFEST, "rb", opener=nofollow_opener) as f:
-                raw = f.read(_MAX_MANIFEST_BYTES + 1)
+            raw = read_regular(path / MANIFEST, _MAX_MANIFEST_BYTES)
         except OSError as exc:
             raise EntryError(f"manifest unreadable: {exc}") from None
         if len(raw) > _MAX_MANIFEST_BYTES:
             raise EntryError("manifest too large")
         try:
-            manifest = json.loads(raw)
+            manifest = load_json(raw)
         except ValueError as exc:
             raise EntryError(f"manifest is not JSON: {exc}") from None
         if not isinstance(manifest, dict):
@@ -176,7 +159,7 @@ class CacheStore:
             raise EntryError("manifest lists no files")
         import onnxruntime
 
-        if manifest.get("onnxruntime") != onnxruntime.__version__:
+        if check_version and manifest.get("onnxruntime") != onnxruntime.__version__:
             raise EntryError(f"built by onnxruntime {manifest.get('onnxruntime')!r}")
         for name, meta in files.items():
             if (
@@ -189,20 +172,18 @@ class CacheStore:
                 or not isinstance(meta.get("xxh3_128"), str)
             ):
                 raise EntryError(f"manifest has a bad file record {name!r}")
-            if check_sizes:
-                file = path / name
-                if not is_plain_file(file):
-                    raise EntryError(f"{name} is missing or not a plain file")
-                if file.stat().st_size != meta["size"]:
-                    raise EntryError(f"{name} has the wrong size")
+            file = path / name
+            if not is_plain_file(file):  # even with CACHE_VERIFY=OFF: a FIFO would hang the load
+                raise EntryError(f"{name} is missing or not a plain file")
+            if check_sizes and file.stat().st_size != meta["size"]:
+                raise EntryError(f"{name} has the wrong size")
         return Entry(key, path, manifest)
 
     def read_blob(self, path: Path) -> Entry:
         """An entry directory outside the tree (``export_model``'s output), its manifest checked
         like a cache entry's; raises EntryError."""
         try:
-            with open(path / MANIFEST, "rb", opener=nofollow_opener) as f:
-                key = json.loads(f.read(_MAX_MANIFEST_BYTES + 1)).get("key")
+            key = load_json(read_regular(path / MANIFEST, _MAX_MANIFEST_BYTES)).get("key")
         except (OSError, ValueError, AttributeError) as exc:
             raise EntryError(f"no readable manifest: {exc}") from None
         if not isinstance(key, str):
@@ -224,7 +205,7 @@ class CacheStore:
         """Everything about one entry: manifest, sizes, checksums (and MACs, given the key).
         The problem, or None when it is sound."""
         try:
-            entry = self._read_entry(key, self.entry_path(key), check_sizes=True)
+            entry = self._read_entry(key, self.entry_path(key), check_sizes=True, check_version=False)
         except (EntryError, OSError) as exc:
             return str(exc)
         problem = self.verify(entry)
@@ -251,6 +232,7 @@ class CacheStore:
         aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.{why}"
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
+            self.check_tree()
             os.rename(self.entry_path(key), aside)
         except OSError:
             return False
@@ -259,6 +241,7 @@ class CacheStore:
 
     # -- write --------------------------------------------------------------------
     def new_tmp(self, key: str) -> Path:
+        self.check_tree()
         path = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incomplete"
         path.mkdir()
         return path
@@ -304,6 +287,8 @@ class CacheStore:
         fsync_dir(tmp)
         final = self.entry_path(key)
         final.parent.mkdir(exist_ok=True)
+        if not is_plain_dir(final.parent):  # a shard symlinked elsewhere: never publish outside
+            raise OSError(f"{final.parent} is a symlink or not a directory")
         if abort is not None and abort():
             rmtree(tmp)
             return False
@@ -324,6 +309,7 @@ class CacheStore:
     # -- maintenance --------------------------------------------------------------
     def clean_tmp(self, min_age: float = TMP_MIN_AGE) -> list[Path]:
         """Remove temp dirs left by crashed writers (never one whose key lock is held)."""
+        self.check_tree()
         removed = []
         now = time.time()
         for path in children(self.tmp):
@@ -332,7 +318,8 @@ class CacheStore:
                     continue
             except OSError:
                 continue
-            lock = self.lock(path.name.split(".", 1)[0]) if "." in path.name else None
+            prefix = path.name.split(".", 1)[0]
+            lock = self.lock(prefix) if is_key(prefix) else None
             try:
                 if lock is not None and not lock.try_acquire():
                     continue
@@ -347,18 +334,21 @@ class CacheStore:
         return removed
 
     def keys(self) -> Iterator[str]:
+        """Keys of the entries present; stray names (``.DS_Store``, a symlinked shard) are skipped."""
+        self.check_tree()
         for shard in children(self.base):
-            if shard.name.startswith(".") or not is_plain_dir(shard):
+            if not (len(shard.name) == 2 and is_plain_dir(shard)):
                 continue
             for entry in children(shard):
-                yield entry.name
+                if is_key(entry.name) and entry.name[:2] == shard.name:
+                    yield entry.name
 
     def info(self, key: str) -> EntryInfo:
         path = self.entry_path(key)
         problem = None
         manifest: dict[str, Any] = {}
         try:
-            manifest = self._read_entry(key, path, check_sizes=True).manifest
+            manifest = self._read_entry(key, path, check_sizes=True, check_version=False).manifest
         except EntryError as exc:
             problem = str(exc)
         except OSError as exc:
@@ -373,14 +363,16 @@ class CacheStore:
             last_used = path.lstat().st_mtime
         except OSError:
             last_used = 0.0
+        created, source = manifest.get("created"), manifest.get("source")
+        source_path = source.get("path") if isinstance(source, dict) else None
         return EntryInfo(
             key=key,
             path=path,
             size=size,
-            created=float(manifest.get("created", 0.0)),
+            created=float(created) if isinstance(created, (int, float)) else 0.0,
             last_used=last_used,
             device=str(manifest.get("device", "?")),
-            source=(manifest.get("source") or {}).get("path"),
+            source=source_path if isinstance(source_path, str) else None,
             problem=problem,
         )
 

@@ -18,6 +18,7 @@ points inside the entry being written: the same locks, atomic publish and checks
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 import sys
@@ -46,17 +47,54 @@ def nvidia_driver_missing() -> str | None:
 
 @cache
 def nvidia_gpus() -> tuple[dict[str, str], ...]:
-    """Name, compute capability and driver of each GPU, from nvidia-smi (empty without it)."""
+    """Every GPU as nvidia-smi lists them (PCI bus order): index, uuid, name, compute
+    capability and driver (empty without nvidia-smi)."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return ()
+    query = "--query-gpu=index,uuid,name,compute_cap,driver_version"
     try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+        out = subprocess.run([smi, query, "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
-    fields = ("name", "compute_capability", "driver")
+    fields = ("index", "uuid", "name", "compute_capability", "driver")
     return tuple(dict(zip(fields, (part.strip() for part in line.split(",")))) for line in out.splitlines() if line)
+
+
+def cuda_visible_gpus() -> list[dict[str, str]]:
+    """The GPUs this process's CUDA numbers 0, 1, ...: ``CUDA_VISIBLE_DEVICES`` (indexes or
+    UUIDs) selects and orders them; CUDA ignores everything after an entry it cannot match."""
+    gpus = nvidia_gpus()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(gpus)
+    chosen = []
+    for item in (part.strip() for part in visible.split(",")):
+        match = next((g for g in gpus if item and (g.get("index") == item or g.get("uuid", "").startswith(item)
+                                                    or g.get("uuid", "").startswith(f"GPU-{item}"))), None)
+        if match is None:
+            break
+        chosen.append(match)
+    return chosen
+
+
+def gpu_identity(index: int | None) -> dict[str, Any]:
+    """What a blob built on CUDA device ``index`` depends on. CUDA's default order puts the
+    fastest GPU first, nvidia-smi's follows the PCI bus: on a machine with mixed GPUs and no
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` the two cannot be matched without CUDA, so the identity
+    names the visible GPUs and the ordinal instead (a key that is too specific, never a wrong one)."""
+    visible = cuda_visible_gpus()
+    ordinal = index or 0
+    if ordinal >= len(visible):
+        return {"name": "unknown"}
+    kinds = {(g.get("name"), g.get("compute_capability")) for g in visible}
+    if len(kinds) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        # the same visible set and ordinal always mean the same GPU, so this names it uniquely
+        names = sorted(f"{g.get('name')} ({g.get('compute_capability')})" for g in visible)
+        return {"visible": names, "ordinal": ordinal, "driver": visible[0].get("driver")}
+    gpu = visible[ordinal]
+    return {k: gpu[k] for k in ("name", "compute_capability", "driver") if k in gpu}
 
 
 @cache
@@ -131,9 +169,11 @@ class _NvidiaDevice(Device):
 
     def fingerprint(self, index: int | None) -> dict[str, Any]:
         """An engine is specific to the GPU model, compute capability and driver."""
-        gpus = nvidia_gpus()
-        gpu = gpus[index or 0] if len(gpus) > (index or 0) else {"name": "unknown"}
-        return {**cpu_fingerprint(), "gpu": gpu, "cuda": cuda_version()}
+        return {**cpu_fingerprint(), "gpu": gpu_identity(index), "cuda": cuda_version()}
+
+    def full_name(self) -> str:
+        name = gpu_identity(None).get("name", "unknown")
+        return f"{name} ({self.provider.removesuffix('ExecutionProvider')})" if name != "unknown" else self.family
 
 
 class CUDADevice(_NvidiaDevice):
@@ -143,9 +183,6 @@ class CUDADevice(_NvidiaDevice):
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         opts = {"device_id": str(index or 0), **options}
         return [(self.provider, opts), CPU_FALLBACK]
-
-    def full_name(self) -> str:
-        return "NVIDIA GPU (CUDA)"
 
 
 class TensorRTDevice(_NvidiaDevice):
@@ -160,5 +197,3 @@ class TensorRTDevice(_NvidiaDevice):
         device = {"device_id": str(index or 0)}
         return [(self.provider, {**device, **options}), ("CUDAExecutionProvider", device), CPU_FALLBACK]
 
-    def full_name(self) -> str:
-        return "NVIDIA GPU (TensorRT)"

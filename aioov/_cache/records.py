@@ -1,0 +1,51 @@
+"""What the store hands out: an entry it read, and what ``scan`` found (plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ("CacheInfo", "Entry", "EntryInfo")
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["files"]  # type: ignore[no-any-return]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One entry as ``scan`` sees it (for ``aioov cache ls`` and pruning)."""
+
+    key: str
+    path: Path
+    size: int
+    created: float
+    last_used: float
+    device: str
+    source: str | None
+    problem: str | None = None
+
+
+@dataclass
+class CacheInfo:
+    """What ``CacheStore.scan`` found: entries (least recently used first) and leftovers."""
+
+    root: Path
+    entries: list[EntryInfo] = field(default_factory=list)
+    incomplete: list[Path] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Bytes used by all entries."""
+        return sum(e.size for e in self.entries)

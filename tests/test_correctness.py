@@ -1,0 +1,211 @@
+"""A hit is the model the caller compiled, valid entries stay, and lock trouble never fails a
+compile: regressions for defects found in review (issue #19), each failing before its fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import aioov
+from aioov._cache.store import CacheStore
+from aioov._sessions import SessionFactory
+from aioov.testing import mlp
+
+from .helpers import reference, run_python
+
+pytestmark = pytest.mark.anyio
+
+X = np.random.default_rng(7).standard_normal((3, 64), dtype=np.float32)
+
+
+def _save(path: Path, seed: int) -> Path:
+    onnx.save(mlp(64, 64, 4, seed=seed), path)  # weights big enough for weights.bin
+    return path
+
+
+def _entries(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "v1").glob("??/*"))
+
+
+FRESH_PROCESS_COMPILE = """
+import sys, json, anyio, numpy as np, aioov
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU")
+        x = np.random.default_rng(7).standard_normal((3, 64), dtype=np.float32)
+        y = (await compiled.infer({"x": x}))["y"]
+    print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"), "y": y.tolist()}))
+anyio.run(main)
+"""
+
+
+# -- the key describes what was compiled ----------------------------------------------
+
+
+async def test_a_read_model_whose_file_changed_is_compiled_and_keyed_as_it_is_now(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    path = _save(tmp_path / "m.onnx", seed=1)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        model = await core.read_model(path)
+        await core.compile_model(model, "CPU")
+        _save(path, seed=2)  # new weights under the same name
+        again = await core.compile_model(model, "CPU")
+        assert again.get_property("LOADED_FROM_CACHE") is False  # not the old model's entry
+        np.testing.assert_allclose((await again.infer({"x": X}))["y"], reference(path, {"x": X})[0], rtol=1e-5)
+    # A fresh process asking for the path gets the new model, never the old one's outputs.
+    report = json.loads(run_python(FRESH_PROCESS_COMPILE, str(cache_dir), str(path)).stdout)
+    np.testing.assert_allclose(np.array(report["y"], np.float32), reference(path, {"x": X})[0], rtol=1e-5)
+
+
+async def test_a_sync_export_does_not_publish_a_model_that_changed_while_it_compiled(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _save(tmp_path / "m.onnx", seed=1)
+    original = SessionFactory.compile
+
+    def compile_then_replace(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        session = original(self, *args, **kwargs)
+        _save(path, seed=3)  # the file changes after onnxruntime read it, before publish
+        return session
+
+    monkeypatch.setattr(SessionFactory, "compile", compile_then_replace)
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_EXPORT": "SYNC"}) as core:
+        await core.compile_model(path, "CPU")
+    assert _entries(cache_dir) == []
+
+
+# -- valid entries stay -------------------------------------------------------------------
+
+
+async def test_prune_and_verify_keep_entries_of_other_onnxruntime_versions(tmp_path: Path, cache_dir: Path) -> None:
+    path = _save(tmp_path / "m.onnx", seed=1)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(path, "CPU")
+    (entry,) = _entries(cache_dir)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["onnxruntime"] = "1.99.0"  # as another host on another onnxruntime wrote it
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    store = CacheStore(cache_dir)
+    assert store.check(entry.name) is None
+    assert [e.problem for e in store.scan().entries] == [None]
+    assert store.prune() == []
+    assert store.prune(max_size=10**12) == []
+    assert _entries(cache_dir) == [entry]
+
+
+async def test_a_transient_load_failure_keeps_the_entry(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    path = _save(tmp_path / "m.onnx", seed=1)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(path, "CPU")
+    (entry,) = _entries(cache_dir)
+    original = SessionFactory.open
+
+    def out_of_memory(self, model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(model).startswith(str(cache_dir)):
+            raise RuntimeException("Failed to allocate memory for requested buffer of size 1073741824")
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(SessionFactory, "open", out_of_memory)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(path, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE") is False  # compiled instead...
+        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], reference(path, {"x": X})[0], rtol=1e-5)
+    assert _entries(cache_dir) == [entry]  # ...and the entry is still there
+    monkeypatch.setattr(SessionFactory, "open", original)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        assert (await core.compile_model(path, "CPU")).get_property("LOADED_FROM_CACHE") is True
+
+
+# -- lock trouble is no compile failure ----------------------------------------------------
+
+
+async def test_a_filesystem_that_refuses_locks_still_compiles_and_hits(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import portalocker
+
+    path = _save(tmp_path / "m.onnx", seed=1)
+    async with aioov.Core(cache_dir=cache_dir) as core:  # an entry, made where locks worked
+        await core.compile_model(path, "CPU")
+
+    def no_locks(*args: object, **kwargs: object) -> None:
+        raise portalocker.LockException(OSError(errno.ENOLCK, "No locks available"))
+
+    monkeypatch.setattr(portalocker, "lock", no_locks)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        hit = await core.compile_model(path, "CPU")
+        other = await core.compile_model(_save(tmp_path / "other.onnx", seed=5), "CPU")
+    assert hit.get_property("LOADED_FROM_CACHE") is True
+    assert other.get_property("LOADED_FROM_CACHE") is False
+    assert core.cache_stats.errors >= 1
+
+
+# -- entry authentication -------------------------------------------------------------------
+
+
+async def test_a_signed_file_cannot_be_swapped_in_from_another_signed_entry(tmp_path: Path, cache_dir: Path) -> None:
+    a, b = _save(tmp_path / "a.onnx", seed=1), _save(tmp_path / "b.onnx", seed=2)
+    props = {"CACHE_HMAC_KEY": "secret"}
+    async with aioov.Core(cache_dir=cache_dir, properties=props) as core:
+        key_a = (await core.compile_model(a, "CPU")).get_property("CACHE_KEY")
+        key_b = (await core.compile_model(b, "CPU")).get_property("CACHE_KEY")
+    entry_a, entry_b = (cache_dir / "v1" / k[:2] / k for k in (key_a, key_b))
+    assert (entry_a / "weights.bin").stat().st_size == (entry_b / "weights.bin").stat().st_size
+    # Someone who can write the cache, without the secret: b's weights and their MAC into a.
+    shutil.copyfile(entry_b / "weights.bin", entry_a / "weights.bin")
+    manifest_a = json.loads((entry_a / "manifest.json").read_text())
+    manifest_b = json.loads((entry_b / "manifest.json").read_text())
+    manifest_a["mac"]["files"]["weights.bin"] = manifest_b["mac"]["files"]["weights.bin"]
+    (entry_a / "manifest.json").write_text(json.dumps(manifest_a))
+    async with aioov.Core(cache_dir=cache_dir, properties=props) as core:
+        compiled = await core.compile_model(a, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE") is False
+        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], reference(a, {"x": X})[0], rtol=1e-5)
+        assert core.cache_stats.corrupt == 1
+
+
+# -- the remote tier does not hold local processes up ----------------------------------------
+
+
+async def test_the_key_lock_is_released_before_the_upload(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioov._cache.remote import DirectoryRemote
+
+    path = _save(tmp_path / "m.onnx", seed=1)
+    uploading, finish = threading.Event(), threading.Event()
+    lock_free_during_upload: list[bool] = []
+    original = DirectoryRemote.upload
+
+    def slow_upload(self, key, entry):  # type: ignore[no-untyped-def]
+        probe = CacheStore(cache_dir).lock(key)
+        lock_free_during_upload.append(probe.try_acquire(shared=True))
+        probe.release()
+        uploading.set()
+        assert finish.wait(30)
+        return original(self, key, entry)
+
+    monkeypatch.setattr(DirectoryRemote, "upload", slow_upload)
+    remote = (tmp_path / "remote").as_uri()
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_REMOTE_URL": remote}) as core:
+        await core.compile_model(path, "CPU")
+        import anyio
+
+        await anyio.to_thread.run_sync(uploading.wait, 30)
+        finish.set()
+    assert lock_free_during_upload == [True]
+    assert len(list((tmp_path / "remote" / "v1").iterdir())) == 1
+
