@@ -91,7 +91,7 @@ class CacheStore:
         """Create the tree (respecting the umask); raises OSError when it cannot, when a
         directory of the tree is a symlink, or when ``root`` is a non-empty folder that is not
         an aioov cache (its CACHEDIR.TAG would make backup tools skip the user's files)."""
-        if children(self.root) and not self.is_cache():
+        if children(self.root) and not (self.is_cache() or is_plain_dir(self.base)):
             raise OSError(f"{self.root} is not empty and not an aioov cache; give a new or empty directory")
         for path in (self.base, self.tmp, self.locks, self.index.root):
             path.mkdir(parents=True, exist_ok=True)
@@ -104,8 +104,9 @@ class CacheStore:
                 pass
 
     def is_cache(self) -> bool:
-        """Whether ``root`` holds an aioov cache (its tag or its tree)."""
-        return is_plain_file(self.root / "CACHEDIR.TAG") or is_plain_dir(self.base)
+        """Whether ``root`` is marked as a cache (its CACHEDIR.TAG): only then may maintenance
+        delete anything under it."""
+        return is_plain_file(self.root / "CACHEDIR.TAG")
 
     def check_tree(self) -> None:
         """Raise OSError when a directory of the tree is a symlink: entries would be written,
