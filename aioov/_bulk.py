@@ -39,6 +39,7 @@ class CompileResult:
     error: BaseException | None
     seconds: float
     from_cache: bool
+    warmup_seconds: float = 0.0  # of ``seconds``, spent warming the model up (``WARMUP``)
 
     @property
     def ok(self) -> bool:
@@ -119,7 +120,8 @@ async def compile_models(
         seconds = time.perf_counter() - started
         for index in indexes:
             cached = bool(compiled is not None and compiled.get_property("LOADED_FROM_CACHE"))
-            yield CompileResult(index, plan[index].model, plan[index].device, compiled, error, seconds, cached)
+            warmup = (compiled.warmup_seconds or 0.0) if compiled is not None else 0.0
+            yield CompileResult(index, plan[index].model, plan[index].device, compiled, error, seconds, cached, warmup)
 
     try:
         while queue or running or deferred:

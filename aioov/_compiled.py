@@ -94,6 +94,7 @@ class CompiledModel:
         loaded_from_cache: bool,
         cache_key: str | None,
         export: Exporter | None = None,
+        warmup_seconds: float | None = None,
     ) -> None:
         self._session = session
         self._device = device
@@ -101,6 +102,7 @@ class CompiledModel:
         self._loaded_from_cache = loaded_from_cache
         self._cache_key = cache_key
         self._export = export
+        self.warmup_seconds = warmup_seconds  # None: not warmed up (not asked, or not possible)
         self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
         self._by_name = {p.name: p for p in self._inputs}
@@ -143,6 +145,8 @@ class CompiledModel:
         name = name.upper()
         if name == "LOADED_FROM_CACHE":
             return self._loaded_from_cache
+        if name == "WARMED_UP":
+            return self.warmup_seconds is not None
         if name == "CACHE_KEY":
             return self._cache_key
         if name == "EXECUTION_DEVICES":
@@ -153,7 +157,7 @@ class CompiledModel:
             return int(self._properties.get("NUM_STREAMS", 1))
         if name == "SUPPORTED_PROPERTIES":
             return sorted({*self._properties, "LOADED_FROM_CACHE", "CACHE_KEY", "EXECUTION_DEVICES",
-                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS"})
+                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS", "WARMED_UP"})
         if name in self._properties:
             return public_value(self._properties[name])
         raise PropertyError(f"compiled model has no property {name!r}")

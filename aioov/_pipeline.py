@@ -30,6 +30,7 @@ from ._properties import CompileConfig
 from ._reader import EntryReader, mac_key_of
 from ._request import CompileRequest, Result, Source
 from ._sessions import SessionFactory
+from ._warmup import warm_up
 from ._writer import Claim, EntryWriter
 
 __all__ = ("Pipeline",)
@@ -56,7 +57,11 @@ class Pipeline:
     def compile_job(self, source: Source, device_name: str, config: CompileConfig, token: CancelToken,
                     max_cache_size: int = 0, defer_if_busy: bool = False) -> Result:
         request = CompileRequest.resolve(self.devices, source, device_name, config, max_cache_size)
-        return self.run(request, token, defer_if_busy=defer_if_busy)
+        result = self.run(request, token, defer_if_busy=defer_if_busy)
+        if request.config.warmup and not token.cancelled:
+            report = warm_up(result.session, request.config, source.describe())
+            result.warmup_seconds, result.warmed_up = report.seconds, report.runs > 0
+        return result
 
     def run(self, request: CompileRequest, token: CancelToken, *, defer_if_busy: bool = False) -> Result:
         source, config = request.source, request.config

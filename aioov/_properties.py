@@ -138,6 +138,27 @@ def _remote_url(*schemes: str) -> Callable[[object], str | None]:
     return parse
 
 
+def _shapes(value: object) -> dict[str, tuple[int, ...]]:
+    """``{"input_ids": [1, 128]}`` (or its JSON) → ``{"input_ids": (1, 128)}``."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"expected a mapping of input names to shapes, got {value!r}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of input names to shapes, got {type(value).__name__}")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in sorted(value.items()):
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 20 for d in shape
+        ):
+            raise ValueError(f"the shape of {name!r} must be a list of sizes, got {shape!r}")
+        out[str(name)] = tuple(shape)
+    return out
+
+
 def _opt_level(value: object) -> str:
     text = str(value).upper().removeprefix("ORT_").removeprefix("ENABLE_")
     if text not in GRAPH_OPTIMIZATION_LEVELS:
@@ -187,6 +208,10 @@ PROPERTIES: dict[str, Property] = {
                  doc="entries for SessionOptions.add_session_config_entry"),
         Property("ORT_PROVIDER_OPTIONS", _str_map, "compile", in_key=True,
                  doc="options of the device's execution provider"),
+        Property("WARMUP", _int(0, 1000), "compile",
+                 doc="inferences run on made-up inputs before compile_model returns (0 = none)"),
+        Property("WARMUP_SHAPES", _shapes, "compile", doc="shapes of the warm-up inputs, by input name"),
+        Property("WARMED_UP", str, "ro"),
         Property("OPTIMIZATION_CAPABILITIES", str, "ro"),
         Property("SUPPORTED_PROPERTIES", str, "ro"),
         Property("FULL_DEVICE_NAME", str, "ro"),
@@ -216,6 +241,8 @@ DEFAULTS: dict[str, Any] = {
     "ORT_SHARED_THREAD_POOL": False,
     "ORT_SESSION_CONFIG": {},
     "ORT_PROVIDER_OPTIONS": {},
+    "WARMUP": 0,
+    "WARMUP_SHAPES": {},
 }
 
 
@@ -242,6 +269,8 @@ class CompileConfig:
     ort_shared_thread_pool: bool = DEFAULTS["ORT_SHARED_THREAD_POOL"]
     ort_session_config: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ort_provider_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    warmup: int = DEFAULTS["WARMUP"]
+    warmup_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_props(cls, props: Mapping[str, Any]) -> CompileConfig:

@@ -121,3 +121,5 @@ class Result:
     config: CompileConfig
     loaded_from_cache: bool
     key: str | None
+    warmup_seconds: float = 0.0  # spent warming the model up (0: not asked, or not possible)
+    warmed_up: bool = False

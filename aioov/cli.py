@@ -61,8 +61,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _config(pairs: Sequence[str]) -> dict[str, object]:
-    config: dict[str, object] = {}
+def _config(pairs: Sequence[str], warmup: int | None = None) -> dict[str, object]:
+    config: dict[str, object] = {} if warmup is None else {"WARMUP": warmup}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
@@ -78,6 +78,12 @@ def _config(pairs: Sequence[str]) -> dict[str, object]:
     if "CACHE_DIR" in normalized:
         raise PropertyError("give the cache directory with --cache-dir, not --config CACHE_DIR=...")
     return config
+
+
+def _warmed(result: Any) -> str:
+    if result.compiled is None or not result.compiled.get_property("WARMUP"):
+        return "-"
+    return f"{result.warmup_seconds:.2f}s" if result.compiled.get_property("WARMED_UP") else "skipped (see log)"
 
 
 def human_size(size: float) -> str:
@@ -145,7 +151,7 @@ class _Bar:
 
 
 async def _compile(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    config = _config(args.config, args.warmup)
     models = _models_in(args.models)
     if args.output is not None:
         if len(models) != 1:
@@ -161,7 +167,7 @@ async def _compile(args: argparse.Namespace) -> int:
 async def _warmup(
     args: argparse.Namespace, *, config: dict[str, object] | None = None, models: list[str] | None = None
 ) -> int:
-    config = _config(args.config) if config is None else config
+    config = _config(args.config, args.warmup) if config is None else config
     models = _models_in(args.models) if models is None else models
     if not models:
         print("aioov: no models found", file=sys.stderr)
@@ -189,6 +195,8 @@ async def _warmup(
         "seconds": round(elapsed, 3),
         "results": [
             {"model": str(r.model), "ok": r.ok, "from_cache": r.from_cache, "seconds": round(r.seconds, 3),
+             "warmed_up": bool(r.compiled and r.compiled.get_property("WARMED_UP")),
+             "warmup_seconds": round(r.warmup_seconds, 3),
              "error": None if r.error is None else f"{type(r.error).__name__}: {r.error}"}
             for r in results
         ],
@@ -198,8 +206,8 @@ async def _warmup(
     else:
         _print_table(
             [[Path(str(r.model)).name, "cached" if r.from_cache else ("FAILED" if r.error else "compiled"),
-              f"{r.seconds:.2f}s"] for r in results],
-            ["model", "result", "time"],
+              f"{r.seconds:.2f}s", _warmed(r)] for r in results],
+            ["model", "result", "time", "warm-up"],
         )
         print(f"\n{summary['models']} models: {summary['hits']} from cache, {summary['compiles']} compiled, "
               f"{summary['failures']} failed, in {elapsed:.2f}s (cache: {args.cache_dir})")
@@ -356,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a compile property, e.g. ORT_GRAPH_OPTIMIZATION_LEVEL=EXTENDED")
     compiling.add_argument("--max-concurrency", "-j", type=int, default=None)
     compiling.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    compiling.add_argument("--warmup", type=int, default=None, metavar="N",
+                           help="run N inferences on made-up inputs after each compile (WARMUP); "
+                                "shapes with -c 'WARMUP_SHAPES={\"input\": [1, 128]}'")
 
     p = commands.add_parser("compile", parents=[common, compiling], help="compile models into the cache")
     p.add_argument("--output", "-o", type=Path, help="write one model's blob to this new directory instead")

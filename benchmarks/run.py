@@ -155,6 +155,34 @@ def scenario_infer(size: str, repeats: int, tmp: Path, cache_dir: str) -> Scenar
     return s
 
 
+def scenario_warmup(size: str, repeats: int, tmp: Path) -> Scenario:
+    """WARMUP: the first inference after compile_model against the steady ones, warm hits in
+    fresh processes (a server restarting), without and with WARMUP=1 at the served shape."""
+    s = Scenario("warmup", f"first inference after compile_model, {size}, batch 1 x 128 tokens (seconds)")
+    path, cache = str(model(size)), str(tmp / "warmup-cache")
+    work("aioov_compile", model=path, cache_dir=cache, wait_export=True)
+    for _ in range(repeats):
+        for warmup in (0, 1):
+            result = work("first_inference", model=path, cache_dir=cache, warmup=warmup)
+            assert result["from_cache"], result
+            label = "WARMUP=1" if warmup else "WARMUP=0"
+            s.add(f"{label}: compile_model (warm hit)", result["ready"])
+            s.add(f"{label}: first inference", result["first"])
+            s.add(f"{label}: steady inference", result["steady"])
+            if warmup:
+                s.add("WARMUP=1: warm-up inside compile_model", result["warmup"])
+    s.ratios = {
+        "first / steady, WARMUP=0": s.med("WARMUP=0: first inference") / s.med("WARMUP=0: steady inference"),
+        "first / steady, WARMUP=1": s.med("WARMUP=1: first inference") / s.med("WARMUP=1: steady inference"),
+        "warm-up cost / first inference it replaces": (
+            s.med("WARMUP=1: warm-up inside compile_model") / s.med("WARMUP=0: first inference")),
+    }
+    s.target("first inference <= 1.2x steady with WARMUP", s.ratios["first / steady, WARMUP=1"], 1.2, "lower")
+    s.target("warm-up costs no more than the first inference",
+             s.ratios["warm-up cost / first inference it replaces"], 1.0, "lower")
+    return s
+
+
 def scenario_openvino(size: str, repeats: int, tmp: Path, aioov_warm: float | None) -> Scenario | None:
     """3: OpenVINO with CACHE_DIR on the same ONNX file."""
     try:
@@ -394,7 +422,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep"]
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -424,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:
             scenarios.append(scenario_export(args.repeats, tmp))
+        if "warmup" in chosen:
+            scenarios.append(scenario_warmup(args.size, args.repeats, tmp))
         if "ovep" in chosen:
             ovep = scenario_ovep(args.size, args.repeats, tmp)
             if ovep:

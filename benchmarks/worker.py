@@ -224,7 +224,29 @@ async def export_priority(models: list[str], cache_dir: str, nice: int) -> dict[
     return {"ready": ready, "done": done}
 
 
+async def first_inference(model: str, cache_dir: str | None, warmup: int, steady_runs: int = 7) -> dict[str, Any]:
+    """compile_model (with WARMUP=``warmup`` at the served shape), then the first inference and
+    the steady ones after it, batch 1 x 128 tokens."""
+    import aioov
+
+    ids = np.random.default_rng(0).integers(0, 8000, (1, 128), dtype=np.int64)
+    config = {"WARMUP": warmup, "WARMUP_SHAPES": {"input_ids": [1, 128]}}
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        core.get_available_devices()
+        started = time.perf_counter()
+        compiled = await core.compile_model(model, "CPU", config)
+        ready = time.perf_counter() - started
+        latencies = []
+        for _ in range(1 + steady_runs):
+            started = time.perf_counter()
+            await compiled.infer({"input_ids": ids})
+            latencies.append(time.perf_counter() - started)
+    return {"ready": ready, "warmup": compiled.warmup_seconds or 0.0, "first": latencies[0],
+            "steady": float(np.median(latencies[1:])), "from_cache": compiled.get_property("LOADED_FROM_CACHE")}
+
+
 TASKS = {
+    "first_inference": first_inference,
     "export_priority": export_priority,
     "warm_overhead": warm_overhead,
     "ort_cold": ort_cold, "bare_load": bare_load, "aioov_compile": aioov_compile,

@@ -4,6 +4,8 @@
 
 Every worker process compiles nothing that another one already compiled: the first to
 need a model compiles and publishes it; the others wait on the cache lock and import it.
+Each model is warmed up (``WARMUP``, ``AIOOV_WARMUP`` inferences, default 1) before the
+server reports ready, so that the first request costs what the later ones do.
 
     curl -X POST localhost:8000/models/bert/infer -d '{"input_ids": [[1, 2, 3]]}'
 """
@@ -28,7 +30,10 @@ import aioov
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     folder = Path(os.environ.get("MODELS_DIR", "models"))
     async with aioov.Core(cache_dir=os.environ.get("AIOOV_CACHE_DIR")) as core:
-        results = await core.compile_all(sorted(folder.glob("*.onnx")), os.environ.get("AIOOV_DEVICE", "AUTO"))
+        results = await core.compile_all(
+            sorted(folder.glob("*.onnx")), os.environ.get("AIOOV_DEVICE", "AUTO"),
+            {"WARMUP": int(os.environ.get("AIOOV_WARMUP", "1"))},
+        )
         app.state.models = {Path(str(r.model)).stem: r.compiled for r in results if r.ok}
         app.state.failed = {Path(str(r.model)).stem: str(r.error) for r in results if not r.ok}
         yield

@@ -17,6 +17,7 @@ has open would let a third lock a fresh inode and break exclusion.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -31,6 +32,28 @@ __all__ = ("KeyLock",)
 
 _POLL_START = 0.005
 _POLL_MAX = 0.1
+
+
+_BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK}
+
+
+def _held_elsewhere(exc: BaseException) -> bool:
+    """Whether a LockException means "another holder has it" (flock's EWOULDBLOCK)."""
+    causes = [exc.__cause__, *getattr(exc, "args", ())]
+    return any(isinstance(c, OSError) and c.errno in _BUSY for c in causes)
+
+
+class _Descriptor:
+    """A raw fd as every supported portalocker takes it: 2.x unlocks through ``fileno()``
+    (found by CI's run on the lowest allowed versions)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
 
 
 class KeyLock:
@@ -51,14 +74,16 @@ class KeyLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         flags = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
         try:
-            portalocker.lock(fd, flags | portalocker.LockFlags.NON_BLOCKING)
+            portalocker.lock(_Descriptor(fd), flags | portalocker.LockFlags.NON_BLOCKING)
         except portalocker.AlreadyLocked:
             os.close(fd)
             return False
         except portalocker.LockException as exc:
+            os.close(fd)
+            if _held_elsewhere(exc):  # portalocker 2.x reports a held lock this way
+                return False
             # Any other failure (ENOLCK on NFS without a lock daemon, a FUSE filesystem that
             # refuses flock): an OSError, which callers treat as "no cache coordination here".
-            os.close(fd)
             raise OSError(f"cannot lock {self.path}: {exc}") from exc
         except BaseException:
             os.close(fd)
@@ -92,7 +117,7 @@ class KeyLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                portalocker.unlock(fd)
+                portalocker.unlock(_Descriptor(fd))
             finally:
                 os.close(fd)
 

@@ -1,0 +1,153 @@
+"""``WARMUP``: a compiled model's first request costs what the later ones do (#24).
+
+Warm-up runs in the compile job on inputs made up from the model's input specs; a model whose
+inputs cannot be made up is compiled anyway, unwarmed, with a warning naming the input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import aioov
+from aioov._compiled import Port
+from aioov._inputs import DEFAULT_DIM, Unsynthesizable, synthesize
+
+from .helpers import ROOT, make_models, run_python
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def six_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_models(tmp_path_factory.mktemp("warm"), 6)
+
+
+@pytest.fixture
+def count_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, tuple[int, ...]]]:
+    """Record the input shapes of every ``InferenceSession.run``."""
+    calls: list[dict[str, tuple[int, ...]]] = []
+    original = ort.InferenceSession.run
+
+    def run(self, output_names, feed, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append({name: np.asarray(value).shape for name, value in feed.items()})
+        return original(self, output_names, feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    return calls
+
+
+async def test_warmup_runs_the_model_before_compile_model_returns(
+    bert_path: Path, count_runs: list[dict[str, tuple[int, ...]]]
+) -> None:
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(bert_path, "CPU", {"WARMUP": 2})
+        assert compiled.get_property("WARMED_UP") is True and compiled.warmup_seconds > 0
+        assert count_runs == [{"input_ids": (1, DEFAULT_DIM)}] * 2  # batch 1, a small sequence
+        cold = await core.compile_model(bert_path, "CPU")
+        assert cold.get_property("WARMED_UP") is False and len(count_runs) == 2
+
+
+async def test_warmup_shapes_choose_the_dynamic_dimensions(
+    bert_path: Path, count_runs: list[dict[str, tuple[int, ...]]]
+) -> None:
+    async with aioov.Core() as core:
+        config = {"WARMUP": 1, "WARMUP_SHAPES": {"input_ids": [4, 128]}}
+        assert (await core.compile_model(bert_path, "CPU", config)).get_property("WARMED_UP") is True
+    assert count_runs == [{"input_ids": (4, 128)}]
+
+
+async def test_bulk_loading_warms_every_model_and_reports_it(six_models: list[Path]) -> None:
+    seen: list[float] = []
+    async with aioov.Core(max_concurrent_compiles=2) as core:
+        results = await core.compile_all(six_models, "CPU", {"WARMUP": 1},
+                                          progress=lambda p: seen.append(p.current.warmup_seconds))
+    assert all(r.ok and r.unwrap().get_property("WARMED_UP") for r in results)
+    assert all(0 < r.warmup_seconds < r.seconds for r in results) and len(seen) == 6
+
+
+def _string_model(tmp_path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])], "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["n"])],
+    )
+    return _save(graph, tmp_path / "strings.onnx")
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+async def test_a_model_whose_inputs_cannot_be_made_up_compiles_unwarmed_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _string_model(tmp_path)
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(path, "CPU", {"WARMUP": 1})
+    assert compiled.get_property("WARMED_UP") is False
+    assert "'text' is a tensor of strings" in caplog.text
+    assert (await compiled.infer({"text": np.array(["a", "b"], dtype=object)}))["same"].tolist() == ["a", "b"]
+
+
+async def test_a_model_that_fails_on_made_up_inputs_compiles_unwarmed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shape input of zeros asks Reshape (allowzero=1) for an empty tensor: onnxruntime fails."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    path = _save(graph, tmp_path / "reshape.onnx")
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(path, "CPU", {"WARMUP": 1})
+        assert compiled.get_property("WARMED_UP") is False and "was not warmed up" in caplog.text
+        y = await compiled.infer({"x": np.ones((2, 4), np.float32), "shape": np.array([4, 2])})
+    assert y["y"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"nope": [1, 2]}, "not inputs of this model"),
+    ({"x": [1]}, "has rank 2"),
+    ({"x": [1, 9]}, "dimension 1 is 8"),
+])
+def test_synthesis_explains_what_it_cannot_do(shapes: dict[str, list[int]], message: str) -> None:
+    x = Port("x", "tensor(float)", np.dtype(np.float32), ("N", 8))
+    with pytest.raises(Unsynthesizable, match=message):
+        synthesize([x], shapes)
+
+
+def test_synthesis_is_deterministic_and_shares_named_dimensions() -> None:
+    ids = Port("input_ids", "tensor(int64)", np.dtype(np.int64), ("batch", "seq"))
+    mask = Port("attention_mask", "tensor(int64)", np.dtype(np.int64), ("batch", "seq"))
+    pixels = Port("pixels", "tensor(float16)", np.dtype(np.float16), (None, 3, -1, 224))
+    first = synthesize([ids, mask, pixels], {"input_ids": [2, 64]})
+    assert first["attention_mask"].shape == (2, 64)  # "seq" named once, used everywhere
+    assert first["pixels"].shape == (1, 3, DEFAULT_DIM, 224) and first["pixels"].dtype == np.float16
+    assert not first["input_ids"].any()  # zeros: valid token ids and indices
+    np.testing.assert_array_equal(synthesize([ids, mask, pixels], {"input_ids": [2, 64]})["pixels"], first["pixels"])
+
+
+@pytest.mark.parametrize("bad", [{"x": "1x2"}, {"x": [1, -1]}, "not json", 3])
+def test_bad_warmup_shapes_are_property_errors(bad: object) -> None:
+    with pytest.raises(aioov.PropertyError, match="WARMUP_SHAPES"):
+        aioov.Core(properties={"WARMUP_SHAPES": bad})
+
+
+def test_the_cli_warms_models_and_reports_it(bert_path: Path, tmp_path: Path) -> None:
+    code = "import sys; from aioov.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = run_python(code, "warmup", str(bert_path), "--cache-dir", str(tmp_path / "c"), "--warmup", "2",
+                      "-c", 'WARMUP_SHAPES={"input_ids": [1, 32]}', "--json", cwd=ROOT)
+    (result,) = json.loads(proc.stdout)["results"]
+    assert result["ok"] and result["warmed_up"] and result["warmup_seconds"] > 0
