@@ -171,6 +171,7 @@ def scenario_warmup(size: str, repeats: int, tmp: Path) -> Scenario:
             s.add(f"{label}: steady inference", result["steady"])
             if warmup:
                 s.add("WARMUP=1: warm-up inside compile_model", result["warmup"])
+                s.add("WARMUP=1: warm-up / steady, same process", result["warmup"] / result["steady"])
     s.ratios = {
         "first / steady, WARMUP=0": s.med("WARMUP=0: first inference") / s.med("WARMUP=0: steady inference"),
         "first / steady, WARMUP=1": s.med("WARMUP=1: first inference") / s.med("WARMUP=1: steady inference"),

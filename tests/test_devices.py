@@ -571,3 +571,32 @@ async def test_a_device_onnxruntime_falls_back_from_is_not_found(mlp_path: Path)
     async with aioov.Core(devices=DeviceRegistry([CPUDevice(), ClaimsToWork()])) as core:
         with pytest.raises(aioov.DeviceNotFoundError, match="fell back to CPUExecutionProvider"):
             await core.compile_model(mlp_path, "GPU.7")
+
+
+def test_full_device_name_names_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioov._devices import nvidia
+
+    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: TWO_GPUS[1:])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert CUDADevice().full_name() == "NVIDIA H100 (CUDA)"
+    assert TensorRTDevice().full_name() == "NVIDIA H100 (TensorRT)"
+    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: ())
+    assert CUDADevice().full_name() == "GPU"  # no nvidia-smi: nothing made up
+
+
+def test_session_builds_are_serialised_per_device_not_per_family() -> None:
+    from aioov._cache.stats import CacheEvents
+    from aioov._devices import DeviceSpec
+    from aioov._properties import CompileConfig
+    from aioov._request import CompileRequest, Source
+    from aioov._sessions import SessionFactory
+
+    factory = SessionFactory(CacheEvents())
+    gpu = CUDADevice()
+
+    def lock_of(spec: DeviceSpec) -> object:
+        request = CompileRequest(Source(None), gpu, spec, gpu.providers(spec.index, {}), CompileConfig())
+        return factory._device_lock(request)
+
+    assert lock_of(DeviceSpec("GPU")) is lock_of(DeviceSpec("GPU", 0))  # GPU means GPU.0
+    assert lock_of(DeviceSpec("GPU", 0)) is not lock_of(DeviceSpec("GPU", 1))

@@ -318,3 +318,13 @@ def test_the_cli_refuses_a_second_cache_dir_in_config_and_a_folder_of_other_file
     status, output = _cli("compile", str(model), "--cache-dir", str(home), "-q")
     assert status == 2 and "not an aioov cache" in output
     assert sorted(p.name for p in home.iterdir()) == ["photo.jpg"]  # no CACHEDIR.TAG dropped in
+
+
+@pytest.mark.parametrize("props", [
+    {"CACHE_LOCK_TIMEOUT": float("nan")},  # a wait that would never time out
+    {"CACHE_REMOTE_LOCK_TTL": "nan"},
+    {"INFERENCE_NUM_THREADS": 2**32},  # onnxruntime's TypeError, before
+])
+def test_values_that_would_hang_or_crash_are_property_errors(props: dict[str, object]) -> None:
+    with pytest.raises(aioov.PropertyError):
+        aioov.Core(properties=props)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .._errors import BlobError
 from .base import CPU_FALLBACK, BlobFormat, Device, ProviderList, cpu_fingerprint, with_first
@@ -163,6 +163,7 @@ class TensorRTContextBlob(BlobFormat):
 
 class _NvidiaDevice(Device):
     serialize_compiles = True
+    kind: ClassVar[str]  # how FULL_DEVICE_NAME names the runtime
 
     def precheck(self) -> str | None:
         return nvidia_driver_missing()
@@ -173,12 +174,13 @@ class _NvidiaDevice(Device):
 
     def full_name(self) -> str:
         name = gpu_identity(None).get("name", "unknown")
-        return f"{name} ({self.provider.removesuffix('ExecutionProvider')})" if name != "unknown" else self.family
+        return f"{name} ({self.kind})" if name != "unknown" else self.family
 
 
 class CUDADevice(_NvidiaDevice):
     family = "GPU"
     provider = "CUDAExecutionProvider"
+    kind = "CUDA"
 
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
         opts = {"device_id": str(index or 0), **options}
@@ -188,6 +190,7 @@ class CUDADevice(_NvidiaDevice):
 class TensorRTDevice(_NvidiaDevice):
     family = "TENSORRT"
     provider = "TensorrtExecutionProvider"
+    kind = "TensorRT"
     blob = TensorRTContextBlob()
 
     def fingerprint(self, index: int | None) -> dict[str, Any]:
