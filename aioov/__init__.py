@@ -22,13 +22,14 @@ from ._errors import (
     PropertyError,
 )
 from ._model import Model
-from ._properties import CacheVerify, ExportMode, PerformanceHint
+from ._properties import CacheHitMode, CacheVerify, ExportMode, PerformanceHint
 from ._version import __version__
 
 __all__ = (
     "AioovError",
     "BulkProgress",
     "CacheError",
+    "CacheHitMode",
     "CacheInfo",
     "CacheStats",
     "CacheStore",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ import anyio
 import numpy as np
 import onnxruntime as ort
 
+from ._concurrency import wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
 from ._properties import public_value
 
@@ -103,6 +106,9 @@ class CompiledModel:
         self._cache_key = cache_key
         self._export = export
         self.warmup_seconds = warmup_seconds  # None: not warmed up (not asked, or not possible)
+        # An instant cache hit: the full-speed session, still to come
+        self._upgrade: concurrent.futures.Future[ort.InferenceSession | None] | None = None
+        self._instant = False
         self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
         self._by_name = {p.name: p for p in self._inputs}
@@ -110,8 +116,37 @@ class CompiledModel:
 
     @property
     def session(self) -> ort.InferenceSession:
-        """The ``onnxruntime.InferenceSession`` (for features aioov does not wrap)."""
+        """The ``onnxruntime.InferenceSession`` serving now (for features aioov does not wrap)."""
+        self._swap()
         return self._session
+
+    # -- instant hits -------------------------------------------------------------------
+    def _follow(self, upgrade: concurrent.futures.Future[ort.InferenceSession | None] | None) -> None:
+        """This model came from an instant cache hit: swap in ``upgrade``'s full-speed session
+        once it is built (None: it never will be; the instant session serves on)."""
+        self._upgrade, self._instant = upgrade, True
+
+    async def wait_full_speed(self) -> None:
+        """Wait until the full-speed session serves: at once unless this model came from an
+        instant cache hit (``CACHE_HIT_MODE=INSTANT``) whose full-speed session is still loading."""
+        if self._upgrade is not None and not self._upgrade.done():
+            with contextlib.suppress(Exception):  # read by _swap
+                await wait_future(self._upgrade)
+        self._swap()
+
+    def _swap(self) -> None:
+        """Between inferences: take the full-speed session once it exists. Inferences running
+        on the instant one finish there; it is released with the last of them."""
+        upgrade = self._upgrade
+        if upgrade is None or not upgrade.done():
+            return
+        self._upgrade = None
+        try:
+            session = upgrade.result()
+        except Exception:  # cancelled by aclose, or a load that failed: the instant session stays
+            session = None
+        if session is not None:
+            self._session, self._instant = session, False
 
     @property
     def device(self) -> str:
@@ -147,6 +182,9 @@ class CompiledModel:
             return self._loaded_from_cache
         if name == "WARMED_UP":
             return self.warmup_seconds is not None
+        if name == "SESSION":
+            self._swap()
+            return "INSTANT" if self._instant else "FULL"
         if name == "CACHE_KEY":
             return self._cache_key
         if name == "EXECUTION_DEVICES":
@@ -157,7 +195,7 @@ class CompiledModel:
             return int(self._properties.get("NUM_STREAMS", 1))
         if name == "SUPPORTED_PROPERTIES":
             return sorted({*self._properties, "LOADED_FROM_CACHE", "CACHE_KEY", "EXECUTION_DEVICES",
-                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS", "WARMED_UP"})
+                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS", "WARMED_UP", "SESSION"})
         if name in self._properties:
             return public_value(self._properties[name])
         raise PropertyError(f"compiled model has no property {name!r}")
@@ -182,8 +220,10 @@ class CompiledModel:
     def infer_sync(self, inputs: InferInputs) -> dict[str, np.ndarray]:
         """Blocking inference, for code that is not async."""
         feed = self._feed(inputs)
+        self._swap()
+        session = self._session
         try:
-            results = self._session.run(None, feed)
+            results = session.run(None, feed)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
         return {port.name: value for port, value in zip(self._outputs, results)}
@@ -191,8 +231,10 @@ class CompiledModel:
     async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
         """Run the model on ``inputs`` in a worker thread; outputs by name, in model order."""
         feed = self._feed(inputs)  # validate on the caller's side: cheap, and errors stay local
+        self._swap()
+        session = self._session
         try:
-            results = await anyio.to_thread.run_sync(self._session.run, None, feed, limiter=self._limiter)
+            results = await anyio.to_thread.run_sync(session.run, None, feed, limiter=self._limiter)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
         return {port.name: value for port, value in zip(self._outputs, results)}

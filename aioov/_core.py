@@ -225,7 +225,7 @@ class Core:
 
     def _wrap(self, result: Result, ticket: Ticket) -> CompiledModel:
         properties = result.config.as_props()
-        return CompiledModel(
+        compiled = CompiledModel(
             result.session,
             device=result.device,
             properties=properties,
@@ -234,6 +234,9 @@ class Core:
             export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
             warmup_seconds=result.warmup_seconds if result.warmed_up else None,
         )
+        if result.pending is not None:  # an instant hit: its full-speed session is built next
+            compiled._follow(self._jobs.background(result.pending.upgrade))
+        return compiled
 
     async def _export_to(
         self, model: ModelSource, destination: str | os.PathLike[str], *, device: str, config: Mapping[str, object]

@@ -124,6 +124,8 @@ class CompileJobs:
         # cache lock), so jobs run in an executor of their own rather than in a caller's task.
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aioov-compile")
         self._inflight = Inflight()
+        self._background: set[CancelToken] = set()
+        self._background_lock = threading.Lock()
         self._closed = False
 
     @property
@@ -163,10 +165,34 @@ class CompileJobs:
             raise AioovError("the Core was closed before this compile finished") from exc
         return result
 
+    def background(self, work: Callable[[CancelToken], Any]) -> concurrent.futures.Future[Any] | None:
+        """Run ``work(token)`` in the pool, nobody waiting on it yet (an instant hit's full-speed
+        session); ``close`` cancels it. None once closed."""
+        token = CancelToken()
+        try:
+            future = self._pool.submit(work, token)
+        except RuntimeError:  # shut down
+            return None
+        token.future = future
+        with self._background_lock:
+            self._background.add(token)
+        future.add_done_callback(lambda _: self._forget_background(token))
+        if self._closed:
+            token.cancel()
+        return future
+
+    def _forget_background(self, token: CancelToken) -> None:
+        with self._background_lock:
+            self._background.discard(token)
+
     def close(self) -> None:
         """Refuse new jobs and cancel the running ones (their callers get AioovError)."""
         self._closed = True
         self._inflight.cancel_all()
+        with self._background_lock:
+            tokens = list(self._background)
+        for token in tokens:
+            token.cancel()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import threading
 
+import onnxruntime as ort
+
 from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
 from ._cache.stats import CacheEvents, CacheStats
@@ -27,7 +29,7 @@ from ._devices import DeviceRegistry
 from ._errors import Cancelled, LockBusy, LockTimeout, ModelReadError
 from ._model import check_model_file
 from ._properties import CompileConfig
-from ._reader import EntryReader, mac_key_of
+from ._reader import EntryReader, Loaded, mac_key_of
 from ._request import CompileRequest, Result, Source
 from ._sessions import SessionFactory
 from ._warmup import warm_up
@@ -78,10 +80,10 @@ class Pipeline:
         key_inputs = request.key_inputs(digest)
         key = cache_key(key_inputs)
 
-        session = self.reader.try_import(store, key, request, token)
-        if session is not None:
+        loaded = self.reader.try_import(store, key, request, token)
+        if loaded is not None:
             self.events.count(hits=1)
-            return self._result(request, session, key, hit=True)
+            return self._result(request, loaded, key)
 
         lock = store.lock(key)
         try:
@@ -100,26 +102,30 @@ class Pipeline:
         claim = Claim(store, key, lock, request.manifest(key_inputs), stats)
         try:
             # Another process may have published while we waited for its lock.
-            session = self.reader.try_import(store, key, request, token, locked=True)
-            if session is None and config.cache_remote_url:
+            loaded = self.reader.try_import(store, key, request, token, locked=True)
+            if loaded is None and config.cache_remote_url:
                 claim.remote = RemoteLink(store, RemoteSettings(
                     config.cache_remote_url, config.cache_remote_lock_url, config.cache_remote_lock_ttl,
                     config.cache_lock_timeout, mac_key_of(config.cache_hmac_key)), self.events)
                 if claim.remote.fetch_or_claim(key, token.event):
-                    session = self.reader.try_import(store, key, request, token, locked=True)
+                    loaded = self.reader.try_import(store, key, request, token, locked=True)
         except BaseException:
             claim.release()
             raise
-        if session is not None:
+        if loaded is not None:
             claim.release()
             self.events.count(hits=1)
-            return self._result(request, session, key, hit=True)
+            return self._result(request, loaded, key)
         self.events.count(misses=1)
         return self._result(request, self.writer.compile(claim, request, token), key)
 
     @staticmethod
-    def _result(request: CompileRequest, session: object, key: str | None, *, hit: bool = False) -> Result:
-        return Result(session, str(request.spec), request.config, hit, key)
+    def _result(request: CompileRequest, session: ort.InferenceSession | Loaded, key: str | None) -> Result:
+        """A compiled session (``hit`` False), or one loaded from the cache (with what it left to do)."""
+        if isinstance(session, tuple):
+            loaded, pending = session
+            return Result(loaded, str(request.spec), request.config, True, key, pending=pending)
+        return Result(session, str(request.spec), request.config, False, key)
 
     def store(self, cache_dir: str | None) -> CacheStore | None:
         """The store for ``cache_dir``, created and tidied on first use, and again if the

@@ -20,7 +20,10 @@ from typing import Any
 
 from ._errors import PropertyError
 
-__all__ = ("CacheVerify", "CompileConfig", "ExportMode", "PerformanceHint", "PROPERTIES", "normalize", "parse_size")
+__all__ = (
+    "CacheHitMode", "CacheVerify", "CompileConfig", "ExportMode", "PerformanceHint", "PROPERTIES", "normalize",
+    "parse_size",
+)
 
 
 class PerformanceHint(str, enum.Enum):
@@ -36,6 +39,13 @@ class CacheVerify(str, enum.Enum):
     FULL = "FULL"  # sizes and xxh3-128 checksums of every blob file
     SIZE = "SIZE"  # manifest and file sizes only
     OFF = "OFF"  # trust the manifest
+
+
+class CacheHitMode(str, enum.Enum):
+    """How a cache hit loads (``CACHE_HIT_MODE``)."""
+
+    INSTANT = "INSTANT"  # a session without prepacked weights at once, the full-speed one swapped in later
+    FULL = "FULL"  # the full-speed session before compile_model returns
 
 
 class ExportMode(str, enum.Enum):
@@ -196,6 +206,8 @@ PROPERTIES: dict[str, Property] = {
         Property("CACHE_REMOTE_LOCK_URL", _remote_url("redis", "rediss", "unix"), "compile",
                  doc="redis://host:port/db: a lock so that N hosts compile a model once"),
         Property("CACHE_REMOTE_LOCK_TTL", _seconds, "compile", doc="lease of the hosts' lock, in seconds"),
+        Property("CACHE_HIT_MODE", _enum(CacheHitMode), "compile",
+                 doc="INSTANT: a hit returns at once, full speed follows; FULL: a hit returns at full speed"),
         Property("CACHE_PREPACK", _bool, "compile", in_key=True,
                  doc="store prepacked weights: faster load, ~1.8x disk"),
         Property("PERFORMANCE_HINT", _enum(PerformanceHint), "compile"),
@@ -212,6 +224,7 @@ PROPERTIES: dict[str, Property] = {
                  doc="inferences run on made-up inputs before compile_model returns (0 = none)"),
         Property("WARMUP_SHAPES", _shapes, "compile", doc="shapes of the warm-up inputs, by input name"),
         Property("WARMED_UP", str, "ro"),
+        Property("SESSION", str, "ro"),
         Property("OPTIMIZATION_CAPABILITIES", str, "ro"),
         Property("SUPPORTED_PROPERTIES", str, "ro"),
         Property("FULL_DEVICE_NAME", str, "ro"),
@@ -234,6 +247,7 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_REMOTE_LOCK_URL": None,
     "CACHE_REMOTE_LOCK_TTL": 300.0,
     "CACHE_PREPACK": True,
+    "CACHE_HIT_MODE": CacheHitMode.INSTANT,
     "PERFORMANCE_HINT": PerformanceHint.LATENCY,
     "INFERENCE_NUM_THREADS": 0,
     "NUM_STREAMS": 1,
@@ -262,6 +276,7 @@ class CompileConfig:
     cache_remote_lock_url: str | None = DEFAULTS["CACHE_REMOTE_LOCK_URL"]
     cache_remote_lock_ttl: float = DEFAULTS["CACHE_REMOTE_LOCK_TTL"]
     cache_prepack: bool = DEFAULTS["CACHE_PREPACK"]
+    cache_hit_mode: CacheHitMode = DEFAULTS["CACHE_HIT_MODE"]
     performance_hint: PerformanceHint = DEFAULTS["PERFORMANCE_HINT"]
     inference_num_threads: int = DEFAULTS["INFERENCE_NUM_THREADS"]
     num_streams: int = DEFAULTS["NUM_STREAMS"]

@@ -8,6 +8,7 @@ the load; the small graph file is checked first, so ORT never parses a corrupt o
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore, Entry
 from ._concurrency import CancelToken
 from ._errors import ORT_ERRORS, Cancelled, LockTimeout
-from ._properties import CacheVerify
-from ._request import CompileRequest
+from ._properties import CacheHitMode, CacheVerify
+from ._request import CompileRequest, Pending
 from ._sessions import SessionFactory
 
-__all__ = ("EntryReader", "mac_key_of")
+__all__ = ("EntryReader", "Loaded", "mac_key_of")
+
+logger = logging.getLogger("aioov")
 
 
 def mac_key_of(secret: bytes | None) -> bytes | None:
@@ -45,7 +48,7 @@ class EntryReader:
 
     def try_import(
         self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, *, locked: bool = False
-    ) -> ort.InferenceSession | None:
+    ) -> Loaded | None:
         """Load the entry for ``key`` if present and intact; None means compile."""
         config = request.config
         if not os.path.lexists(store.entry_path(key)):
@@ -71,9 +74,10 @@ class EntryReader:
 
     def _load_entry(
         self, store: CacheStore, entry: Entry, request: CompileRequest, token: CancelToken | None
-    ) -> ort.InferenceSession | None:
-        assert request.device.blob is not None
-        graph = request.device.blob.model_file
+    ) -> Loaded | None:
+        blob = request.device.blob
+        assert blob is not None
+        graph = blob.model_file
         check: concurrent.futures.Future[str | None] | None = None
         rest = [name for name in entry.files if name != graph]
         mac_key = mac_key_of(request.config.cache_hmac_key)
@@ -95,8 +99,9 @@ class EntryReader:
                 store.quarantine(entry.key, problem)
                 return None
             check = self._io_pool.submit(store.verify, entry, rest)
+        instant = blob.instant and request.config.cache_hit_mode is CacheHitMode.INSTANT
         try:
-            session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key))
+            session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key), instant)
         except ORT_ERRORS as exc:
             problem = check.result() if check is not None else None
             if token is not None and token.cancelled:
@@ -123,7 +128,30 @@ class EntryReader:
         if check is not None:
             self._verified[entry.path] = _identity(entry)
         store.touch(entry.key)
-        return session
+        return session, Pending(self._upgrader(store, entry, request)) if instant else None
+
+    def _upgrader(
+        self, store: CacheStore, entry: Entry, request: CompileRequest
+    ) -> Callable[[CancelToken], ort.InferenceSession | None]:
+        """The full-speed session for an instant hit (whose entry was checked), built later in
+        a worker thread. None: keep the instant session (the entry went away, the load failed)."""
+
+        def upgrade(token: CancelToken) -> ort.InferenceSession | None:
+            lock = store.lock(entry.key)
+            try:
+                lock.acquire(min(5.0, request.config.cache_lock_timeout), shared=True, cancel=token.event)
+            except (LockTimeout, OSError):
+                pass
+            try:
+                session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key))
+                return session if problem is None else None
+            except _UNLOADABLE as exc:
+                logger.info("aioov cache: keeping the instant session of %s: %s", entry.key[:16], exc)
+                return None
+            finally:
+                lock.release()
+
+        return upgrade
 
     def open_blob(
         self,
@@ -131,13 +159,17 @@ class EntryReader:
         request: CompileRequest,
         token: CancelToken | None,
         make_scratch: Callable[[], Path],
+        instant: bool = False,
     ) -> tuple[ort.InferenceSession, str | None]:
         """A session on the blob in ``folder`` (an entry, or an ``export_model`` directory), and
         why the blob was not really used (None when it was). Formats that write into their
-        cache even on a hit get a scratch directory from ``make_scratch``, removed after."""
+        cache even on a hit get a scratch directory from ``make_scratch``, removed after.
+        ``instant``: the format's quick-loading, slower-running session."""
         blob = request.device.blob
         assert blob is not None
         options = self._sessions.options(request.config)
+        if instant:
+            blob.configure_instant(options)
         scratch = make_scratch() if blob.import_scratch else None
         try:
             providers = blob.configure_import(options, request.providers, folder, scratch)
@@ -146,6 +178,13 @@ class EntryReader:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: why a full-speed session could not be built after an instant hit (the instant one stays)
+_UNLOADABLE: tuple[type[BaseException], ...] = (*ORT_ERRORS, OSError)
+
+#: a session loaded from an entry, and what an instant hit leaves to do
+Loaded = tuple[ort.InferenceSession, "Pending | None"]
 
 
 #: words in onnxruntime's errors that mean "not now", not "never": memory, device, driver

@@ -8,17 +8,19 @@ through the cache reader, the writer and the session factory: nothing below asks
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnxruntime as ort
 
+from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._model import Model, check_model_file, read_any
 from ._properties import CompileConfig
 from ._version import __version__
 
-__all__ = ("CompileRequest", "Result", "Source")
+__all__ = ("CompileRequest", "Pending", "Result", "Source")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,14 @@ class CompileRequest:
 
 
 @dataclass
+class Pending:
+    """What an instant hit leaves to do: build the full-speed session from the same entry
+    (None when it cannot; the instant session then keeps serving)."""
+
+    upgrade: Callable[[CancelToken], ort.InferenceSession | None]
+
+
+@dataclass
 class Result:
     """What a compile job hands back to the Core."""
 
@@ -123,3 +133,4 @@ class Result:
     key: str | None
     warmup_seconds: float = 0.0  # spent warming the model up (0: not asked, or not possible)
     warmed_up: bool = False
+    pending: Pending | None = None  # an instant hit's check and full-speed session, still to come

@@ -298,6 +298,7 @@ async def test_clearing_the_cache_never_truncates_a_file_a_session_has_mapped(ca
     async with aioov.Core(cache_dir=cache_dir) as core:
         compiled = await core.compile_model(cached, "CPU")
         assert compiled.get_property("LOADED_FROM_CACHE") is True
+        await compiled.wait_full_speed()  # no load in progress: the entry is free to clear
         (entry,) = _entries(cache_dir)
         with open(entry / "weights.bin", "rb") as held:
             size = os.fstat(held.fileno()).st_size

@@ -54,6 +54,8 @@ class BlobFormat:
     keeps_source: ClassVar[bool] = False
     #: True: the provider writes into its cache even on a hit; imports get a scratch directory
     import_scratch: ClassVar[bool] = False
+    #: True: ``configure_instant`` makes a session that loads much sooner and runs slower
+    instant: ClassVar[bool] = False
 
     def configure_export(
         self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
@@ -67,6 +69,9 @@ class BlobFormat:
         """Make a session load the blob in ``entry`` (``scratch``: a directory to write in,
         given when ``import_scratch`` is set)."""
         raise NotImplementedError
+
+    def configure_instant(self, options: Any) -> None:
+        """Make an import load at once, at some cost to inference speed (formats with ``instant``)."""
 
     def stage_source(self, tmp: Path, model: bytes | tuple[str, list[str]]) -> None:
         """Copy the source (its bytes, or its file and external-data files) into ``tmp``,

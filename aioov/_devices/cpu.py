@@ -28,6 +28,7 @@ class OrtOptimizedBlob(BlobFormat):
     kind = "ort-optimized"
     model_file = BLOB_MODEL
     background = True
+    instant = True
 
     def configure_export(
         self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
@@ -46,6 +47,12 @@ class OrtOptimizedBlob(BlobFormat):
 
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return providers
+
+    def configure_instant(self, options: Any) -> None:
+        # The weights as saved, without repacking them for the matrix kernels: 0.04 s instead
+        # of 0.38 s for the 435 MB model here, its inference ~16 % slower until the full
+        # session (same file, prepacked) replaces it.
+        options.add_session_config_entry("session.disable_prepacking", "1")
 
     def finalize(self, tmp: Path, input_names: list[str]) -> None:
         import onnx  # only where an entry is written: a hit never needs it

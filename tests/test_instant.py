@@ -1,0 +1,130 @@
+"""``CACHE_HIT_MODE=INSTANT`` (the default): a CPU cache hit returns over a session that skips
+repacking the weights, and the full-speed session, built from the same entry in the
+background, takes over between inferences (#22)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import aioov
+from aioov._jobs import CompileJobs
+
+from .helpers import reference
+
+pytestmark = pytest.mark.anyio
+
+
+def _prepacking_disabled(session: Any) -> bool:
+    """Whether the session was built with ``session.disable_prepacking=1`` (the instant one)."""
+    options = session.get_session_options()
+    try:
+        return bool(options.get_session_config_entry("session.disable_prepacking") == "1")
+    except RuntimeError:  # onnxruntime: "does not have configuration with key"
+        return False
+
+
+@pytest.fixture
+def held_upgrades(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Full-speed sessions are not built until the test sets the event."""
+    release = threading.Event()
+    original = CompileJobs.background
+
+    def background(self, work):  # type: ignore[no-untyped-def]
+        def held(token: Any) -> Any:
+            assert release.wait(30), "the test never released the upgrade"
+            return work(token)
+
+        return original(self, held)
+
+    monkeypatch.setattr(CompileJobs, "background", background)
+    return release
+
+
+async def _cached(core: aioov.Core, path: Path) -> None:
+    await core.compile_model(path, "CPU", {"CACHE_HIT_MODE": "FULL"})
+    await core.wait_exports()
+
+
+async def test_a_hit_serves_at_once_then_swaps_in_the_full_speed_session(
+    bert_path: Path, cache_dir: Path, ids: np.ndarray, held_upgrades: threading.Event
+) -> None:
+    expected = reference(bert_path, {"input_ids": ids})[0]
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        compiled = await core.compile_model(bert_path, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE") is True
+        assert compiled.get_property("SESSION") == "INSTANT"
+        instant = compiled.session
+        assert _prepacking_disabled(instant)
+        np.testing.assert_allclose((await compiled.infer({"input_ids": ids}))["last_hidden_state"], expected,
+                                   rtol=1e-4, atol=1e-4)
+        held_upgrades.set()
+        await compiled.wait_full_speed()
+        assert compiled.get_property("SESSION") == "FULL"
+        full = compiled.session
+        assert full is not instant
+        assert not _prepacking_disabled(full)
+        np.testing.assert_allclose((await compiled.infer({"input_ids": ids}))["last_hidden_state"], expected,
+                                   rtol=1e-4, atol=1e-4)
+        gone = weakref.ref(instant)
+        del instant
+        gc.collect()
+        assert gone() is None  # the instant session is released once nothing runs on it
+
+
+async def test_full_mode_returns_the_full_speed_session(bert_path: Path, cache_dir: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        compiled = await core.compile_model(bert_path, "CPU", {"CACHE_HIT_MODE": "FULL"})
+        assert compiled.get_property("LOADED_FROM_CACHE") is True and compiled.get_property("SESSION") == "FULL"
+        assert not _prepacking_disabled(compiled.session)
+
+
+async def test_a_compile_that_is_no_hit_is_full_speed_at_once(bert_path: Path, cache_dir: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(bert_path, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE") is False and compiled.get_property("SESSION") == "FULL"
+
+
+async def test_closing_the_core_keeps_the_instant_session_serving(
+    bert_path: Path, cache_dir: Path, ids: np.ndarray, held_upgrades: threading.Event
+) -> None:
+    core = aioov.Core(cache_dir=cache_dir)
+    await _cached(core, bert_path)
+    compiled = await core.compile_model(bert_path, "CPU")
+    held_upgrades.set()
+    await core.aclose()  # the upgrade is cancelled (or already done): either way the model serves
+    await compiled.wait_full_speed()
+    outputs = await compiled.infer({"input_ids": ids})
+    np.testing.assert_allclose(outputs["last_hidden_state"], reference(bert_path, {"input_ids": ids})[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+async def test_inferences_during_the_swap_all_succeed(bert_path: Path, cache_dir: Path, ids: np.ndarray) -> None:
+    import anyio
+
+    expected = reference(bert_path, {"input_ids": ids})[0]
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        compiled = await core.compile_model(bert_path, "CPU", {"NUM_STREAMS": 2})
+        outputs: list[np.ndarray] = []
+
+        async def serve() -> None:
+            for _ in range(6):
+                outputs.append((await compiled.infer({"input_ids": ids}))["last_hidden_state"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            tg.start_soon(serve)
+        await compiled.wait_full_speed()
+        assert compiled.get_property("SESSION") == "FULL"
+    assert len(outputs) == 12
+    for output in outputs:
+        np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-4)
