@@ -184,6 +184,47 @@ def scenario_warmup(size: str, repeats: int, tmp: Path) -> Scenario:
     return s
 
 
+def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
+    """CACHE_HIT_MODE: warm hits in fresh processes, INSTANT against FULL, with plain onnxruntime's
+    cold session for scale; a folder of 12 cached models from ``python`` start to all ready."""
+    s = Scenario("instant", f"warm hits, INSTANT vs FULL, {size} (seconds; memory in MB)")
+    path, cache = str(model(size)), str(tmp / "instant-cache")
+    folder = [str(model("bert-small", seed)) for seed in range(11)] + [path]
+    for item in folder:
+        work("aioov_compile", model=item, cache_dir=cache, wait_export=True)
+    for _ in range(repeats):
+        s.add("onnxruntime cold", work("ort_cold", model=path)["seconds"])
+        for mode in ("FULL", "INSTANT"):
+            r = work("instant_hit", model=path, cache_dir=cache, mode=mode)
+            s.add(f"{mode}: compile_model (warm hit)", r["ready"])
+            s.add(f"{mode}: first inference", r["first"])
+            s.add(f"{mode}: full speed reached after", r["full_speed_at"])
+            s.add(f"{mode}: inference at full speed", r["full_infer"])
+            if r["instant_infer"] is not None:
+                s.add(f"{mode}: inference on the instant session", r["instant_infer"])
+            for when in ("before", "during", "after"):
+                for kind in ("rss", "pss"):
+                    value = r[f"mem_{when}"].get(kind)
+                    if value is not None:
+                        s.add(f"{mode}: {kind.upper()} MB {when} the swap", value)
+            s.add(f"{mode}: 12 cached models, python start to all ready",
+                  work("folder_start", models=folder, cache_dir=cache, mode=mode)["ready"])
+    cold = s.med("onnxruntime cold")
+    s.ratios = {
+        "INSTANT hit / onnxruntime cold": s.med("INSTANT: compile_model (warm hit)") / cold,
+        "FULL hit / onnxruntime cold": s.med("FULL: compile_model (warm hit)") / cold,
+        "INSTANT full speed reached / FULL hit": (
+            s.med("INSTANT: full speed reached after") / s.med("FULL: compile_model (warm hit)")),
+        "instant-session inference / full": (
+            s.med("INSTANT: inference on the instant session") / s.med("INSTANT: inference at full speed")),
+        "12 models ready, INSTANT / FULL": (s.med("INSTANT: 12 cached models, python start to all ready")
+                                           / s.med("FULL: 12 cached models, python start to all ready")),
+    }
+    s.target("warm compile_model <= 0.05x plain cold", s.ratios["INSTANT hit / onnxruntime cold"], 0.05, "lower")
+    s.target("12 cached models ready <= 0.5x FULL", s.ratios["12 models ready, INSTANT / FULL"], 0.5, "lower")
+    return s
+
+
 def scenario_openvino(size: str, repeats: int, tmp: Path, aioov_warm: float | None) -> Scenario | None:
     """3: OpenVINO with CACHE_DIR on the same ONNX file."""
     try:
@@ -423,7 +464,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup"]
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -453,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:
             scenarios.append(scenario_export(args.repeats, tmp))
+        if "instant" in chosen:
+            scenarios.append(scenario_instant(args.size, args.repeats, tmp))
         if "warmup" in chosen:
             scenarios.append(scenario_warmup(args.size, args.repeats, tmp))
         if "ovep" in chosen:

@@ -245,7 +245,85 @@ async def first_inference(model: str, cache_dir: str | None, warmup: int, steady
             "steady": float(np.median(latencies[1:])), "from_cache": compiled.get_property("LOADED_FROM_CACHE")}
 
 
+def _memory() -> dict[str, float]:
+    """RSS and PSS of this process, in MB (/proc/self/smaps_rollup; PSS shares mapped weights)."""
+    values: dict[str, float] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss"):
+                    values[name.lower()] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return values
+
+
+async def instant_hit(model: str, cache_dir: str, mode: str, steady_runs: int = 5) -> dict[str, Any]:
+    """A warm hit in ``mode`` (INSTANT or FULL): compile_model, first inference, until full speed,
+    inference on each session, and memory before the swap, during it and after it."""
+    import gc
+
+    import aioov
+
+    ids = np.random.default_rng(0).integers(0, 8000, (1, 128), dtype=np.int64)
+
+    def latency(session: Any) -> float:
+        times = []
+        for _ in range(steady_runs):
+            started = time.perf_counter()
+            session.run(None, {"input_ids": ids})
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        core.get_available_devices()
+        started = time.perf_counter()
+        compiled = await core.compile_model(model, "CPU", {"CACHE_HIT_MODE": mode})
+        ready = time.perf_counter() - started
+        assert compiled.get_property("LOADED_FROM_CACHE")
+        first_started = time.perf_counter()
+        await compiled.infer({"input_ids": ids})
+        first = time.perf_counter() - first_started
+        before = _memory()
+        instant = compiled.session
+        await compiled.wait_full_speed()
+        full_at = time.perf_counter() - started
+        during = _memory()  # both sessions alive
+        full = compiled.session
+        slow = latency(instant) if instant is not full else None
+        del instant
+        gc.collect()
+        fast = latency(full)
+        after = _memory()
+    return {"ready": ready, "first": first, "full_speed_at": full_at, "instant_infer": slow, "full_infer": fast,
+            "mem_before": before, "mem_during": during, "mem_after": after}
+
+
+def folder_start(models: list[str], cache_dir: str, mode: str) -> dict[str, Any]:
+    """From ``python`` start to every model of a cached folder ready, in a fresh interpreter."""
+    import subprocess
+
+    code = (
+        "import sys, anyio, aioov\n"
+        "async def main():\n"
+        "    async with aioov.Core(cache_dir=sys.argv[1]) as core:\n"
+        "        results = await core.compile_all(sys.argv[3:], 'CPU', {'CACHE_HIT_MODE': sys.argv[2]})\n"
+        "        assert all(r.ok and r.from_cache for r in results), results\n"
+        "        print('ready', flush=True)\n"
+        "anyio.run(main)\n"
+    )
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, cache_dir, mode, *models], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    ready = time.perf_counter() - started
+    proc.wait()
+    return {"ready": ready}
+
+
 TASKS = {
+    "instant_hit": instant_hit,
+    "folder_start": folder_start,
     "first_inference": first_inference,
     "export_priority": export_priority,
     "warm_overhead": warm_overhead,

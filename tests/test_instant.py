@@ -1,4 +1,4 @@
-"""``CACHE_HIT_MODE=INSTANT`` (the default): a CPU cache hit returns over a session that skips
+"""``CACHE_HIT_MODE=INSTANT``: a CPU cache hit returns over a session that skips
 repacking the weights, and the full-speed session, built from the same entry in the
 background, takes over between inferences (#22)."""
 
@@ -19,6 +19,8 @@ from aioov._jobs import CompileJobs
 from .helpers import reference
 
 pytestmark = pytest.mark.anyio
+
+INSTANT = {"CACHE_HIT_MODE": "INSTANT"}
 
 
 def _prepacking_disabled(session: Any) -> bool:
@@ -58,7 +60,7 @@ async def test_a_hit_serves_at_once_then_swaps_in_the_full_speed_session(
     expected = reference(bert_path, {"input_ids": ids})[0]
     async with aioov.Core(cache_dir=cache_dir) as core:
         await _cached(core, bert_path)
-        compiled = await core.compile_model(bert_path, "CPU")
+        compiled = await core.compile_model(bert_path, "CPU", INSTANT)
         assert compiled.get_property("LOADED_FROM_CACHE") is True
         assert compiled.get_property("SESSION") == "INSTANT"
         instant = compiled.session
@@ -79,17 +81,17 @@ async def test_a_hit_serves_at_once_then_swaps_in_the_full_speed_session(
         assert gone() is None  # the instant session is released once nothing runs on it
 
 
-async def test_full_mode_returns_the_full_speed_session(bert_path: Path, cache_dir: Path) -> None:
+async def test_full_mode_the_default_returns_the_full_speed_session(bert_path: Path, cache_dir: Path) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
         await _cached(core, bert_path)
-        compiled = await core.compile_model(bert_path, "CPU", {"CACHE_HIT_MODE": "FULL"})
+        compiled = await core.compile_model(bert_path, "CPU")
         assert compiled.get_property("LOADED_FROM_CACHE") is True and compiled.get_property("SESSION") == "FULL"
         assert not _prepacking_disabled(compiled.session)
 
 
 async def test_a_compile_that_is_no_hit_is_full_speed_at_once(bert_path: Path, cache_dir: Path) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
-        compiled = await core.compile_model(bert_path, "CPU")
+        compiled = await core.compile_model(bert_path, "CPU", INSTANT)
         assert compiled.get_property("LOADED_FROM_CACHE") is False and compiled.get_property("SESSION") == "FULL"
 
 
@@ -98,7 +100,7 @@ async def test_closing_the_core_keeps_the_instant_session_serving(
 ) -> None:
     core = aioov.Core(cache_dir=cache_dir)
     await _cached(core, bert_path)
-    compiled = await core.compile_model(bert_path, "CPU")
+    compiled = await core.compile_model(bert_path, "CPU", INSTANT)
     held_upgrades.set()
     await core.aclose()  # the upgrade is cancelled (or already done): either way the model serves
     await compiled.wait_full_speed()
@@ -113,7 +115,7 @@ async def test_inferences_during_the_swap_all_succeed(bert_path: Path, cache_dir
     expected = reference(bert_path, {"input_ids": ids})[0]
     async with aioov.Core(cache_dir=cache_dir) as core:
         await _cached(core, bert_path)
-        compiled = await core.compile_model(bert_path, "CPU", {"NUM_STREAMS": 2})
+        compiled = await core.compile_model(bert_path, "CPU", {**INSTANT, "NUM_STREAMS": 2})
         outputs: list[np.ndarray] = []
 
         async def serve() -> None:
