@@ -600,3 +600,29 @@ def test_session_builds_are_serialised_per_device_not_per_family() -> None:
 
     assert lock_of(DeviceSpec("GPU")) is lock_of(DeviceSpec("GPU", 0))  # GPU means GPU.0
     assert lock_of(DeviceSpec("GPU", 0)) is not lock_of(DeviceSpec("GPU", 1))
+
+
+def test_tensorrt_without_its_runtime_is_refused_before_any_probe_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe session would print onnxruntime's "EP Error ... install TensorRT" block."""
+    import ctypes
+
+    from aioov._devices import nvidia
+
+    def no_library(name: str) -> object:
+        if "nvinfer" in name:
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()  # libcuda "loads"
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    nvidia.tensorrt_missing.cache_clear()
+    nvidia.nvidia_driver_missing.cache_clear()
+    from aioov._devices import base
+
+    monkeypatch.setattr(base, "probe_session", lambda providers: pytest.fail("probed"))
+    try:
+        device = TensorRTDevice()
+        assert device.available() is False
+        assert "no TensorRT runtime" in (device.unavailable_reason or "")
+    finally:
+        nvidia.tensorrt_missing.cache_clear()
+        nvidia.nvidia_driver_missing.cache_clear()

@@ -45,6 +45,23 @@ def nvidia_driver_missing() -> str | None:
     return None
 
 
+#: the TensorRT runtime libraries onnxruntime's TensorRT provider loads, newest first
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll", "nvinfer.dll")
+
+
+@cache
+def tensorrt_missing() -> str | None:
+    """Without TensorRT's runtime the provider cannot load: saying so up front spares users
+    onnxruntime's "EP Error ... Please install TensorRT libraries" block on every probe."""
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+            return None
+        except OSError:
+            continue
+    return f"no TensorRT runtime ({' / '.join(TENSORRT_LIBRARIES[:2])} not found)"
+
+
 @cache
 def nvidia_gpus() -> tuple[dict[str, str], ...]:
     """Every GPU as nvidia-smi lists them (PCI bus order): index, uuid, name, compute
@@ -192,6 +209,9 @@ class TensorRTDevice(_NvidiaDevice):
     provider = "TensorrtExecutionProvider"
     kind = "TensorRT"
     blob = TensorRTContextBlob()
+
+    def precheck(self) -> str | None:
+        return super().precheck() or tensorrt_missing()
 
     def fingerprint(self, index: int | None) -> dict[str, Any]:
         return {**super().fingerprint(index), "tensorrt": tensorrt_version()}
