@@ -91,7 +91,7 @@ class CacheStore:
         """Create the tree (respecting the umask); raises OSError when it cannot, when a
         directory of the tree is a symlink, or when ``root`` is a non-empty folder that is not
         an aioov cache (its CACHEDIR.TAG would make backup tools skip the user's files)."""
-        if children(self.root) and not (self.is_cache() or is_plain_dir(self.base)):
+        if self._root_has_files() and not (self.is_cache() or is_plain_dir(self.base)):
             raise OSError(f"{self.root} is not empty and not an aioov cache; give a new or empty directory")
         for path in (self.base, self.tmp, self.locks, self.index.root):
             path.mkdir(parents=True, exist_ok=True)
@@ -102,6 +102,14 @@ class CacheStore:
                 atomic_write_bytes(tag, _CACHEDIR_TAG)
             except OSError:
                 pass
+
+    def _root_has_files(self) -> bool:
+        """Whether ``root`` (which may be a symlink the user chose) holds anything."""
+        try:
+            with os.scandir(self.root) as entries:
+                return any(True for _ in entries)
+        except OSError:
+            return False
 
     def is_cache(self) -> bool:
         """Whether ``root`` is marked as a cache (its CACHEDIR.TAG): only then may maintenance
