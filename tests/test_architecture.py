@@ -115,3 +115,12 @@ def test_the_checker_sees_imports() -> None:
     assert "aioov._cache.layout" in GRAPH["aioov._devices.cpu"]
     assert "aioov._bulk" in GRAPH["aioov._core"]
     assert "aioov._errors" in GRAPH["aioov._cache.locks"]
+
+
+def test_importing_aioov_imports_neither_onnx_nor_portalocker() -> None:
+    """They cost ~0.1-0.2 s of every start (portalocker pulls in redis where installed); the
+    first compile that writes an entry, or takes a lock, imports them."""
+    from .helpers import run_python
+
+    code = "import sys, aioov; print(sorted(m for m in ('onnx', 'portalocker', 'redis') if m in sys.modules))"
+    assert run_python(code).stdout.strip() == "[]"

@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import portalocker
-
 from .._errors import Cancelled, LockTimeout
 
 __all__ = ("KeyLock",)
@@ -71,6 +69,8 @@ class KeyLock:
         """Take the lock if it is free now; never waits."""
         if self._fd is not None:
             raise RuntimeError("lock already held by this KeyLock")
+        import portalocker  # on first use: importing it reads its package metadata (and redis, where installed)
+
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         flags = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
         try:
@@ -117,6 +117,8 @@ class KeyLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
+                import portalocker
+
                 portalocker.unlock(_Descriptor(fd))
             finally:
                 os.close(fd)
