@@ -225,6 +225,50 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
     return s
 
 
+def scenario_gpu(size: str, repeats: int, tmp: Path) -> Scenario | None:
+    """GPU (CUDA), fresh processes: plain onnxruntime against aioov cold, twice with a cache
+    (the second a hit where the device caches), and with WARMUP=1; a transformer and, where the
+    onnx wheel ships it, a convolutional net (whose first inference runs cuDNN's search)."""
+    from aioov._devices.nvidia import CUDADevice
+
+    cuda = CUDADevice()
+    if not cuda.available():  # onnxruntime-gpu lists CUDA even where it cannot load
+        print(f"CUDA does not load here ({cuda.unavailable_reason}): skipping the gpu scenario", file=sys.stderr)
+        return None
+    s = Scenario("gpu", f"GPU (CUDA) in fresh processes (seconds; {size} and a CNN)")
+    import onnx
+
+    models = {size: (str(model(size)), {"input_ids": [1, 128]})}
+    cnn = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_densenet121.onnx"
+    if cnn.exists():
+        models["densenet121"] = (str(cnn), None)
+    for name, (path, shapes) in models.items():
+        for repeat in range(repeats):
+            cache = str(tmp / f"gpu-{name}-{repeat}")
+            plain = work("ort_gpu", model=path, shapes=shapes)
+            runs = {
+                "aioov, no cache": work("aioov_gpu", model=path, cache_dir=None, shapes=shapes),
+                "aioov, first with a cache": work("aioov_gpu", model=path, cache_dir=cache, shapes=shapes),
+                "aioov, second with a cache": work("aioov_gpu", model=path, cache_dir=cache, shapes=shapes),
+                "aioov, WARMUP=1": work("aioov_gpu", model=path, cache_dir=cache, warmup=1, shapes=shapes),
+            }
+            s.notes.setdefault("providers", {})[name] = runs["aioov, no cache"]["providers"]
+            s.notes.setdefault("second_from_cache", {})[name] = runs["aioov, second with a cache"]["from_cache"]
+            for what, value in (("ready", plain["ready"]), ("first inference", plain["first"]),
+                                ("steady inference", plain["steady"])):
+                s.add(f"{name}: onnxruntime {what}", value)
+            for label, r in runs.items():
+                s.add(f"{name}: {label}: ready", r["ready"])
+                s.add(f"{name}: {label}: first inference", r["first"])
+            s.add(f"{name}: aioov, WARMUP=1: warm-up inside compile_model", runs["aioov, WARMUP=1"]["warmup"])
+        plain_ready = s.med(f"{name}: onnxruntime ready")
+        second = s.med(f"{name}: aioov, second with a cache: ready")
+        s.ratios[f"{name}: second with a cache / plain"] = second / plain_ready
+        s.ratios[f"{name}: first inference with WARMUP / plain steady"] = (
+            s.med(f"{name}: aioov, WARMUP=1: first inference") / s.med(f"{name}: onnxruntime steady inference"))
+    return s
+
+
 def scenario_openvino(size: str, repeats: int, tmp: Path, aioov_warm: float | None) -> Scenario | None:
     """3: OpenVINO with CACHE_DIR on the same ONNX file."""
     try:
@@ -464,7 +508,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant"]
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant", "gpu"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -494,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:
             scenarios.append(scenario_export(args.repeats, tmp))
+        if "gpu" in chosen:
+            gpu = scenario_gpu(args.size, args.repeats, tmp)
+            if gpu:
+                scenarios.append(gpu)
         if "instant" in chosen:
             scenarios.append(scenario_instant(args.size, args.repeats, tmp))
         if "warmup" in chosen:

@@ -321,7 +321,62 @@ def folder_start(models: list[str], cache_dir: str, mode: str) -> dict[str, Any]
     return {"ready": ready}
 
 
+def _feed(session: Any, shapes: dict[str, list[int]] | None) -> dict[str, Any]:
+    from aioov._compiled import Port
+    from aioov._inputs import synthesize
+
+    return synthesize([Port.from_node_arg(a) for a in session.get_inputs()], shapes)
+
+
+def _latencies(run: Any, feed: dict[str, Any], steady_runs: int = 5) -> tuple[float, float]:
+    """(first, median of the next ``steady_runs``) of ``run(feed)``."""
+    times = []
+    for _ in range(1 + steady_runs):
+        started = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - started)
+    return times[0], float(np.median(times[1:]))
+
+
+def ort_gpu(model: str, shapes: dict[str, list[int]] | None = None, options: dict[str, str] | None = None,
+            provider: str = "CUDAExecutionProvider") -> dict[str, Any]:
+    """A plain onnxruntime CUDA session in a fresh process: CUDA initialization included."""
+    import onnxruntime as ort
+
+    ort.get_available_providers()
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    started = time.perf_counter()
+    session = ort.InferenceSession(model, session_options, providers=[provider, "CPUExecutionProvider"],
+                                   provider_options=[options or {}, {}])
+    ready = time.perf_counter() - started
+    assert session.get_providers()[0] == provider, session.get_providers()
+    first, steady = _latencies(lambda feed: session.run(None, feed), _feed(session, shapes))
+    return {"ready": ready, "first": first, "steady": steady}
+
+
+async def aioov_gpu(model: str, cache_dir: str | None, warmup: int = 0,
+                    shapes: dict[str, list[int]] | None = None, device: str = "GPU") -> dict[str, Any]:
+    """aioov's compile_model on GPU in a fresh process (device probe and CUDA initialization
+    included), then the first inference and the steady ones."""
+    import aioov
+
+    config: dict[str, Any] = {"WARMUP": warmup, "WARMUP_SHAPES": shapes or {}}
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        started = time.perf_counter()
+        compiled = await core.compile_model(model, device, config)
+        ready = time.perf_counter() - started
+        feed = _feed(compiled.session, shapes)
+        first, steady = _latencies(compiled.infer_sync, feed)
+        await core.wait_exports()
+        return {"ready": ready, "first": first, "steady": steady, "warmup": compiled.warmup_seconds or 0.0,
+                "from_cache": compiled.get_property("LOADED_FROM_CACHE"),
+                "providers": compiled.get_property("EXECUTION_PROVIDERS")}
+
+
 TASKS = {
+    "ort_gpu": ort_gpu,
+    "aioov_gpu": aioov_gpu,
     "instant_hit": instant_hit,
     "folder_start": folder_start,
     "first_inference": first_inference,
