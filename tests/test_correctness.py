@@ -17,7 +17,7 @@ from aioov._cache.store import CacheStore
 from aioov._sessions import SessionFactory
 from aioov.testing import mlp
 
-from .helpers import reference, run_python
+from .helpers import compile_in_a_process, reference
 
 pytestmark = pytest.mark.anyio
 
@@ -33,16 +33,6 @@ def _entries(cache_dir: Path) -> list[Path]:
     return sorted((cache_dir / "v1").glob("??/*"))
 
 
-FRESH_PROCESS_COMPILE = """
-import sys, json, anyio, numpy as np, aioov
-async def main():
-    async with aioov.Core(cache_dir=sys.argv[1]) as core:
-        compiled = await core.compile_model(sys.argv[2], "CPU")
-        x = np.random.default_rng(7).standard_normal((3, 64), dtype=np.float32)
-        y = (await compiled.infer({"x": x}))["y"]
-    print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"), "y": y.tolist()}))
-anyio.run(main)
-"""
 
 
 # -- the key describes what was compiled ----------------------------------------------
@@ -60,8 +50,8 @@ async def test_a_read_model_whose_file_changed_is_compiled_and_keyed_as_it_is_no
         assert again.get_property("LOADED_FROM_CACHE") is False  # not the old model's entry
         np.testing.assert_allclose((await again.infer({"x": X}))["y"], reference(path, {"x": X})[0], rtol=1e-5)
     # A fresh process asking for the path gets the new model, never the old one's outputs.
-    report = json.loads(run_python(FRESH_PROCESS_COMPILE, str(cache_dir), str(path)).stdout)
-    np.testing.assert_allclose(np.array(report["y"], np.float32), reference(path, {"x": X})[0], rtol=1e-5)
+    _, y = compile_in_a_process(cache_dir, path, X)
+    np.testing.assert_allclose(y, reference(path, {"x": X})[0], rtol=1e-5)
 
 
 async def test_a_sync_export_does_not_publish_a_model_that_changed_while_it_compiled(
