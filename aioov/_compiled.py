@@ -20,7 +20,7 @@ from ._properties import public_value
 __all__ = ("CompiledModel", "InferRequest", "Port", "InferInputs")
 
 #: writes a compiled model's blob to a directory (``Core.export_model`` bound to its source)
-Exporter = Callable[["str | os.PathLike[str]"], Awaitable[object]]
+ExportFunction = Callable[["str | os.PathLike[str]"], Awaitable[object]]
 
 #: what ``infer`` accepts: a mapping by input name, a sequence in input order,
 #: or one array for a single-input model
@@ -96,7 +96,7 @@ class CompiledModel:
         properties: Mapping[str, Any],
         loaded_from_cache: bool,
         cache_key: str | None,
-        export: Exporter | None = None,
+        export: ExportFunction | None = None,
         warmup_seconds: float | None = None,
     ) -> None:
         self._session = session

@@ -76,13 +76,6 @@ class Inflight:
                 if self._jobs.get(job.key) is job:
                     del self._jobs[job.key]
 
-    async def run(self, key: Hashable, start: Callable[[CancelToken], concurrent.futures.Future[Any]]) -> Any:
-        job = self.join(key, start)
-        try:
-            return await wait_future(job.future)
-        finally:
-            self.leave(job)
-
     def _forgetter(self, job: Job) -> Callable[[concurrent.futures.Future[Any]], None]:
         return lambda _future: self._forget(job)
 
