@@ -19,6 +19,7 @@ import threading
 
 import onnxruntime as ort
 
+from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
 from ._cache.stats import CacheEvents, CacheStats
@@ -29,7 +30,7 @@ from ._devices import DeviceRegistry
 from ._errors import Cancelled, LockBusy, LockTimeout, ModelReadError
 from ._model import check_model_file
 from ._properties import CompileConfig
-from ._reader import EntryReader, Loaded, mac_key_of
+from ._reader import EntryReader, Loaded
 from ._request import CompileRequest, Result, Source
 from ._sessions import SessionFactory
 from ._warmup import warm_up
@@ -74,7 +75,7 @@ class Pipeline:
             return self._result(request, self.sessions.compile(request, token), None)
 
         try:
-            stats, digest = self._identify(source, store, mac_key_of(config.cache_hmac_key))
+            stats, digest = self._identify(source, store, auth.key_of(config.cache_hmac_key))
         except OSError as exc:
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
         key_inputs = request.key_inputs(digest)
@@ -106,7 +107,7 @@ class Pipeline:
             if loaded is None and config.cache_remote_url:
                 claim.remote = RemoteLink(store, RemoteSettings(
                     config.cache_remote_url, config.cache_remote_lock_url, config.cache_remote_lock_ttl,
-                    config.cache_lock_timeout, mac_key_of(config.cache_hmac_key)), self.events)
+                    config.cache_lock_timeout, auth.key_of(config.cache_hmac_key)), self.events)
                 if claim.remote.fetch_or_claim(key, token.event):
                     loaded = self.reader.try_import(store, key, request, token, locked=True)
         except BaseException:

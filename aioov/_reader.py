@@ -25,13 +25,9 @@ from ._properties import CacheHitMode, CacheVerify
 from ._request import CompileRequest, Pending
 from ._sessions import SessionFactory
 
-__all__ = ("EntryReader", "Loaded", "mac_key_of")
+__all__ = ("EntryReader", "Loaded")
 
 logger = logging.getLogger("aioov")
-
-
-def mac_key_of(secret: bytes | None) -> bytes | None:
-    return auth.derive_key(secret) if secret else None
 
 
 class EntryReader:
@@ -80,7 +76,7 @@ class EntryReader:
         graph = blob.model_file
         check: concurrent.futures.Future[str | None] | None = None
         rest = [name for name in entry.files if name != graph]
-        mac_key = mac_key_of(request.config.cache_hmac_key)
+        mac_key = auth.key_of(request.config.cache_hmac_key)
         if mac_key is not None:
             # Authenticated entries: keyed blake3 MACs instead of checksums, whatever CACHE_VERIFY.
             problem = auth.check(entry.manifest, entry.path, mac_key, [graph])
@@ -116,8 +112,7 @@ class EntryReader:
         except OSError as exc:  # copying into the scratch directory: the entry is fine, the disk is not
             if check is not None:
                 check.result()
-            self._events.failed(f"write:{store.root}", "aioov cache: cannot write to %s (%s); "
-                                "the model is compiled but not cached", store.root, exc)
+            self._events.unwritable(store.root, exc)
             return None
         if check is not None:
             problem = check.result() or problem

@@ -17,6 +17,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
 from ._cache.locks import KeyLock
@@ -26,7 +27,6 @@ from ._cache.tiered import RemoteLink
 from ._concurrency import CancelToken
 from ._errors import ORT_ERRORS, BlobError
 from ._properties import ExportMode
-from ._reader import mac_key_of
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
 
@@ -92,13 +92,13 @@ class EntryWriter:
         try:
             tmp = store.new_tmp(claim.key)
         except OSError as exc:
-            self._write_failed(store, exc)
+            self._events.unwritable(store.root, exc)
             return self._sessions.compile(request, token)
         try:
             try:
                 _stage_source(request, tmp)
             except OSError as exc:
-                self._write_failed(store, exc)
+                self._events.unwritable(store.root, exc)
                 return self._sessions.compile(request, token)
             except BlobError as exc:
                 self._uncacheable(request.source, exc)
@@ -130,7 +130,7 @@ class EntryWriter:
                 del session
                 self._publish(claim, tmp, request, inputs, abort=lambda: token.cancelled)
             except OSError as exc:
-                self._write_failed(store, exc)
+                self._events.unwritable(store.root, exc)
             except BlobError as exc:
                 self._uncacheable(source, exc)
             except ORT_ERRORS as exc:
@@ -165,7 +165,7 @@ class EntryWriter:
                 return
             request.device.blob.finalize(tmp, input_names)
             if store.publish(claim.key, tmp, claim.manifest, abort=abort,
-                             mac_key=mac_key_of(request.config.cache_hmac_key)):
+                             mac_key=auth.key_of(request.config.cache_hmac_key)):
                 self._events.count(exports=1)
                 # Local waiters and readers need not wait for the upload: the entry is here.
                 claim.lock.release()
@@ -173,7 +173,7 @@ class EntryWriter:
                     claim.remote.share(claim.key)
                 self._prune_if_needed(store, request.max_cache_size)
         except OSError as exc:
-            self._write_failed(store, exc)
+            self._events.unwritable(store.root, exc)
         except BlobError as exc:
             self._uncacheable(request.source, exc)
 
@@ -191,10 +191,6 @@ class EntryWriter:
     def _uncacheable(self, source: Source, exc: BlobError) -> None:
         self._events.count(errors=1)
         logger.warning("aioov cache: %s cannot be cached: %s", source.describe(), exc)
-
-    def _write_failed(self, store: CacheStore, exc: OSError) -> None:
-        self._events.failed(f"write:{store.root}", "aioov cache: cannot write to %s (%s); "
-                            "the model is compiled but not cached", store.root, exc)
 
 
 def _stage_source(request: CompileRequest, tmp: Path) -> None:

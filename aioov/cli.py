@@ -276,7 +276,7 @@ def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
 
 def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
     secret = os.environ.get("AIOOV_CACHE_HMAC_KEY")
-    mac_key = auth.derive_key(secret) if secret else None  # then MACs are checked too
+    mac_key = auth.key_of(secret)  # then MACs are checked too
     bad: list[dict[str, str]] = []
     checked = 0
     for key in list(store.keys()):

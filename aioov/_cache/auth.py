@@ -17,7 +17,7 @@ from typing import Any
 
 import blake3
 
-__all__ = ("derive_key", "manifest_mac", "file_mac", "sign", "check")
+__all__ = ("derive_key", "key_of", "manifest_mac", "file_mac", "sign", "check")
 
 _CONTEXT = "aioov 2026-11 cache entry authentication v1"
 #: version 2 binds each file's MAC to its entry and name, and the manifest's MAC to the file MACs:
@@ -28,6 +28,11 @@ MAC_VERSION = 2
 def derive_key(secret: str | bytes) -> bytes:
     material = secret.encode() if isinstance(secret, str) else bytes(secret)
     return blake3.blake3(material, derive_key_context=_CONTEXT).digest()
+
+
+def key_of(secret: str | bytes | None) -> bytes | None:
+    """The MAC key for ``CACHE_HMAC_KEY``'s secret; None without one."""
+    return derive_key(secret) if secret else None
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:

@@ -58,6 +58,11 @@ class CacheEvents:
             self._warned.add(topic)
         (logger.warning if first else logger.debug)(message, *args)
 
+    def unwritable(self, root: object, exc: OSError) -> None:
+        """The cache directory refused a write: the model is served, not cached."""
+        self.failed(f"write:{root}", "aioov cache: cannot write to %s (%s); the model is compiled but not cached",
+                    root, exc)
+
     def failed(self, topic: str, message: str, *args: object) -> None:
         """A cache operation failed and was skipped: count it, say it once."""
         self.count(errors=1)
