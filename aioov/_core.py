@@ -232,7 +232,7 @@ class Core:
             loaded_from_cache=result.loaded_from_cache,
             cache_key=result.key,
             export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
-            warmup_seconds=result.warmup_seconds if result.warmed_up else None,
+            warmup_seconds=result.warmup_seconds,
         )
         if result.pending is not None:  # an instant hit: its full-speed session is built next
             compiled._follow(self._jobs.background(result.pending.upgrade))

@@ -63,7 +63,7 @@ class Pipeline:
         result = self.run(request, token, defer_if_busy=defer_if_busy)
         if request.config.warmup and not token.cancelled:
             report = warm_up(result.session, request.config, source.describe())
-            result.warmup_seconds, result.warmed_up = report.seconds, report.runs > 0
+            result.warmup_seconds = report.seconds if report.runs else None
         return result
 
     def run(self, request: CompileRequest, token: CancelToken, *, defer_if_busy: bool = False) -> Result:

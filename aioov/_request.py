@@ -131,6 +131,5 @@ class Result:
     config: CompileConfig
     loaded_from_cache: bool
     key: str | None
-    warmup_seconds: float = 0.0  # spent warming the model up (0: not asked, or not possible)
-    warmed_up: bool = False
+    warmup_seconds: float | None = None  # spent warming the model up (None: not asked, or not possible)
     pending: Pending | None = None  # an instant hit's check and full-speed session, still to come
