@@ -16,6 +16,8 @@ import pytest
 import aioov
 from aioov.testing import bert_like, mlp, save_with_external_data
 
+from .helpers import HeldCompiles
+
 ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
@@ -88,3 +90,21 @@ def caplog_warnings(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixtur
 async def core(cache_dir: Path):  # type: ignore[no-untyped-def]
     async with aioov.Core(cache_dir=cache_dir) as core:
         yield core
+
+
+@pytest.fixture
+def held_compiles(monkeypatch: pytest.MonkeyPatch) -> HeldCompiles:
+    """Every compile from a source model waits, in its worker thread, until the test sets
+    ``release``; ``started`` is set as soon as one waits."""
+    from aioov._sessions import SessionFactory
+
+    held = HeldCompiles()
+    original = SessionFactory.compile
+
+    def compile(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        held.started.set()
+        assert held.release.wait(30), "the test never released the compiles"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SessionFactory, "compile", compile)
+    return held

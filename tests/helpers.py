@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,14 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class HeldCompiles:
+    """What the ``held_compiles`` fixture hands a test."""
+
+    started: threading.Event = field(default_factory=threading.Event)  # a compile is waiting
+    release: threading.Event = field(default_factory=threading.Event)  # let them all go
 
 
 def reference(path: Path | str, feed: dict[str, Any]) -> list[np.ndarray]:

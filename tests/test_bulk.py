@@ -11,9 +11,8 @@ import pytest
 
 import aioov
 from aioov._devices import AUTO_PRIORITY
-from aioov._sessions import SessionFactory
 
-from .helpers import make_models
+from .helpers import HeldCompiles, make_models
 
 pytestmark = pytest.mark.anyio
 
@@ -95,18 +94,9 @@ async def test_a_mixture_of_hits_and_misses(six_models: list[Path], cache_dir: P
 
 
 async def test_cancelling_a_bulk_load_leaves_no_half_written_entries(
-    six_models: list[Path], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    six_models: list[Path], cache_dir: Path, held_compiles: HeldCompiles
 ) -> None:
-    started = threading.Event()
-    release = threading.Event()
-    original = SessionFactory.compile
-
-    def slow(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        started.set()
-        release.wait(10)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SessionFactory, "compile", slow)
+    started, release = held_compiles.started, held_compiles.release
     async with aioov.Core(cache_dir=cache_dir) as core:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:

@@ -7,15 +7,15 @@ running compiles, where such exceptions used to leak, and check what the callers
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
 import aioov
-from aioov._sessions import SessionFactory
 from aioov.testing import mlp
+
+from .helpers import HeldCompiles
 
 pytestmark = pytest.mark.anyio
 
@@ -33,18 +33,9 @@ def models(tmp_path: Path) -> list[Path]:
 
 
 async def test_closing_a_core_under_running_compiles_gives_callers_aioov_errors(
-    models: list[Path], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    models: list[Path], cache_dir: Path, held_compiles: HeldCompiles
 ) -> None:
-    gate = threading.Event()
-    started = threading.Event()
-    original = SessionFactory.compile
-
-    def held(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        started.set()
-        assert gate.wait(30), "the test never opened the gate"
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SessionFactory, "compile", held)
+    started, gate = held_compiles.started, held_compiles.release
     core = aioov.Core(cache_dir=cache_dir, max_concurrent_compiles=2)
     outcomes: list[object] = []
 

@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 
 import aioov
-from aioov._sessions import SessionFactory
+
+from .helpers import HeldCompiles
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+def gate(held_compiles: HeldCompiles) -> threading.Event:
     """Hold every compile from the source model until the test opens the gate."""
-    opened = threading.Event()
-    original = SessionFactory.compile
-
-    def gated(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        assert opened.wait(30), "the test never opened the gate"
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SessionFactory, "compile", gated)
-    return opened
+    return held_compiles.release
 
 
 async def test_twenty_identical_compiles_compile_once(bert_path: Path, cache_dir: Path) -> None:
