@@ -17,7 +17,7 @@ from ._concurrency import wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
 from ._properties import public_value
 
-__all__ = ("CompiledModel", "InferRequest", "Port", "InferInputs")
+__all__ = ("CacheOrigin", "CompiledModel", "InferRequest", "Port", "InferInputs")
 
 #: writes a compiled model's blob to a directory (``Core.export_model`` bound to its source)
 ExportFunction = Callable[["str | os.PathLike[str]"], Awaitable[object]]
@@ -35,6 +35,15 @@ _ORT_TYPES: dict[str, np.dtype[Any]] = {
         "bool": np.bool_, "string": np.object_,
     }.items()
 }
+
+
+@dataclass(frozen=True)
+class CacheOrigin:
+    """Where a compiled model came from, as far as the cache is concerned."""
+
+    loaded: bool  # LOADED_FROM_CACHE
+    key: str | None = None  # CACHE_KEY (None: no cache)
+    not_cached: str | None = None  # NOT_CACHED_REASON: a not-cacheable marker's reason
 
 
 @dataclass(frozen=True)
@@ -94,16 +103,14 @@ class CompiledModel:
         *,
         device: str,
         properties: Mapping[str, Any],
-        loaded_from_cache: bool,
-        cache_key: str | None,
+        cache: CacheOrigin,
         export: ExportFunction | None = None,
         warmup_seconds: float | None = None,
     ) -> None:
         self._session = session
         self._device = device
         self._properties = dict(properties)
-        self._loaded_from_cache = loaded_from_cache
-        self._cache_key = cache_key
+        self._cache = cache
         self._export = export
         self.warmup_seconds = warmup_seconds  # None: not warmed up (not asked, or not possible)
         # An instant cache hit: the full-speed session, still to come
@@ -179,14 +186,16 @@ class CompiledModel:
         """``LOADED_FROM_CACHE``, ``CACHE_KEY``, ``EXECUTION_DEVICES``, or a compile property."""
         name = name.upper()
         if name == "LOADED_FROM_CACHE":
-            return self._loaded_from_cache
+            return self._cache.loaded
         if name == "WARMED_UP":
             return self.warmup_seconds is not None
         if name == "SESSION":
             self._swap()
             return "INSTANT" if self._instant else "FULL"
         if name == "CACHE_KEY":
-            return self._cache_key
+            return self._cache.key
+        if name == "NOT_CACHED_REASON":
+            return self._cache.not_cached
         if name == "EXECUTION_DEVICES":
             return [self._device]
         if name == "EXECUTION_PROVIDERS":
@@ -195,7 +204,8 @@ class CompiledModel:
             return int(self._properties.get("NUM_STREAMS", 1))
         if name == "SUPPORTED_PROPERTIES":
             return sorted({*self._properties, "LOADED_FROM_CACHE", "CACHE_KEY", "EXECUTION_DEVICES",
-                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS", "WARMED_UP", "SESSION"})
+                           "EXECUTION_PROVIDERS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS", "WARMED_UP", "SESSION",
+                           "NOT_CACHED_REASON"})
         if name in self._properties:
             return public_value(self._properties[name])
         raise PropertyError(f"compiled model has no property {name!r}")
@@ -249,7 +259,7 @@ class CompiledModel:
         await self._export(destination)
 
     def __repr__(self) -> str:
-        cached = " (from cache)" if self._loaded_from_cache else ""
+        cached = " (from cache)" if self._cache.loaded else ""
         return f"<CompiledModel on {self._device}{cached} inputs={[p.name for p in self._inputs]}>"
 
 

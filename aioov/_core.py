@@ -25,7 +25,7 @@ from . import _bulk, _ortenv, _portable
 from ._bulk import BulkProgress, CompileResult, Planned
 from ._cache.export import Exporter
 from ._cache.stats import CacheStats
-from ._compiled import CompiledModel
+from ._compiled import CacheOrigin, CompiledModel
 from ._devices import DeviceRegistry
 from ._errors import AioovError, DeviceNotFoundError, ModelReadError, PropertyError
 from ._jobs import CompileJobs, Ticket
@@ -229,8 +229,7 @@ class Core:
             result.session,
             device=result.device,
             properties=properties,
-            loaded_from_cache=result.loaded_from_cache,
-            cache_key=result.key,
+            cache=CacheOrigin(result.loaded_from_cache, result.key, result.not_cached),
             export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
             warmup_seconds=result.warmup_seconds,
         )
@@ -306,7 +305,7 @@ class Core:
 
         result = await anyio.to_thread.run_sync(load)
         return CompiledModel(result.session, device=result.device, properties=result.config.as_props(),
-                             loaded_from_cache=True, cache_key=result.key)
+                             cache=CacheOrigin(True, result.key))
 
     # -- bulk -------------------------------------------------------------------------
     async def compile_models(

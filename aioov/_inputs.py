@@ -11,26 +11,50 @@ be synthesized: ``Unsynthesizable`` says which input and why.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ("DEFAULT_DIM", "Unsynthesizable", "synthesize")
+__all__ = ("DEFAULT_DIM", "DIM_LADDER", "Unsynthesizable", "first_run", "synthesize")
 
 #: size of a dynamic dimension nobody gave a size for (not the first axis): small, so a warm-up
 #: costs little, and larger than 1, so kernels that special-case 1 are not the ones warmed
 DEFAULT_DIM = 8
+#: sizes ``first_run`` tries for unnamed dynamic dimensions, in turn: real models constrain
+#: them (OCR detectors want multiples of 32 after 5 downsamplings; a VAD's reflect padding wants
+#: 512 samples), and a small input that fails costs little
+DIM_LADDER = (DEFAULT_DIM, 32, 64, 512)
+
+
+R = TypeVar("R")
 
 
 class Unsynthesizable(ValueError):
     """This model's inputs cannot be made up; the message names the input and why."""
 
 
+def first_run(
+    inputs: Sequence[Any], run: Callable[[dict[str, np.ndarray]], R], shapes: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict[str, np.ndarray], R]:
+    """The first inputs of ``DIM_LADDER``'s sizes that ``run`` accepts, and what it returned;
+    raises Unsynthesizable, or what ``run`` raised on the largest."""
+    for size in DIM_LADDER:
+        feed = synthesize(inputs, shapes, default_dim=size)
+        try:
+            return feed, run(feed)
+        except Exception:
+            if size == DIM_LADDER[-1]:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def synthesize(
-    inputs: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
+    inputs: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+    default_dim: int = DEFAULT_DIM,
 ) -> dict[str, np.ndarray]:
-    """Inputs for ``inputs`` (``Port``s: name, dtype, shape), the same for the same seed."""
+    """Inputs for ``inputs`` (``Port``s: name, dtype, shape), the same for the same seed;
+    ``default_dim``: the size of dynamic dimensions nothing else sizes (but the first axis)."""
     shapes = shapes or {}
     unknown = sorted(set(shapes) - {port.name for port in inputs})
     if unknown:
@@ -49,7 +73,7 @@ def synthesize(
             raise Unsynthesizable(f"input {port.name!r} is a {port.element_type}, which cannot be made up")
         if port.dtype == np.object_:
             raise Unsynthesizable(f"input {port.name!r} is a tensor of strings, which cannot be made up")
-        shape = _shape(port, shapes.get(port.name), named)
+        shape = _shape(port, shapes.get(port.name), named, default_dim)
         if np.issubdtype(port.dtype, np.floating):
             feed[port.name] = (rng.standard_normal(shape) * 0.1).astype(port.dtype)
         else:
@@ -57,7 +81,7 @@ def synthesize(
     return feed
 
 
-def _shape(port: Any, given: Sequence[int] | None, named: dict[str, int]) -> tuple[int, ...]:
+def _shape(port: Any, given: Sequence[int] | None, named: dict[str, int], default_dim: int) -> tuple[int, ...]:
     if given is not None:
         if len(given) != len(port.shape):
             raise Unsynthesizable(f"input {port.name!r} has rank {len(port.shape)}, the shape given {list(given)}")
@@ -72,7 +96,7 @@ def _shape(port: Any, given: Sequence[int] | None, named: dict[str, int]) -> tup
         elif isinstance(dim, str) and dim in named:
             shape.append(named[dim])
         else:
-            size = 1 if axis == 0 else DEFAULT_DIM
+            size = 1 if axis == 0 else default_dim
             if isinstance(dim, str):
                 named[dim] = size  # one size per dimension name, across inputs
             shape.append(size)

@@ -30,7 +30,7 @@ from ._devices import DeviceRegistry
 from ._errors import Cancelled, LockBusy, LockTimeout, ModelReadError
 from ._model import check_model_file
 from ._properties import CompileConfig
-from ._reader import EntryReader, Loaded
+from ._reader import EntryReader, Loaded, NotCacheable
 from ._request import CompileRequest, Result, Source
 from ._sessions import SessionFactory
 from ._warmup import warm_up
@@ -56,6 +56,7 @@ class Pipeline:
 
     def shutdown(self) -> None:
         self.reader.shutdown()
+        self.writer.shutdown()
 
     def compile_job(self, source: Source, device_name: str, config: CompileConfig, token: CancelToken,
                     max_cache_size: int = 0, defer_if_busy: bool = False) -> Result:
@@ -82,6 +83,8 @@ class Pipeline:
         key = cache_key(key_inputs)
 
         loaded = self.reader.try_import(store, key, request, token)
+        if isinstance(loaded, NotCacheable):
+            return self._not_cacheable(request, loaded, key, token)
         if loaded is not None:
             self.events.count(hits=1)
             return self._result(request, loaded, key)
@@ -113,12 +116,22 @@ class Pipeline:
         except BaseException:
             claim.release()
             raise
+        if isinstance(loaded, NotCacheable):
+            claim.release()
+            return self._not_cacheable(request, loaded, key, token)
         if loaded is not None:
             claim.release()
             self.events.count(hits=1)
             return self._result(request, loaded, key)
         self.events.count(misses=1)
         return self._result(request, self.writer.compile(claim, request, token), key)
+
+    def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken) -> Result:
+        """A compile without export: this model's blobs failed their checks here before."""
+        self.events.count(misses=1)
+        result = self._result(request, self.sessions.compile(request, token), key)
+        result.not_cached = f"not cacheable here: {marker.reason}"
+        return result
 
     @staticmethod
     def _result(request: CompileRequest, session: ort.InferenceSession | Loaded, key: str | None) -> Result:

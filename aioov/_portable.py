@@ -62,9 +62,12 @@ def import_dir(pipeline: Pipeline, request: CompileRequest, path: Path) -> Resul
     problem = store.verify(entry)
     if problem:
         raise CacheError(f"{path} is damaged: {problem}")
+    record = entry.manifest.get("build")
+    if not isinstance(record, dict) or not isinstance(record.get("variant"), str):
+        raise CacheError(f"{path} was written without a check of its blob (by an older aioov): export it again")
     try:
         session, problem = pipeline.reader.open_blob(
-            path, request, None, lambda: Path(tempfile.mkdtemp(prefix="aioov-import-"))
+            path, request, None, lambda: Path(tempfile.mkdtemp(prefix="aioov-import-")), variant=record["variant"]
         )
     except ORT_ERRORS as exc:
         raise CacheError(f"onnxruntime cannot load {path}: {exc}") from exc

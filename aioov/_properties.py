@@ -233,6 +233,7 @@ PROPERTIES: dict[str, Property] = {
         Property("EXECUTION_DEVICES", str, "ro"),
         Property("OPTIMAL_NUMBER_OF_INFER_REQUESTS", str, "ro"),
         Property("CACHE_KEY", str, "ro"),
+        Property("NOT_CACHED_REASON", str, "ro"),
     )
 }
 

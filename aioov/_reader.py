@@ -12,11 +12,13 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
 from ._cache import auth
+from ._cache.layout import NOT_CACHEABLE
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore, Entry
 from ._concurrency import CancelToken
@@ -25,7 +27,7 @@ from ._properties import CacheHitMode, CacheVerify
 from ._request import CompileRequest, Pending
 from ._sessions import SessionFactory
 
-__all__ = ("EntryReader", "Loaded")
+__all__ = ("EntryReader", "Loaded", "NotCacheable")
 
 logger = logging.getLogger("aioov")
 
@@ -44,8 +46,9 @@ class EntryReader:
 
     def try_import(
         self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, *, locked: bool = False
-    ) -> Loaded | None:
-        """Load the entry for ``key`` if present and intact; None means compile."""
+    ) -> Loaded | NotCacheable | None:
+        """Load the entry for ``key`` if present and intact; None means compile (and cache),
+        ``NotCacheable`` compile without the cache."""
         config = request.config
         if not os.path.lexists(store.entry_path(key)):
             return None  # the common miss: no lock file is created, no manifest read
@@ -70,13 +73,26 @@ class EntryReader:
 
     def _load_entry(
         self, store: CacheStore, entry: Entry, request: CompileRequest, token: CancelToken | None
-    ) -> Loaded | None:
+    ) -> Loaded | NotCacheable | None:
         blob = request.device.blob
         assert blob is not None
+        mac_key = auth.key_of(request.config.cache_hmac_key)
+        marker = entry.manifest.get("not_cacheable")
+        if marker is not None:
+            problem = auth.check(entry.manifest, entry.path, mac_key, [NOT_CACHEABLE]) if mac_key else None
+            if problem or not isinstance(marker, dict) or NOT_CACHEABLE not in entry.files:
+                store.quarantine(entry.key, problem or "malformed not-cacheable marker")
+                return None
+            return NotCacheable(str(marker.get("reason")))
+        record = entry.manifest.get("build")
+        if not isinstance(record, dict) or not isinstance(record.get("variant"), str):
+            # Entries of earlier versions were published unchecked; one crashed every process loading it.
+            store.quarantine(entry.key, "written without a check of its blob")
+            return None
+        variant = record["variant"]
         graph = blob.model_file
         check: concurrent.futures.Future[str | None] | None = None
         rest = [name for name in entry.files if name != graph]
-        mac_key = auth.key_of(request.config.cache_hmac_key)
         if mac_key is not None:
             # Authenticated entries: keyed blake3 MACs instead of checksums, whatever CACHE_VERIFY.
             problem = auth.check(entry.manifest, entry.path, mac_key, [graph])
@@ -97,7 +113,8 @@ class EntryReader:
             check = self._io_pool.submit(store.verify, entry, rest)
         instant = blob.instant and request.config.cache_hit_mode is CacheHitMode.INSTANT
         try:
-            session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key), instant)
+            session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key),
+                                              instant, variant)
         except ORT_ERRORS as exc:
             problem = check.result() if check is not None else None
             if token is not None and token.cancelled:
@@ -123,10 +140,10 @@ class EntryReader:
         if check is not None:
             self._verified[entry.path] = _identity(entry)
         store.touch(entry.key)
-        return session, Pending(self._upgrader(store, entry, request)) if instant else None
+        return session, Pending(self._upgrader(store, entry, request, variant)) if instant else None
 
     def _upgrader(
-        self, store: CacheStore, entry: Entry, request: CompileRequest
+        self, store: CacheStore, entry: Entry, request: CompileRequest, variant: str
     ) -> Callable[[CancelToken], ort.InferenceSession | None]:
         """The full-speed session for an instant hit (whose entry was checked), built later in
         a worker thread. None: keep the instant session (the entry went away, the load failed)."""
@@ -138,7 +155,8 @@ class EntryReader:
             except (LockTimeout, OSError):
                 pass
             try:
-                session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key))
+                session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key),
+                                                  variant=variant)
                 return session if problem is None else None
             except _UNLOADABLE as exc:
                 logger.info("aioov cache: keeping the instant session of %s: %s", entry.key[:16], exc)
@@ -155,11 +173,13 @@ class EntryReader:
         token: CancelToken | None,
         make_scratch: Callable[[], Path],
         instant: bool = False,
+        variant: str = "default",
     ) -> tuple[ort.InferenceSession, str | None]:
         """A session on the blob in ``folder`` (an entry, or an ``export_model`` directory), and
         why the blob was not really used (None when it was). Formats that write into their
         cache even on a hit get a scratch directory from ``make_scratch``, removed after.
-        ``instant``: the format's quick-loading, slower-running session."""
+        ``instant``: the format's quick-loading, slower-running session; ``variant``: how the
+        blob was written (its manifest's ``build`` record)."""
         blob = request.device.blob
         assert blob is not None
         options = self._sessions.options(request.config)
@@ -167,7 +187,7 @@ class EntryReader:
             blob.configure_instant(options)
         scratch = make_scratch() if blob.import_scratch else None
         try:
-            providers = blob.configure_import(options, request.providers, folder, scratch)
+            providers = blob.configure_import(options, request.providers, folder, scratch, variant)
             session = self._sessions.open(str(folder / blob.model_file), options, request, providers, token)
             return session, blob.after_import(folder, scratch)
         finally:
@@ -177,6 +197,13 @@ class EntryReader:
 
 #: why a full-speed session could not be built after an instant hit (the instant one stays)
 _UNLOADABLE: tuple[type[BaseException], ...] = (*ORT_ERRORS, OSError)
+
+@dataclass(frozen=True)
+class NotCacheable:
+    """The key's entry is a marker: this model's blobs failed their checks here."""
+
+    reason: str
+
 
 #: a session loaded from an entry, and what an instant hit leaves to do
 Loaded = tuple[ort.InferenceSession, "Pending | None"]

@@ -133,3 +133,4 @@ class Result:
     key: str | None
     warmup_seconds: float | None = None  # spent warming the model up (None: not asked, or not possible)
     pending: Pending | None = None  # an instant hit's check and full-speed session, still to come
+    not_cached: str | None = None  # why the cache had nothing to give and will not have (a marker)

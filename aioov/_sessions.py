@@ -19,9 +19,9 @@ from ._errors import ORT_ERRORS, Cancelled, DeviceNotFoundError, raise_compile_e
 from ._properties import CompileConfig
 from ._request import CompileRequest
 
-__all__ = ("SessionFactory",)
+__all__ = ("OPT_LEVELS", "SessionFactory")
 
-_OPT_LEVELS = {
+OPT_LEVELS = {
     "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -54,7 +54,7 @@ class SessionFactory:
         _ortenv.apply(options, config.inference_num_threads)
         for name, value in config.ort_session_config.items():
             options.add_session_config_entry(name, value)
-        options.graph_optimization_level = _OPT_LEVELS[config.ort_graph_optimization_level]
+        options.graph_optimization_level = OPT_LEVELS[config.ort_graph_optimization_level]
         return options
 
     def open(
@@ -93,9 +93,7 @@ class SessionFactory:
         providers = request.providers
         if export is not None:
             assert request.device.blob is not None
-            providers = request.device.blob.configure_export(
-                options, providers, export[0], export[1], request.config.cache_prepack
-            )
+            providers = request.device.blob.configure_export(options, providers, export[0], export[1])
         try:
             session = self.open(request.source.ort_input, options, request, providers, token)
         except ORT_ERRORS as exc:

@@ -4,12 +4,14 @@ The first inference pays one-time costs that no cache keeps: first-touch page fa
 memory-mapped weights, allocator growth, and on a GPU cuDNN's search for convolution
 algorithms (1.1-1.2 s for a small detector on an H100, against 2-4 ms afterwards). ``WARMUP=N``
 runs N inferences in the compile job, before ``compile_model`` returns, on inputs from
-``_inputs.synthesize``. A model whose inputs cannot be made up, or that fails on them, is
-returned unwarmed with a warning saying why: warm-up never fails a compile.
+``_inputs.first_run`` (made-up inputs, dynamic dimensions grown until the model accepts
+them). A model whose inputs cannot be made up, or that fails on them, is returned unwarmed
+with a warning saying why: warm-up never fails a compile.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import onnxruntime as ort
 
 from ._compiled import Port
 from ._errors import ORT_ERRORS
-from ._inputs import Unsynthesizable, synthesize
+from ._inputs import Unsynthesizable, first_run
 from ._properties import CompileConfig
 
 __all__ = ("WarmupReport", "warm_up")
@@ -42,8 +44,9 @@ def warm_up(session: ort.InferenceSession, config: CompileConfig, describe: str)
         return WarmupReport()
     started = time.perf_counter()
     try:
-        feed = synthesize([Port.from_node_arg(a) for a in session.get_inputs()], config.warmup_shapes)
-        for _ in range(config.warmup):
+        ports = [Port.from_node_arg(a) for a in session.get_inputs()]
+        feed, _ = first_run(ports, functools.partial(session.run, None), config.warmup_shapes)
+        for _ in range(config.warmup - 1):
             session.run(None, feed)
     except _SKIP as exc:
         logger.warning("aioov: %s was not warmed up: %s", describe, exc)

@@ -1,15 +1,21 @@
 """Cache misses: write the entry, check it, publish it, share it, prune.
 
 The writer works for a job that holds the key's lock (a ``Claim``) and gives the lock back
-once the entry is published or given up. With ``CACHE_EXPORT=ASYNC`` and a format that can
-be written by a second session (CPU), the caller's session is built first and the blob is
-written afterwards on the ``Exporter``'s low-priority thread; otherwise the compile itself
-writes the blob. Failing here only ever means "not cached": the compile still succeeds.
+once the entry is published or given up. Formats that a second session can write (CPU's)
+are written and checked in a builder process (``_builds``, ``_builder``): the caller's
+session is built first, here, and the builder runs afterwards from the ``Exporter``'s
+thread (``CACHE_EXPORT=ASYNC``) or before ``compile_model`` returns (``SYNC``). Variants are
+tried in the format's order; when none loads and computes what the source does, a
+not-cacheable marker is published under the key instead. Formats written by the compile
+itself (TensorRT, OpenVINO) are written in-process, unchecked. Failing here only ever means
+"not cached": the compile still succeeds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +23,21 @@ from typing import Any
 
 import onnxruntime as ort
 
+from ._builds import Builders
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
+from ._cache.layout import NOT_CACHEABLE
 from ._cache.locks import KeyLock
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink
 from ._concurrency import CancelToken
-from ._errors import ORT_ERRORS, BlobError
+from ._errors import BlobError, Cancelled
 from ._properties import ExportMode
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
+from ._version import __version__
 
 __all__ = ("Claim", "EntryWriter")
 
@@ -58,36 +67,60 @@ class EntryWriter:
         self._sessions = sessions
         self._events = events
         self._exporter = exporter
+        self._builders = Builders()
+
+    def shutdown(self) -> None:
+        self._builders.close()
 
     def compile(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
         """The caller's session, and the entry written now or in the background. Takes over
         ``claim``: its locks are released once the entry is published or given up."""
         assert request.device.blob is not None
-        if request.config.cache_export is ExportMode.SYNC or not request.device.blob.background:
+        if not request.device.blob.background:
             try:
                 return self._compile_and_export(claim, request, token)
             finally:
                 claim.release()
         try:
+            self._builders.prepare()
+            started = time.perf_counter()
             session = self._sessions.compile(request, token)
         except BaseException:
             claim.release()
+            if not self._exporter.pending:
+                self._builders.close()
             raise
-        self._exporter.submit(self._export_job(claim, request), on_drop=claim.release)
+        job = self._export_job(claim, request, time.perf_counter() - started)
+        if request.config.cache_export is ExportMode.SYNC:
+            job(token)  # published (or given up) before compile_model returns
+        else:
+            self._exporter.submit(job, on_drop=claim.release)
         return session
 
     def export_to(self, store: CacheStore, key: str, request: CompileRequest, manifest: dict[str, Any]) -> None:
         """Write and publish an entry with no lock and no cache around it (``export_model``);
         raises OSError or BlobError."""
-        assert request.device.blob is not None
-        tmp = store.new_tmp(key)
-        _stage_source(request, tmp)
-        session = self._sessions.compile(request, None, export=(tmp, key))
-        request.device.blob.finalize(tmp, [i.name for i in session.get_inputs()])
-        store.publish(key, tmp, manifest)
+        blob = request.device.blob
+        assert blob is not None
+        if not blob.background:
+            tmp = store.new_tmp(key)
+            _stage_source(request, tmp)
+            session = self._sessions.compile(request, None, export=(tmp, key))
+            blob.finalize(tmp, [i.name for i in session.get_inputs()])
+            store.publish(key, tmp, {**manifest, "build": _UNCHECKED})
+            return
+        built = self._build(store, key, request, None, BUILD_TIMEOUT)
+        if not isinstance(built, tuple):
+            raise BlobError("; ".join(built) if built else "the builder did not finish; try again")
+        tmp, record = built
+        try:
+            store.publish(key, tmp, {**manifest, "build": record})
+        finally:
+            store.discard(tmp)
 
     def _compile_and_export(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
-        """CACHE_EXPORT=SYNC: one session that also saves the blob, published before returning."""
+        """Formats written by the compile itself (TensorRT, OpenVINO): one session that also
+        saves the blob, published before returning."""
         store = claim.store
         try:
             tmp = store.new_tmp(claim.key)
@@ -104,58 +137,112 @@ class EntryWriter:
                 self._uncacheable(request.source, exc)
                 return self._sessions.compile(request, token)
             session = self._sessions.compile(request, token, export=(tmp, claim.key))
-            self._publish(claim, tmp, request, [i.name for i in session.get_inputs()])
+            self._publish(claim, tmp, request, _UNCHECKED, [i.name for i in session.get_inputs()])
             return session
         finally:
             store.discard(tmp)
 
-    def _export_job(self, claim: Claim, request: CompileRequest) -> Callable[[CancelToken], None]:
+    def _export_job(
+        self, claim: Claim, request: CompileRequest, compile_seconds: float
+    ) -> Callable[[CancelToken], None]:
         store, source = claim.store, request.source
+        timeout = max(BUILD_TIMEOUT, 30 * compile_seconds)
 
         def export(token: CancelToken) -> None:
-            tmp: Path | None = None
             try:
-                tmp = store.new_tmp(claim.key)
-                _stage_source(request, tmp)
-                blob = request.device.blob
-                assert blob is not None
-                options = self._sessions.options(request.config)
-                if options.use_per_session_threads:
-                    options.intra_op_num_threads = 1
-                    options.inter_op_num_threads = 1
-                writing = blob.configure_export(options, request.providers, tmp, claim.key,
-                                                request.config.cache_prepack)
-                session = self._sessions.open(source.ort_input, options, request, writing, token)
-                inputs = [i.name for i in session.get_inputs()]
-                del session
-                self._publish(claim, tmp, request, inputs, abort=lambda: token.cancelled)
+                built = self._build(store, claim.key, request, token, timeout)
+                if built is None:
+                    return
+                if isinstance(built, list):
+                    self._remember_uncacheable(claim, request, built)
+                    return
+                tmp, record = built
+                try:
+                    self._publish(claim, tmp, request, record, abort=lambda: token.cancelled)
+                finally:
+                    store.discard(tmp)
+            except Cancelled:
+                pass
             except OSError as exc:
                 self._events.unwritable(store.root, exc)
-            except BlobError as exc:
-                self._uncacheable(source, exc)
-            except ORT_ERRORS as exc:
-                if not token.cancelled:
-                    self._events.count(errors=1)
-                    logger.warning("aioov cache: exporting %s failed: %s", source.describe(), exc)
             except Exception:  # an export must never take the process down
                 self._events.count(errors=1)
                 logger.exception("aioov cache: exporting %s failed", source.describe())
             finally:
-                if tmp is not None:
-                    store.discard(tmp)
                 claim.release()
+                if self._exporter.pending <= 1:  # this job is the last: no builder kept idle
+                    self._builders.close()
 
         return export
+
+    def _build(
+        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float
+    ) -> tuple[Path, dict[str, Any]] | list[str] | None:
+        """A checked blob in a new temporary directory of ``store`` and the manifest's record
+        of it; else why each variant failed (a list), or None when it is worth trying later.
+        Raises OSError (the cache) and Cancelled."""
+        blob = request.device.blob
+        assert blob is not None
+        failures: list[str] = []
+        remember = True  # every variant failed its check: publish a marker
+        source_dir = None
+        model = request.source.ort_input
+        try:
+            if isinstance(model, bytes):  # the builder reads files
+                source_dir = store.new_tmp(key)
+                (source_dir / "source.onnx").write_bytes(model)
+                model = str(source_dir / "source.onnx")
+            for variant in blob.variants(request.config.cache_prepack):
+                tmp = store.new_tmp(key)
+                try:
+                    report = self._builders.build(_job(request, model, tmp, key, variant), timeout, token)
+                except BaseException:
+                    store.discard(tmp)
+                    raise
+                if report.ok:
+                    return tmp, {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
+                store.discard(tmp)
+                logger.info("aioov cache: the %s blob of %s failed: %s",
+                            variant, request.source.describe(), report.reason)
+                failures.append(f"{variant}: {report.reason}")
+                remember = remember and not report.transient
+                if report.stop:
+                    break
+            if remember:
+                return failures
+            self._events.count(errors=1)
+            logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(), "; ".join(failures))
+            return None
+        finally:
+            if source_dir is not None:
+                store.discard(source_dir)
+
+    def _remember_uncacheable(self, claim: Claim, request: CompileRequest, failures: list[str]) -> None:
+        """Publish a marker in place of an entry: later compiles neither retry nor pay for the export."""
+        self._events.count(errors=1)
+        logger.warning("aioov cache: %s cannot be cached on %s (%s); remembered under its key",
+                       request.source.describe(), request.spec, "; ".join(failures))
+        store = claim.store
+        tmp = store.new_tmp(claim.key)
+        try:
+            marker = {"reason": "; ".join(failures), "onnxruntime": ort.__version__, "aioov": __version__}
+            (tmp / NOT_CACHEABLE).write_text(json.dumps(marker), encoding="utf-8")
+            store.publish(claim.key, tmp, {**claim.manifest, "not_cacheable": marker},
+                          mac_key=auth.key_of(request.config.cache_hmac_key))
+        finally:
+            store.discard(tmp)
 
     def _publish(
         self,
         claim: Claim,
         tmp: Path,
         request: CompileRequest,
-        input_names: list[str],
+        record: dict[str, Any],
+        input_names: list[str] | None = None,
         abort: Callable[[], bool] | None = None,
     ) -> None:
-        """Check the blob written in ``tmp``, publish it, share it. Failing only means "not cached"."""
+        """Check the blob written in ``tmp`` (``input_names``: finalize it here first),
+        publish it, share it. Failing only means "not cached"."""
         assert request.device.blob is not None
         store = claim.store
         try:
@@ -163,8 +250,9 @@ class EntryWriter:
                 # What was compiled may not be what was hashed: the key would lie.
                 logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())
                 return
-            request.device.blob.finalize(tmp, input_names)
-            if store.publish(claim.key, tmp, claim.manifest, abort=abort,
+            if input_names is not None:
+                request.device.blob.finalize(tmp, input_names)
+            if store.publish(claim.key, tmp, {**claim.manifest, "build": record}, abort=abort,
                              mac_key=auth.key_of(request.config.cache_hmac_key)):
                 self._events.count(exports=1)
                 # Local waiters and readers need not wait for the upload: the entry is here.
@@ -199,3 +287,29 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
     assert blob is not None
     if blob.keeps_source:
         blob.stage_source(tmp, request.source.files())
+
+
+#: what the manifest of an entry written by the compile itself says about its check
+_UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
+#: what a builder's report leaves in the manifest
+_RECORDED = ("check", "skipped", "export_seconds", "check_seconds")
+#: seconds a builder may take for one variant, at least (30x the compile's time where longer)
+BUILD_TIMEOUT = 300.0
+
+
+def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str) -> dict[str, Any]:
+    """What a builder needs to write and check one variant of ``request``'s blob."""
+    blob = request.device.blob
+    assert blob is not None
+    config = request.config
+    return {
+        "model": model,
+        "tmp": str(tmp),
+        "key": key,
+        "blob": blob.kind,
+        "variant": variant,
+        "providers": request.providers,
+        "opt_level": config.ort_graph_optimization_level,
+        "session_config": dict(config.ort_session_config),
+        "shapes": {k: list(v) for k, v in (config.warmup_shapes or {}).items()},
+    }

@@ -102,6 +102,7 @@ def _entry_json(entry: EntryInfo) -> dict[str, Any]:
     return {
         "key": entry.key, "device": entry.device, "size": entry.size, "source": entry.source,
         "created": entry.created, "last_used": entry.last_used, "problem": entry.problem,
+        "not_cacheable": entry.not_cacheable, "check": entry.check,
     }
 
 
@@ -246,6 +247,7 @@ def _cache_stats(store: CacheStore, args: argparse.Namespace) -> int:
         "entries": len(info.entries),
         "bytes": info.size,
         "broken": sum(e.problem is not None for e in info.entries),
+        "not_cacheable": sum(e.not_cacheable is not None for e in info.entries),
         "incomplete": len(info.incomplete),
         "oldest_use": min((e.last_used for e in info.entries), default=0),
         "newest_use": max((e.last_used for e in info.entries), default=0),
@@ -256,6 +258,7 @@ def _cache_stats(store: CacheStore, args: argparse.Namespace) -> int:
         print(f"cache dir:   {stats['cache_dir']}")
         print(f"entries:     {stats['entries']} ({human_size(info.size)})")
         print(f"broken:      {stats['broken']}")
+        print(f"not cacheable: {stats['not_cacheable']} models (markers)")
         print(f"incomplete:  {stats['incomplete']} temp dirs")
         print(f"last used:   {_when(stats['oldest_use'])} .. {_when(stats['newest_use'])}")
     return EXIT_OK
@@ -267,7 +270,8 @@ def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
         print(json.dumps([_entry_json(e) for e in entries], indent=1))
         return EXIT_OK
     _print_table(
-        [[e.key[:16], e.device, human_size(e.size), _when(e.last_used), e.problem or (e.source or "-")]
+        [[e.key[:16], e.device, "not cacheable" if e.not_cacheable else human_size(e.size), _when(e.last_used),
+          e.problem or (e.source or "-") + (f" ({e.not_cacheable})" if e.not_cacheable else "")]
          for e in entries],
         ["key", "device", "size", "last used", "model"],
     )

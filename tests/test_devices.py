@@ -139,7 +139,7 @@ def test_tensorrt_export_writes_everything_inside_the_entry(tmp_path: Path) -> N
     import onnxruntime as ort
 
     providers = TensorRTDevice().providers(1, {"trt_fp16_enable": "1"})
-    configured = TensorRTContextBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "ab" * 32, True)
+    configured = TensorRTContextBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "ab" * 32)
     (name, trt), *fallbacks = configured
     assert name == "TensorrtExecutionProvider" and fallbacks == providers[1:]
     assert trt["device_id"] == "1" and trt["trt_fp16_enable"] == "1"
@@ -154,7 +154,7 @@ def test_tensorrt_import_never_writes_into_the_entry(tmp_path: Path) -> None:
 
     blob = TensorRTContextBlob()
     providers = TensorRTDevice().providers(None, {})
-    exported = blob.configure_export(ort.SessionOptions(), providers, tmp_path, "c" * 64, True)
+    exported = blob.configure_export(ort.SessionOptions(), providers, tmp_path, "c" * 64)
     (_, trt), *_ = blob.configure_import(ort.SessionOptions(), exported, tmp_path, None)
     assert not [k for k in trt if k.startswith(("trt_engine_cache", "trt_timing_cache"))]
 
@@ -188,11 +188,11 @@ class _ContextStyleBlob(TensorRTContextBlob):
     """The TensorRT entry flow (compile writes the blob, no background export, a context
     model as the entry's graph) with a CPU stand-in for TensorRT's dump."""
 
-    def configure_export(self, options, providers, tmp, key, prepack):  # type: ignore[no-untyped-def]
+    def configure_export(self, options, providers, tmp, key, variant="default"):  # type: ignore[no-untyped-def]
         options.optimized_model_filepath = str(tmp / self.model_file)  # stands in for trt_dump_ep_context_model
         return providers
 
-    def configure_import(self, options, providers, entry, scratch=None):  # type: ignore[no-untyped-def]
+    def configure_import(self, options, providers, entry, scratch=None, variant="default"):  # type: ignore[no-untyped-def]
         return providers
 
 
@@ -237,7 +237,7 @@ def test_openvino_export_points_its_cache_dir_at_the_entry(tmp_path: Path) -> No
     import onnxruntime as ort
 
     providers = OpenVINODevice().providers(None, {"device_type": "GPU"})
-    (name, ov), cpu = OpenVINOCacheBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "k" * 64, {})
+    (name, ov), cpu = OpenVINOCacheBlob().configure_export(ort.SessionOptions(), providers, tmp_path, "k" * 64)
     assert name == "OpenVINOExecutionProvider" and ov == {"device_type": "GPU", "cache_dir": str(tmp_path)}
     assert cpu == ("CPUExecutionProvider", {})
     assert OpenVINOCacheBlob.keeps_source and not OpenVINOCacheBlob.background
@@ -299,12 +299,12 @@ class _SourceKeepingBlob(OpenVINOCacheBlob):
     def __init__(self, miss_on_import: bool = False) -> None:
         self.miss_on_import = miss_on_import
 
-    def configure_export(self, options, providers, tmp, key, prepack):  # type: ignore[no-untyped-def]
+    def configure_export(self, options, providers, tmp, key, variant="default"):  # type: ignore[no-untyped-def]
         (tmp / "4242.blob").write_bytes(b"compiled")
         return providers
 
-    def configure_import(self, options, providers, entry, scratch=None):  # type: ignore[no-untyped-def]
-        super().configure_import(options, providers, entry, scratch)
+    def configure_import(self, options, providers, entry, scratch=None, variant="default"):  # type: ignore[no-untyped-def]
+        super().configure_import(options, providers, entry, scratch, variant)
         (scratch / "4242.blob").write_bytes(b"rewritten")  # as the provider does on every load
         if self.miss_on_import:
             (scratch / "4343.blob").write_bytes(b"compiled again")
@@ -384,7 +384,7 @@ async def test_openvino_import_without_room_for_its_scratch_copy_compiles_and_ke
     mlp_path: Path, cache_dir: Path, caplog_warnings: pytest.LogCaptureFixture
 ) -> None:
     class NoRoom(_SourceKeepingBlob):
-        def configure_import(self, options, providers, entry, scratch=None):  # type: ignore[no-untyped-def]
+        def configure_import(self, options, providers, entry, scratch=None, variant="default"):  # type: ignore[no-untyped-def]
             raise OSError(28, "No space left on device")
 
     async with aioov.Core(cache_dir=cache_dir, devices=_stand_in_openvino(_SourceKeepingBlob())) as core:

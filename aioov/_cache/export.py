@@ -1,12 +1,12 @@
 """Writing cache entries off the critical path.
 
-``compile_model`` hands back its session as soon as it exists; the blob is
-produced here afterwards by a second, single-threaded session that saves the
-optimized model. One export worker per Core, at a lower CPU priority (Linux
-nice values are per thread and inherited by threads it creates), so that on
-a small machine exports yield to the compiles that callers are waiting for.
-The key's lock stays held until the entry is published: other processes
-wait for it rather than compile the same model again.
+``compile_model`` hands back its session as soon as it exists; the entry is written
+afterwards from here: one export worker per Core hands each job to a builder process (which
+writes and checks the blob at nice 10, see ``aioov._builder``), then checksums and publishes
+what it wrote. The worker runs at a lower CPU priority too (Linux nice values are per
+thread), so that on a small machine the checksums yield to the compiles callers wait for.
+The key's lock stays held until the entry is published: other processes wait for it rather
+than compile the same model again.
 """
 
 from __future__ import annotations

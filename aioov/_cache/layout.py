@@ -6,7 +6,7 @@ import, so that devices never depend on how the store works.
 
 from __future__ import annotations
 
-__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "is_reserved")
+__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "is_reserved")
 
 #: bump when the meaning of a key or the entry layout changes (``CACHE_DIR/v<FORMAT_VERSION>``)
 FORMAT_VERSION = 1
@@ -15,6 +15,8 @@ MANIFEST = "manifest.json"
 #: the optimized (or copied) ONNX model of an entry, and its external weights
 BLOB_MODEL = "model.onnx"
 BLOB_WEIGHTS = "weights.bin"
+#: the one file of a marker published in place of an entry: this model cannot be cached here
+NOT_CACHEABLE = "not-cacheable.json"
 
 
 def is_reserved(name: str) -> bool:

@@ -35,6 +35,10 @@ class EntryInfo:
     device: str
     source: str | None
     problem: str | None = None
+    #: a not-cacheable marker, not an entry: why this model could not be cached here
+    not_cacheable: str | None = None
+    #: how the entry's blob was checked before it was published ("ran and matched", "load only")
+    check: str | None = None
 
 
 @dataclass

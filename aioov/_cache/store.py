@@ -374,6 +374,7 @@ class CacheStore:
             last_used = 0.0
         created, source = manifest.get("created"), manifest.get("source")
         source_path = source.get("path") if isinstance(source, dict) else None
+        marker, build = manifest.get("not_cacheable"), manifest.get("build")
         return EntryInfo(
             key=key,
             path=path,
@@ -383,6 +384,8 @@ class CacheStore:
             device=str(manifest.get("device", "?")),
             source=source_path if isinstance(source_path, str) else None,
             problem=problem,
+            not_cacheable=str(marker.get("reason")) if isinstance(marker, dict) else None,
+            check=str(build.get("check")) if isinstance(build, dict) else None,
         )
 
     def scan(self) -> CacheInfo:

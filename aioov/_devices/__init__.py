@@ -26,12 +26,21 @@ __all__ = (
     "DeviceRegistry",
     "DeviceSpec",
     "ProviderList",
+    "blob_format",
     "cpu_fingerprint",
     "probe_session",
 )
 
 AUTO_PRIORITY = ("GPU", "CPU")
 _NAME = re.compile(r"^([A-Z]+)(?:\.(\d+))?$")
+
+
+def blob_format(kind: str) -> BlobFormat:
+    """The blob format called ``kind`` (for the builder process, which has no registry)."""
+    for device in (CPUDevice, CUDADevice, TensorRTDevice, OpenVINODevice):
+        if device.blob is not None and device.blob.kind == kind:
+            return device.blob
+    raise KeyError(kind)
 
 
 class DeviceRegistry:

@@ -57,17 +57,27 @@ class BlobFormat:
     #: True: ``configure_instant`` makes a session that loads much sooner and runs slower
     instant: ClassVar[bool] = False
 
+    def variants(self, prepack: bool) -> tuple[str, ...]:
+        """The ways this format can write a blob, most useful first: an export whose blob
+        does not load, or does not compute what the source does, falls back to the next."""
+        return ("default",)
+
+    def export_level(self, variant: str) -> str | None:
+        """The graph optimization level a ``variant`` is written at (None: the compile's)."""
+        return None
+
     def configure_export(
-        self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, variant: str = "default"
     ) -> ProviderList:
         """Make a compile from source also write the blob into ``tmp``."""
         raise NotImplementedError
 
     def configure_import(
-        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None,
+        variant: str = "default",
     ) -> ProviderList:
         """Make a session load the blob in ``entry`` (``scratch``: a directory to write in,
-        given when ``import_scratch`` is set)."""
+        given when ``import_scratch`` is set; ``variant``: how the blob was written)."""
         raise NotImplementedError
 
     def configure_instant(self, options: Any) -> None:

@@ -1,13 +1,19 @@
 """``CPU``: ONNX Runtime's CPUExecutionProvider, present in every build, and its blob format.
 
-``OrtOptimizedBlob``: ONNX Runtime's optimized model (``model.onnx``) with its weights,
-prepacked where ``CACHE_PREPACK`` is on, in ``weights.bin``; loaded with graph
-optimizations off. It can be produced by a second session after the caller's, in the
-background. ``finalize`` repairs one quirk before an entry is published: for IR < 4 models,
-ONNX Runtime keeps graph inputs for initializers that constant folding removed, so the
-saved model would demand hundreds of extra inputs (seen with the DenseNet-121 shipped in
-the onnx wheel). Such dangling inputs are dropped; a blob whose inputs still differ from
-the source session's is not published.
+``OrtOptimizedBlob``: ONNX Runtime's optimized model (``model.onnx``) with its weights in
+``weights.bin``. Three variants, tried in this order by the builder until one loads and
+computes what the source does: ``prepacked`` (weights prepacked for the matrix kernels, with
+``CACHE_PREPACK``; loaded with graph optimizations off), ``plain`` (optimized, not
+prepacked; loaded the same way) and ``basic`` (only basic-level optimizations saved; a hit
+runs the compile's remaining optimizations). onnxruntime 1.31.1 wrote a prepacked blob of
+PP-OCRv4's recognizer that crashed at its first inference, and the plain one ran. It can be
+produced by a second session after the caller's, in the background.
+
+``finalize`` repairs one quirk before an entry is published: for IR < 4 models, ONNX
+Runtime keeps graph inputs for initializers that constant folding removed, so the saved
+model would demand hundreds of extra inputs (seen with the DenseNet-121 shipped in the onnx
+wheel). Such dangling inputs are dropped; a blob whose inputs still differ from the source
+session's is not published.
 """
 
 from __future__ import annotations
@@ -30,22 +36,30 @@ class OrtOptimizedBlob(BlobFormat):
     background = True
     instant = True
 
+    def variants(self, prepack: bool) -> tuple[str, ...]:
+        return ("prepacked", "plain", "basic") if prepack else ("plain", "basic")
+
+    def export_level(self, variant: str) -> str | None:
+        return "BASIC" if variant == "basic" else None
+
     def configure_export(
-        self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, variant: str = "prepacked"
     ) -> ProviderList:
         options.optimized_model_filepath = str(tmp / BLOB_MODEL)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", BLOB_WEIGHTS)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        if prepack:
+        if variant == "prepacked":
             options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         return providers
 
     def configure_import(
-        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None,
+        variant: str = "prepacked",
     ) -> ProviderList:
         import onnxruntime as ort
 
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if variant != "basic":  # a basic-level graph gets the compile's other optimizations
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return providers
 
     def configure_instant(self, options: Any) -> None:

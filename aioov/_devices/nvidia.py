@@ -147,7 +147,7 @@ class TensorRTContextBlob(BlobFormat):
     background = False  # the engine build is the compile: it writes the blob as it goes
 
     def configure_export(
-        self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, variant: str = "default"
     ) -> ProviderList:
         return with_first(
             providers,
@@ -162,7 +162,8 @@ class TensorRTContextBlob(BlobFormat):
         )
 
     def configure_import(
-        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None,
+        variant: str = "default",
     ) -> ProviderList:
         # The engine is embedded in the context model; no cache paths, so that ONNX Runtime
         # never writes into a published entry.

@@ -57,12 +57,13 @@ class OpenVINOCacheBlob(BlobFormat):
     import_scratch = True
 
     def configure_export(
-        self, options: Any, providers: ProviderList, tmp: Path, key: str, prepack: bool
+        self, options: Any, providers: ProviderList, tmp: Path, key: str, variant: str = "default"
     ) -> ProviderList:
         return with_first(providers, cache_dir=str(tmp))
 
     def configure_import(
-        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None
+        self, options: Any, providers: ProviderList, entry: Path, scratch: Path | None = None,
+        variant: str = "default",
     ) -> ProviderList:
         assert scratch is not None
         for blob in _blobs(entry):

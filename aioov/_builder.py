@@ -1,0 +1,250 @@
+"""The builder process: writes a cache entry's blob and checks it, outside the serving process.
+
+onnxruntime's serializer and the blobs it writes are the riskiest code aioov runs: a blob with
+prepacked weights of one real OCR model crashed every process that loaded it (SIGSEGV at its
+first inference). So an entry is written here, in a child process at a lower CPU priority
+(``python -m aioov._builder``), and checked exactly as a hit will load it before anything is
+published: a crash, a hang or a wrong answer here costs one entry, never the application.
+
+One job is one JSON line on stdin; its report is one JSON line on the (private) stdout. The
+process serves jobs until its stdin closes, and exits at once when it does: a parent that dies
+or gives up leaves no builder behind. For each job:
+
+1. build a session from the source with the blob format's export options (it writes the blob),
+2. ``finalize`` the blob (the format's own checks),
+3. run the source session on inputs made up from its input specs (``_inputs.synthesize``),
+   twice (outputs that differ between two runs make comparing pointless: "load only"),
+4. load the blob as a hit does (and as an instant hit does, for formats that have one), run it
+   on the same inputs, and compare every output within ``TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ("TOLERANCE", "compare", "main")
+
+#: (rtol, atol relative to the largest reference value) by output element size: a blob may
+#: compute in another order (fused kernels, packed weights), never another result
+TOLERANCE = {2: (1e-2, 1e-2), 4: (1e-3, 1e-4), 8: (1e-6, 1e-8)}
+
+#: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT" or
+#: "hang:VARIANT" (comma-separated) makes the builder write or load a bad blob on purpose
+FAULT_ENV = "AIOOV_BUILDER_FAULT"
+
+
+def compare(expected: list[Any], actual: list[Any]) -> str | None:
+    """Why ``actual`` is not ``expected`` (a list of outputs), or None when they match."""
+    import numpy as np
+
+    if len(expected) != len(actual):
+        return f"{len(actual)} outputs instead of {len(expected)}"
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape or want.dtype != got.dtype:
+            return f"output {index} is {got.dtype}{list(got.shape)} instead of {want.dtype}{list(want.shape)}"
+        if np.issubdtype(want.dtype, np.floating) or np.issubdtype(want.dtype, np.complexfloating):
+            rtol, atol = TOLERANCE.get(want.dtype.itemsize, TOLERANCE[4])
+            finite = want[np.isfinite(want)]
+            scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+            if not np.allclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True):
+                diff = np.nanmax(np.abs(got.astype(np.float64) - want.astype(np.float64)))
+                return (f"output {index} differs by up to {diff:.3g} "
+                        f"(allowed {rtol} relative, {atol * scale:.3g} absolute)")
+        elif not np.array_equal(want, got):
+            return f"output {index} differs"
+    return None
+
+
+def _faults(variant: str) -> set[str]:
+    spec = os.environ.get(FAULT_ENV, "")
+    return {kind for kind, _, v in (item.partition(":") for item in spec.split(",")) if v == variant}
+
+
+def _options(job: dict[str, Any], level: str | None) -> Any:
+    """Session options as the serving process would make them, on one thread."""
+    import onnxruntime as ort
+
+    from ._sessions import OPT_LEVELS
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    for name, value in job["session_config"].items():
+        options.add_session_config_entry(name, value)
+    options.graph_optimization_level = OPT_LEVELS[level or job["opt_level"]]
+    return options
+
+
+def _session(model: str, options: Any, providers: list[tuple[str, dict[str, str]]]) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, options, providers=[name for name, _ in providers],
+                                provider_options=[opts for _, opts in providers])
+
+
+class CheckFailed(Exception):
+    """The blob was written, and loading or running it failed: the blob's fault."""
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``build``'s report, or the failure: ``"stage": "check"`` when the blob itself failed
+    (remembered by the parent), ``"export"`` when writing it did (the disk, the source: not)."""
+    try:
+        return build(job)
+    except CheckFailed as exc:
+        return {"ok": False, "stage": "check", "reason": _first_line(exc.__cause__ or exc)}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        return {"ok": False, "stage": "export", "reason": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def build(job: dict[str, Any]) -> dict[str, Any]:
+    """Write the blob of ``job`` into its directory and check it; the report."""
+    from ._compiled import Port
+    from ._devices import blob_format
+    from ._errors import ORT_ERRORS, BlobError
+    from ._inputs import Unsynthesizable, first_run
+
+    blob, variant, tmp = blob_format(job["blob"]), job["variant"], Path(job["tmp"])
+    providers = [(name, dict(opts)) for name, opts in job["providers"]]
+    faults = _faults(variant)
+    started = time.perf_counter()
+    options = _options(job, blob.export_level(variant))
+    export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
+    source = _session(job["model"], options, export_providers)
+    inputs = [arg.name for arg in source.get_inputs()]
+    try:
+        blob.finalize(tmp, inputs)
+    except BlobError as exc:
+        return {"ok": False, "stage": "check", "reason": str(exc)}
+    if "mismatch" in faults:
+        _sabotage(tmp / blob.model_file)
+    exported = time.perf_counter()
+
+    feed: dict[str, Any] | None = None
+    skipped = None
+    try:
+        ports = [Port.from_node_arg(a) for a in source.get_inputs()]
+        feed, expected = first_run(ports, functools.partial(source.run, None), job.get("shapes"))
+        if compare(expected, source.run(None, feed)) is not None:
+            feed, skipped = None, "its outputs differ from run to run"
+    except Unsynthesizable as exc:
+        feed, skipped = None, str(exc)
+    except ORT_ERRORS as exc:
+        feed, skipped = None, f"the source model failed on made-up inputs: {_first_line(exc)}"
+    del source
+
+    loads = [False, True] if blob.instant else [False]
+    for instant in loads:
+        options = _options(job, None)
+        if instant:
+            blob.configure_instant(options)
+        import_providers = blob.configure_import(options, providers, tmp, None, variant)
+        if "hang" in faults:
+            time.sleep(3600)
+        try:
+            hit = _session(str(tmp / blob.model_file), options, import_providers)
+            if "crash" in faults:
+                _crash()
+            outputs = hit.run(None, feed) if feed is not None else None
+        except ORT_ERRORS as exc:
+            raise CheckFailed() from exc
+        if outputs is not None:
+            problem = compare(expected, outputs)
+            if problem:
+                return {"ok": False, "stage": "check", "reason": f"{'an instant' if instant else 'a'} hit's {problem}"}
+        del hit
+    return {
+        "ok": True,
+        "check": "ran and matched" if feed is not None else "load only",
+        "skipped": skipped,
+        "inputs": inputs,
+        "export_seconds": round(exported - started, 3),
+        "check_seconds": round(time.perf_counter() - exported, 3),
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _sabotage(path: Path) -> None:
+    """Make the blob compute something else: every float output gets 1 added (tests only)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    for output in graph.output:
+        if output.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        inner = output.name + "__before_sabotage"
+        for node in graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+        one = helper.make_tensor(output.name + "__one", TensorProto.FLOAT, [], [1.0])
+        graph.initializer.append(one)
+        graph.node.append(helper.make_node("Add", [inner, one.name], [output.name]))
+    onnx.save(model, str(path))
+
+
+def _crash() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _lower_priority() -> None:
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
+
+
+def main() -> None:
+    # Replies go to a private copy of stdout; anything a library prints goes to stderr.
+    replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    _lower_priority()
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the application's: it closes our stdin
+    jobs: queue.Queue[str] = queue.Queue()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            jobs.put(line)
+        os._exit(0)  # the parent closed our stdin, or died: stop now, whatever is running
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    import numpy  # noqa: F401  - while the parent still compiles: the job finds them imported
+    import onnxruntime  # noqa: F401
+
+    from . import _compiled, _devices  # noqa: F401
+    while True:
+        job = json.loads(jobs.get())
+        report = run_job(job)
+        _release_memory()
+        replies.write(json.dumps(report) + "\n")
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the system between jobs (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Running builder processes (``aioov._builder``) from the serving process.
+
+One builder is kept for a burst of exports (measured: starting one costs 0.4-0.6 s of
+imports here, once per burst instead of once per model) and closed when the export queue
+drains, so an idle application holds no builder and none of its memory. A second caller
+while the kept one is busy (``CACHE_EXPORT=SYNC``, ``export_model``) gets a one-off process.
+A builder that crashes, hangs past its time limit or is cancelled is killed, and the next job
+starts a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ._concurrency import CancelToken
+from ._errors import Cancelled
+
+__all__ = ("BuildReport", "Builders")
+
+#: seconds between looks at a cancel token while waiting for a builder
+_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a builder said about one job, or what became of it."""
+
+    ok: bool
+    reason: str | None = None
+    #: the failure says nothing about the blob (writing it failed, a time limit, a kill from
+    #: outside, e.g. for memory): worth trying again later, not remembering as "not cacheable"
+    transient: bool = False
+    #: give up this export (a time limit or a kill: the next variant would meet the same)
+    stop: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _Process:
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "aioov._builder"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            bufsize=1,
+        )
+        self.replies: queue.Queue[str | None] = queue.Queue()
+        assert self.popen.stdout is not None
+        threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True,
+                         name="aioov-builder-reader").start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.replies.put(line)
+        self.replies.put(None)
+
+    def run(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
+        assert self.popen.stdin is not None
+        try:
+            self.popen.stdin.write(json.dumps(job) + "\n")
+            self.popen.stdin.flush()
+        except OSError:
+            return self._died()
+        deadline = time.monotonic() + timeout
+        while True:
+            if token is not None and token.cancelled:
+                self.kill()
+                raise Cancelled()
+            try:
+                line = self.replies.get(timeout=_POLL)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    return BuildReport(False, f"the builder did not finish within {timeout:.0f} s",
+                                       transient=True, stop=True)
+                continue
+            if line is None:
+                return self._died()
+            report = json.loads(line)
+            # An exception while writing the blob (a full disk, a source it cannot save)
+            # says nothing about the blob: try the next variant, but remember nothing.
+            return BuildReport(bool(report.pop("ok")), report.pop("reason", None),
+                               transient=report.get("stage") == "export", details=report)
+
+    def _died(self) -> BuildReport:
+        self.close()
+        code = self.popen.wait()
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            # SIGKILL comes from outside (the kernel's OOM killer, an operator): not the blob's fault
+            killed = -code == signal.SIGKILL
+            return BuildReport(False, f"the builder was killed by {name}", transient=killed, stop=killed)
+        return BuildReport(False, f"the builder exited with status {code}")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.close()
+
+    def close(self) -> None:
+        """Close its stdin (it exits at once), wait a little, kill if it does not."""
+        try:
+            if self.popen.stdin is not None:
+                self.popen.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class Builders:
+    """The builder processes of one Core."""
+
+    def __init__(self) -> None:
+        self._kept: _Process | None = None
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Start the kept builder now, if none runs, so that its imports (0.4-0.6 s) overlap
+        the compile that will hand it a job."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._kept is None or not self._kept.alive():
+                    self._kept = _Process()
+            finally:
+                self._lock.release()
+
+    def build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
+        """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""
+        if not self._lock.acquire(blocking=False):
+            process = _Process()  # the kept one is busy: a one-off
+            try:
+                return process.run(job, timeout, token)
+            finally:
+                process.close()
+        try:
+            if self._kept is None or not self._kept.alive():
+                self._kept = _Process()
+            process = self._kept
+            try:
+                report = process.run(job, timeout, token)
+            except BaseException:
+                self._kept = None
+                raise
+            if not process.alive():
+                self._kept = None
+            return report
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Close the kept builder (when no job is using it)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._kept is not None:
+                    self._kept.close()
+                    self._kept = None
+            finally:
+                self._lock.release()

