@@ -1,8 +1,9 @@
 """Running builder processes (``aioov._builder``) from the serving process.
 
 One builder is kept for a burst of exports (measured: starting one costs 0.4-0.6 s of
-imports here, once per burst instead of once per model) and closed when the export queue
-drains, so an idle application holds no builder and none of its memory. A second caller
+imports here, once per burst instead of once per model; started during the caller's compile
+instead of after it, it made that compile ~0.3 s slower for no earlier publish) and closed
+when the export queue drains, so an idle application holds no builder and none of its memory. A second caller
 while the kept one is busy (``CACHE_EXPORT=SYNC``, ``export_model``) gets a one-off process.
 A builder that crashes, hangs past its time limit or is cancelled is killed, and the next job
 starts a new one.
@@ -135,16 +136,6 @@ class Builders:
     def __init__(self) -> None:
         self._kept: _Process | None = None
         self._lock = threading.Lock()
-
-    def prepare(self) -> None:
-        """Start the kept builder now, if none runs, so that its imports (0.4-0.6 s) overlap
-        the compile that will hand it a job."""
-        if self._lock.acquire(blocking=False):
-            try:
-                if self._kept is None or not self._kept.alive():
-                    self._kept = _Process()
-            finally:
-                self._lock.release()
 
     def build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
         """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""

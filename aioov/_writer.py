@@ -82,7 +82,6 @@ class EntryWriter:
             finally:
                 claim.release()
         try:
-            self._builders.prepare()
             started = time.perf_counter()
             session = self._sessions.compile(request, token)
         except BaseException:

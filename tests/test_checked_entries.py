@@ -61,15 +61,16 @@ async def test_without_prepacked_weights_the_plain_blob_is_written(cache_dir: Pa
     assert manifest["build"]["variant"] == "plain"
 
 
-@pytest.mark.parametrize("fault", ["crash:prepacked", "mismatch:prepacked"])
+@pytest.mark.parametrize(("fault", "variant"), [("crash:prepacked", "plain"), ("mismatch:prepacked", "plain"),
+                                               ("crash:prepacked,mismatch:plain", "basic")])
 async def test_a_bad_blob_falls_back_to_the_next_variant(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
     compiled = await _compile_and_export(cache_dir, mlp_path)
     assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process is alive to say so
     (manifest,) = _manifests(cache_dir)
-    assert manifest["build"]["variant"] == "plain"
+    assert manifest["build"]["variant"] == variant
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     # A second process loads the checked blob and computes what onnxruntime does.
     hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
