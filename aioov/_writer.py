@@ -56,6 +56,10 @@ class Claim:
     stats: list[FileStat] | None  # the source files as hashed; an export re-checks them
     remote: RemoteLink | None = None
 
+    def source_changed(self) -> bool:
+        """Whether the source files are no longer those that were hashed for the key."""
+        return self.stats is not None and [FileStat.of(s.path) for s in self.stats] != self.stats
+
     def release(self) -> None:
         if self.remote is not None:
             self.remote.release()
@@ -219,6 +223,8 @@ class EntryWriter:
     def _remember_uncacheable(self, claim: Claim, request: CompileRequest, failures: list[str]) -> None:
         """Publish a marker in place of an entry: later compiles neither retry nor pay for the export."""
         self._events.count(errors=1)
+        if claim.source_changed():
+            return  # what failed may not be what the key names
         logger.warning("aioov cache: %s cannot be cached on %s (%s); remembered under its key",
                        request.source.describe(), request.spec, "; ".join(failures))
         store = claim.store
@@ -245,7 +251,7 @@ class EntryWriter:
         assert request.device.blob is not None
         store = claim.store
         try:
-            if claim.stats is not None and [FileStat.of(s.path) for s in claim.stats] != claim.stats:
+            if claim.source_changed():
                 # What was compiled may not be what was hashed: the key would lie.
                 logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())
                 return
