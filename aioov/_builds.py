@@ -29,6 +29,9 @@ __all__ = ("BuildReport", "Builders")
 
 #: seconds between looks at a cancel token while waiting for a builder
 _POLL = 0.05
+#: the interpreter that runs builders, where ``sys.executable`` is not a Python (embedded
+#: interpreters such as uWSGI's report their own binary)
+PYTHON_ENV = "AIOOV_BUILDER_PYTHON"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class _Process:
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "aioov._builder"],
+            [os.environ.get(PYTHON_ENV) or sys.executable, "-m", "aioov._builder"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -106,7 +109,10 @@ class _Process:
             # SIGKILL comes from outside (the kernel's OOM killer, an operator): not the blob's fault
             killed = -code == signal.SIGKILL
             return BuildReport(False, f"the builder was killed by {name}", transient=killed, stop=killed)
-        return BuildReport(False, f"the builder exited with status {code}")
+        # It reports every exception; exiting without a report means it could not run at all
+        # (a wrong interpreter, a broken install): nothing to learn about the blob.
+        return BuildReport(False, f"the builder exited with status {code} without a report",
+                           transient=True, stop=True)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -139,6 +145,12 @@ class Builders:
 
     def build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
         """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""
+        try:
+            return self._build(job, timeout, token)
+        except OSError as exc:  # no interpreter to start, no processes left, ...
+            return BuildReport(False, f"cannot start a builder process: {exc}", transient=True, stop=True)
+
+    def _build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
         if not self._lock.acquire(blocking=False):
             process = _Process()  # the kept one is busy: a one-off
             try:

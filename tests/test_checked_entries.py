@@ -272,3 +272,17 @@ def test_outputs_are_compared_within_a_tolerance_that_follows_their_type() -> No
     assert "2 outputs instead of 1" in (compare([y], [y, y]) or "")
     half = np.linspace(-1, 1, 8, dtype=np.float16)
     assert compare([half], [half + np.float16(0.001)]) is None  # fp16 arithmetic: a looser bound
+
+
+@pytest.mark.parametrize("python", ["/bin/false", "/nonexistent/python"])
+async def test_a_builder_that_cannot_run_leaves_no_marker(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog_warnings: Any, python: str
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_PYTHON", python)  # e.g. uWSGI's sys.executable
+    compiled = await _compile_and_export(cache_dir, mlp_path)
+    assert not compiled.get_property("LOADED_FROM_CACHE")
+    assert _manifests(cache_dir) == []  # not "not cacheable": the blob was never tried
+    assert "not cached this time" in caplog_warnings.text
+    monkeypatch.delenv("AIOOV_BUILDER_PYTHON")
+    await _compile_and_export(cache_dir, mlp_path)
+    assert [m["build"]["check"] for m in _manifests(cache_dir)] == ["ran and matched"]
