@@ -71,17 +71,11 @@ def _faults(variant: str) -> set[str]:
 
 def _options(job: dict[str, Any], level: str | None) -> Any:
     """Session options as the serving process would make them, on one thread."""
-    import onnxruntime as ort
+    from ._sessions import session_options
 
-    from ._sessions import OPT_LEVELS
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options(level or job["opt_level"], job["session_config"])
     options.intra_op_num_threads = 1  # measured: 2 threads wrote BERT-base's blob no sooner
     options.inter_op_num_threads = 1
-    for name, value in job["session_config"].items():
-        options.add_session_config_entry(name, value)
-    options.graph_optimization_level = OPT_LEVELS[level or job["opt_level"]]
     return options
 
 
@@ -167,7 +161,6 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         "ok": True,
         "check": "ran and matched" if feed is not None else "load only",
         "skipped": skipped,
-        "inputs": inputs,
         "export_seconds": round(exported - started, 3),
         "check_seconds": round(time.perf_counter() - exported, 3),
     }

@@ -105,7 +105,10 @@ class _Process:
         self.close()
         code = self.popen.wait()
         if code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             # SIGKILL comes from outside (the kernel's OOM killer, an operator): not the blob's fault
             killed = -code == signal.SIGKILL
             return BuildReport(False, f"the builder was killed by {name}", transient=killed, stop=killed)

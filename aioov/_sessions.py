@@ -7,6 +7,7 @@ Every session aioov builds, from a source model or from a cache entry, comes fro
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -19,7 +20,7 @@ from ._errors import ORT_ERRORS, Cancelled, DeviceNotFoundError, raise_compile_e
 from ._properties import CompileConfig
 from ._request import CompileRequest
 
-__all__ = ("OPT_LEVELS", "SessionFactory")
+__all__ = ("SessionFactory", "session_options")
 
 OPT_LEVELS = {
     "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -30,6 +31,17 @@ OPT_LEVELS = {
     ),
     "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+def session_options(level: str, session_config: Mapping[str, str]) -> ort.SessionOptions:
+    """What every session of a compile gets, threads aside: the builder process makes its
+    sessions with this too, so that it checks a blob exactly as a hit will load it."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for name, value in session_config.items():
+        options.add_session_config_entry(name, value)
+    options.graph_optimization_level = OPT_LEVELS[level]
+    return options
 
 
 class SessionFactory:
@@ -47,14 +59,10 @@ class SessionFactory:
             return self._device_locks.setdefault(name, threading.Lock())
 
     def options(self, config: CompileConfig) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(config.ort_graph_optimization_level, config.ort_session_config)
         if config.ort_shared_thread_pool:
             _ortenv.enable_shared_pool(config.inference_num_threads)
         _ortenv.apply(options, config.inference_num_threads)
-        for name, value in config.ort_session_config.items():
-            options.add_session_config_entry(name, value)
-        options.graph_optimization_level = OPT_LEVELS[config.ort_graph_optimization_level]
         return options
 
     def open(

@@ -90,8 +90,6 @@ class EntryWriter:
             session = self._sessions.compile(request, token)
         except BaseException:
             claim.release()
-            if not self._exporter.pending:
-                self._builders.close()
             raise
         job = self._export_job(claim, request, time.perf_counter() - started)
         if request.config.cache_export is ExportMode.SYNC:

@@ -147,7 +147,7 @@ anyio.run(main)
 
 def check(model: Path, cache_dir: Path, timeout: float = 300) -> dict[str, object]:
     """A cold compile in one process, a hit in a second: what each said, and the entry."""
-    from aioov._cache.store import CacheStore
+    from .helpers import manifests
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     steps = []
@@ -157,10 +157,9 @@ def check(model: Path, cache_dir: Path, timeout: float = 300) -> dict[str, objec
         if proc.returncode != 0:
             return {"died": proc.returncode, "stderr": proc.stderr[-2000:], "steps": steps}
         steps.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    store = CacheStore(cache_dir)
-    manifests = [json.loads((store.entry_path(k) / "manifest.json").read_text()) for k in store.keys()]
-    record = manifests[0].get("build", {}) if manifests else {}
-    marker = manifests[0].get("not_cacheable") if manifests else None
+    found = manifests(cache_dir)
+    record = found[0].get("build", {}) if found else {}
+    marker = found[0].get("not_cacheable") if found else None
     return {"steps": steps, "variant": record.get("variant"), "check": record.get("check"),
             "skipped": record.get("skipped"), "not_cacheable": marker}
 

@@ -24,6 +24,16 @@ class HeldCompiles:
     release: threading.Event = field(default_factory=threading.Event)  # let them all go
 
 
+def manifests(cache_dir: Path) -> list[dict[str, Any]]:
+    """The manifests of a cache's entries (and not-cacheable markers), as JSON."""
+    import json
+
+    from aioov._cache.store import CacheStore
+
+    store = CacheStore(cache_dir)
+    return [json.loads((store.entry_path(k) / "manifest.json").read_text()) for k in store.keys()]
+
+
 def reference(path: Path | str, feed: dict[str, Any]) -> list[np.ndarray]:
     """Plain onnxruntime on the same inputs: what aioov must reproduce."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -27,14 +27,9 @@ from aioov import _writer
 from aioov._builder import compare
 from aioov._cache.store import CacheStore
 
-from .helpers import ROOT, compile_in_a_process, reference, run_python
+from .helpers import ROOT, compile_in_a_process, manifests, reference, run_python
 
 pytestmark = pytest.mark.anyio
-
-
-def _manifests(cache_dir: Path) -> list[dict[str, Any]]:
-    store = CacheStore(cache_dir)
-    return [json.loads((store.entry_path(k) / "manifest.json").read_text()) for k in store.keys()]
 
 
 def _x() -> np.ndarray:
@@ -50,14 +45,14 @@ async def _compile_and_export(cache_dir: Path, model: Path | bytes, **config: An
 
 async def test_an_entry_says_how_its_blob_was_checked(cache_dir: Path, mlp_path: Path) -> None:
     await _compile_and_export(cache_dir, mlp_path)
-    (manifest,) = _manifests(cache_dir)
+    (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == "prepacked"
     assert manifest["build"]["check"] == "ran and matched"
 
 
 async def test_without_prepacked_weights_the_plain_blob_is_written(cache_dir: Path, mlp_path: Path) -> None:
     await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NO")
-    (manifest,) = _manifests(cache_dir)
+    (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == "plain"
 
 
@@ -69,7 +64,7 @@ async def test_a_bad_blob_falls_back_to_the_next_variant(
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
     compiled = await _compile_and_export(cache_dir, mlp_path)
     assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process is alive to say so
-    (manifest,) = _manifests(cache_dir)
+    (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == variant
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     # A second process loads the checked blob and computes what onnxruntime does.
@@ -83,7 +78,7 @@ async def test_when_no_variant_passes_a_marker_stops_retries(
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "crash:prepacked,mismatch:plain,crash:basic")
     await _compile_and_export(cache_dir, mlp_path)
-    (marker,) = _manifests(cache_dir)
+    (marker,) = manifests(cache_dir)
     reason = marker["not_cacheable"]["reason"]
     assert "prepacked: the builder was killed by SIGSEGV" in reason
     assert "plain: a hit's output" in reason
@@ -103,7 +98,7 @@ async def test_when_no_variant_passes_a_marker_stops_retries(
                                    "--cache-dir", str(cache_dir)).stdout)
     assert [e["not_cacheable"] for e in listed] == [reason]
     run_python("from aioov.cli import main; main()", "cache", "clear", "--yes", "--cache-dir", str(cache_dir))
-    assert _manifests(cache_dir) == []
+    assert manifests(cache_dir) == []
 
 
 async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered(
@@ -112,10 +107,10 @@ async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:prepacked")
     monkeypatch.setattr(_writer, "BUILD_TIMEOUT", 2.0)
     await _compile_and_export(cache_dir, mlp_path)
-    assert _manifests(cache_dir) == []  # no entry, and no marker: a slow machine is not a bad blob
+    assert manifests(cache_dir) == []  # no entry, and no marker: a slow machine is not a bad blob
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     await _compile_and_export(cache_dir, mlp_path)
-    assert [m["build"]["variant"] for m in _manifests(cache_dir)] == ["prepacked"]
+    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["prepacked"]
 
 
 def _builders_of(pid: int) -> list[int]:
@@ -161,7 +156,7 @@ async def test_aclose_abandoning_an_export_leaves_no_builder_and_no_entry(
     assert builders
     await core.aclose(abandon=True)
     assert all(_gone(pid, 10) for pid in builders)
-    assert _manifests(cache_dir) == []
+    assert manifests(cache_dir) == []
     assert list(CacheStore(cache_dir).tmp.iterdir()) == []
 
 
@@ -199,7 +194,7 @@ def test_a_killed_application_leaves_no_builder_behind(cache_dir: Path, mlp_path
         app.wait()
         if app.stdout is not None:
             app.stdout.close()
-    assert _manifests(cache_dir) == []
+    assert manifests(cache_dir) == []
 
 
 async def test_an_entry_written_without_a_check_is_replaced(cache_dir: Path, mlp_path: Path) -> None:
@@ -214,19 +209,19 @@ async def test_an_entry_written_without_a_check_is_replaced(cache_dir: Path, mlp
         compiled = await core.compile_model(mlp_path, "CPU")
         assert await core.wait_exports(120)
     assert not compiled.get_property("LOADED_FROM_CACHE")
-    assert [m["build"]["check"] for m in _manifests(cache_dir)] == ["ran and matched"]
+    assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
 
 
 async def test_a_model_given_as_bytes_is_checked_too(cache_dir: Path, mlp_path: Path) -> None:
     await _compile_and_export(cache_dir, mlp_path.read_bytes())
-    assert [m["build"]["check"] for m in _manifests(cache_dir)] == ["ran and matched"]
+    assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
 
 
 async def test_sync_export_publishes_the_checked_entry_before_returning(cache_dir: Path, mlp_path: Path) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
         await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
         assert core.pending_exports == 0
-        assert [m["build"]["variant"] for m in _manifests(cache_dir)] == ["prepacked"]
+        assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["prepacked"]
 
 
 def _random_model() -> onnx.ModelProto:
@@ -255,7 +250,7 @@ async def test_a_model_that_cannot_be_compared_is_cached_after_a_load_check(
     path = tmp_path / "m.onnx"
     onnx.save(model(), path)
     await _compile_and_export(cache_dir, path)
-    (manifest,) = _manifests(cache_dir)
+    (manifest,) = manifests(cache_dir)
     assert manifest["build"]["check"] == "load only"
     assert why in manifest["build"]["skipped"]
 
@@ -281,8 +276,8 @@ async def test_a_builder_that_cannot_run_leaves_no_marker(
     monkeypatch.setenv("AIOOV_BUILDER_PYTHON", python)  # e.g. uWSGI's sys.executable
     compiled = await _compile_and_export(cache_dir, mlp_path)
     assert not compiled.get_property("LOADED_FROM_CACHE")
-    assert _manifests(cache_dir) == []  # not "not cacheable": the blob was never tried
+    assert manifests(cache_dir) == []  # not "not cacheable": the blob was never tried
     assert "not cached this time" in caplog_warnings.text
     monkeypatch.delenv("AIOOV_BUILDER_PYTHON")
     await _compile_and_export(cache_dir, mlp_path)
-    assert [m["build"]["check"] for m in _manifests(cache_dir)] == ["ran and matched"]
+    assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
