@@ -14,13 +14,16 @@ or gives up leaves no builder behind. For each job:
 2. ``finalize`` the blob (the format's own checks),
 3. run the source session on inputs made up from its input specs (``_inputs.synthesize``),
    twice (outputs that differ between two runs make comparing pointless: "load only"),
+
+(When other processes wait for the entry, the serving process's own compile writes the blob
+and runs step 3 on its session; the job then says ``"exported"`` and names the reference: the
+builder does steps 2 and 4 only, and compiles nothing.)
 4. load the blob as a hit does (and as an instant hit does, for formats that have one), run it
    on the same inputs, and compare every output within ``TOLERANCE``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import queue
@@ -30,38 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ("TOLERANCE", "compare", "main")
-
-#: (rtol, atol relative to the largest reference value) by output element size: a blob may
-#: compute in another order (fused kernels, packed weights), never another result
-TOLERANCE = {2: (1e-2, 1e-2), 4: (1e-3, 1e-4), 8: (1e-6, 1e-8)}
+__all__ = ("build", "main", "run_job")
 
 #: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT" or
 #: "hang:VARIANT" (comma-separated) makes the builder write or load a bad blob on purpose
 FAULT_ENV = "AIOOV_BUILDER_FAULT"
-
-
-def compare(expected: list[Any], actual: list[Any]) -> str | None:
-    """Why ``actual`` is not ``expected`` (a list of outputs), or None when they match."""
-    import numpy as np
-
-    if len(expected) != len(actual):
-        return f"{len(actual)} outputs instead of {len(expected)}"
-    for index, (want, got) in enumerate(zip(expected, actual)):
-        want, got = np.asarray(want), np.asarray(got)
-        if want.shape != got.shape or want.dtype != got.dtype:
-            return f"output {index} is {got.dtype}{list(got.shape)} instead of {want.dtype}{list(want.shape)}"
-        if np.issubdtype(want.dtype, np.floating) or np.issubdtype(want.dtype, np.complexfloating):
-            rtol, atol = TOLERANCE.get(want.dtype.itemsize, TOLERANCE[4])
-            finite = want[np.isfinite(want)]
-            scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
-            if not np.allclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True):
-                diff = np.nanmax(np.abs(got.astype(np.float64) - want.astype(np.float64)))
-                return (f"output {index} differs by up to {diff:.3g} "
-                        f"(allowed {rtol} relative, {atol * scale:.3g} absolute)")
-        elif not np.array_equal(want, got):
-            return f"output {index} differs"
-    return None
 
 
 def _faults(variant: str) -> set[str]:
@@ -86,6 +62,10 @@ def _session(model: str, options: Any, providers: list[tuple[str, dict[str, str]
                                 provider_options=[opts for _, opts in providers])
 
 
+#: the priority of background jobs: below the compiles that callers wait for
+NICE = 10
+
+
 class CheckFailed(Exception):
     """The blob was written, and loading or running it failed: the blob's fault."""
 
@@ -93,29 +73,37 @@ class CheckFailed(Exception):
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """``build``'s report, or the failure: ``"stage": "check"`` when the blob itself failed
     (remembered by the parent), ``"export"`` when writing it did (the disk, the source: not)."""
+    from ._reference import first_line
+
     try:
         return build(job)
     except CheckFailed as exc:
-        return {"ok": False, "stage": "check", "reason": _first_line(exc.__cause__ or exc)}
+        return {"ok": False, "stage": "check", "reason": first_line(exc.__cause__ or exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
-        return {"ok": False, "stage": "export", "reason": f"{type(exc).__name__}: {_first_line(exc)}"}
+        return {"ok": False, "stage": "export", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
 
 
 def build(job: dict[str, Any]) -> dict[str, Any]:
-    """Write the blob of ``job`` into its directory and check it; the report."""
-    from ._compiled import Port
+    """Write the blob of ``job`` into its directory (unless the serving process's compile wrote
+    it: ``"exported"``) and check it; the report."""
     from ._devices import blob_format
     from ._errors import ORT_ERRORS, BlobError
-    from ._inputs import Unsynthesizable, first_run
+    from ._reference import Reference, compare, load_reference, reference_run
 
     blob, variant, tmp = blob_format(job["blob"]), job["variant"], Path(job["tmp"])
     providers = [(name, dict(opts)) for name, opts in job["providers"]]
     faults = _faults(variant)
     started = time.perf_counter()
-    options = _options(job, blob.export_level(variant))
-    export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
-    source = _session(job["model"], options, export_providers)
-    inputs = [arg.name for arg in source.get_inputs()]
+    reference: Reference | None = None
+    if job.get("exported"):
+        inputs = list(job["inputs"])
+        reference = load_reference(job.get("reference"), inputs)
+        source = None if reference is not None else _session(job["model"], _options(job, None), providers)
+    else:
+        options = _options(job, blob.export_level(variant))
+        export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
+        source = _session(job["model"], options, export_providers)
+        inputs = [arg.name for arg in source.get_inputs()]
     try:
         blob.finalize(tmp, inputs)
     except BlobError as exc:
@@ -123,19 +111,11 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
     if "mismatch" in faults:
         _sabotage(tmp / blob.model_file)
     exported = time.perf_counter()
-
-    feed: dict[str, Any] | None = None
-    skipped = None
-    try:
-        ports = [Port.from_node_arg(a) for a in source.get_inputs()]
-        feed, expected = first_run(ports, functools.partial(source.run, None), job.get("shapes"))
-        if compare(expected, source.run(None, feed)) is not None:
-            feed, skipped = None, "its outputs differ from run to run"
-    except Unsynthesizable as exc:
-        feed, skipped = None, str(exc)
-    except ORT_ERRORS as exc:
-        feed, skipped = None, f"the source model failed on made-up inputs: {_first_line(exc)}"
+    if reference is None:
+        assert source is not None
+        reference = reference_run(source, job.get("shapes"))
     del source
+    feed, expected, skipped = reference
 
     loads = [False, True] if blob.instant else [False]
     for instant in loads:
@@ -152,7 +132,7 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
             outputs = hit.run(None, feed) if feed is not None else None
         except ORT_ERRORS as exc:
             raise CheckFailed() from exc
-        if outputs is not None:
+        if outputs is not None and expected is not None:
             problem = compare(expected, outputs)
             if problem:
                 return {"ok": False, "stage": "check", "reason": f"{'an instant' if instant else 'a'} hit's {problem}"}
@@ -164,10 +144,6 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         "export_seconds": round(exported - started, 3),
         "check_seconds": round(time.perf_counter() - exported, 3),
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _sabotage(path: Path) -> None:
@@ -197,7 +173,8 @@ def _crash() -> None:
 
 def _lower_priority() -> None:
     try:
-        os.nice(10)
+        if os.getpriority(os.PRIO_PROCESS, 0) < NICE:
+            os.setpriority(os.PRIO_PROCESS, 0, NICE)
     except (AttributeError, OSError):
         pass
 
@@ -206,7 +183,6 @@ def main() -> None:
     # Replies go to a private copy of stdout; anything a library prints goes to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)
-    _lower_priority()
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the application's: it closes our stdin
@@ -220,6 +196,8 @@ def main() -> None:
     threading.Thread(target=read_stdin, daemon=True).start()
     while True:
         job = json.loads(jobs.get())
+        if job.get("background"):
+            _lower_priority()  # for good: the parent starts another builder for awaited jobs
         report = run_job(job)
         _release_memory()
         replies.write(json.dumps(report) + "\n")

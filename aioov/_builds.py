@@ -3,10 +3,13 @@
 One builder is kept for a burst of exports (measured: starting one costs 0.4-0.6 s of
 imports here, once per burst instead of once per model; started during the caller's compile
 instead of after it, it made that compile ~0.3 s slower for no earlier publish) and closed
-when the export queue drains, so an idle application holds no builder and none of its memory. A second caller
-while the kept one is busy (``CACHE_EXPORT=SYNC``, ``export_model``) gets a one-off process.
-A builder that crashes, hangs past its time limit or is cancelled is killed, and the next job
-starts a new one.
+after ``IDLE_CLOSE`` seconds without a job, so an idle application holds no builder and none
+of its memory. A background job finding the kept one busy gets a one-off process; a job
+somebody waits for waits for it a little first (``KEPT_WAIT``). Background
+jobs run at nice 10; a job somebody waits for (``CACHE_EXPORT=SYNC``, other processes waiting
+for the entry) runs at the caller's priority, in a builder that was never lowered (a process
+cannot raise its priority again). A builder that crashes, hangs past its time limit or is
+cancelled is killed, and the next job starts a new one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ __all__ = ("BuildReport", "Builders")
 
 #: seconds between looks at a cancel token while waiting for a builder
 _POLL = 0.05
+#: seconds a kept builder may stay idle before it is closed
+IDLE_CLOSE = 2.0
+#: seconds an awaited job waits for the kept builder before it starts a one-off: starting one
+#: costs ~0.4 s of CPU, which the compiles of other processes need on a cold start (measured:
+#: 12 one-offs were a quarter of the CPU time of 4 workers starting on 12 models)
+KEPT_WAIT = 5.0
 #: the interpreter that runs builders, where ``sys.executable`` is not a Python (embedded
 #: interpreters such as uWSGI's report their own binary)
 PYTHON_ENV = "AIOOV_BUILDER_PYTHON"
@@ -63,6 +72,7 @@ class _Process:
             bufsize=1,
         )
         self.replies: queue.Queue[str | None] = queue.Queue()
+        self.niced = False  # it ran a background job, and lowered its priority for good
         assert self.popen.stdout is not None
         threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True,
                          name="aioov-builder-reader").start()
@@ -75,6 +85,7 @@ class _Process:
 
     def run(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
         assert self.popen.stdin is not None
+        self.niced = self.niced or bool(job.get("background"))
         try:
             self.popen.stdin.write(json.dumps(job) + "\n")
             self.popen.stdin.flush()
@@ -145,6 +156,7 @@ class Builders:
     def __init__(self) -> None:
         self._kept: _Process | None = None
         self._lock = threading.Lock()
+        self._idle: threading.Timer | None = None
 
     def build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
         """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""
@@ -154,13 +166,18 @@ class Builders:
             return BuildReport(False, f"cannot start a builder process: {exc}", transient=True, stop=True)
 
     def _build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
-        if not self._lock.acquire(blocking=False):
+        if not self._take(KEPT_WAIT if not job.get("background") else 0.0, token):
             process = _Process()  # the kept one is busy: a one-off
             try:
                 return process.run(job, timeout, token)
             finally:
                 process.close()
         try:
+            if self._idle is not None:
+                self._idle.cancel()
+            if self._kept is not None and (self._kept.niced and not job.get("background")):
+                self._kept.close()  # lowered for good: this job is awaited
+                self._kept = None
             if self._kept is None or not self._kept.alive():
                 self._kept = _Process()
             process = self._kept
@@ -171,12 +188,28 @@ class Builders:
                 raise
             if not process.alive():
                 self._kept = None
+            else:
+                self._idle = threading.Timer(IDLE_CLOSE, self.close)
+                self._idle.daemon = True
+                self._idle.start()
             return report
         finally:
             self._lock.release()
 
+    def _take(self, wait: float, token: CancelToken | None) -> bool:
+        """The kept builder's lock, waiting up to ``wait`` seconds for it."""
+        deadline = time.monotonic() + wait
+        while not self._lock.acquire(timeout=min(_POLL, max(0.0, deadline - time.monotonic()))):
+            if token is not None and token.cancelled:
+                raise Cancelled()
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
     def close(self) -> None:
         """Close the kept builder (when no job is using it)."""
+        if self._idle is not None:
+            self._idle.cancel()
         if self._lock.acquire(blocking=False):
             try:
                 if self._kept is not None:

@@ -89,6 +89,20 @@ def _identity(item: Any, device: str, config: Mapping[str, object] | None) -> tu
     return (model, str(device).upper(), json.dumps(dict(config or {}), sort_keys=True, default=str))
 
 
+def _weight(model: Any) -> int:
+    """What compiling ``model`` roughly costs: its size in bytes (0 when unknown)."""
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return len(model)
+    path = model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+    data = getattr(model, "data", None)
+    return len(data) if isinstance(data, (bytes, bytearray)) else 0
+
+
 async def compile_models(
     jobs: CompileJobs,
     plan: list[Planned],
@@ -104,8 +118,9 @@ async def compile_models(
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(plan):
         groups.setdefault(_identity(item.model, item.device, item.config), []).append(index)
-    queue = list(groups.values())
-    queue.reverse()
+    # Largest first: the biggest model is the longest compile (and the one other processes
+    # wait longest for); started last, it would finish alone while the other workers idle.
+    queue = sorted(groups.values(), key=lambda indexes: (_weight(plan[indexes[0]].model), -indexes[0]))
     # Models whose cache lock another process holds (it is compiling them) are put aside and
     # retried last: meanwhile this process compiles what nobody else is compiling, so that
     # P processes loading the same M models share the work instead of queueing on each lock.

@@ -16,12 +16,14 @@ never escape: they are counted, logged once, and the model is compiled without t
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import onnxruntime as ort
 
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
+from ._cache.peers import Presence
 from ._cache.stats import CacheEvents, CacheStats
 from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink, RemoteSettings
@@ -49,6 +51,7 @@ class Pipeline:
         self.reader = EntryReader(self.sessions, self.events)
         self.writer = EntryWriter(self.sessions, self.events, exporter)
         self._stores: dict[str, CacheStore | None] = {}
+        self._presence: dict[Path, Presence] = {}
         self._stores_lock = threading.Lock()
 
     def stats(self) -> CacheStats:
@@ -68,13 +71,23 @@ class Pipeline:
         return result
 
     def run(self, request: CompileRequest, token: CancelToken, *, defer_if_busy: bool = False) -> Result:
-        source, config = request.source, request.config
-        store = self.store(config.cache_dir) if request.caches else None
+        store = self.store(request.config.cache_dir) if request.caches else None
         if store is None:
+            source = request.source
             if source.path is not None and source.model is None:
                 check_model_file(source.path)
             return self._result(request, self.sessions.compile(request, token), None)
+        presence = self.presence(store)
+        presence.enter()  # other processes loading from this cache see this one meanwhile
+        try:
+            return self._run_cached(request, store, presence, token, defer_if_busy)
+        finally:
+            presence.leave()
 
+    def _run_cached(
+        self, request: CompileRequest, store: CacheStore, presence: Presence, token: CancelToken, defer_if_busy: bool
+    ) -> Result:
+        source, config = request.source, request.config
         try:
             stats, digest = self._identify(source, store, auth.key_of(config.cache_hmac_key))
         except OSError as exc:
@@ -103,7 +116,7 @@ class Pipeline:
             self.events.failed(f"lock:{store.root}", "aioov cache: %s; compiling without the cache", exc)
             return self._result(request, self.sessions.compile(request, token), key)
 
-        claim = Claim(store, key, lock, request.manifest(key_inputs), stats)
+        claim = Claim(store, key, lock, request.manifest(key_inputs), stats, peers=presence)
         try:
             # Another process may have published while we waited for its lock.
             loaded = self.reader.try_import(store, key, request, token, locked=True)
@@ -140,6 +153,11 @@ class Pipeline:
             loaded, pending = session
             return Result(loaded, str(request.spec), request.config, True, key, pending=pending)
         return Result(session, str(request.spec), request.config, False, key)
+
+    def presence(self, store: CacheStore) -> Presence:
+        """This process's mark among the users of ``store`` (see ``_cache/peers.py``)."""
+        with self._stores_lock:
+            return self._presence.setdefault(store.base, Presence(store.locks / "peers"))
 
     def store(self, cache_dir: str | None) -> CacheStore | None:
         """The store for ``cache_dir``, created and tidied on first use, and again if the

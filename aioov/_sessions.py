@@ -7,8 +7,9 @@ Every session aioov builds, from a source model or from a cache entry, comes fro
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -20,7 +21,7 @@ from ._errors import ORT_ERRORS, Cancelled, DeviceNotFoundError, raise_compile_e
 from ._properties import CompileConfig
 from ._request import CompileRequest
 
-__all__ = ("SessionFactory", "session_options")
+__all__ = ("SessionFactory", "quiet_run", "session_options")
 
 OPT_LEVELS = {
     "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -42,6 +43,14 @@ def session_options(level: str, session_config: Mapping[str, str]) -> ort.Sessio
         options.add_session_config_entry(name, value)
     options.graph_optimization_level = OPT_LEVELS[level]
     return options
+
+
+def quiet_run(session: ort.InferenceSession) -> Callable[[dict[str, Any]], list[Any]]:
+    """``session.run`` for made-up inputs: a size the model rejects is expected (the next is
+    tried), not an error for onnxruntime to print."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return lambda feed: session.run(None, feed, options)
 
 
 class SessionFactory:
@@ -94,14 +103,20 @@ class SessionFactory:
         return session
 
     def compile(
-        self, request: CompileRequest, token: CancelToken | None, export: tuple[Path, str] | None = None
+        self, request: CompileRequest, token: CancelToken | None, export: tuple[Path, str] | None = None,
+        variant: str | None = None,
     ) -> ort.InferenceSession:
-        """A session compiled from the source; with ``export=(tmp, key)`` it also writes the blob."""
+        """A session compiled from the source; with ``export=(tmp, key)`` it also writes the
+        blob (the format's ``variant`` of it, where given)."""
         options = self.options(request.config)
         providers = request.providers
         if export is not None:
-            assert request.device.blob is not None
-            providers = request.device.blob.configure_export(options, providers, export[0], export[1])
+            blob = request.device.blob
+            assert blob is not None
+            if variant is None:
+                providers = blob.configure_export(options, providers, export[0], export[1])
+            else:
+                providers = blob.configure_export(options, providers, export[0], export[1], variant)
         try:
             session = self.open(request.source.ort_input, options, request, providers, token)
         except ORT_ERRORS as exc:

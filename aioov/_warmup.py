@@ -11,7 +11,6 @@ with a warning saying why: warm-up never fails a compile.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from ._compiled import Port
 from ._errors import ORT_ERRORS
 from ._inputs import Unsynthesizable, first_run
 from ._properties import CompileConfig
+from ._sessions import quiet_run
 
 __all__ = ("WarmupReport", "warm_up")
 
@@ -45,7 +45,7 @@ def warm_up(session: ort.InferenceSession, config: CompileConfig, describe: str)
     started = time.perf_counter()
     try:
         ports = [Port.from_node_arg(a) for a in session.get_inputs()]
-        feed, _ = first_run(ports, functools.partial(session.run, None), config.warmup_shapes)
+        feed, _ = first_run(ports, quiet_run(session), config.warmup_shapes)
         for _ in range(config.warmup - 1):
             session.run(None, feed)
     except _SKIP as exc:

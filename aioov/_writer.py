@@ -2,11 +2,19 @@
 
 The writer works for a job that holds the key's lock (a ``Claim``) and gives the lock back
 once the entry is published or given up. Formats that a second session can write (CPU's)
-are written and checked in a builder process (``_builds``, ``_builder``): the caller's
-session is built first, here, and the builder runs afterwards from the ``Exporter``'s
-thread (``CACHE_EXPORT=ASYNC``) or before ``compile_model`` returns (``SYNC``). Variants are
-tried in the format's order; when none loads and computes what the source does, a
-not-cacheable marker is published under the key instead. Formats written by the compile
+are checked in a builder process (``_builds``, ``_builder``) before they are published:
+
+- alone (the default, ``CACHE_EXPORT=ASYNC`` with no other process loading from the cache),
+  the caller's session is built first, here, and a builder writes and checks the blob
+  afterwards, from the ``Exporter``'s thread: the first compile costs what an uncached one does;
+- awaited (``CACHE_EXPORT=SYNC``, or other processes loading from the cache now, who will
+  wait for this key: ``_cache/peers.py``), the caller's compile writes the blob itself, the
+  builder only loads it and compares it with what the caller's session computes
+  (``_reference``), and the entry is published before ``compile_model`` returns: one session
+  instead of two, and no wait for a background queue.
+
+Variants are tried in the format's order; when none loads and computes what the source does,
+a not-cacheable marker is published under the key instead. Formats written by the compile
 itself (TensorRT, OpenVINO) are written in-process, unchecked. Failing here only ever means
 "not cached": the compile still succeeds.
 """
@@ -23,18 +31,20 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ._builds import Builders
+from ._builds import Builders, BuildReport
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
 from ._cache.layout import NOT_CACHEABLE
 from ._cache.locks import KeyLock
+from ._cache.peers import Presence
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink
 from ._concurrency import CancelToken
 from ._errors import BlobError, Cancelled
 from ._properties import ExportMode
+from ._reference import reference_run, save_reference
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
 from ._version import __version__
@@ -55,6 +65,8 @@ class Claim:
     manifest: dict[str, Any]
     stats: list[FileStat] | None  # the source files as hashed; an export re-checks them
     remote: RemoteLink | None = None
+    #: this process's mark among the cache's users; asks whether others are loading now
+    peers: Presence | None = None
 
     def source_changed(self) -> bool:
         """Whether the source files are no longer those that were hashed for the key."""
@@ -79,20 +91,26 @@ class EntryWriter:
     def compile(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
         """The caller's session, and the entry written now or in the background. Takes over
         ``claim``: its locks are released once the entry is published or given up."""
-        assert request.device.blob is not None
-        if not request.device.blob.background:
+        blob = request.device.blob
+        assert blob is not None
+        if not blob.background:
             try:
                 return self._compile_and_export(claim, request, token)
             finally:
                 claim.release()
+        awaited = request.config.cache_export is ExportMode.SYNC or (claim.peers is not None and claim.peers.others())
+        if awaited and blob.export_level(_variants(request)[0]) is None:
+            # Somebody waits for the entry: the compile writes the blob itself (one session,
+            # not two) and it is checked and published before compile_model returns.
+            return self._compile_and_check(claim, request, token)
         try:
             started = time.perf_counter()
             session = self._sessions.compile(request, token)
         except BaseException:
             claim.release()
             raise
-        job = self._export_job(claim, request, time.perf_counter() - started)
-        if request.config.cache_export is ExportMode.SYNC:
+        job = self._export_job(claim, request, time.perf_counter() - started, background=not awaited)
+        if awaited:
             job(token)  # published (or given up) before compile_model returns
         else:
             self._exporter.submit(job, on_drop=claim.release)
@@ -110,7 +128,7 @@ class EntryWriter:
             blob.finalize(tmp, [i.name for i in session.get_inputs()])
             store.publish(key, tmp, {**manifest, "build": _UNCHECKED})
             return
-        built = self._build(store, key, request, None, BUILD_TIMEOUT)
+        built = self._build(store, key, request, None, BUILD_TIMEOUT, background=False)
         if not isinstance(built, tuple):
             raise BlobError("; ".join(built) if built else "the builder did not finish; try again")
         tmp, record = built
@@ -144,31 +162,14 @@ class EntryWriter:
             store.discard(tmp)
 
     def _export_job(
-        self, claim: Claim, request: CompileRequest, compile_seconds: float
+        self, claim: Claim, request: CompileRequest, compile_seconds: float, *, background: bool = True
     ) -> Callable[[CancelToken], None]:
-        store, source = claim.store, request.source
         timeout = max(BUILD_TIMEOUT, 30 * compile_seconds)
 
         def export(token: CancelToken) -> None:
             try:
-                built = self._build(store, claim.key, request, token, timeout)
-                if built is None:
-                    return
-                if isinstance(built, list):
-                    self._remember_uncacheable(claim, request, built)
-                    return
-                tmp, record = built
-                try:
-                    self._publish(claim, tmp, request, record, abort=lambda: token.cancelled)
-                finally:
-                    store.discard(tmp)
-            except Cancelled:
-                pass
-            except OSError as exc:
-                self._events.unwritable(store.root, exc)
-            except Exception:  # an export must never take the process down
-                self._events.count(errors=1)
-                logger.exception("aioov cache: exporting %s failed", source.describe())
+                self._guarded(claim, request, lambda: self._build_and_publish(
+                    claim, request, token, timeout, background=background))
             finally:
                 claim.release()
                 if self._exporter.pending <= 1:  # this job is the last: no builder kept idle
@@ -176,16 +177,115 @@ class EntryWriter:
 
         return export
 
+    def _compile_and_check(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
+        """The caller's session, compiled so that it writes the blob; the blob checked by a
+        builder against what that session computes, and published, before returning. A
+        variant that fails leaves the others to the builder. Releases ``claim``."""
+        store, variant = claim.store, _variants(request)[0]
+        try:
+            try:
+                tmp = store.new_tmp(claim.key)
+            except OSError as exc:
+                self._events.unwritable(store.root, exc)
+                return self._sessions.compile(request, token)
+            try:
+                started = time.perf_counter()
+                session = self._sessions.compile(request, token, export=(tmp, claim.key), variant=variant)
+                timeout = max(BUILD_TIMEOUT, 30 * (time.perf_counter() - started))
+                self._guarded(claim, request, lambda: self._check_and_publish(
+                    claim, request, session, tmp, variant, token, timeout))
+            finally:
+                store.discard(tmp)
+            return session
+        finally:
+            claim.release()
+
+    def _check_and_publish(
+        self, claim: Claim, request: CompileRequest, session: ort.InferenceSession, tmp: Path, variant: str,
+        token: CancelToken, timeout: float,
+    ) -> None:
+        report = self._check(claim, request, session, tmp, variant, token, timeout)
+        if report.ok:
+            self._publish(claim, tmp, request, _record(variant, "compile", report))
+            return
+        logger.info("aioov cache: the %s blob of %s failed: %s", variant, request.source.describe(), report.reason)
+        attempts = _Attempts(_variants(request)[1:], [f"{variant}: {report.reason}"], not report.transient)
+        if attempts.variants and not report.stop:
+            self._build_and_publish(claim, request, token, timeout, background=False, attempts=attempts)
+        elif attempts.remember:
+            self._remember_uncacheable(claim, request, attempts.reasons)
+        else:
+            self._give_up(request, attempts)
+
+    def _guarded(self, claim: Claim, request: CompileRequest, work: Callable[[], None]) -> None:
+        """Run ``work`` (writing an entry): failing only ever means "not cached"."""
+        try:
+            work()
+        except Cancelled:
+            pass
+        except OSError as exc:
+            self._events.unwritable(claim.store.root, exc)
+        except Exception:  # an export must never take the process (or the compile) down
+            self._events.count(errors=1)
+            logger.exception("aioov cache: exporting %s failed", request.source.describe())
+
+    def _check(
+        self, claim: Claim, request: CompileRequest, session: ort.InferenceSession, tmp: Path, variant: str,
+        token: CancelToken | None, timeout: float,
+    ) -> BuildReport:
+        """A builder's check of the blob that ``session``'s compile wrote into ``tmp``,
+        against what ``session`` computes on made-up inputs. Raises OSError, Cancelled."""
+        model = request.source.ort_input
+        scratch = claim.store.new_tmp(claim.key)
+        try:
+            reference = scratch / "reference.npz"
+            saved = save_reference(reference_run(session, request.config.warmup_shapes), reference)
+            if isinstance(model, bytes) and not saved:  # no reference to hand over: the builder reads the source
+                (scratch / "source.onnx").write_bytes(model)
+                model = str(scratch / "source.onnx")
+            elif isinstance(model, bytes):
+                model = ""  # not read
+            job = _job(request, model, tmp, claim.key, variant, background=False)
+            job.update(exported=True, inputs=[i.name for i in session.get_inputs()],
+                       reference=str(reference) if saved else None)
+            return self._builders.build(job, timeout, token)
+        finally:
+            claim.store.discard(scratch)
+
+    def _build_and_publish(
+        self, claim: Claim, request: CompileRequest, token: CancelToken, timeout: float, *, background: bool,
+        attempts: _Attempts | None = None,
+    ) -> None:
+        """Build the entry in a builder and publish it, or a not-cacheable marker."""
+        store = claim.store
+        built = self._build(store, claim.key, request, token, timeout, background=background, attempts=attempts)
+        if built is None:
+            return
+        if isinstance(built, list):
+            self._remember_uncacheable(claim, request, built)
+            return
+        tmp, record = built
+        try:
+            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled)
+        finally:
+            store.discard(tmp)
+
+    def _give_up(self, request: CompileRequest, failures: _Attempts) -> None:
+        self._events.count(errors=1)
+        logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(),
+                       "; ".join(failures.reasons))
+
     def _build(
-        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float
+        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float,
+        *, background: bool, attempts: _Attempts | None = None,
     ) -> tuple[Path, dict[str, Any]] | list[str] | None:
         """A checked blob in a new temporary directory of ``store`` and the manifest's record
         of it; else why each variant failed (a list), or None when it is worth trying later.
-        Raises OSError (the cache) and Cancelled."""
+        ``attempts``: the variants left to try and why those tried before failed (default:
+        all of the format's). Raises OSError (the cache) and Cancelled."""
         blob = request.device.blob
         assert blob is not None
-        failures: list[str] = []
-        remember = True  # every variant failed its check: publish a marker
+        failures = attempts or _Attempts(_variants(request), [], True)
         source_dir = None
         model = request.source.ort_input
         try:
@@ -193,26 +293,26 @@ class EntryWriter:
                 source_dir = store.new_tmp(key)
                 (source_dir / "source.onnx").write_bytes(model)
                 model = str(source_dir / "source.onnx")
-            for variant in blob.variants(request.config.cache_prepack):
+            for variant in failures.variants:
                 tmp = store.new_tmp(key)
                 try:
-                    report = self._builders.build(_job(request, model, tmp, key, variant), timeout, token)
+                    report = self._builders.build(_job(request, model, tmp, key, variant, background=background),
+                                                  timeout, token)
                 except BaseException:
                     store.discard(tmp)
                     raise
                 if report.ok:
-                    return tmp, {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
+                    return tmp, _record(variant, "builder", report)
                 store.discard(tmp)
                 logger.info("aioov cache: the %s blob of %s failed: %s",
                             variant, request.source.describe(), report.reason)
-                failures.append(f"{variant}: {report.reason}")
-                remember = remember and not report.transient
+                failures.reasons.append(f"{variant}: {report.reason}")
+                failures.remember = failures.remember and not report.transient
                 if report.stop:
                     break
-            if remember:
-                return failures
-            self._events.count(errors=1)
-            logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(), "; ".join(failures))
+            if failures.remember:
+                return failures.reasons
+            self._give_up(request, failures)
             return None
         finally:
             if source_dir is not None:
@@ -293,14 +393,35 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
 
 
 #: what the manifest of an entry written by the compile itself says about its check
-_UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
+_UNCHECKED: dict[str, Any] = {"variant": "default", "writer": "compile", "check": "none"}
 #: what a builder's report leaves in the manifest
 _RECORDED = ("check", "skipped", "export_seconds", "check_seconds")
 #: seconds a builder may take for one variant, at least (30x the compile's time where longer)
 BUILD_TIMEOUT = 300.0
 
 
-def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str) -> dict[str, Any]:
+def _variants(request: CompileRequest) -> tuple[str, ...]:
+    assert request.device.blob is not None
+    return request.device.blob.variants(request.config.cache_prepack)
+
+
+def _record(variant: str, writer: str, report: BuildReport) -> dict[str, Any]:
+    """The manifest's ``build``: which variant, written by whom (the serving process's
+    compile, or a builder), how it was checked and how long that took."""
+    return {"variant": variant, "writer": writer, **{k: report.details.get(k) for k in _RECORDED}}
+
+
+@dataclass
+class _Attempts:
+    """The variants left to try, and why those tried failed; ``remember``: each failed its
+    check (not a time limit or the disk), so a not-cacheable marker may be published."""
+
+    variants: tuple[str, ...]
+    reasons: list[str]
+    remember: bool
+
+
+def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> dict[str, Any]:
     """What a builder needs to write and check one variant of ``request``'s blob."""
     blob = request.device.blob
     assert blob is not None
@@ -315,4 +436,5 @@ def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str)
         "opt_level": config.ort_graph_optimization_level,
         "session_config": dict(config.ort_session_config),
         "shapes": {k: list(v) for k, v in (config.warmup_shapes or {}).items()},
+        "background": background,
     }

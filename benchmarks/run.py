@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import model
+from .workers import model_folder, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -387,6 +388,48 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
     return s
 
 
+def scenario_workers(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 2, 4)) -> Scenario:
+    """The ASGI example under ``uvicorn --workers W`` on 11 real models + bert-base: no cache,
+    a cold shared cache, a warm one; time until every worker is ready, compiles, exports, PSS."""
+    s = Scenario("workers", "uvicorn --workers W, 11 real models + bert-base: until all workers ready (seconds)")
+    folder = model_folder(tmp)
+    s.notes["models"] = sorted(p.name for p in folder.iterdir())
+    s.notes["problems"] = []
+    for repeat in range(repeats):
+        for workers in counts:
+            cache = tmp / f"workers-{workers}-{repeat}"
+            for label, cache_dir in (("no cache", None), ("cold cache", cache), ("warm cache", cache)):
+                r = serve(folder, workers, cache_dir)
+                s.add(f"W={workers}, {label}: all ready", r["ready"])
+                s.add(f"W={workers}, {label}: PSS MB", r["pss_mb"])
+                if label == "cold cache":
+                    s.add(f"W={workers}, {label}: compiles", r["compiles"])
+                    s.add(f"W={workers}, {label}: exports", r["exports"])
+                s.notes["problems"] += r["problems"]
+            shutil.rmtree(cache, ignore_errors=True)
+    top = max(counts)
+
+    def ratio(a: str, b: str) -> float:
+        return s.med(a) / s.med(b)
+
+    s.ratios = {
+        f"W={top} cold / W={top} no cache": ratio(f"W={top}, cold cache: all ready", f"W={top}, no cache: all ready"),
+        f"W={top} cold / W=1 cold": ratio(f"W={top}, cold cache: all ready", "W=1, cold cache: all ready"),
+        f"W={top} warm / W={top} no cache": ratio(f"W={top}, warm cache: all ready", f"W={top}, no cache: all ready"),
+        f"W={top} warm PSS / W={top} no cache PSS": ratio(f"W={top}, warm cache: PSS MB", f"W={top}, no cache: PSS MB"),
+        "W=1 cold / W=1 no cache": ratio("W=1, cold cache: all ready", "W=1, no cache: all ready"),
+    }
+    s.target(f"W={top} cold <= 0.5x W={top} without a cache", s.ratios[f"W={top} cold / W={top} no cache"], 0.5,
+             "lower")
+    s.target(f"W={top} cold <= 2x W=1 cold", s.ratios[f"W={top} cold / W=1 cold"], 2.0, "lower")
+    s.target(f"W={top} warm <= 0.45x W={top} without a cache", s.ratios[f"W={top} warm / W={top} no cache"], 0.45,
+             "lower")
+    models = len(s.notes["models"])
+    s.target(f"W={top} cold: {models} compiles", max(s.samples[f"W={top}, cold cache: compiles"]), models, "lower")
+    s.target(f"W={top} cold: {models} exports", max(s.samples[f"W={top}, cold cache: exports"]), models, "lower")
+    return s
+
+
 def scenario_bulk(repeats: int, tmp: Path, count: int = 16) -> Scenario:
     """5: 16 transformer-like models loaded one by one vs compile_models, cold and warm."""
     s = Scenario("bulk", f"bulk load of {count} models (bert-small), seconds / lag")
@@ -440,6 +483,11 @@ def scenario_export(repeats: int, tmp: Path, count: int = 16) -> Scenario:
 # -- report ---------------------------------------------------------------------------------
 
 
+def _count(label: str) -> bool:
+    """A sample that is a count or a size, not seconds."""
+    return any(word in label for word in ("compiles", "exports", " MB"))
+
+
 def print_table(scenarios: list[Scenario]) -> None:
     for s in scenarios:
         print(f"\n## {s.title}\n")
@@ -447,7 +495,7 @@ def print_table(scenarios: list[Scenario]) -> None:
         print(f"|{'-' * 47}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
         for label, values in s.samples.items():
             st = summary(values)
-            fmt = (lambda v: f"{v:9.0f}") if "compiles" in label else (lambda v: f"{v:9.4f}")
+            fmt = (lambda v: f"{v:9.0f}") if _count(label) else (lambda v: f"{v:9.4f}")
             print(f"| {label:45} | {fmt(st['median'])} | {fmt(st['min'])} | {fmt(st['max'])} |")
         for name, value in s.ratios.items():
             print(f"| ratio: {name:38} | {value:9.3f} | {'':9} | {'':9} |")
@@ -498,7 +546,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, s in zip(axes.flat, panels):
-        labels = [k for k in s.samples if "lag" not in k and "compiles" not in k]
+        labels = [k for k in s.samples if "lag" not in k and not _count(k)]
         medians = [statistics.median(s.samples[k]) for k in labels]
         lows = [m - min(s.samples[k]) for m, k in zip(medians, labels)]
         highs = [max(s.samples[k]) - m for m, k in zip(medians, labels)]
@@ -515,7 +563,8 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant", "gpu"]
+    all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant", "gpu",
+                     "workers"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -541,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                 scenarios.append(ov)
         if "shared" in chosen:
             scenarios.append(scenario_shared(max(3, args.repeats // 2), tmp))
+        if "workers" in chosen:
+            scenarios.append(scenario_workers(args.repeats, tmp))
         if "bulk" in chosen:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:

@@ -13,6 +13,8 @@ server reports ready, so that the first request costs what the later ones do.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +27,8 @@ from starlette.routing import Route
 
 import aioov
 
+logger = logging.getLogger("uvicorn.error")  # uvicorn prints it; any other server, where configured
+
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -36,7 +40,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         )
         app.state.models = {Path(str(r.model)).stem: r.compiled for r in results if r.ok}
         app.state.failed = {Path(str(r.model)).stem: str(r.error) for r in results if not r.ok}
+        logger.info("aioov: %d models ready, cache %s", len(app.state.models), json.dumps(core.cache_stats.as_dict()))
         yield
+    # After the Core closed: the background exports it finished are counted too.
+    logger.info("aioov: stopped, cache %s", json.dumps(core.cache_stats.as_dict()))
 
 
 async def list_models(request: Request) -> JSONResponse:

@@ -121,7 +121,7 @@ STEP = """
 import json, sys, anyio, numpy as np, onnxruntime as ort, aioov
 from aioov._compiled import Port
 from aioov._inputs import first_run
-from aioov._builder import compare
+from aioov._reference import compare
 
 async def main():
     cache_dir, path = sys.argv[1], sys.argv[2]

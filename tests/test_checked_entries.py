@@ -24,8 +24,8 @@ from onnx import TensorProto, helper
 
 import aioov
 from aioov import _writer
-from aioov._builder import compare
 from aioov._cache.store import CacheStore
+from aioov._reference import compare
 
 from .helpers import ROOT, compile_in_a_process, manifests, reference, run_python
 

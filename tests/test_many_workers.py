@@ -1,0 +1,247 @@
+"""Many workers, one cold start: what a process does when others load from the same cache.
+
+A process alone keeps the fast first compile (the entry is written afterwards, in the
+background). When other processes are loading from the cache at the same time, they will
+wait for the entry: the compile writes the blob itself, a builder only checks it against what
+the caller's session computes, and the entry is published before ``compile_model`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import aioov
+from aioov import _builds
+from aioov._cache.peers import Presence
+from aioov._cache.store import CacheStore
+from aioov.testing import mlp
+
+from .helpers import ROOT, compile_in_a_process, manifests, reference
+
+pytestmark = pytest.mark.anyio
+
+#: a process that marks itself as loading from a cache (as a Core with compiles in flight does)
+PEER = """
+import sys, time
+from pathlib import Path
+from aioov._cache.store import CacheStore
+from aioov._cache.peers import Presence
+store = CacheStore(sys.argv[1])
+store.ensure()
+Presence(store.locks / "peers").enter()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _x() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+
+
+@pytest.fixture
+def peer(cache_dir: Path) -> Any:
+    """Another process loading from ``cache_dir`` for as long as the test runs."""
+    proc = subprocess.Popen([sys.executable, "-c", PEER, str(cache_dir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    yield proc
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def _presence(cache_dir: Path) -> Presence:
+    store = CacheStore(cache_dir)
+    store.ensure()
+    return Presence(store.locks / "peers")
+
+
+def test_a_process_is_seen_loading_until_it_dies(cache_dir: Path, peer: subprocess.Popen[str]) -> None:
+    mine = _presence(cache_dir)
+    mine.enter()
+    assert mine.others()
+    peer.send_signal(signal.SIGKILL)  # no chance to tidy up: the kernel drops its flock
+    peer.wait()
+    assert not mine.others()
+    assert [p.name for p in mine.directory.iterdir()] == [mine._name]  # its mark was removed
+    mine.leave()
+    assert list(mine.directory.iterdir()) == []
+
+
+def test_a_process_does_not_count_itself(cache_dir: Path) -> None:
+    mine = _presence(cache_dir)
+    mine.enter()
+    mine.enter()  # two compiles in flight
+    mine.leave()
+    assert not mine.others()
+    other_core = _presence(cache_dir)  # another Core of this process is another user of the cache
+    other_core.enter()
+    assert mine.others()
+    other_core.leave()
+    mine.leave()
+
+
+async def test_alone_the_entry_is_written_after_compile_model_returns(cache_dir: Path, mlp_path: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU")
+        assert core.pending_exports == 1  # the first compile did not wait for the export
+        assert await core.wait_exports(120)
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["writer"] == "builder"
+
+
+async def test_with_others_loading_the_entry_is_published_before_compile_model_returns(
+    cache_dir: Path, mlp_path: Path, peer: subprocess.Popen[str]
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        assert core.pending_exports == 0
+        (manifest,) = manifests(cache_dir)  # there already, for the others to load
+        assert core.cache_stats.compiles == 1 and core.cache_stats.exports == 1
+    assert manifest["build"]["writer"] == "compile"  # the caller's own session wrote it
+    assert manifest["build"]["check"] == "ran and matched"
+    assert manifest["build"]["variant"] == "prepacked"
+    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
+                               rtol=1e-5, atol=1e-6)
+    hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
+    assert hit
+    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("fault", "variant"), [("mismatch:prepacked", "plain"), ("crash:prepacked", "plain"),
+                                               ("crash:prepacked,mismatch:plain", "basic")])
+async def test_a_blob_written_by_the_compile_that_fails_its_check_falls_back_to_the_builder(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+        assert core.pending_exports == 0
+    assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process lived to say so
+    (manifest,) = manifests(cache_dir)
+    assert (manifest["build"]["variant"], manifest["build"]["writer"]) == (variant, "builder")
+    monkeypatch.delenv("AIOOV_BUILDER_FAULT")
+    hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
+    assert hit
+    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+
+
+async def test_when_no_variant_passes_the_marker_is_published_before_returning(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:prepacked,crash:plain,mismatch:basic")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+    (marker,) = manifests(cache_dir)
+    assert marker["not_cacheable"]["reason"].startswith("prepacked: a hit's output 0 differs")
+    assert "plain: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
+
+
+async def test_outputs_that_cannot_be_handed_over_are_computed_by_the_builder(cache_dir: Path) -> None:
+    """A classifier whose outputs are a sequence of maps (ai.onnx.ml): not numeric arrays, so
+    the builder runs the source itself to compare."""
+    path = Path(ort.__file__).parent / "datasets" / "logreg_iris.onnx"
+    if not path.exists():
+        pytest.skip("this onnxruntime wheel ships no logreg_iris.onnx")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(path, "CPU", {"CACHE_EXPORT": "SYNC"})
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["writer"] == "compile"
+    assert manifest["build"]["check"] == "ran and matched"
+
+
+async def test_largest_models_are_compiled_first(tmp_path: Path, mlp_path: Path, bert_path: Path) -> None:
+    small = tmp_path / "a-small.onnx"
+    onnx.save(mlp(), small)
+    order: list[str] = []
+    async with aioov.Core() as core:
+        await core.compile_all([small, bert_path, mlp_path], "CPU", max_concurrency=1,
+                               progress=lambda p: order.append(Path(str(p.current.model)).name))
+    # The biggest first (the longest compile, the one other workers wait longest for), then
+    # in the order given among equals.
+    assert order == [bert_path.name, small.name, mlp_path.name]
+
+
+async def test_awaited_checks_share_one_kept_builder_which_closes_when_idle(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_builds, "IDLE_CLOSE", 0.5)
+    monkeypatch.setattr(_builds, "KEPT_WAIT", 120.0)  # however slow this machine
+    started: list[int] = []
+    real = _builds._Process.__init__
+
+    def counting(self: Any) -> None:
+        real(self)
+        started.append(self.popen.pid)
+
+    monkeypatch.setattr(_builds._Process, "__init__", counting)
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"m{seed}.onnx"
+        onnx.save(mlp(seed=seed), path)
+        paths.append(path)
+    async with aioov.Core(cache_dir=cache_dir, max_concurrent_compiles=3) as core:
+        results = await core.compile_all(paths, "CPU", {"CACHE_EXPORT": "SYNC"})
+        assert all(r.ok for r in results)
+        assert len(started) == 1  # one builder checked all three, one after the other
+        assert _gone(started[0], 30)  # and went away once idle
+    assert len(manifests(cache_dir)) == 3
+
+
+def test_an_awaited_check_runs_at_the_callers_priority(tmp_path: Path, mlp_path: Path) -> None:
+    """Background builders run at nice 10; a builder somebody waits for must not."""
+    code = """
+import json, os, sys, anyio, aioov
+from aioov import _builds
+seen = []
+real = _builds._Process.run
+def run(self, job, timeout, token):
+    report = real(self, job, timeout, token)
+    seen.append((bool(job["background"]), os.getpriority(os.PRIO_PROCESS, self.popen.pid)))
+    return report
+_builds._Process.run = run
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        await core.compile_model(sys.argv[2], "CPU", {"CACHE_EXPORT": sys.argv[3]})
+        await core.wait_exports(120)
+    print(json.dumps([seen, os.getpriority(os.PRIO_PROCESS, 0)]))
+anyio.run(main)
+"""
+    results = {}
+    for mode in ("SYNC", "ASYNC"):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / mode), str(mlp_path), mode],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    (sync_job,), parent = results["SYNC"]
+    assert sync_job == [False, parent]
+    (async_job,), parent = results["ASYNC"]
+    assert async_job == [True, max(parent, 10)]
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return False
