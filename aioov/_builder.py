@@ -14,10 +14,6 @@ or gives up leaves no builder behind. For each job:
 2. ``finalize`` the blob (the format's own checks),
 3. run the source session on inputs made up from its input specs (``_inputs.synthesize``),
    twice (outputs that differ between two runs make comparing pointless: "load only"),
-
-(When other processes wait for the entry, the serving process's own compile writes the blob
-and runs step 3 on its session; the job then says ``"exported"`` and names the reference: the
-builder does steps 2 and 4 only, and compiles nothing.)
 4. load the blob as a hit does (and as an instant hit does, for formats that have one), run it
    on the same inputs, and compare every output within ``TOLERANCE``.
 """
@@ -84,38 +80,27 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def build(job: dict[str, Any]) -> dict[str, Any]:
-    """Write the blob of ``job`` into its directory (unless the serving process's compile wrote
-    it: ``"exported"``) and check it; the report."""
+    """Write the blob of ``job`` into its directory and check it; the report."""
     from ._devices import blob_format
     from ._errors import ORT_ERRORS, BlobError
-    from ._reference import Reference, compare, load_reference, reference_run
+    from ._reference import compare, reference_run
 
     blob, variant, tmp = blob_format(job["blob"]), job["variant"], Path(job["tmp"])
     providers = [(name, dict(opts)) for name, opts in job["providers"]]
     faults = _faults(variant)
     started = time.perf_counter()
-    reference: Reference | None = None
-    if job.get("exported"):
-        inputs = list(job["inputs"])
-        reference = load_reference(job.get("reference"), inputs)
-        source = None if reference is not None else _session(job["model"], _options(job, None), providers)
-    else:
-        options = _options(job, blob.export_level(variant))
-        export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
-        source = _session(job["model"], options, export_providers)
-        inputs = [arg.name for arg in source.get_inputs()]
+    options = _options(job, blob.export_level(variant))
+    export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
+    source = _session(job["model"], options, export_providers)
     try:
-        blob.finalize(tmp, inputs)
+        blob.finalize(tmp, [arg.name for arg in source.get_inputs()])
     except BlobError as exc:
         return {"ok": False, "stage": "check", "reason": str(exc)}
     if "mismatch" in faults:
         _sabotage(tmp / blob.model_file)
     exported = time.perf_counter()
-    if reference is None:
-        assert source is not None
-        reference = reference_run(source, job.get("shapes"))
+    feed, expected, skipped = reference_run(source, job.get("shapes"))
     del source
-    feed, expected, skipped = reference
 
     loads = [False, True] if blob.instant else [False]
     for instant in loads:

@@ -137,7 +137,24 @@ class Pipeline:
             self.events.count(hits=1)
             return self._result(request, loaded, key)
         self.events.count(misses=1)
+        if self.writer.awaited(claim, request):
+            return self._publish_then_load(claim, request, token)
         return self._result(request, self.writer.compile(claim, request, token), key)
+
+    def _publish_then_load(self, claim: Claim, request: CompileRequest, token: CancelToken) -> Result:
+        """Others wait for this entry: a builder writes and publishes it now, and this process
+        loads it as they will (a hit's load, not a second compile). When nothing could be
+        published, a compile without the cache."""
+        self.writer.publish_now(claim, request, token)
+        loaded = self.reader.try_import(claim.store, claim.key, request, token)
+        if isinstance(loaded, tuple):
+            self.events.count(compiles=1)  # the builder's, for this call
+            session, pending = loaded
+            return Result(session, str(request.spec), request.config, False, claim.key, pending=pending)
+        result = self._result(request, self.sessions.compile(request, token), claim.key)
+        if isinstance(loaded, NotCacheable):
+            result.not_cached = f"not cacheable here: {loaded.reason}"
+        return result
 
     def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken) -> Result:
         """A compile without export: this model's blobs failed their checks here before."""

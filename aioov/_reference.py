@@ -1,15 +1,13 @@
 """What a cache entry's blob must compute: its source's outputs on made-up inputs.
 
-The builder (``_builder``) compares a blob's outputs with these before an entry is published.
-It computes them from the source itself, or is handed them by the serving process, whose
-compile wrote the blob while others waited for it (``_writer``): a file of numeric arrays,
-read without pickle.
+The builder (``_builder``) runs the source session on inputs made up from its input specs
+(``_inputs.first_run``: dynamic dimensions grown until the model accepts them), twice, and
+compares a blob's outputs with these, within ``TOLERANCE``, before an entry is published.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,7 @@ from ._errors import ORT_ERRORS
 from ._inputs import Unsynthesizable, first_run
 from ._sessions import quiet_run
 
-__all__ = ("TOLERANCE", "Reference", "compare", "first_line", "load_reference", "reference_run", "save_reference")
+__all__ = ("TOLERANCE", "Reference", "compare", "first_line", "reference_run")
 
 #: (rtol, atol relative to the largest reference value) by output element size: a blob may
 #: compute in another order (fused kernels, packed weights), never another result
@@ -64,31 +62,6 @@ def reference_run(session: Any, shapes: Mapping[str, Sequence[int]] | None) -> R
         return None, None, str(exc)
     except ORT_ERRORS as exc:
         return None, None, f"the source model failed on made-up inputs: {first_line(exc)}"
-    return feed, expected, None
-
-
-def save_reference(reference: Reference, path: Path) -> bool:
-    """Write a reference for a builder (inputs ``i<n>``, outputs ``o<n>``, numbers only: the
-    builder loads it without pickle); False when it holds anything else (maps, sequences)."""
-    feed, expected, skipped = reference
-    if skipped is not None or feed is None or expected is None:
-        return False
-    arrays = {f"i{n}": np.asarray(v) for n, v in enumerate(feed.values())}
-    arrays.update({f"o{n}": np.asarray(v) for n, v in enumerate(expected)})
-    if any(a.dtype == object for a in arrays.values()):
-        return False
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs: names would be taken for options
-    return True
-
-
-def load_reference(path: str | None, inputs: list[str]) -> Reference | None:
-    """What ``save_reference`` wrote for a model whose inputs are ``inputs``, or None."""
-    if path is None:
-        return None
-    with np.load(path, allow_pickle=False) as data:
-        feed = {name: data[f"i{n}"] for n, name in enumerate(inputs)}
-        expected = [data[f"o{n}"] for n in range(len(data.files) - len(inputs))]
     return feed, expected, None
 
 

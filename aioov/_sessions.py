@@ -103,20 +103,14 @@ class SessionFactory:
         return session
 
     def compile(
-        self, request: CompileRequest, token: CancelToken | None, export: tuple[Path, str] | None = None,
-        variant: str | None = None,
+        self, request: CompileRequest, token: CancelToken | None, export: tuple[Path, str] | None = None
     ) -> ort.InferenceSession:
-        """A session compiled from the source; with ``export=(tmp, key)`` it also writes the
-        blob (the format's ``variant`` of it, where given)."""
+        """A session compiled from the source; with ``export=(tmp, key)`` it also writes the blob."""
         options = self.options(request.config)
         providers = request.providers
         if export is not None:
-            blob = request.device.blob
-            assert blob is not None
-            if variant is None:
-                providers = blob.configure_export(options, providers, export[0], export[1])
-            else:
-                providers = blob.configure_export(options, providers, export[0], export[1], variant)
+            assert request.device.blob is not None
+            providers = request.device.blob.configure_export(options, providers, export[0], export[1])
         try:
             session = self.open(request.source.ort_input, options, request, providers, token)
         except ORT_ERRORS as exc:

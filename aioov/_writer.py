@@ -2,16 +2,15 @@
 
 The writer works for a job that holds the key's lock (a ``Claim``) and gives the lock back
 once the entry is published or given up. Formats that a second session can write (CPU's)
-are checked in a builder process (``_builds``, ``_builder``) before they are published:
+are written and checked in a builder process (``_builds``, ``_builder``), never here:
 
 - alone (the default, ``CACHE_EXPORT=ASYNC`` with no other process loading from the cache),
-  the caller's session is built first, here, and a builder writes and checks the blob
-  afterwards, from the ``Exporter``'s thread: the first compile costs what an uncached one does;
+  ``compile`` builds the caller's session first and a builder writes the entry afterwards,
+  from the ``Exporter``'s thread: the first compile costs what an uncached one does;
 - awaited (``CACHE_EXPORT=SYNC``, or other processes loading from the cache now, who will
-  wait for this key: ``_cache/peers.py``), the caller's compile writes the blob itself, the
-  builder only loads it and compares it with what the caller's session computes
-  (``_reference``), and the entry is published before ``compile_model`` returns: one session
-  instead of two, and no wait for a background queue.
+  wait for this key: ``_cache/peers.py``), ``publish_now`` has a builder write, check and
+  publish the entry at once, and the pipeline loads it like any hit: one compile in all, in
+  the builder, and the waiters get the entry one compile sooner.
 
 Variants are tried in the format's order; when none loads and computes what the source does,
 a not-cacheable marker is published under the key instead. Formats written by the compile
@@ -44,7 +43,6 @@ from ._cache.tiered import RemoteLink
 from ._concurrency import CancelToken
 from ._errors import BlobError, Cancelled
 from ._properties import ExportMode
-from ._reference import reference_run, save_reference
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
 from ._version import __version__
@@ -98,23 +96,34 @@ class EntryWriter:
                 return self._compile_and_export(claim, request, token)
             finally:
                 claim.release()
-        awaited = request.config.cache_export is ExportMode.SYNC or (claim.peers is not None and claim.peers.others())
-        if awaited and blob.export_level(_variants(request)[0]) is None:
-            # Somebody waits for the entry: the compile writes the blob itself (one session,
-            # not two) and it is checked and published before compile_model returns.
-            return self._compile_and_check(claim, request, token)
         try:
             started = time.perf_counter()
             session = self._sessions.compile(request, token)
         except BaseException:
             claim.release()
             raise
-        job = self._export_job(claim, request, time.perf_counter() - started, background=not awaited)
-        if awaited:
-            job(token)  # published (or given up) before compile_model returns
-        else:
-            self._exporter.submit(job, on_drop=claim.release)
+        self._exporter.submit(self._export_job(claim, request, time.perf_counter() - started), on_drop=claim.release)
         return session
+
+    def awaited(self, claim: Claim, request: CompileRequest) -> bool:
+        """Whether somebody waits for this entry: ``CACHE_EXPORT=SYNC``, or other processes
+        loading from the cache now (they will want this key too). Then ``publish_now``."""
+        blob = request.device.blob
+        if blob is None or not blob.background:
+            return False  # written by the compile itself, before returning, anyway
+        return request.config.cache_export is ExportMode.SYNC or (claim.peers is not None and claim.peers.others())
+
+    def publish_now(self, claim: Claim, request: CompileRequest, token: CancelToken) -> None:
+        """Have a builder write, check and publish the entry now, at the caller's priority; the
+        caller then loads it like any hit (one compile in all, in the builder). Releases
+        ``claim``; the entry may still be missing after (a marker, a failure)."""
+        try:
+            self._guarded(claim, request, lambda: self._build_and_publish(
+                claim, request, token, BUILD_TIMEOUT, background=False))
+        finally:
+            claim.release()
+        if token.cancelled:
+            raise Cancelled()
 
     def export_to(self, store: CacheStore, key: str, request: CompileRequest, manifest: dict[str, Any]) -> None:
         """Write and publish an entry with no lock and no cache around it (``export_model``);
@@ -162,60 +171,20 @@ class EntryWriter:
             store.discard(tmp)
 
     def _export_job(
-        self, claim: Claim, request: CompileRequest, compile_seconds: float, *, background: bool = True
+        self, claim: Claim, request: CompileRequest, compile_seconds: float
     ) -> Callable[[CancelToken], None]:
         timeout = max(BUILD_TIMEOUT, 30 * compile_seconds)
 
         def export(token: CancelToken) -> None:
             try:
                 self._guarded(claim, request, lambda: self._build_and_publish(
-                    claim, request, token, timeout, background=background))
+                    claim, request, token, timeout, background=True))
             finally:
                 claim.release()
                 if self._exporter.pending <= 1:  # this job is the last: no builder kept idle
                     self._builders.close()
 
         return export
-
-    def _compile_and_check(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
-        """The caller's session, compiled so that it writes the blob; the blob checked by a
-        builder against what that session computes, and published, before returning. A
-        variant that fails leaves the others to the builder. Releases ``claim``."""
-        store, variant = claim.store, _variants(request)[0]
-        try:
-            try:
-                tmp = store.new_tmp(claim.key)
-            except OSError as exc:
-                self._events.unwritable(store.root, exc)
-                return self._sessions.compile(request, token)
-            try:
-                started = time.perf_counter()
-                session = self._sessions.compile(request, token, export=(tmp, claim.key), variant=variant)
-                timeout = max(BUILD_TIMEOUT, 30 * (time.perf_counter() - started))
-                self._guarded(claim, request, lambda: self._check_and_publish(
-                    claim, request, session, tmp, variant, token, timeout))
-            finally:
-                store.discard(tmp)
-            return session
-        finally:
-            claim.release()
-
-    def _check_and_publish(
-        self, claim: Claim, request: CompileRequest, session: ort.InferenceSession, tmp: Path, variant: str,
-        token: CancelToken, timeout: float,
-    ) -> None:
-        report = self._check(claim, request, session, tmp, variant, token, timeout)
-        if report.ok:
-            self._publish(claim, tmp, request, _record(variant, "compile", report))
-            return
-        logger.info("aioov cache: the %s blob of %s failed: %s", variant, request.source.describe(), report.reason)
-        attempts = _Attempts(_variants(request)[1:], [f"{variant}: {report.reason}"], not report.transient)
-        if attempts.variants and not report.stop:
-            self._build_and_publish(claim, request, token, timeout, background=False, attempts=attempts)
-        elif attempts.remember:
-            self._remember_uncacheable(claim, request, attempts.reasons)
-        else:
-            self._give_up(request, attempts)
 
     def _guarded(self, claim: Claim, request: CompileRequest, work: Callable[[], None]) -> None:
         """Run ``work`` (writing an entry): failing only ever means "not cached"."""
@@ -229,36 +198,12 @@ class EntryWriter:
             self._events.count(errors=1)
             logger.exception("aioov cache: exporting %s failed", request.source.describe())
 
-    def _check(
-        self, claim: Claim, request: CompileRequest, session: ort.InferenceSession, tmp: Path, variant: str,
-        token: CancelToken | None, timeout: float,
-    ) -> BuildReport:
-        """A builder's check of the blob that ``session``'s compile wrote into ``tmp``,
-        against what ``session`` computes on made-up inputs. Raises OSError, Cancelled."""
-        model = request.source.ort_input
-        scratch = claim.store.new_tmp(claim.key)
-        try:
-            reference = scratch / "reference.npz"
-            saved = save_reference(reference_run(session, request.config.warmup_shapes), reference)
-            if isinstance(model, bytes) and not saved:  # no reference to hand over: the builder reads the source
-                (scratch / "source.onnx").write_bytes(model)
-                model = str(scratch / "source.onnx")
-            elif isinstance(model, bytes):
-                model = ""  # not read
-            job = _job(request, model, tmp, claim.key, variant, background=False)
-            job.update(exported=True, inputs=[i.name for i in session.get_inputs()],
-                       reference=str(reference) if saved else None)
-            return self._builders.build(job, timeout, token)
-        finally:
-            claim.store.discard(scratch)
-
     def _build_and_publish(
-        self, claim: Claim, request: CompileRequest, token: CancelToken, timeout: float, *, background: bool,
-        attempts: _Attempts | None = None,
+        self, claim: Claim, request: CompileRequest, token: CancelToken, timeout: float, *, background: bool
     ) -> None:
         """Build the entry in a builder and publish it, or a not-cacheable marker."""
         store = claim.store
-        built = self._build(store, claim.key, request, token, timeout, background=background, attempts=attempts)
+        built = self._build(store, claim.key, request, token, timeout, background=background)
         if built is None:
             return
         if isinstance(built, list):
@@ -277,15 +222,14 @@ class EntryWriter:
 
     def _build(
         self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float,
-        *, background: bool, attempts: _Attempts | None = None,
+        *, background: bool,
     ) -> tuple[Path, dict[str, Any]] | list[str] | None:
         """A checked blob in a new temporary directory of ``store`` and the manifest's record
         of it; else why each variant failed (a list), or None when it is worth trying later.
-        ``attempts``: the variants left to try and why those tried before failed (default:
-        all of the format's). Raises OSError (the cache) and Cancelled."""
+        Raises OSError (the cache) and Cancelled."""
         blob = request.device.blob
         assert blob is not None
-        failures = attempts or _Attempts(_variants(request), [], True)
+        failures = _Attempts([], True)
         source_dir = None
         model = request.source.ort_input
         try:
@@ -293,7 +237,7 @@ class EntryWriter:
                 source_dir = store.new_tmp(key)
                 (source_dir / "source.onnx").write_bytes(model)
                 model = str(source_dir / "source.onnx")
-            for variant in failures.variants:
+            for variant in _variants(request):
                 tmp = store.new_tmp(key)
                 try:
                     report = self._builders.build(_job(request, model, tmp, key, variant, background=background),
@@ -302,7 +246,7 @@ class EntryWriter:
                     store.discard(tmp)
                     raise
                 if report.ok:
-                    return tmp, _record(variant, "builder", report)
+                    return tmp, _record(variant, report)
                 store.discard(tmp)
                 logger.info("aioov cache: the %s blob of %s failed: %s",
                             variant, request.source.describe(), report.reason)
@@ -393,7 +337,7 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
 
 
 #: what the manifest of an entry written by the compile itself says about its check
-_UNCHECKED: dict[str, Any] = {"variant": "default", "writer": "compile", "check": "none"}
+_UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
 #: what a builder's report leaves in the manifest
 _RECORDED = ("check", "skipped", "export_seconds", "check_seconds")
 #: seconds a builder may take for one variant, at least (30x the compile's time where longer)
@@ -405,18 +349,16 @@ def _variants(request: CompileRequest) -> tuple[str, ...]:
     return request.device.blob.variants(request.config.cache_prepack)
 
 
-def _record(variant: str, writer: str, report: BuildReport) -> dict[str, Any]:
-    """The manifest's ``build``: which variant, written by whom (the serving process's
-    compile, or a builder), how it was checked and how long that took."""
-    return {"variant": variant, "writer": writer, **{k: report.details.get(k) for k in _RECORDED}}
+def _record(variant: str, report: BuildReport) -> dict[str, Any]:
+    """The manifest's ``build``: which variant, how it was checked and how long that took."""
+    return {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
 
 
 @dataclass
 class _Attempts:
-    """The variants left to try, and why those tried failed; ``remember``: each failed its
-    check (not a time limit or the disk), so a not-cacheable marker may be published."""
+    """Why the variants tried failed; ``remember``: each failed its check (not a time limit
+    or the disk), so a not-cacheable marker may be published."""
 
-    variants: tuple[str, ...]
     reasons: list[str]
     remember: bool
 

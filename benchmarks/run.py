@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import model
-from .workers import model_folder, serve
+from .workers import host_cores, model_folder, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -390,43 +390,50 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
 
 def scenario_workers(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 2, 4)) -> Scenario:
     """The ASGI example under ``uvicorn --workers W`` on 11 real models + bert-base: no cache,
-    a cold shared cache, a warm one; time until every worker is ready, compiles, exports, PSS."""
+    a cold shared cache, a warm one; time until every worker is ready, compiles, exports, PSS.
+    W > 1 runs twice: with onnxruntime's default intra-op threads (one pool per session, as
+    many threads as cores, in every worker) and with cores // W threads per worker."""
     s = Scenario("workers", "uvicorn --workers W, 11 real models + bert-base: until all workers ready (seconds)")
     folder = model_folder(tmp)
-    s.notes["models"] = sorted(p.name for p in folder.iterdir())
-    s.notes["problems"] = []
+    cores = host_cores()
+    s.notes.update(models=sorted(p.name for p in folder.iterdir()), cores=cores, problems=[])
     for repeat in range(repeats):
         for workers in counts:
-            cache = tmp / f"workers-{workers}-{repeat}"
-            for label, cache_dir in (("no cache", None), ("cold cache", cache), ("warm cache", cache)):
-                r = serve(folder, workers, cache_dir)
-                s.add(f"W={workers}, {label}: all ready", r["ready"])
-                s.add(f"W={workers}, {label}: PSS MB", r["pss_mb"])
-                if label == "cold cache":
-                    s.add(f"W={workers}, {label}: compiles", r["compiles"])
-                    s.add(f"W={workers}, {label}: exports", r["exports"])
-                s.notes["problems"] += r["problems"]
-            shutil.rmtree(cache, ignore_errors=True)
+            share = max(1, cores // workers)
+            threads = [("", None)] + ([(f", {share} thread{'s' if share > 1 else ''}", share)] if share < cores else [])
+            for suffix, count in threads:
+                env = {"AIOOV_INFERENCE_NUM_THREADS": str(count)} if count else None
+                cache = tmp / f"workers-{workers}-{repeat}"
+                for label, cache_dir in (("no cache", None), ("cold cache", cache), ("warm cache", cache)):
+                    r = serve(folder, workers, cache_dir, env)
+                    name = f"W={workers}{suffix}, {label}"
+                    s.add(f"{name}: all ready", r["ready"])
+                    s.add(f"{name}: PSS MB", r["pss_mb"])
+                    if label == "cold cache":
+                        s.add(f"{name}: compiles", r["compiles"])
+                        s.add(f"{name}: exports", r["exports"])
+                    s.notes["problems"] += r["problems"]
+                shutil.rmtree(cache, ignore_errors=True)
     top = max(counts)
+    share = max(1, cores // top)
+    configs = [f"W={top}"] + ([f"W={top}, {share} thread{'s' if share > 1 else ''}"] if share < cores else [])
 
     def ratio(a: str, b: str) -> float:
         return s.med(a) / s.med(b)
 
-    s.ratios = {
-        f"W={top} cold / W={top} no cache": ratio(f"W={top}, cold cache: all ready", f"W={top}, no cache: all ready"),
-        f"W={top} cold / W=1 cold": ratio(f"W={top}, cold cache: all ready", "W=1, cold cache: all ready"),
-        f"W={top} warm / W={top} no cache": ratio(f"W={top}, warm cache: all ready", f"W={top}, no cache: all ready"),
-        f"W={top} warm PSS / W={top} no cache PSS": ratio(f"W={top}, warm cache: PSS MB", f"W={top}, no cache: PSS MB"),
-        "W=1 cold / W=1 no cache": ratio("W=1, cold cache: all ready", "W=1, no cache: all ready"),
-    }
-    s.target(f"W={top} cold <= 0.5x W={top} without a cache", s.ratios[f"W={top} cold / W={top} no cache"], 0.5,
-             "lower")
-    s.target(f"W={top} cold <= 2x W=1 cold", s.ratios[f"W={top} cold / W=1 cold"], 2.0, "lower")
-    s.target(f"W={top} warm <= 0.45x W={top} without a cache", s.ratios[f"W={top} warm / W={top} no cache"], 0.45,
-             "lower")
+    for w in configs:
+        s.ratios[f"{w}: cold / no cache"] = ratio(f"{w}, cold cache: all ready", f"{w}, no cache: all ready")
+        s.ratios[f"{w}: cold / W=1 cold"] = ratio(f"{w}, cold cache: all ready", "W=1, cold cache: all ready")
+        s.ratios[f"{w}: warm / no cache"] = ratio(f"{w}, warm cache: all ready", f"{w}, no cache: all ready")
+        s.ratios[f"{w}: warm PSS / no cache PSS"] = ratio(f"{w}, warm cache: PSS MB", f"{w}, no cache: PSS MB")
+    s.ratios["W=1: cold / no cache"] = ratio("W=1, cold cache: all ready", "W=1, no cache: all ready")
     models = len(s.notes["models"])
-    s.target(f"W={top} cold: {models} compiles", max(s.samples[f"W={top}, cold cache: compiles"]), models, "lower")
-    s.target(f"W={top} cold: {models} exports", max(s.samples[f"W={top}, cold cache: exports"]), models, "lower")
+    for w in configs:
+        s.target(f"{w}: cold <= 0.5x without a cache", s.ratios[f"{w}: cold / no cache"], 0.5, "lower")
+        s.target(f"{w}: cold <= 2x W=1 cold", s.ratios[f"{w}: cold / W=1 cold"], 2.0, "lower")
+        s.target(f"{w}: warm <= 0.45x without a cache", s.ratios[f"{w}: warm / no cache"], 0.45, "lower")
+        s.target(f"{w} cold: {models} compiles", max(s.samples[f"{w}, cold cache: compiles"]), models, "lower")
+        s.target(f"{w} cold: {models} exports", max(s.samples[f"{w}, cold cache: exports"]), models, "lower")
     return s
 
 

@@ -222,7 +222,6 @@ async def export_burst(models: list[str], cache_dir: str, builder: str) -> dict[
                 process.close()
 
         _builds.Builders.build = build  # type: ignore[method-assign]
-        _builds.Builders.prepare = lambda self: None  # type: ignore[method-assign]
     async with aioov.Core(cache_dir=cache_dir) as core:
         core.get_available_devices()
         started = time.perf_counter()

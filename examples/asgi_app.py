@@ -1,6 +1,7 @@
 """An ASGI app (Starlette) that loads a folder of models in its lifespan and serves inference.
 
-    MODELS_DIR=./models AIOOV_CACHE_DIR=/var/cache/aioov uvicorn examples.asgi_app:app --workers 4
+    MODELS_DIR=./models AIOOV_CACHE_DIR=/var/cache/aioov AIOOV_INFERENCE_NUM_THREADS=2 \
+        uvicorn examples.asgi_app:app --workers 4    # 8 cores: 8 // 4 threads per worker
 
 Every worker process compiles nothing that another one already compiled: the first to
 need a model compiles and publishes it; the others wait on the cache lock and import it.
@@ -36,7 +37,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     async with aioov.Core(cache_dir=os.environ.get("AIOOV_CACHE_DIR")) as core:
         results = await core.compile_all(
             sorted(folder.glob("*.onnx")), os.environ.get("AIOOV_DEVICE", "AUTO"),
-            {"WARMUP": int(os.environ.get("AIOOV_WARMUP", "1"))},
+            {"WARMUP": int(os.environ.get("AIOOV_WARMUP", "1")),
+             # W workers on C cores: C // W threads each (docs/deployment.md); 0: onnxruntime's default
+             "INFERENCE_NUM_THREADS": int(os.environ.get("AIOOV_INFERENCE_NUM_THREADS", "0"))},
         )
         app.state.models = {Path(str(r.model)).stem: r.compiled for r in results if r.ok}
         app.state.failed = {Path(str(r.model)).stem: str(r.error) for r in results if not r.ok}

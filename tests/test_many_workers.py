@@ -2,8 +2,8 @@
 
 A process alone keeps the fast first compile (the entry is written afterwards, in the
 background). When other processes are loading from the cache at the same time, they will
-wait for the entry: the compile writes the blob itself, a builder only checks it against what
-the caller's session computes, and the entry is published before ``compile_model`` returns.
+wait for the entry: a builder writes, checks and publishes it at once, and the process loads
+it as they will, before ``compile_model`` returns. One compile in all, in the builder.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 import aioov
@@ -96,11 +95,10 @@ def test_a_process_does_not_count_itself(cache_dir: Path) -> None:
 
 async def test_alone_the_entry_is_written_after_compile_model_returns(cache_dir: Path, mlp_path: Path) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(mlp_path, "CPU")
+        compiled = await core.compile_model(mlp_path, "CPU")
         assert core.pending_exports == 1  # the first compile did not wait for the export
         assert await core.wait_exports(120)
-    (manifest,) = manifests(cache_dir)
-    assert manifest["build"]["writer"] == "builder"
+    assert compiled.session._model_path == str(mlp_path)  # compiled here, from the source
 
 
 async def test_with_others_loading_the_entry_is_published_before_compile_model_returns(
@@ -111,56 +109,61 @@ async def test_with_others_loading_the_entry_is_published_before_compile_model_r
         assert core.pending_exports == 0
         (manifest,) = manifests(cache_dir)  # there already, for the others to load
         assert core.cache_stats.compiles == 1 and core.cache_stats.exports == 1
-    assert manifest["build"]["writer"] == "compile"  # the caller's own session wrote it
     assert manifest["build"]["check"] == "ran and matched"
     assert manifest["build"]["variant"] == "prepacked"
+    # This process loaded the checked entry, as the others will: it compiled nothing itself.
+    store = CacheStore(cache_dir)
+    (key,) = store.keys()
+    assert compiled.session._model_path == str(store.entry_path(key) / "model.onnx")
+    assert not compiled.get_property("LOADED_FROM_CACHE")  # it was not there to be loaded
     np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
                                rtol=1e-5, atol=1e-6)
-    hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
-    assert hit
-    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("fault", "variant"), [("mismatch:prepacked", "plain"), ("crash:prepacked", "plain"),
                                                ("crash:prepacked,mismatch:plain", "basic")])
-async def test_a_blob_written_by_the_compile_that_fails_its_check_falls_back_to_the_builder(
+async def test_a_bad_blob_falls_back_before_compile_model_returns(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
     async with aioov.Core(cache_dir=cache_dir) as core:
         compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
         assert core.pending_exports == 0
-    assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process lived to say so
     (manifest,) = manifests(cache_dir)
-    assert (manifest["build"]["variant"], manifest["build"]["writer"]) == (variant, "builder")
+    assert manifest["build"]["variant"] == variant
+    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
+                               rtol=1e-5, atol=1e-6)  # this process lived, and loaded the good blob
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
     assert hit
     np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
 
 
-async def test_when_no_variant_passes_the_marker_is_published_before_returning(
+async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_published(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:prepacked,crash:plain,mismatch:basic")
     async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
     (marker,) = manifests(cache_dir)
     assert marker["not_cacheable"]["reason"].startswith("prepacked: a hit's output 0 differs")
     assert "plain: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
+    assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: prepacked:")
+    assert compiled.session._model_path == str(mlp_path)
+    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
+                               rtol=1e-5, atol=1e-6)
 
 
-async def test_outputs_that_cannot_be_handed_over_are_computed_by_the_builder(cache_dir: Path) -> None:
-    """A classifier whose outputs are a sequence of maps (ai.onnx.ml): not numeric arrays, so
-    the builder runs the source itself to compare."""
-    path = Path(ort.__file__).parent / "datasets" / "logreg_iris.onnx"
-    if not path.exists():
-        pytest.skip("this onnxruntime wheel ships no logreg_iris.onnx")
+async def test_a_builder_that_cannot_run_leaves_the_caller_a_compile(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOOV_BUILDER_PYTHON", "/nonexistent/python")
     async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(path, "CPU", {"CACHE_EXPORT": "SYNC"})
-    (manifest,) = manifests(cache_dir)
-    assert manifest["build"]["writer"] == "compile"
-    assert manifest["build"]["check"] == "ran and matched"
+        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+    assert manifests(cache_dir) == []  # nothing learnt about the blob: no marker either
+    assert compiled.get_property("NOT_CACHED_REASON") is None
+    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
+                               rtol=1e-5, atol=1e-6)
 
 
 async def test_largest_models_are_compiled_first(tmp_path: Path, mlp_path: Path, bert_path: Path) -> None:
