@@ -93,6 +93,20 @@ def test_a_process_does_not_count_itself(cache_dir: Path) -> None:
     mine.leave()
 
 
+def test_marks_are_never_read_or_removed_through_a_symlink(cache_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "1-abc.peer").write_text("a user's file that looks like a dead mark")
+    store = CacheStore(cache_dir)
+    store.ensure()
+    (store.locks / "peers").symlink_to(outside)
+    mine = Presence(store.locks / "peers")
+    mine.enter()
+    assert not mine.others()
+    mine.leave()
+    assert sorted(p.name for p in outside.iterdir()) == ["1-abc.peer"]  # untouched, nothing added
+
+
 async def test_alone_the_entry_is_written_after_compile_model_returns(cache_dir: Path, mlp_path: Path) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
         compiled = await core.compile_model(mlp_path, "CPU")
@@ -178,9 +192,11 @@ async def test_largest_models_are_compiled_first(tmp_path: Path, mlp_path: Path,
     assert order == [bert_path.name, small.name, mlp_path.name]
 
 
-async def test_awaited_checks_share_one_kept_builder_which_closes_when_idle(
+async def test_awaited_checks_queue_for_one_kept_builder_which_closes_when_idle(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Measured: builders side by side slowed the entry everybody waited for (the largest
+    model's) more than queueing cost the small ones; so one, kept, as a budget."""
     monkeypatch.setattr(_builds, "IDLE_CLOSE", 0.5)
     monkeypatch.setattr(_builds, "KEPT_WAIT", 120.0)  # however slow this machine
     started: list[int] = []

@@ -53,33 +53,40 @@ class Presence:
     def others(self) -> bool:
         """Whether another process (or another ``Core``) is loading from this cache now."""
         try:
-            names = os.listdir(self.directory)
+            directory = _open_dir(self.directory)
         except OSError:
             return False
-        for name in names:
-            if name == self._name or not name.endswith(_SUFFIX) or name.startswith("."):
-                continue
-            if self._alive(self.directory / name):
-                return True
-        return False
+        try:
+            for name in os.listdir(directory):
+                if name != self._name and name.endswith(_SUFFIX) and not name.startswith("."):
+                    if _alive(directory, name):
+                        return True
+            return False
+        except OSError:
+            return False
+        finally:
+            os.close(directory)
 
     def _mark(self) -> None:
-        if not self.directory.is_dir():
-            self.directory.mkdir(exist_ok=True)
-        if os.path.islink(self.directory):
-            raise OSError(f"{self.directory} is a symlink")
-        name = f"{os.getpid()}-{secrets.token_hex(6)}{_SUFFIX}"
-        hidden = self.directory / f".{name}"
-        fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
-            if not lock_fd(fd, shared=False):
-                raise OSError(f"cannot lock {hidden}")
-            # Locked before it is visible: a look never finds it unlocked while we live.
-            os.rename(hidden, self.directory / name)
-        except BaseException:
-            os.close(fd)
-            _unlink(hidden)
-            raise
+            self.directory.mkdir()
+        except FileExistsError:
+            pass
+        directory = _open_dir(self.directory)  # never through a symlink: marks stay in the cache
+        try:
+            name = f"{os.getpid()}-{secrets.token_hex(6)}{_SUFFIX}"
+            fd = os.open(f".{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=directory)
+            try:
+                if not lock_fd(fd, shared=False):
+                    raise OSError(f"cannot lock a mark in {self.directory}")
+                # Locked before it is visible: a look never finds it unlocked while we live.
+                os.rename(f".{name}", name, src_dir_fd=directory, dst_dir_fd=directory)
+            except BaseException:
+                os.close(fd)
+                _unlink(directory, f".{name}")
+                raise
+        finally:
+            os.close(directory)
         self._fd, self._name = fd, name
 
     def _unmark(self) -> None:
@@ -87,7 +94,13 @@ class Presence:
         self._fd = self._name = None
         if fd is None or name is None:
             return
-        _unlink(self.directory / name)  # before the lock goes: a look never sees a free live mark
+        try:
+            directory = _open_dir(self.directory)
+        except OSError:
+            directory = None
+        if directory is not None:
+            _unlink(directory, name)  # before the lock goes: a look never sees a free live mark
+            os.close(directory)
         try:
             unlock_fd(fd)
         except OSError:
@@ -95,27 +108,39 @@ class Presence:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _alive(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            return False
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            if not lock_fd(fd, shared=False):
-                return True  # its owner holds it
-            _unlink(path)  # a process that died with its mark: tidy up
-            return False
-        except OSError:
-            return False
-        finally:
-            os.close(fd)  # closing drops our lock, if we took one
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def _unlink(path: Path) -> None:
+def _open_dir(path: Path) -> int:
+    """``path`` opened as a directory, refusing a symlink (OSError; and where the platform
+    cannot say, as on Windows, always: no marks there)."""
+    if not hasattr(os, "O_DIRECTORY") or os.open not in os.supports_dir_fd:
+        raise OSError("directory file descriptors are not supported here")
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+
+
+def _alive(directory: int, name: str) -> bool:
+    """Whether the mark ``name`` is held by a live process; a dead one's mark is removed."""
     try:
-        os.unlink(path)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW, dir_fd=directory)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        if not lock_fd(fd, shared=False):
+            return True  # its owner holds it
+        _unlink(directory, name)  # a process that died with its mark: tidy up
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops our lock, if we took one
+
+
+def _unlink(directory: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=directory)
     except OSError:
         pass
