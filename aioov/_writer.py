@@ -30,7 +30,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ._builds import Builders, BuildReport
+from ._builds import Builders
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
@@ -87,8 +87,9 @@ class EntryWriter:
         self._builders.close()
 
     def compile(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
-        """The caller's session, and the entry written now or in the background. Takes over
-        ``claim``: its locks are released once the entry is published or given up."""
+        """The caller's session; the entry is written by a builder in the background (or, for
+        formats whose provider writes it, by this compile). Takes over ``claim``: its locks are
+        released once the entry is published or given up."""
         blob = request.device.blob
         assert blob is not None
         if not blob.background:
@@ -215,11 +216,6 @@ class EntryWriter:
         finally:
             store.discard(tmp)
 
-    def _give_up(self, request: CompileRequest, failures: _Attempts) -> None:
-        self._events.count(errors=1)
-        logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(),
-                       "; ".join(failures.reasons))
-
     def _build(
         self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float,
         *, background: bool,
@@ -229,7 +225,8 @@ class EntryWriter:
         Raises OSError (the cache) and Cancelled."""
         blob = request.device.blob
         assert blob is not None
-        failures = _Attempts([], True)
+        failures: list[str] = []
+        remember = True  # every variant failed its check: publish a marker
         source_dir = None
         model = request.source.ort_input
         try:
@@ -237,7 +234,7 @@ class EntryWriter:
                 source_dir = store.new_tmp(key)
                 (source_dir / "source.onnx").write_bytes(model)
                 model = str(source_dir / "source.onnx")
-            for variant in _variants(request):
+            for variant in blob.variants(request.config.cache_prepack):
                 tmp = store.new_tmp(key)
                 try:
                     report = self._builders.build(_job(request, model, tmp, key, variant, background=background),
@@ -246,17 +243,18 @@ class EntryWriter:
                     store.discard(tmp)
                     raise
                 if report.ok:
-                    return tmp, _record(variant, report)
+                    return tmp, {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
                 store.discard(tmp)
                 logger.info("aioov cache: the %s blob of %s failed: %s",
                             variant, request.source.describe(), report.reason)
-                failures.reasons.append(f"{variant}: {report.reason}")
-                failures.remember = failures.remember and not report.transient
+                failures.append(f"{variant}: {report.reason}")
+                remember = remember and not report.transient
                 if report.stop:
                     break
-            if failures.remember:
-                return failures.reasons
-            self._give_up(request, failures)
+            if remember:
+                return failures
+            self._events.count(errors=1)
+            logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(), "; ".join(failures))
             return None
         finally:
             if source_dir is not None:
@@ -342,25 +340,6 @@ _UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
 _RECORDED = ("check", "skipped", "export_seconds", "check_seconds")
 #: seconds a builder may take for one variant, at least (30x the compile's time where longer)
 BUILD_TIMEOUT = 300.0
-
-
-def _variants(request: CompileRequest) -> tuple[str, ...]:
-    assert request.device.blob is not None
-    return request.device.blob.variants(request.config.cache_prepack)
-
-
-def _record(variant: str, report: BuildReport) -> dict[str, Any]:
-    """The manifest's ``build``: which variant, how it was checked and how long that took."""
-    return {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
-
-
-@dataclass
-class _Attempts:
-    """Why the variants tried failed; ``remember``: each failed its check (not a time limit
-    or the disk), so a not-cacheable marker may be published."""
-
-    reasons: list[str]
-    remember: bool
 
 
 def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> dict[str, Any]:

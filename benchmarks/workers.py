@@ -150,3 +150,38 @@ def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, 
         "lock_waits": sum(s["lock_waits"] for s in stats),
         "problems": failed[:5],
     }
+
+
+def chart(results: list[Path], out: Path) -> None:
+    """Bars of every configuration's "all ready" for each results file (``--scenario workers``
+    JSON), side by side: ``python -m benchmarks.workers before.json after.json docs/workers.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = [(path.stem, json.loads(path.read_text())["scenarios"]["workers"]) for path in results]
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6.5 * len(summaries), 4.5), sharey=True, squeeze=False)
+    modes = ("no cache", "cold cache", "warm cache")
+    for ax, (name, scenario) in zip(axes[0], summaries):
+        summary = scenario["summary"]
+        groups = sorted({label.split(", no cache")[0] for label in summary if ", no cache: all ready" in label},
+                        key=lambda g: (" thread" in g, g))
+        for i, mode in enumerate(modes):
+            stats = [summary[f"{g}, {mode}: all ready"] for g in groups]
+            medians = [st["median"] for st in stats]
+            errors = [[m - st["min"] for m, st in zip(medians, stats)],
+                      [st["max"] - m for m, st in zip(medians, stats)]]
+            ax.bar([x + (i - 1) * 0.27 for x in range(len(groups))], medians, 0.27, yerr=errors, capsize=2, label=mode)
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set_title(f"{name} ({stats[0]['n']} repeats)", fontsize=9)
+        ax.set_ylabel("seconds until every worker is ready (median, min-max)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("uvicorn --workers W, examples/asgi_app.py, 11 real models + BERT-base-like", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+if __name__ == "__main__":
+    *inputs, output = sys.argv[1:]
+    chart([Path(p) for p in inputs], Path(output))

@@ -58,14 +58,17 @@ async def test_without_prepacked_weights_the_plain_blob_is_written(cache_dir: Pa
 
 @pytest.mark.parametrize(("fault", "variant"), [("crash:prepacked", "plain"), ("mismatch:prepacked", "plain"),
                                                ("crash:prepacked,mismatch:plain", "basic")])
+@pytest.mark.parametrize("export", ["ASYNC", "SYNC"])  # SYNC: this process then loads the entry
 async def test_a_bad_blob_falls_back_to_the_next_variant(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str, export: str
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
-    compiled = await _compile_and_export(cache_dir, mlp_path)
+    compiled = await _compile_and_export(cache_dir, mlp_path, CACHE_EXPORT=export)
     assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process is alive to say so
     (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == variant
+    y = (await compiled.infer({"x": _x()}))["y"]
+    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     # A second process loads the checked blob and computes what onnxruntime does.
     hit, y = compile_in_a_process(cache_dir, mlp_path, _x())

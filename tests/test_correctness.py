@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 import aioov
+from aioov._builds import Builders
 from aioov._cache.store import CacheStore
 from aioov._sessions import SessionFactory
 from aioov.testing import mlp
@@ -58,17 +59,19 @@ async def test_a_sync_export_does_not_publish_a_model_that_changed_while_it_comp
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _save(tmp_path / "m.onnx", seed=1)
-    original = SessionFactory.compile
+    original = Builders.build
 
-    def compile_then_replace(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        session = original(self, *args, **kwargs)
-        _save(path, seed=3)  # the file changes after onnxruntime read it, before publish
-        return session
+    def build_then_replace(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        report = original(self, *args, **kwargs)
+        _save(path, seed=3)  # the file changes after the builder compiled it, before publish
+        return report
 
-    monkeypatch.setattr(SessionFactory, "compile", compile_then_replace)
+    monkeypatch.setattr(Builders, "build", build_then_replace)
     async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_EXPORT": "SYNC"}) as core:
-        await core.compile_model(path, "CPU")
+        compiled = await core.compile_model(path, "CPU")
     assert _entries(cache_dir) == []
+    # Nothing to load: the caller compiled the file as it is now.
+    np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], reference(path, {"x": X})[0], rtol=1e-5)
 
 
 # -- valid entries stay -------------------------------------------------------------------

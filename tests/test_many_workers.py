@@ -27,7 +27,7 @@ from aioov._cache.peers import Presence
 from aioov._cache.store import CacheStore
 from aioov.testing import mlp
 
-from .helpers import ROOT, compile_in_a_process, manifests, reference
+from .helpers import ROOT, manifests, reference
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +47,11 @@ time.sleep(600)
 
 def _x() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+
+
+async def _computes_the_source(compiled: aioov.CompiledModel, path: Path) -> None:
+    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(path, {"x": _x()})[0],
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
@@ -130,27 +135,7 @@ async def test_with_others_loading_the_entry_is_published_before_compile_model_r
     (key,) = store.keys()
     assert compiled.session._model_path == str(store.entry_path(key) / "model.onnx")
     assert not compiled.get_property("LOADED_FROM_CACHE")  # it was not there to be loaded
-    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
-                               rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(("fault", "variant"), [("mismatch:prepacked", "plain"), ("crash:prepacked", "plain"),
-                                               ("crash:prepacked,mismatch:plain", "basic")])
-async def test_a_bad_blob_falls_back_before_compile_model_returns(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str
-) -> None:
-    monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
-        assert core.pending_exports == 0
-    (manifest,) = manifests(cache_dir)
-    assert manifest["build"]["variant"] == variant
-    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
-                               rtol=1e-5, atol=1e-6)  # this process lived, and loaded the good blob
-    monkeypatch.delenv("AIOOV_BUILDER_FAULT")
-    hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
-    assert hit
-    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+    await _computes_the_source(compiled, mlp_path)
 
 
 async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_published(
@@ -164,8 +149,7 @@ async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_publ
     assert "plain: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
     assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: prepacked:")
     assert compiled.session._model_path == str(mlp_path)
-    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
-                               rtol=1e-5, atol=1e-6)
+    await _computes_the_source(compiled, mlp_path)
 
 
 async def test_a_builder_that_cannot_run_leaves_the_caller_a_compile(
@@ -176,8 +160,7 @@ async def test_a_builder_that_cannot_run_leaves_the_caller_a_compile(
         compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
     assert manifests(cache_dir) == []  # nothing learnt about the blob: no marker either
     assert compiled.get_property("NOT_CACHED_REASON") is None
-    np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(mlp_path, {"x": _x()})[0],
-                               rtol=1e-5, atol=1e-6)
+    await _computes_the_source(compiled, mlp_path)
 
 
 async def test_largest_models_are_compiled_first(tmp_path: Path, mlp_path: Path, bert_path: Path) -> None:
