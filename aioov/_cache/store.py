@@ -12,6 +12,7 @@ Layout of a cache directory::
         │       └── manifest.json     written last: key inputs, sizes, xxh3-128 checksums
         ├── .index/<hash>.json        stat index: model file identity → content digest
         ├── .locks/<key>.lock         per-key flock files (see locks.py)
+        ├── .locks/peers/             marks of the processes loading from the cache (peers.py)
         └── .tmp/<key>.<pid>.<rand>.incomplete/   entries being written
 
 An entry is written in ``.tmp``, fsynced, its manifest written last, then the
