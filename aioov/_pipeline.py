@@ -89,7 +89,8 @@ class Pipeline:
     ) -> Result:
         source, config = request.source, request.config
         try:
-            stats, digest = self._identify(source, store, auth.key_of(config.cache_hmac_key))
+            stats, digest = self._identify(source, store, auth.key_of(config.cache_hmac_key), token,
+                                           None if defer_if_busy else config.cache_lock_timeout)
         except OSError as exc:
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
         key_inputs = request.key_inputs(digest)
@@ -206,26 +207,49 @@ class Pipeline:
         return store
 
     def _identify(
-        self, source: Source, store: CacheStore, mac_key: bytes | None
+        self, source: Source, store: CacheStore, mac_key: bytes | None, token: CancelToken, wait: float | None
     ) -> tuple[list[FileStat] | None, str]:
         """(file stats, content digest) of the model, from the stat index when it can."""
         if source.model is not None:
             stats, digest = source.model.identity()
             if stats is None:
                 return None, digest
-        else:
-            assert source.path is not None
-            hit = store.index.lookup(source.path, mac_key)
-            if hit is not None:
-                digest, stats = hit  # just compared with the files on disk
-                return stats, digest
+            self._index(store, stats, digest, mac_key)
+            return stats, digest
+        assert source.path is not None
+        hit = store.index.lookup(source.path, mac_key)
+        if hit is not None:
+            digest, stats = hit  # just compared with the files on disk
+            return stats, digest
+        # Hashed once per host: workers starting together would otherwise all read the same
+        # gigabytes at once. A process finding the file's hash lock held defers the model
+        # (``wait`` None, bulk loads) or waits for the index record the holder writes.
+        lock = store.hash_lock(source.path)
+        try:
+            if not lock.try_acquire():
+                if wait is None:
+                    raise LockBusy(source.path)
+                lock.acquire(wait, cancel=token.event)
+                hit = store.index.lookup(source.path, mac_key)
+                if hit is not None:
+                    digest, stats = hit
+                    return stats, digest
+        except (LockTimeout, OSError):
+            pass  # no coordination here: hash it anyway
+        try:
             _, external = check_model_file(source.path)
             stats = [FileStat.of(p) for p in (source.path, *external)]
             digest = digest_files([source.path, *external])
             if [FileStat.of(s.path) for s in stats] != stats:
                 raise ModelReadError(f"{source.path} changed while it was being hashed")
+            self._index(store, stats, digest, mac_key)  # before the lock goes: waiters read it
+            return stats, digest
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _index(store: CacheStore, stats: list[FileStat], digest: str, mac_key: bytes | None) -> None:
         try:
             store.index.store(stats, digest, mac_key)
         except OSError:
             pass
-        return stats, digest

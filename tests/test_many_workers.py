@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import onnx
 import pytest
@@ -247,3 +248,50 @@ def _gone(pid: int, seconds: float) -> bool:
             pass
         time.sleep(0.05)
     return False
+
+
+async def test_a_model_being_hashed_elsewhere_is_deferred_in_a_bulk_load(
+    cache_dir: Path, tmp_path: Path, bert_path: Path, mlp_path: Path
+) -> None:
+    """Workers starting together would all read the largest model at once: one hashes it
+    (holding its hash lock), the others load something else meanwhile."""
+    store = CacheStore(cache_dir)
+    store.ensure()
+    elsewhere = store.hash_lock(str(bert_path))
+    assert elsewhere.try_acquire()  # another worker is hashing BERT
+    order: list[str] = []
+
+    def progress(p: aioov.BulkProgress) -> None:
+        order.append(Path(str(p.current.model)).name)
+        elsewhere.release()  # that worker is done
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        results = await core.compile_all([bert_path, mlp_path], "CPU", max_concurrency=1, progress=progress)
+    assert all(r.ok for r in results)
+    assert order == [mlp_path.name, bert_path.name]  # largest first, unless someone is on it
+
+
+async def test_a_compile_waiting_for_a_hash_reads_the_record_instead_of_hashing(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioov import _pipeline
+    from aioov._cache.key import FileStat, digest_files
+
+    hashed: list[str] = []
+
+    def counting(paths: Any) -> str:
+        hashed.extend(map(str, paths))
+        return digest_files(paths)
+
+    monkeypatch.setattr(_pipeline, "digest_files", counting)
+    store = CacheStore(cache_dir)
+    store.ensure()
+    elsewhere = store.hash_lock(str(mlp_path))
+    assert elsewhere.try_acquire()
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(core.compile_model, mlp_path, "CPU")
+            await anyio.sleep(0.2)  # it waits for the lock
+            store.index.store([FileStat.of(str(mlp_path))], digest_files([str(mlp_path)]), None)
+            elsewhere.release()
+    assert hashed == []

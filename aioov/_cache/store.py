@@ -24,6 +24,7 @@ the caller recompiles. Symlinks inside the tree are never followed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -131,6 +132,10 @@ class CacheStore:
 
     def lock(self, key: str) -> KeyLock:
         return KeyLock(self.locks / f"{key}.lock")
+
+    def hash_lock(self, path: str) -> KeyLock:
+        """The lock held while a model file is hashed for the stat index (by its path)."""
+        return KeyLock(self.locks / f"hash-{hashlib.blake2b(path.encode(), digest_size=16).hexdigest()}.lock")
 
     # -- read ---------------------------------------------------------------------
     def lookup(self, key: str, *, check_sizes: bool = True) -> Entry | None:
