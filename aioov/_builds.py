@@ -175,7 +175,7 @@ class Builders:
         try:
             if self._idle is not None:
                 self._idle.cancel()
-            if self._kept is not None and (self._kept.niced and not job.get("background")):
+            if self._kept is not None and self._kept.niced and not job.get("background"):
                 self._kept.close()  # lowered for good: this job is awaited
                 self._kept = None
             if self._kept is None or not self._kept.alive():

@@ -221,7 +221,7 @@ class Pipeline:
         if hit is not None:
             digest, stats = hit  # just compared with the files on disk
             return stats, digest
-        # Hashed once per host: workers starting together would otherwise all read the same
+        # Hashed once per cache: workers starting together would otherwise all read the same
         # gigabytes at once. A process finding the file's hash lock held defers the model
         # (``wait`` None, bulk loads) or waits for the index record the holder writes.
         lock = store.hash_lock(source.path)

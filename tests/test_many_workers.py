@@ -50,6 +50,12 @@ def _x() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
 
 
+async def _compile_awaited(cache_dir: Path, path: Path) -> aioov.CompiledModel:
+    """A compile whose entry is awaited (``SYNC``): published, or given up, when it returns."""
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        return await core.compile_model(path, "CPU", {"CACHE_EXPORT": "SYNC"})
+
+
 async def _computes_the_source(compiled: aioov.CompiledModel, path: Path) -> None:
     np.testing.assert_allclose((await compiled.infer({"x": _x()}))["y"], reference(path, {"x": _x()})[0],
                                rtol=1e-5, atol=1e-6)
@@ -143,8 +149,7 @@ async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_publ
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:prepacked,crash:plain,mismatch:basic")
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+    compiled = await _compile_awaited(cache_dir, mlp_path)
     (marker,) = manifests(cache_dir)
     assert marker["not_cacheable"]["reason"].startswith("prepacked: a hit's output 0 differs")
     assert "plain: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
@@ -157,8 +162,7 @@ async def test_a_builder_that_cannot_run_leaves_the_caller_a_compile(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_PYTHON", "/nonexistent/python")
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+    compiled = await _compile_awaited(cache_dir, mlp_path)
     assert manifests(cache_dir) == []  # nothing learnt about the blob: no marker either
     assert compiled.get_property("NOT_CACHED_REASON") is None
     await _computes_the_source(compiled, mlp_path)

@@ -24,7 +24,7 @@ import blake3
 from .fsutil import atomic_write_bytes, children, load_json, read_regular
 from .layout import FORMAT_VERSION
 
-__all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files")
+__all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files", "path_digest")
 
 @dataclass(frozen=True)
 class FileStat:
@@ -65,6 +65,11 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return blake3.blake3(canonical.encode()).hexdigest()
 
 
+def path_digest(path: str) -> str:
+    """A short, file-name-safe name for a model path (its stat index record, its hash lock)."""
+    return hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
+
+
 class StatIndex:
     """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest.
 
@@ -78,8 +83,7 @@ class StatIndex:
         self.root = root
 
     def _file(self, path: str) -> Path:
-        name = hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
-        return self.root / f"{name}.json"
+        return self.root / f"{path_digest(path)}.json"
 
     def lookup(self, path: str, mac_key: bytes | None = None) -> tuple[str, list[FileStat]] | None:
         """(digest, stats of the model and its external files) when none of them changed.

@@ -24,7 +24,6 @@ the caller recompiles. Symlinks inside the tree are never followed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ from .fsutil import (
     read_regular,
     rmtree,
 )
-from .key import StatIndex
+from .key import StatIndex, path_digest
 from .layout import FORMAT_VERSION, MANIFEST
 from .locks import KeyLock
 from .records import CacheInfo, Entry, EntryInfo
@@ -135,7 +134,7 @@ class CacheStore:
 
     def hash_lock(self, path: str) -> KeyLock:
         """The lock held while a model file is hashed for the stat index (by its path)."""
-        return KeyLock(self.locks / f"hash-{hashlib.blake2b(path.encode(), digest_size=16).hexdigest()}.lock")
+        return KeyLock(self.locks / f"hash-{path_digest(path)}.lock")
 
     # -- read ---------------------------------------------------------------------
     def lookup(self, key: str, *, check_sizes: bool = True) -> Entry | None:
