@@ -74,7 +74,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         return build(job)
     except CheckFailed as exc:
-        return {"ok": False, "stage": "check", "reason": first_line(exc.__cause__ or exc)}
+        return {"ok": False, "stage": "check", "reason": str(exc) or first_line(exc.__cause__ or exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         return {"ok": False, "stage": "export", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
 
@@ -83,7 +83,7 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
     """Write the blob of ``job`` into its directory and check it; the report."""
     from ._devices import blob_format
     from ._errors import ORT_ERRORS, BlobError
-    from ._reference import compare, reference_run
+    from ._reference import compare, first_line, reference_run
 
     blob, variant, tmp = blob_format(job["blob"]), job["variant"], Path(job["tmp"])
     providers = [(name, dict(opts)) for name, opts in job["providers"]]
@@ -91,7 +91,14 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     options = _options(job, blob.export_level(variant))
     export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
-    source = _session(job["model"], options, export_providers)
+    try:
+        source = _session(job["model"], options, export_providers)
+    except ORT_ERRORS as exc:
+        if _loads(job, providers):
+            raise  # writing the blob failed (the disk, a size limit): worth trying again later
+        # The builder's providers cannot load the model at all: a GPU entry's CPU builder and a
+        # model with CUDA-only ops (com.microsoft ComplexMul, GroupNorm...). Remembered.
+        raise CheckFailed(f"{providers[0][0]} cannot load the model to write its blob: {first_line(exc)}") from exc
     try:
         blob.finalize(tmp, [arg.name for arg in source.get_inputs()])
     except BlobError as exc:
@@ -129,6 +136,17 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         "export_seconds": round(exported - started, 3),
         "check_seconds": round(time.perf_counter() - exported, 3),
     }
+
+
+def _loads(job: dict[str, Any], providers: list[tuple[str, dict[str, str]]]) -> bool:
+    """Whether the source loads on ``providers`` when nothing is written."""
+    from ._errors import ORT_ERRORS
+
+    try:
+        _session(job["model"], _options(job, None), providers)
+    except ORT_ERRORS:
+        return False
+    return True
 
 
 def _sabotage(path: Path) -> None:

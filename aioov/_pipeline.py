@@ -63,7 +63,8 @@ class Pipeline:
 
     def compile_job(self, source: Source, device_name: str, config: CompileConfig, token: CancelToken,
                     max_cache_size: int = 0, defer_if_busy: bool = False) -> Result:
-        request = CompileRequest.resolve(self.devices, source, device_name, config, max_cache_size)
+        # The device is probed (a GPU: CUDA initialized) while the model is read and hashed.
+        request = CompileRequest.resolve(self.devices, source, device_name, config, max_cache_size, wait=False)
         result = self.run(request, token, defer_if_busy=defer_if_busy)
         if request.config.warmup and not token.cancelled:
             report = warm_up(result.session, request.config, source.describe())
@@ -76,6 +77,7 @@ class Pipeline:
             source = request.source
             if source.path is not None and source.model is None:
                 check_model_file(source.path)
+            self.devices.require(request.device, request.spec)
             return self._result(request, self.sessions.compile(request, token), None)
         presence = self.presence(store)
         presence.enter()  # other processes loading from this cache see this one meanwhile
@@ -93,6 +95,7 @@ class Pipeline:
                                            None if defer_if_busy else config.cache_lock_timeout)
         except OSError as exc:
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
+        self.devices.require(request.device, request.spec)
         key_inputs = request.key_inputs(digest)
         key = cache_key(key_inputs)
 

@@ -78,10 +78,12 @@ class CompileRequest:
 
     @classmethod
     def resolve(
-        cls, devices: DeviceRegistry, source: Source, device_name: str, config: CompileConfig, max_cache_size: int = 0
+        cls, devices: DeviceRegistry, source: Source, device_name: str, config: CompileConfig, max_cache_size: int = 0,
+        *, wait: bool = True,
     ) -> CompileRequest:
-        """Resolve the device (AUTO included; may probe providers) and read raw sources (blocking)."""
-        device, spec = devices.resolve(device_name)
+        """Resolve the device (AUTO included; may probe providers; ``wait=False``: in the
+        background, see ``DeviceRegistry.resolve``) and read raw sources (blocking)."""
+        device, spec = devices.resolve(device_name, wait=wait)
         providers = device.providers(spec.index, config.ort_provider_options)
         return cls(source.read(), device, spec, providers, config.with_hints(), max_cache_size)
 

@@ -54,18 +54,20 @@ def quiet_run(session: ort.InferenceSession) -> Callable[[dict[str, Any]], list[
 
 
 class SessionFactory:
-    """Sessions for one Core. Devices with ``serialize_compiles`` build one session at a time
-    per device (``GPU.0`` and ``GPU.1`` build in parallel)."""
+    """Sessions for one Core. Devices with ``parallel_builds`` build at most that many
+    sessions at a time per device (``GPU.0`` and ``GPU.1`` count apart)."""
 
     def __init__(self, events: CacheEvents) -> None:
-        self._device_locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+        self._device_slots: dict[str, threading.BoundedSemaphore] = {}
+        self._slots_lock = threading.Lock()
         self._events = events
 
-    def _device_lock(self, request: CompileRequest) -> threading.Lock:
+    def _device_slots_of(self, request: CompileRequest) -> threading.BoundedSemaphore:
         name = f"{request.spec.family}.{request.spec.index or 0}"
-        with self._locks_lock:
-            return self._device_locks.setdefault(name, threading.Lock())
+        with self._slots_lock:
+            if name not in self._device_slots:
+                self._device_slots[name] = threading.BoundedSemaphore(request.device.parallel_builds)
+            return self._device_slots[name]
 
     def options(self, config: CompileConfig) -> ort.SessionOptions:
         options = session_options(config.ort_graph_optimization_level, config.ort_session_config)
@@ -89,8 +91,8 @@ class SessionFactory:
             token.register(options)
         names = [name for name, _ in providers]
         provider_options = [opts for _, opts in providers]
-        if request.device.serialize_compiles:
-            with self._device_lock(request):
+        if request.device.parallel_builds:
+            with self._device_slots_of(request):
                 session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
         else:
             session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)

@@ -39,7 +39,10 @@ def work(task: str, **kwargs: Any) -> dict[str, Any]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{task} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    # what onnxruntime printed (its log lines name it): aioov's own sessions should leave it silent
+    result["onnxruntime_log_lines"] = [line[:160] for line in proc.stderr.splitlines() if ":onnxruntime" in line]
+    return result
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -264,11 +267,51 @@ def scenario_gpu(size: str, repeats: int, tmp: Path) -> Scenario | None:
                 s.add(f"{name}: {label}: ready", r["ready"])
                 s.add(f"{name}: {label}: first inference", r["first"])
             s.add(f"{name}: aioov, WARMUP=1: warm-up inside compile_model", runs["aioov, WARMUP=1"]["warmup"])
-        plain_ready = s.med(f"{name}: onnxruntime ready")
-        second = s.med(f"{name}: aioov, second with a cache: ready")
-        s.ratios[f"{name}: second with a cache / plain"] = second / plain_ready
+            s.notes.setdefault("onnxruntime_log_lines", {})[name] = sorted(
+                {line for r in runs.values() for line in r["onnxruntime_log_lines"]})
+            try:  # on a GPU machine lent for minutes, one failing part must not lose the others
+                inside = work("gpu_in_process", model=path, cache_dir=cache, shapes=shapes, hit_first=repeat % 2 == 1)
+                s.add(f"{name}: one process, CUDA up: onnxruntime session", inside["plain"])
+                s.add(f"{name}: one process, CUDA up: aioov hit", inside["hit"])
+                s.add(f"{name}: one process: onnxruntime steady inference", inside["plain_steady"])
+                s.add(f"{name}: one process: aioov hit steady inference", inside["hit_steady"])
+                if name == size:
+                    parallel = work("gpu_parallel", model=path, cache_dir=cache)
+                    s.add(f"{name}: 4 hits one after another", parallel["one_by_one"])
+                    s.add(f"{name}: 4 hits at once", parallel["together"])
+                    s.notes.setdefault("parallel_ok", {})[name] = parallel["ok"] and parallel["from_cache"]
+            except RuntimeError as exc:
+                s.notes.setdefault("errors", []).append(str(exc)[-1500:])
+        for ratio, (over, under) in {
+            "second with a cache / plain": ("aioov, second with a cache: ready", "onnxruntime ready"),
+            "one process, hit / plain session": ("one process, CUDA up: aioov hit",
+                                                 "one process, CUDA up: onnxruntime session"),
+            "hit steady inference / plain": ("one process: aioov hit steady inference",
+                                             "one process: onnxruntime steady inference"),
+            "4 hits at once / one after another": ("4 hits at once", "4 hits one after another"),
+        }.items():
+            if f"{name}: {over}" in s.samples and f"{name}: {under}" in s.samples:
+                s.ratios[f"{name}: {ratio}"] = s.med(f"{name}: {over}") / s.med(f"{name}: {under}")
         s.ratios[f"{name}: first inference with WARMUP / plain steady"] = (
             s.med(f"{name}: aioov, WARMUP=1: first inference") / s.med(f"{name}: onnxruntime steady inference"))
+    try:  # which saved graph a GPU entry should hold: basic level by the CPU provider, or extended by CUDA
+        path, shapes = models[size]
+        for label, level, provider in (("BASIC by CPU", "BASIC", "CPUExecutionProvider"),
+                                       ("EXTENDED by CUDA", "EXTENDED", "CUDAExecutionProvider")):
+            saved = tmp / f"gpu-saved-{level}" / "model.onnx"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            work("gpu_save", model=path, out=str(saved), level=level, provider=provider)
+            for _ in range(repeats):
+                loaded = work("gpu_load_compare", saved=str(saved), source=path, shapes=shapes)
+                s.add(f"{size}: session from a graph saved at {label}", loaded["ready"])
+                s.notes.setdefault("saved_graph_max_abs_diff", {})[label] = loaded["max_abs_diff"]
+    except RuntimeError as exc:
+        s.notes.setdefault("errors", []).append(str(exc)[-1500:])
+    for goal, ratio, limit in (("fresh-process warm hit <= 0.6x plain", "second with a cache / plain", 0.6),
+                               ("one process: hit <= 0.5x plain session", "one process, hit / plain session", 0.5),
+                               ("inference within 5 % of plain", "hit steady inference / plain", 1.05)):
+        if f"{size}: {ratio}" in s.ratios:
+            s.target(goal, s.ratios[f"{size}: {ratio}"], limit, "lower")
     return s
 
 

@@ -4,7 +4,9 @@
 models and keeps them in ``AIOOV_CORPUS_DIR`` (default ``~/.cache/aioov-corpus``) between runs;
 the onnx wheel's models come from the installed onnx package. ``python -m tests.corpus``
 runs the whole corpus through a cache, a process per step, prints a table and writes
-``benchmarks/results/corpus.json`` (the figures in docs/reliability.md).
+``benchmarks/results/corpus.json`` (the figures in docs/reliability.md);
+``python -m tests.corpus GPU [SECONDS]`` does the same on CUDA, comparing with plain CUDA
+sessions, into ``corpus-gpu.json`` (``scripts/gpu_check.sh``; SECONDS: stop starting models then).
 """
 
 from __future__ import annotations
@@ -123,14 +125,17 @@ from aioov._compiled import Port
 from aioov._inputs import first_run
 from aioov._reference import compare
 
+PROVIDERS = {"CPU": ["CPUExecutionProvider"], "GPU": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
 async def main():
-    cache_dir, path = sys.argv[1], sys.argv[2]
+    cache_dir, path, device = sys.argv[1], sys.argv[2], sys.argv[3]
     async with aioov.Core(cache_dir=cache_dir) as core:
-        compiled = await core.compile_model(path, "CPU")
+        compiled = await core.compile_model(path, device)
         await core.wait_exports()
     report = {"hit": compiled.get_property("LOADED_FROM_CACHE"),
-              "not_cached": compiled.get_property("NOT_CACHED_REASON")}
-    plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+              "not_cached": compiled.get_property("NOT_CACHED_REASON"),
+              "provider": compiled.get_property("EXECUTION_PROVIDERS")[0]}
+    plain = ort.InferenceSession(path, providers=PROVIDERS[device])
     try:
         ports = [Port.from_node_arg(a) for a in plain.get_inputs()]
         feed, expected = first_run(ports, lambda f: plain.run(None, f))
@@ -145,18 +150,20 @@ anyio.run(main)
 """
 
 
-def check(model: Path, cache_dir: Path, timeout: float = 300) -> dict[str, object]:
+def check(model: Path, cache_dir: Path, timeout: float = 300, device: str = "CPU") -> dict[str, object]:
     """A cold compile in one process, a hit in a second: what each said, and the entry."""
     from .helpers import manifests
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     steps = []
     for _ in ("cold", "warm"):
-        proc = subprocess.run([sys.executable, "-c", STEP, str(cache_dir), str(model)],
+        proc = subprocess.run([sys.executable, "-c", STEP, str(cache_dir), str(model), device],
                               capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             return {"died": proc.returncode, "stderr": proc.stderr[-2000:], "steps": steps}
         steps.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        # what onnxruntime printed: aioov's compiles and hits should leave it nothing to say
+        steps[-1]["onnxruntime_log"] = [line[:200] for line in proc.stderr.splitlines() if ":onnxruntime" in line][:5]
     found = manifests(cache_dir)
     record = found[0].get("build", {}) if found else {}
     marker = found[0].get("not_cacheable") if found else None
@@ -164,39 +171,49 @@ def check(model: Path, cache_dir: Path, timeout: float = 300) -> dict[str, objec
             "skipped": record.get("skipped"), "not_cacheable": marker}
 
 
-def outcome(result: dict[str, object]) -> str:
+def outcome(result: dict[str, object], device: str = "CPU") -> str:
     if "died" in result:
         return "a process died"
     if result["not_cacheable"]:
         return "not cacheable"
-    return "cached as is" if result["variant"] in ("prepacked", "default") else "cached after a fallback"
+    # the first variant a device's format tries: CPU's prepacked blob, GPU's basic-level graph (its only one)
+    first = "prepacked" if device == "CPU" else "basic"
+    return "cached as is" if result["variant"] in (first, "default") else "cached after a fallback"
 
 
 def main() -> None:
     import tempfile
+    import time
 
+    device = sys.argv[1].upper() if len(sys.argv) > 1 else "CPU"
+    budget = float(sys.argv[2]) if len(sys.argv) > 2 else float("inf")
+    started = time.monotonic()
     rows = []
     for model in CORPUS:
+        if time.monotonic() - started > budget:
+            rows.append({"model": model.name, "kind": model.kind, "outcome": "not tried (time budget)"})
+            continue
         try:
             path = fetch(model)
         except OSError as exc:
-            rows.append({"model": model.name, "kind": model.kind, "outcome": f"unavailable: {exc}"})
+            rows.append({"model": model.name, "kind": model.kind, "outcome": f"unavailable: {str(exc)[:80]}"})
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            result = check(path, Path(tmp) / "cache")
-        rows.append({"model": model.name, "kind": model.kind, "outcome": outcome(result), **result})
+            result = check(path, Path(tmp) / "cache", device=device)
+        rows.append({"model": model.name, "kind": model.kind, "outcome": outcome(result, device), **result})
         steps = result.get("steps") or [{}]
-        print(f"{model.name:45s} {outcome(result):24s} {result.get('check') or '':16s} "
+        print(f"{model.name:45s} {outcome(result, device):24s} {result.get('check') or '':16s} "
               f"{steps[-1].get('compared', '')}", flush=True)
     totals: dict[str, int] = {}
     for row in rows:
         totals[str(row["outcome"])] = totals.get(str(row["outcome"]), 0) + 1
     print(json.dumps({"tried": len(rows), **totals}))
-    out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "corpus.json"
+    name = "corpus.json" if device == "CPU" else f"corpus-{device.lower()}.json"
+    out = Path(os.environ.get("AIOOV_CORPUS_OUT") or Path(__file__).resolve().parent.parent / "benchmarks" / "results")
     import onnxruntime
 
-    out.write_text(json.dumps({"onnxruntime": onnxruntime.__version__, "tried": len(rows), "totals": totals,
-                               "models": rows}, indent=1) + "\n")
+    (out / name).write_text(json.dumps({"onnxruntime": onnxruntime.__version__, "device": device, "tried": len(rows),
+                                        "totals": totals, "models": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,13 +85,14 @@ def test_gpu_devices_map_to_providers_with_fallbacks() -> None:
         ("CUDAExecutionProvider", {"device_id": "1"}), ("CPUExecutionProvider", {})]
     trt = TensorRTDevice().providers(None, {"trt_fp16_enable": "1"})
     assert [name for name, _ in trt] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert trt[0][1] == {"device_id": "0", "trt_fp16_enable": "1"}
+    assert trt[0][1] == {"trt_fp16_enable": "1"}  # device 0: the provider's default
 
 
 def test_only_devices_that_can_export_claim_export_import() -> None:
     assert "EXPORT_IMPORT" in CPUDevice().capabilities()
     assert "EXPORT_IMPORT" in TensorRTDevice().capabilities()
-    assert "EXPORT_IMPORT" not in CUDADevice().capabilities()
+    assert "EXPORT_IMPORT" in CUDADevice().capabilities()  # its basic-level graph
+    assert "EXPORT_IMPORT" not in OpenVINODevice().capabilities()  # on its CPU device type
 
 
 async def test_a_device_that_cannot_export_compiles_without_writing(mlp_path: Path, cache_dir: Path) -> None:
@@ -589,7 +590,7 @@ def test_full_device_name_names_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None
     assert CUDADevice().full_name() == "GPU"  # no nvidia-smi: nothing made up
 
 
-def test_session_builds_are_serialised_per_device_not_per_family() -> None:
+def test_session_build_limits_are_per_device_not_per_family() -> None:
     from aioov._cache.stats import CacheEvents
     from aioov._devices import DeviceSpec
     from aioov._properties import CompileConfig
@@ -601,7 +602,7 @@ def test_session_builds_are_serialised_per_device_not_per_family() -> None:
 
     def lock_of(spec: DeviceSpec) -> object:
         request = CompileRequest(Source(None), gpu, spec, gpu.providers(spec.index, {}), CompileConfig())
-        return factory._device_lock(request)
+        return factory._device_slots_of(request)
 
     assert lock_of(DeviceSpec("GPU")) is lock_of(DeviceSpec("GPU", 0))  # GPU means GPU.0
     assert lock_of(DeviceSpec("GPU", 0)) is not lock_of(DeviceSpec("GPU", 1))

@@ -81,8 +81,10 @@ class DeviceRegistry:
         index = int(match.group(2)) if match.group(2) is not None else None
         return DeviceSpec(match.group(1), index)
 
-    def resolve(self, name: str) -> tuple[Device, DeviceSpec]:
-        """The device to compile on; raises when it does not load here."""
+    def resolve(self, name: str, *, wait: bool = True) -> tuple[Device, DeviceSpec]:
+        """The device to compile on; raises when it does not load here. With ``wait=False``
+        a named device is only probed in the background (``Device.prepare``): the caller
+        reads and hashes the model meanwhile and calls ``require`` before its first session."""
         spec = self.parse(name)
         if spec.family == "AUTO":
             for family in AUTO_PRIORITY:
@@ -91,9 +93,16 @@ class DeviceRegistry:
                     return device, DeviceSpec(family, spec.index if family != "CPU" else None)
             raise DeviceNotFoundError("no device is available, not even CPU")  # pragma: no cover
         device = self._devices[spec.family]
+        if wait:
+            self.require(device, spec)
+        else:
+            device.prepare()
+        return device, spec
+
+    def require(self, device: Device, spec: DeviceSpec) -> None:
+        """Raise DeviceNotFoundError unless ``device`` loads here (waits for its probe)."""
         if not device.available():
             raise DeviceNotFoundError(
                 f"device {spec} is not available here ({device.unavailable_reason}); "
                 f"available: {', '.join(self.available())}"
             )
-        return device, spec

@@ -57,6 +57,11 @@ class BlobFormat:
     #: True: ``configure_instant`` makes a session that loads much sooner and runs slower
     instant: ClassVar[bool] = False
 
+    def builder_providers(self, providers: ProviderList) -> ProviderList:
+        """The providers a builder process writes and checks the blob with (default: the
+        compile's own, so the check loads it exactly as a hit will)."""
+        return providers
+
     def variants(self, prepack: bool) -> tuple[str, ...]:
         """The ways this format can write a blob, most useful first: an export whose blob
         does not load, or does not compute what the source does, falls back to the next."""
@@ -121,13 +126,16 @@ class Device:
     provider: ClassVar[str]
     #: what a cache entry holds for this device; None: compiles are not cached
     blob: ClassVar[BlobFormat | None] = None
-    #: create sessions one at a time (upstream races with several GPU sessions at once)
-    serialize_compiles: ClassVar[bool] = False
+    #: how many sessions one device builds at once in a process (0: as many as the Core's
+    #: compile threads); where upstream races are known, with the issue named beside it
+    parallel_builds: ClassVar[int] = 0
 
     def __init__(self) -> None:
         self._probe_lock = threading.Lock()
         self._probed: bool | None = None
         self._probe_error: str | None = None
+        self._prepare_lock = threading.Lock()
+        self._preparing = False
 
     # -- what ONNX Runtime gets -------------------------------------------------
     def providers(self, index: int | None, options: Mapping[str, str]) -> ProviderList:
@@ -155,6 +163,17 @@ class Device:
                     except Exception as exc:  # a provider that cannot load raises many kinds
                         self._probed, self._probe_error = False, f"{self.provider}: {exc}"
             return self._probed
+
+    def prepare(self) -> None:
+        """Start probing in the background (for a GPU: initializing CUDA, ~0.4 s) and reading
+        the hardware facts of the key, so that both overlap reading and hashing the model;
+        ``available`` then waits for the probe."""
+        with self._prepare_lock:  # not the probe's lock: a probe under way must not block this
+            if self._probed is not None or self._preparing:
+                return
+            self._preparing = True
+        for job in (self.available, lambda: self.fingerprint(None)):
+            threading.Thread(target=_quietly, args=(job,), name=f"aioov-probe-{self.family}", daemon=True).start()
 
     def precheck(self) -> str | None:
         """A cheap reason the provider cannot load (checked before a probe session,
@@ -184,6 +203,14 @@ class Device:
     def fingerprint(self, index: int | None) -> dict[str, Any]:
         """What about the hardware makes a compiled blob non-portable."""
         return cpu_fingerprint()
+
+
+def _quietly(job: Any) -> None:
+    """Run a head start; whatever fails here fails again, and is reported, where it is needed."""
+    try:
+        job()
+    except Exception:  # noqa: BLE001, S110 - see the docstring
+        pass
 
 
 @cache

@@ -98,6 +98,9 @@ class CPUDevice(Device):
     def available(self) -> bool:
         return True
 
+    def prepare(self) -> None:
+        """Nothing to probe: the CPU provider is in every build."""
+
     def full_name(self) -> str:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
