@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import ROOT, child_env
 from .models import model
 from .workers import host_cores, model_folder, serve
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -35,7 +35,7 @@ def work(task: str, **kwargs: Any) -> dict[str, Any]:
     """Run one task in a fresh interpreter; return its JSON."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.worker", task, json.dumps(kwargs)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900,
+        capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=900,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{task} failed:\n{proc.stderr[-3000:]}")
@@ -390,7 +390,7 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
             [sys.executable, "-m", "benchmarks.worker", "shared_start",
              json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier), "config": config})],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(count)]
+            env=child_env()) for _ in range(count)]
         while len(list(barrier.glob("ready.*"))) < count:  # all imported and waiting
             time.sleep(0.01)
         start_at = time.time()

@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import ROOT, child_env
 from .models import model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: real models from tests/corpus.py: 0.3-21 MB, OCR, detection, speech, classification
 REAL = (
@@ -98,8 +97,7 @@ def _children(pid: int) -> list[int]:
 def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, str] | None = None,
           timeout: float = 600) -> dict[str, Any]:
     """Start uvicorn, wait for every worker, measure, stop it: the figures of one start."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODELS_DIR": str(folder), "AIOOV_DEVICE": "CPU",
-           **(config or {})}
+    env = child_env(MODELS_DIR=str(folder), AIOOV_DEVICE="CPU", **(config or {}))
     env.pop("AIOOV_CACHE_DIR", None)
     if cache_dir is not None:
         env["AIOOV_CACHE_DIR"] = str(cache_dir)

@@ -124,6 +124,7 @@ import json, sys, anyio, numpy as np, onnxruntime as ort, aioov
 from aioov._compiled import Port
 from aioov._inputs import first_run
 from aioov._reference import compare
+from aioov._sessions import quiet_run
 
 PROVIDERS = {"CPU": ["CPUExecutionProvider"], "GPU": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -135,10 +136,12 @@ async def main():
     report = {"hit": compiled.get_property("LOADED_FROM_CACHE"),
               "not_cached": compiled.get_property("NOT_CACHED_REASON"),
               "provider": compiled.get_property("EXECUTION_PROVIDERS")[0]}
-    plain = ort.InferenceSession(path, providers=PROVIDERS[device])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # what onnxruntime prints below is then aioov's sessions' alone
+    plain = ort.InferenceSession(path, options, providers=PROVIDERS[device])
     try:
         ports = [Port.from_node_arg(a) for a in plain.get_inputs()]
-        feed, expected = first_run(ports, lambda f: plain.run(None, f))
+        feed, expected = first_run(ports, quiet_run(plain))
     except Exception as exc:
         report["compared"] = f"not run: {exc}"[:200]
     else:
@@ -152,9 +155,9 @@ anyio.run(main)
 
 def check(model: Path, cache_dir: Path, timeout: float = 300, device: str = "CPU") -> dict[str, object]:
     """A cold compile in one process, a hit in a second: what each said, and the entry."""
-    from .helpers import manifests
+    from .helpers import child_env, manifests
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = child_env()
     steps = []
     for _ in ("cold", "warm"):
         proc = subprocess.run([sys.executable, "-c", STEP, str(cache_dir), str(model), device],

@@ -40,10 +40,17 @@ def reference(path: Path | str, feed: dict[str, Any]) -> list[np.ndarray]:
     return session.run(None, feed)  # type: ignore[no-any-return]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python: this checkout first on ``PYTHONPATH``, ahead of
+    what is there already (on the GPU machine aioov's dependencies come that way)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_python(code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
                check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a real second process)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = child_env(**(env or {}))
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs,

@@ -27,7 +27,7 @@ from aioov import _writer
 from aioov._cache.store import CacheStore
 from aioov._reference import compare
 
-from .helpers import ROOT, compile_in_a_process, manifests, reference, run_python
+from .helpers import child_env, compile_in_a_process, manifests, reference, run_python
 
 pytestmark = pytest.mark.anyio
 
@@ -182,7 +182,7 @@ anyio.run(main)
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
 def test_a_killed_application_leaves_no_builder_behind(cache_dir: Path, mlp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "AIOOV_BUILDER_FAULT": "hang:prepacked"}
+    env = child_env(AIOOV_BUILDER_FAULT="hang:prepacked")
     app = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_EXPORTING, str(cache_dir), str(mlp_path)],
                            stdout=subprocess.PIPE, text=True, env=env)
     try:

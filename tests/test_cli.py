@@ -17,7 +17,7 @@ import pytest
 import aioov
 from aioov.testing import bert_like
 
-from .helpers import ROOT, reference
+from .helpers import child_env, reference
 
 SCRIPT = Path(sys.executable).parent / "aioov"
 
@@ -26,7 +26,7 @@ def aioov_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 18
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "aioov"]
     return subprocess.run(
         [*command, *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env=child_env(**(env or {})),
     )
 
 
@@ -140,7 +140,7 @@ def test_concurrent_prune_while_another_process_loads(models: Path, cache_dir: P
     stop = tmp_path / "stop"
     loader = subprocess.Popen(
         [sys.executable, "-c", LOADER, str(cache_dir), str(stop), *paths], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE, text=True, env=child_env(),
     )
     prunes = 0
     while prunes < 3 and loader.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -503,13 +502,13 @@ def test_four_processes_share_one_openvino_entry_for_real(bert_path: Path, tmp_p
     import sys
     import time
 
-    from .helpers import ROOT
+    from .helpers import child_env
 
     cache_dir = tmp_path / "cache"
     start_at = str(time.time() + 2.0)
     procs = [subprocess.Popen([sys.executable, "-c", _OV_WORKER, str(cache_dir), start_at, str(bert_path), "3"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(4)]
+                              env=child_env()) for _ in range(4)]
     reports, logs = [], []
     for proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -14,14 +14,14 @@ import pytest
 
 from aioov.testing import bert_like
 
-from .helpers import ROOT
+from .helpers import ROOT, child_env
 
 EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -82,7 +82,7 @@ def test_ahead_of_time_warmup_script(tmp_path: Path) -> None:
     folder.mkdir()
     for seed in range(2):
         onnx.save(bert_like(2, 64, 4, vocab=300, seed=seed), folder / f"m{seed}.onnx")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = child_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     cache = tmp_path / "cache"
     runs = [subprocess.run(["sh", str(EXAMPLES / "aot_warmup.sh"), str(folder), str(cache)], capture_output=True,
                            text=True, env=env, timeout=300) for _ in range(2)]

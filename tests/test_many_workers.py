@@ -28,7 +28,7 @@ from aioov._cache.peers import Presence
 from aioov._cache.store import CacheStore
 from aioov.testing import mlp
 
-from .helpers import ROOT, manifests, reference
+from .helpers import child_env, manifests, reference
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +65,7 @@ async def _computes_the_source(compiled: aioov.CompiledModel, path: Path) -> Non
 def peer(cache_dir: Path) -> Any:
     """Another process loading from ``cache_dir`` for as long as the test runs."""
     proc = subprocess.Popen([sys.executable, "-c", PEER, str(cache_dir)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=child_env())
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     yield proc
@@ -230,7 +230,7 @@ anyio.run(main)
     results = {}
     for mode in ("SYNC", "ASYNC"):
         proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / mode), str(mlp_path), mode],
-                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              capture_output=True, text=True, timeout=120, env=child_env())
         assert proc.returncode == 0, proc.stderr
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     (sync_job,), parent = results["SYNC"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, make_models, run_python
+from .helpers import child_env, make_models, run_python
 
 WORKER = """
 import json, sys, time, anyio, numpy as np, onnxruntime as ort, aioov
@@ -42,7 +42,7 @@ def three_models(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def start(code: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=child_env(),
     )
 
 

@@ -25,7 +25,7 @@ import aioov
 from aioov._onnx_scan import ScanError, scan_bytes
 from aioov.testing import bert_like, mlp
 
-from .helpers import ROOT, make_models, reference, run_python
+from .helpers import child_env, make_models, reference, run_python
 
 TRIALS = int(os.environ.get("AIOOV_TRIALS", "100"))
 
@@ -225,7 +225,7 @@ anyio.run(main)
 def start_compiler(cache_dir: Path, model: Path) -> subprocess.Popen[str]:
     """A compiling process, returned once it has finished importing (it prints "start")."""
     proc = subprocess.Popen([sys.executable, "-c", COMPILER, str(cache_dir), str(model)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.DEVNULL, text=True, env=child_env())
     assert proc.stdout is not None and proc.stdout.readline().strip() == "start"
     return proc
 
@@ -324,7 +324,7 @@ def stress(tmp_path: Path, processes: int, rounds: int) -> list[dict[str, int]]:
     paths = [str(p) for p in make_models(tmp_path, 3, prefix="s")]
     procs = [subprocess.Popen([sys.executable, "-c", STRESS, str(cache_dir), str(rounds), str(i), *paths],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for i in range(processes)]
+                              env=child_env()) for i in range(processes)]
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=600)  # no deadlock: every process ends in time

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 import aioov
 
-from .helpers import ROOT, make_models, reference
+from .helpers import child_env, make_models, reference
 
 pytestmark = pytest.mark.anyio
 boto3 = pytest.importorskip("boto3")
@@ -130,7 +129,7 @@ def run_hosts(tmp_path: Path, models: list[Path], env: dict[str, str], hosts: in
     start_at = str(time.time() + 2.5)
     procs = [subprocess.Popen([sys.executable, "-c", HOST, str(tmp_path / f"host-{i}"), start_at,
                                *map(str, models)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), **env}) for i in range(hosts)]
+                              env=child_env(**env)) for i in range(hosts)]
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
