@@ -486,3 +486,82 @@ async def test_import_model_on_a_device_that_cannot_import(tmp_path: Path) -> No
     async with aioov.Core(devices=DeviceRegistry([NoExportCPU()])) as core:
         with pytest.raises(aioov.CacheError, match="cannot import"):
             await core.import_model(tmp_path / "blob", "CPU")
+
+
+# -- checksums in parts -----------------------------------------------------------------------
+
+
+def test_parts_are_xxh3_of_each_slice(tmp_path: Path) -> None:
+    import xxhash
+
+    from aioov._cache.fsutil import checksum_parts
+
+    data = os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    assert checksum_parts(tmp_path / "f", 3000) == [
+        xxhash.xxh3_128(data[i : i + 3000]).hexdigest() for i in range(0, 10_000, 3000)]
+    (tmp_path / "empty").write_bytes(b"")
+    assert checksum_parts(tmp_path / "empty", 3000) == []
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Files over 64 KiB get parts (instead of 64 MiB), so that test models have several."""
+    from aioov._cache import fsutil
+
+    monkeypatch.setattr(fsutil, "CHECKSUM_PART", 64 << 10)
+    return 64 << 10
+
+
+async def test_big_files_are_checked_in_parts_and_a_flip_in_any_part_is_caught(
+    bert_path: Path, cache_dir: Path, small_parts: int
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+    (entry,) = entries(cache_dir)
+    record = json.loads((entry / "manifest.json").read_text())["files"]["weights.bin"]
+    parts = record["xxh3_128_parts"]
+    assert parts["part"] == small_parts and len(parts["digests"]) == -(-record["size"] // small_parts) > 2
+    assert isinstance(record["xxh3_128"], str)  # the whole file's too, for readers of earlier versions
+    weights = entry / "weights.bin"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF  # in the last part
+    weights.write_bytes(bytes(raw))
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        again = await core.compile_model(bert_path, "CPU")
+        assert again.get_property("LOADED_FROM_CACHE") is False and core.cache_stats.corrupt == 1
+
+
+async def test_entries_without_parts_are_checked_whole(bert_path: Path, cache_dir: Path) -> None:
+    from aioov._cache.store import CacheStore
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+    (entry,) = entries(cache_dir)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert "xxh3_128_parts" not in manifest["files"]["weights.bin"]  # under 64 MiB
+    store = CacheStore(cache_dir)
+    assert store.check(entry.name) is None
+    corrupt_weights(entry)
+    assert store.check(entry.name) == "weights.bin checksum mismatch"
+
+
+@pytest.mark.parametrize("parts", [
+    {"part": 0, "digests": []}, {"part": 1 << 30, "digests": ["a", "b"]}, {"part": True, "digests": ["a"]},
+    {"part": 65536, "digests": "abc"}, ["a"],
+], ids=["zero", "too-many", "bool", "not-a-list", "not-a-record"])
+async def test_a_malformed_parts_record_is_a_bad_entry(
+    bert_path: Path, cache_dir: Path, parts: object
+) -> None:
+    from aioov._cache.store import CacheStore
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(bert_path, "CPU")
+        await core.wait_exports()
+    (entry,) = entries(cache_dir)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"]["weights.bin"]["xxh3_128_parts"] = parts
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert "bad file record" in (CacheStore(cache_dir).check(entry.name) or "")

@@ -46,15 +46,15 @@ def every_entry_verifies(cache_dir: Path) -> None:
 
 
 def tamper_and_fix_checksums(entry: Path) -> None:
-    """An attacker who can write the cache changes weights and updates the xxh3 checksum."""
-    from aioov._cache.store import checksum_file
+    """An attacker who can write the cache changes weights and updates the xxh3 checksums."""
+    from aioov._cache.fsutil import checksum_record
 
     weights = entry / "weights.bin"
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 8] = b"\x00\x00\x80\x7f" * 2  # +inf
     weights.write_bytes(bytes(raw))
     manifest = json.loads((entry / "manifest.json").read_text())
-    manifest["files"]["weights.bin"]["xxh3_128"] = checksum_file(weights)
+    manifest["files"]["weights.bin"] = checksum_record(weights)
     (entry / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -38,7 +38,8 @@ from .._errors import EntryError
 from . import auth
 from .fsutil import (
     atomic_write_bytes,
-    checksum_file,
+    checksum_matches,
+    checksum_record,
     children,
     fsync_dir,
     fsync_file,
@@ -46,6 +47,7 @@ from .fsutil import (
     is_plain_file,
     load_json,
     newest_mtime,
+    parts_record_ok,
     read_regular,
     rmtree,
 )
@@ -184,6 +186,7 @@ class CacheStore:
                 or not isinstance(meta, dict)
                 or not isinstance(meta.get("size"), int)
                 or not isinstance(meta.get("xxh3_128"), str)
+                or not parts_record_ok(meta)
             ):
                 raise EntryError(f"manifest has a bad file record {name!r}")
             file = path / name
@@ -205,11 +208,11 @@ class CacheStore:
         return self._read_entry(key, path, check_sizes=True)
 
     def verify(self, entry: Entry, names: list[str] | None = None) -> str | None:
-        """Compare the files' xxh3-128 (``names``, default all) with the manifest; the problem, or None."""
+        """Compare the files' xxh3-128 (``names``, default all; big files in parallel parts)
+        with the manifest; the problem, or None."""
         for name in names if names is not None else list(entry.files):
-            meta = entry.files[name]
             try:
-                if checksum_file(entry.file(name)) != meta["xxh3_128"]:
+                if not checksum_matches(entry.file(name), entry.files[name]):
                     return f"{name} checksum mismatch"
             except OSError as exc:
                 return f"{name} unreadable: {exc}"
@@ -278,7 +281,7 @@ class CacheStore:
             if file.name == MANIFEST:
                 continue
             fsync_file(file)
-            files[file.name] = {"size": file.stat().st_size, "xxh3_128": checksum_file(file)}
+            files[file.name] = checksum_record(file)
         manifest = {**manifest, "format": FORMAT_VERSION, "key": key, "files": files}
         if mac_key is not None:
             manifest = auth.sign(manifest, tmp, mac_key)
