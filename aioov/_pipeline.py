@@ -228,18 +228,18 @@ class Pipeline:
         # gigabytes at once. A process finding the file's hash lock held defers the model
         # (``wait`` None, bulk loads) or waits for the index record the holder writes.
         lock = store.hash_lock(source.path)
-        try:
-            if not lock.try_acquire():
-                if wait is None:
-                    raise LockBusy(source.path)
-                lock.acquire(wait, cancel=token.event)
-                hit = store.index.lookup(source.path, mac_key)
-                if hit is not None:
-                    digest, stats = hit
-                    return stats, digest
-        except (LockTimeout, OSError):
-            pass  # no coordination here: hash it anyway
-        try:
+        try:  # released however this ends (it once stayed held after reading the holder's record)
+            try:
+                if not lock.try_acquire():
+                    if wait is None:
+                        raise LockBusy(source.path)
+                    lock.acquire(wait, cancel=token.event)
+                    hit = store.index.lookup(source.path, mac_key)
+                    if hit is not None:
+                        digest, stats = hit
+                        return stats, digest
+            except (LockTimeout, OSError):
+                pass  # no coordination here: hash it anyway
             _, external = check_model_file(source.path)
             stats = [FileStat.of(p) for p in (source.path, *external)]
             digest = digest_files([source.path, *external])

@@ -298,4 +298,8 @@ async def test_a_compile_waiting_for_a_hash_reads_the_record_instead_of_hashing(
             await anyio.sleep(0.2)  # it waits for the lock
             store.index.store([FileStat.of(str(mlp_path))], digest_files([str(mlp_path)]), None)
             elsewhere.release()
-    assert hashed == []
+        assert hashed == []
+        # ... and lets the hash lock go: a third process waiting on it would wait for this one to exit
+        again = store.hash_lock(str(mlp_path))
+        assert again.try_acquire()
+        again.release()
