@@ -6,8 +6,10 @@ Every session aioov builds, from a source model or from a cache entry, comes fro
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,11 @@ class SessionFactory:
         self._slots_lock = threading.Lock()
         self._events = events
 
-    def _device_slots_of(self, request: CompileRequest) -> threading.BoundedSemaphore:
+    def _device_slots_of(self, request: CompileRequest) -> AbstractContextManager[Any]:
+        """What a session build of ``request`` holds: one of its device's slots, or nothing
+        for devices without a limit."""
+        if not request.device.parallel_builds:
+            return contextlib.nullcontext()
         name = f"{request.spec.family}.{request.spec.index or 0}"
         with self._slots_lock:
             if name not in self._device_slots:
@@ -91,10 +97,7 @@ class SessionFactory:
             token.register(options)
         names = [name for name, _ in providers]
         provider_options = [opts for _, opts in providers]
-        if request.device.parallel_builds:
-            with self._device_slots_of(request):
-                session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
-        else:
+        with self._device_slots_of(request):
             session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
         used = session.get_providers()
         if not used or used[0] != names[0]:
