@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -513,14 +514,20 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
     return 64 << 10
 
 
+async def published(model: Path, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The one entry a compile of ``model`` publishes, and its manifest."""
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(model, "CPU")
+        await core.wait_exports()
+    (entry,) = entries(cache_dir)
+    return entry, json.loads((entry / "manifest.json").read_text())
+
+
 async def test_big_files_are_checked_in_parts_and_a_flip_in_any_part_is_caught(
     bert_path: Path, cache_dir: Path, small_parts: int
 ) -> None:
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(bert_path, "CPU")
-        await core.wait_exports()
-    (entry,) = entries(cache_dir)
-    record = json.loads((entry / "manifest.json").read_text())["files"]["weights.bin"]
+    entry, manifest = await published(bert_path, cache_dir)
+    record = manifest["files"]["weights.bin"]
     parts = record["xxh3_128_parts"]
     assert parts["part"] == small_parts and len(parts["digests"]) == -(-record["size"] // small_parts) > 2
     assert isinstance(record["xxh3_128"], str)  # the whole file's too, for readers of earlier versions
@@ -536,11 +543,7 @@ async def test_big_files_are_checked_in_parts_and_a_flip_in_any_part_is_caught(
 async def test_entries_without_parts_are_checked_whole(bert_path: Path, cache_dir: Path) -> None:
     from aioov._cache.store import CacheStore
 
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(bert_path, "CPU")
-        await core.wait_exports()
-    (entry,) = entries(cache_dir)
-    manifest = json.loads((entry / "manifest.json").read_text())
+    entry, manifest = await published(bert_path, cache_dir)
     assert "xxh3_128_parts" not in manifest["files"]["weights.bin"]  # under 64 MiB
     store = CacheStore(cache_dir)
     assert store.check(entry.name) is None
@@ -557,11 +560,7 @@ async def test_a_malformed_parts_record_is_a_bad_entry(
 ) -> None:
     from aioov._cache.store import CacheStore
 
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(bert_path, "CPU")
-        await core.wait_exports()
-    (entry,) = entries(cache_dir)
-    manifest = json.loads((entry / "manifest.json").read_text())
+    entry, manifest = await published(bert_path, cache_dir)
     manifest["files"]["weights.bin"]["xxh3_128_parts"] = parts
     (entry / "manifest.json").write_text(json.dumps(manifest))
     assert "bad file record" in (CacheStore(cache_dir).check(entry.name) or "")
