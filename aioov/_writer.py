@@ -141,9 +141,9 @@ class EntryWriter:
         built = self._build(store, key, request, None, BUILD_TIMEOUT, background=False)
         if not isinstance(built, tuple):
             raise BlobError("; ".join(built) if built else "the builder did not finish; try again")
-        tmp, record = built
+        tmp, record, files = built
         try:
-            store.publish(key, tmp, {**manifest, "build": record})
+            store.publish(key, tmp, {**manifest, "build": record}, records=files)
         finally:
             store.discard(tmp)
 
@@ -210,18 +210,19 @@ class EntryWriter:
         if isinstance(built, list):
             self._remember_uncacheable(claim, request, built)
             return
-        tmp, record = built
+        tmp, record, files = built
         try:
-            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled)
+            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled, records=files)
         finally:
             store.discard(tmp)
 
     def _build(
         self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float,
         *, background: bool,
-    ) -> tuple[Path, dict[str, Any]] | list[str] | None:
-        """A checked blob in a new temporary directory of ``store`` and the manifest's record
-        of it; else why each variant failed (a list), or None when it is worth trying later.
+    ) -> tuple[Path, dict[str, Any], dict[str, Any]] | list[str] | None:
+        """A checked blob in a new temporary directory of ``store``, the manifest's record of
+        how it was built and the builder's checksums of its files; else why each variant
+        failed (a list), or None when it is worth trying later.
         Raises OSError (the cache) and Cancelled."""
         blob = request.device.blob
         assert blob is not None
@@ -243,7 +244,8 @@ class EntryWriter:
                     store.discard(tmp)
                     raise
                 if report.ok:
-                    return tmp, {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
+                    record = {"variant": variant, **{k: report.details.get(k) for k in _RECORDED}}
+                    return tmp, record, report.details.get("files") or {}
                 store.discard(tmp)
                 logger.info("aioov cache: the %s blob of %s failed: %s",
                             variant, request.source.describe(), report.reason)
@@ -285,9 +287,10 @@ class EntryWriter:
         record: dict[str, Any],
         input_names: list[str] | None = None,
         abort: Callable[[], bool] | None = None,
+        records: dict[str, Any] | None = None,
     ) -> None:
         """Check the blob written in ``tmp`` (``input_names``: finalize it here first),
-        publish it, share it. Failing only means "not cached"."""
+        publish it (``records``: the builder's checksums), share it. Failing only means "not cached"."""
         assert request.device.blob is not None
         store = claim.store
         try:
@@ -298,7 +301,7 @@ class EntryWriter:
             if input_names is not None:
                 request.device.blob.finalize(tmp, input_names)
             if store.publish(claim.key, tmp, {**claim.manifest, "build": record}, abort=abort,
-                             mac_key=auth.key_of(request.config.cache_hmac_key)):
+                             mac_key=auth.key_of(request.config.cache_hmac_key), records=records):
                 self._events.count(exports=1)
                 # Local waiters and readers need not wait for the upload: the entry is here.
                 claim.lock.release()

@@ -564,3 +564,38 @@ async def test_a_malformed_parts_record_is_a_bad_entry(
     manifest["files"]["weights.bin"]["xxh3_128_parts"] = parts
     (entry / "manifest.json").write_text(json.dumps(manifest))
     assert "bad file record" in (CacheStore(cache_dir).check(entry.name) or "")
+
+
+async def test_the_builder_checksums_the_blob_so_the_publisher_does_not_read_it_again(
+    bert_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioov._cache import store as store_module
+    from aioov._cache.fsutil import checksum_record
+    from aioov._cache.store import CacheStore
+
+    read_here: list[str] = []
+
+    def counted(path: Path) -> dict[str, Any]:
+        read_here.append(path.name)
+        return checksum_record(path)
+
+    monkeypatch.setattr(store_module, "checksum_record", counted)
+    entry, manifest = await published(bert_path, cache_dir)
+    assert read_here == []  # the builder's records, taken as they are...
+    assert manifest["files"] == {f.name: checksum_record(f) for f in entry.iterdir() if f.name != "manifest.json"}
+    assert CacheStore(cache_dir).check(entry.name) is None  # ...are the files' own
+
+
+def test_a_writer_record_is_taken_only_when_it_fits_the_file(tmp_path: Path, small_parts: int) -> None:
+    from aioov._cache.fsutil import checksum_record, reusable_record
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(b"x" * 1000)
+    big.write_bytes(os.urandom(3 * small_parts + 1))
+    assert reusable_record(small, checksum_record(small)) == checksum_record(small)
+    assert reusable_record(big, checksum_record(big)) == checksum_record(big)
+    whole_only = {k: v for k, v in checksum_record(big).items() if k != "xxh3_128_parts"}
+    assert reusable_record(big, whole_only) is None  # a writer that split files otherwise
+    assert reusable_record(small, {**checksum_record(small), "size": 999}) is None  # another file
+    for junk in (None, "abc", {"size": 1000}, {"size": 1000, "xxh3_128": 5}):
+        assert reusable_record(small, junk) is None

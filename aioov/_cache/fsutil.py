@@ -168,6 +168,18 @@ def checksum_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def reusable_record(path: Path, record: Any) -> dict[str, Any] | None:
+    """``record`` if it is a well-formed record of a file of ``path``'s size (one a writer
+    computed for this very file, which nobody has written since); else None."""
+    if not isinstance(record, dict) or not isinstance(record.get("xxh3_128"), str):
+        return None
+    size = path.stat().st_size
+    parted = size > CHECKSUM_PART  # as this process would record it
+    if record.get("size") != size or parted != ("xxh3_128_parts" in record) or not parts_record_ok(record):
+        return None
+    return {k: record[k] for k in ("size", "xxh3_128", "xxh3_128_parts") if k in record}
+
+
 def checksum_matches(path: Path, record: dict[str, Any]) -> bool:
     """Whether a file still has the checksums of its record (its parts, where recorded)."""
     parts = record.get("xxh3_128_parts")

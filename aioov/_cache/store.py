@@ -49,6 +49,7 @@ from .fsutil import (
     newest_mtime,
     parts_record_ok,
     read_regular,
+    reusable_record,
     rmtree,
 )
 from .key import StatIndex, path_digest
@@ -271,8 +272,9 @@ class CacheStore:
         *,
         abort: Callable[[], bool] | None = None,
         mac_key: bytes | None = None,
+        records: dict[str, Any] | None = None,
     ) -> bool:
-        """Checksum, fsync, write the manifest last, rename into place.
+        """Checksum (or take the writer's ``records``), fsync, write the manifest last, rename.
 
         False when an entry exists already, or when ``abort()`` says the writer was
         cancelled meanwhile (checked just before the rename, the point of no return)."""
@@ -281,7 +283,7 @@ class CacheStore:
             if file.name == MANIFEST:
                 continue
             fsync_file(file)
-            files[file.name] = checksum_record(file)
+            files[file.name] = reusable_record(file, (records or {}).get(file.name)) or checksum_record(file)
         manifest = {**manifest, "format": FORMAT_VERSION, "key": key, "files": files}
         if mac_key is not None:
             manifest = auth.sign(manifest, tmp, mac_key)
