@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from ._cache import auth
 from ._cache.layout import NOT_CACHEABLE
+from ._cache.stamps import stamp, stamped
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore, Entry
 from ._concurrency import CancelToken
@@ -100,12 +101,10 @@ class EntryReader:
                 store.quarantine(entry.key, problem)
                 return None
             check = self._io_pool.submit(auth.check, entry.manifest, entry.path, mac_key, rest)
-        elif request.config.cache_verify is CacheVerify.FULL and (
-            entry.path not in self._verified or self._verified[entry.path] != _identity(entry)
-        ):
+        elif request.config.cache_verify is CacheVerify.FULL and not self._known_good(entry):
             # Checksum the weights while ONNX Runtime maps them: flipped bytes would not make
-            # ORT fail, they would silently change the outputs. Once per entry and process:
-            # later loads only check that the files are the same ones (size, mtime, inode).
+            # ORT fail, they would silently change the outputs. Once per entry and file identity
+            # (this Core's memory, then the stamp any process leaves: _cache/stamps.py).
             problem = store.verify(entry, [graph])
             if problem:
                 store.quarantine(entry.key, problem)
@@ -137,10 +136,17 @@ class EntryReader:
             del session
             store.quarantine(entry.key, problem)
             return None
-        if check is not None:
+        if check is not None and mac_key is None:
             self._verified[entry.path] = _identity(entry)
+            stamp(entry)
         store.touch(entry.key)
         return session, Pending(self._upgrader(store, entry, request, variant)) if instant else None
+
+    def _known_good(self, entry: Entry) -> bool:
+        """Whether ``entry``'s files are those whose checksums matched before (same identity)."""
+        if entry.path in self._verified and self._verified[entry.path] == _identity(entry):
+            return True
+        return stamped(entry)
 
     def _upgrader(
         self, store: CacheStore, entry: Entry, request: CompileRequest, variant: str
