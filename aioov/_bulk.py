@@ -138,51 +138,53 @@ async def compile_models(
             warmup = (compiled.warmup_seconds or 0.0) if compiled is not None else 0.0
             yield CompileResult(index, plan[index].model, plan[index].device, compiled, error, seconds, cached, warmup)
 
-    try:
-        while queue or running or deferred:
-            while (queue or deferred) and len(running) < max_concurrency:
-                may_defer = bool(queue)
-                indexes = queue.pop() if queue else deferred.pop(0)
-                ticket = plan[indexes[0]].ticket
-                started = time.perf_counter()
-                try:
-                    if isinstance(ticket, AioovError):
-                        raise ticket
-                    job = jobs.submit(ticket, defer_if_busy=may_defer)
-                except AioovError as exc:
-                    if fail_fast:
-                        raise
-                    for result in results_for(indexes, None, exc, started):
+    # Instant hits' full-speed loads wait until the rest of the bulk is ready.
+    with jobs.busy():
+        try:
+            while queue or running or deferred:
+                while (queue or deferred) and len(running) < max_concurrency:
+                    may_defer = bool(queue)
+                    indexes = queue.pop() if queue else deferred.pop(0)
+                    ticket = plan[indexes[0]].ticket
+                    started = time.perf_counter()
+                    try:
+                        if isinstance(ticket, AioovError):
+                            raise ticket
+                        job = jobs.submit(ticket, defer_if_busy=may_defer)
+                    except AioovError as exc:
+                        if fail_fast:
+                            raise
+                        for result in results_for(indexes, None, exc, started):
+                            done += 1
+                            if progress is not None:
+                                progress(BulkProgress(done, total, result))
+                            yield result
+                        continue
+                    running[job.future] = (indexes, job, started)
+                if not running:
+                    continue
+                await wait_first(list(running))
+                for future in [f for f in running if f.done()]:
+                    indexes, job, started = running.pop(future)
+                    jobs.leave(job)
+                    compiled = None
+                    error_: BaseException | None = None
+                    try:
+                        ticket = plan[indexes[0]].ticket
+                        assert isinstance(ticket, Ticket)
+                        compiled = wrap(jobs.result(job), ticket)
+                    except LockBusy:
+                        deferred.append(indexes)
+                        continue
+                    except Exception as exc:  # reported per model, never lost
+                        error_ = exc
+                        if fail_fast:
+                            raise
+                    for result in results_for(indexes, compiled, error_, started):
                         done += 1
                         if progress is not None:
                             progress(BulkProgress(done, total, result))
                         yield result
-                    continue
-                running[job.future] = (indexes, job, started)
-            if not running:
-                continue
-            await wait_first(list(running))
-            for future in [f for f in running if f.done()]:
-                indexes, job, started = running.pop(future)
+        finally:
+            for _, job, _ in running.values():
                 jobs.leave(job)
-                compiled = None
-                error_: BaseException | None = None
-                try:
-                    ticket = plan[indexes[0]].ticket
-                    assert isinstance(ticket, Ticket)
-                    compiled = wrap(jobs.result(job), ticket)
-                except LockBusy:
-                    deferred.append(indexes)
-                    continue
-                except Exception as exc:  # reported per model, never lost
-                    error_ = exc
-                    if fail_fast:
-                        raise
-                for result in results_for(indexes, compiled, error_, started):
-                    done += 1
-                    if progress is not None:
-                        progress(BulkProgress(done, total, result))
-                    yield result
-    finally:
-        for _, job, _ in running.values():
-            jobs.leave(job)

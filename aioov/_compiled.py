@@ -115,6 +115,7 @@ class CompiledModel:
         self.warmup_seconds = warmup_seconds  # None: not warmed up (not asked, or not possible)
         # An instant cache hit: the full-speed session, still to come
         self._upgrade: concurrent.futures.Future[ort.InferenceSession | None] | None = None
+        self._expedite: Callable[[], None] | None = None
         self._instant = False
         self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
@@ -128,15 +129,21 @@ class CompiledModel:
         return self._session
 
     # -- instant hits -------------------------------------------------------------------
-    def _follow(self, upgrade: concurrent.futures.Future[ort.InferenceSession | None] | None) -> None:
+    def _follow(
+        self, upgrade: concurrent.futures.Future[ort.InferenceSession | None] | None,
+        expedite: Callable[[], None] | None = None,
+    ) -> None:
         """This model came from an instant cache hit: swap in ``upgrade``'s full-speed session
-        once it is built (None: it never will be; the instant session serves on)."""
-        self._upgrade, self._instant = upgrade, True
+        once it is built (None: it never will be; the instant session serves on). ``expedite``
+        starts it now if it waits for a bulk load to end."""
+        self._upgrade, self._instant, self._expedite = upgrade, True, expedite
 
     async def wait_full_speed(self) -> None:
         """Wait until the full-speed session serves: at once unless this model came from an
         instant cache hit (``CACHE_HIT_MODE=INSTANT``) whose full-speed session is still loading."""
         if self._upgrade is not None and not self._upgrade.done():
+            if self._expedite is not None:
+                self._expedite()
             with contextlib.suppress(Exception):  # read by _swap
                 await wait_future(self._upgrade)
         self._swap()

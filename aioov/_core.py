@@ -234,7 +234,8 @@ class Core:
             warmup_seconds=result.warmup_seconds,
         )
         if result.pending is not None:  # an instant hit: its full-speed session is built next
-            compiled._follow(self._jobs.background(result.pending.upgrade))
+            upgrade = self._jobs.background(result.pending.upgrade)
+            compiled._follow(upgrade, functools.partial(self._jobs.expedite, upgrade) if upgrade else None)
         return compiled
 
     async def _export_to(

@@ -7,16 +7,18 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
 import aioov
 from aioov._jobs import CompileJobs
 
-from .helpers import reference
+from .helpers import make_models, reference
 
 pytestmark = pytest.mark.anyio
 
@@ -130,3 +132,53 @@ async def test_inferences_during_the_swap_all_succeed(bert_path: Path, cache_dir
     assert len(outputs) == 12
     for output in outputs:
         np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Which sessions entries were opened as, in order: "instant" or "full"."""
+    from aioov._reader import EntryReader
+
+    order: list[str] = []
+    original = EntryReader.open_blob
+
+    def open_blob(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        instant = args[4] if len(args) > 4 else kwargs.get("instant", False)
+        order.append("instant" if instant else "full")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EntryReader, "open_blob", open_blob)
+    return order
+
+
+async def test_a_bulk_load_makes_every_model_ready_before_any_full_speed_load(
+    tmp_path: Path, cache_dir: Path, opened: list[str]
+) -> None:
+    paths = make_models(tmp_path / "models", 4)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_all(paths, "CPU")
+        await core.wait_exports()
+    opened.clear()
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        results = await core.compile_all(paths, "CPU", INSTANT, max_concurrency=2)
+        assert all(r.from_cache for r in results)
+        for result in results:
+            await result.unwrap().wait_full_speed()
+            assert result.unwrap().get_property("SESSION") == "FULL"
+    # On a few cores the full-speed loads would otherwise slow the instant hits still to come.
+    assert opened == ["instant"] * 4 + ["full"] * 4
+
+
+async def test_waiting_for_full_speed_inside_a_bulk_load_does_not_wait_for_the_bulk(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    paths = make_models(tmp_path / "models", 3)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_all(paths, "CPU")
+        await core.wait_exports()
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        async with aclosing(core.compile_models(paths, "CPU", INSTANT, max_concurrency=1)) as results:
+            async for result in results:
+                with anyio.fail_after(60):  # it would wait for the end of the loop it is in
+                    await result.unwrap().wait_full_speed()
+                assert result.unwrap().get_property("SESSION") == "FULL"
