@@ -200,6 +200,13 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
         work("aioov_compile", model=item, cache_dir=cache, wait_export=True)
     for _ in range(repeats):
         s.add("onnxruntime cold", work("ort_cold", model=path)["seconds"])
+        # The same hit with the entry's checksums hashed again, as before stamps (#22).
+        _unstamp(cache)
+        s.add("INSTANT, no stamp: compile_model (warm hit)",
+              work("instant_hit", model=path, cache_dir=cache, mode="INSTANT")["ready"])
+        _unstamp(cache)
+        s.add("FULL, no stamps: 12 cached models, python start to all ready",
+              work("folder_start", models=folder, cache_dir=cache, mode="FULL")["ready"])
         for mode in ("FULL", "INSTANT"):
             r = work("instant_hit", model=path, cache_dir=cache, mode=mode)
             s.add(f"{mode}: compile_model (warm hit)", r["ready"])
@@ -223,12 +230,23 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
             s.med("INSTANT: full speed reached after") / s.med("FULL: compile_model (warm hit)")),
         "instant-session inference / full": (
             s.med("INSTANT: inference on the instant session") / s.med("INSTANT: inference at full speed")),
+        "INSTANT hit, stamped / not": (s.med("INSTANT: compile_model (warm hit)")
+                                       / s.med("INSTANT, no stamp: compile_model (warm hit)")),
+        "12 models ready (FULL), stamped / not": (
+            s.med("FULL: 12 cached models, python start to all ready")
+            / s.med("FULL, no stamps: 12 cached models, python start to all ready")),
         "12 models ready, INSTANT / FULL": (s.med("INSTANT: 12 cached models, python start to all ready")
                                            / s.med("FULL: 12 cached models, python start to all ready")),
     }
     s.target("warm compile_model <= 0.05x plain cold", s.ratios["INSTANT hit / onnxruntime cold"], 0.05, "lower")
     s.target("12 cached models ready <= 0.5x FULL", s.ratios["12 models ready, INSTANT / FULL"], 0.5, "lower")
     return s
+
+
+def _unstamp(cache: str) -> None:
+    """Remove the entries' verification stamps: the next hit hashes them again."""
+    for stamp in Path(cache).glob("v1/??/*/.verified"):
+        stamp.unlink()
 
 
 def scenario_gpu(size: str, repeats: int, tmp: Path) -> Scenario | None:
