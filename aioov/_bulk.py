@@ -132,11 +132,18 @@ async def compile_models(
     def results_for(
         indexes: list[int], compiled: CompiledModel | None, error: BaseException | None, started: float
     ) -> Iterator[CompileResult]:
+        """The results of one group of identical items, each counted and reported to ``progress``."""
+        nonlocal done
         seconds = time.perf_counter() - started
         for index in indexes:
             cached = bool(compiled is not None and compiled.get_property("LOADED_FROM_CACHE"))
             warmup = (compiled.warmup_seconds or 0.0) if compiled is not None else 0.0
-            yield CompileResult(index, plan[index].model, plan[index].device, compiled, error, seconds, cached, warmup)
+            result = CompileResult(index, plan[index].model, plan[index].device, compiled, error, seconds, cached,
+                                   warmup)
+            done += 1
+            if progress is not None:
+                progress(BulkProgress(done, total, result))
+            yield result
 
     # Instant hits' full-speed loads wait until the rest of the bulk is ready.
     with jobs.busy():
@@ -155,9 +162,6 @@ async def compile_models(
                         if fail_fast:
                             raise
                         for result in results_for(indexes, None, exc, started):
-                            done += 1
-                            if progress is not None:
-                                progress(BulkProgress(done, total, result))
                             yield result
                         continue
                     running[job.future] = (indexes, job, started)
@@ -181,9 +185,6 @@ async def compile_models(
                         if fail_fast:
                             raise
                     for result in results_for(indexes, compiled, error_, started):
-                        done += 1
-                        if progress is not None:
-                            progress(BulkProgress(done, total, result))
                         yield result
         finally:
             for _, job, _ in running.values():
