@@ -190,6 +190,29 @@ def scenario_warmup(size: str, repeats: int, tmp: Path) -> Scenario:
     return s
 
 
+def scenario_spinning(size: str, repeats: int, tmp: Path) -> Scenario:
+    """Idle intra-op threads: two models served in turns by one process, and one alone, with
+    onnxruntime's default (threads spin a while after each run) and aioov's (they stop)."""
+    s = Scenario("spinning", f"models served in turns by one process, {size} + bert-small (ms per inference)")
+    models = [str(model(size)), str(model("bert-small", 0))]
+    names = [Path(m).stem for m in models]
+    settings = {"0": "onnxruntime default (idle threads spin)", "1": "aioov (spinning stops)"}
+    for _ in range(repeats):
+        for stop, label in settings.items():
+            result = work("spin_turns", models=models, stop=stop)
+            s.add(f"{label}: {names[0]} alone", result["alone"] * 1000)
+            for name, value in zip(names, result["turns"]):
+                s.add(f"{label}: {name} in turns", value * 1000)
+    def ratio(what: str) -> float:
+        return s.med(f"{settings['1']}: {what}") / s.med(f"{settings['0']}: {what}")
+
+    s.ratios = {f"{what}, aioov / default": ratio(what)
+                for what in [f"{name} in turns" for name in names] + [f"{names[0]} alone"]}
+    s.target("one model alone no slower than with spinning", ratio(f"{names[0]} alone"), 1.05, "lower")
+    s.target("models in turns faster than with spinning", ratio(f"{names[1]} in turns"), 1.0, "lower")
+    return s
+
+
 def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
     """CACHE_HIT_MODE: warm hits in fresh processes, INSTANT against FULL, with plain onnxruntime's
     cold session for scale; a folder of 12 cached models from ``python`` start to all ready."""
@@ -643,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant", "gpu",
-                     "workers"]
+                     "workers", "spinning"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -680,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu = scenario_gpu(args.size, args.repeats, tmp)
             if gpu:
                 scenarios.append(gpu)
+        if "spinning" in chosen:
+            scenarios.append(scenario_spinning(args.size, args.repeats, tmp))
         if "instant" in chosen:
             scenarios.append(scenario_instant(args.size, args.repeats, tmp))
         if "warmup" in chosen:

@@ -311,6 +311,31 @@ async def instant_hit(model: str, cache_dir: str, mode: str, steady_runs: int = 
             "mem_before": before, "mem_during": during, "mem_after": after}
 
 
+async def spin_turns(models: list[str], stop: str, rounds: int = 20) -> dict[str, Any]:
+    """Models served in turns by one process (each run timed), and the first alone, with idle
+    intra-op threads spinning after a run (onnxruntime's default, ``stop="0"``) or not ("1")."""
+    import aioov
+
+    feed = {"input_ids": np.random.default_rng(0).integers(0, 8000, (1, 128), dtype=np.int64)}
+    config = {"ORT_SESSION_CONFIG": {"session.force_spinning_stop": stop}}
+    async with aioov.Core() as core:
+        sessions = [(await core.compile_model(path, "CPU", config)).session for path in models]
+    for session in sessions:
+        session.run(None, feed)
+
+    def timed(session: Any) -> float:
+        started = time.perf_counter()
+        session.run(None, feed)
+        return time.perf_counter() - started
+
+    alone = [timed(sessions[0]) for _ in range(rounds)]
+    turns: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for session, times in zip(sessions, turns):
+            times.append(timed(session))
+    return {"alone": float(np.median(alone)), "turns": [float(np.median(times)) for times in turns]}
+
+
 def folder_start(models: list[str], cache_dir: str, mode: str) -> dict[str, Any]:
     """From ``python`` start to every model of a cached folder ready, in a fresh interpreter."""
     import subprocess
@@ -499,6 +524,7 @@ TASKS = {
     "aioov_gpu": aioov_gpu,
     "instant_hit": instant_hit,
     "folder_start": folder_start,
+    "spin_turns": spin_turns,
     "first_inference": first_inference,
     "export_burst": export_burst,
     "warm_overhead": warm_overhead,
