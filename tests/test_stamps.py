@@ -140,3 +140,13 @@ async def test_authenticated_caches_check_macs_on_every_load_and_leave_no_stamp(
         compiled = await core.compile_model(bert_path, "CPU", config)
         assert compiled.get_property("LOADED_FROM_CACHE")
     assert not (entry / stamps.STAMP).exists()
+
+
+async def test_a_manifest_that_lists_the_stamp_as_a_blob_file_is_a_bad_entry(bert_path: Path, cache_dir: Path) -> None:
+    """Else writing a stamp would overwrite a file the entry is made of."""
+    entry = await publish(bert_path, cache_dir)
+    (entry / stamps.STAMP).write_bytes(b"{}")
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"][stamps.STAMP] = {"size": 2, "xxh3_128": "0" * 32}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert "bad file record" in (store_module.CacheStore(cache_dir).check(entry.name) or "")

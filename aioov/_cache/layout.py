@@ -6,7 +6,7 @@ import, so that devices never depend on how the store works.
 
 from __future__ import annotations
 
-__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "is_reserved")
+__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "STAMP", "is_reserved")
 
 #: bump when the meaning of a key or the entry layout changes (``CACHE_DIR/v<FORMAT_VERSION>``)
 FORMAT_VERSION = 1
@@ -17,8 +17,10 @@ BLOB_MODEL = "model.onnx"
 BLOB_WEIGHTS = "weights.bin"
 #: the one file of a marker published in place of an entry: this model cannot be cached here
 NOT_CACHEABLE = "not-cacheable.json"
+#: a verification stamp, written into an entry after it was published (``stamps.py``)
+STAMP = ".verified"
 
 
 def is_reserved(name: str) -> bool:
     """Whether a file name in an entry is one the cache itself gives meaning to."""
-    return name in (MANIFEST, "", ".", "..") or "/" in name or "\\" in name
+    return name in (MANIFEST, STAMP, "", ".", "..") or "/" in name or "\\" in name

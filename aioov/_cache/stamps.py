@@ -23,12 +23,11 @@ import time
 from typing import Any
 
 from .fsutil import atomic_write_bytes, load_json, read_regular
+from .layout import STAMP
 from .records import Entry
 
 __all__ = ("MAX_AGE", "STAMP", "stamp", "stamped")
 
-#: the stamp's file name in an entry (hidden; not in the manifest, so not part of the entry)
-STAMP = ".verified"
 #: seconds after which a stamp no longer spares the checksums
 MAX_AGE = 24 * 3600.0
 #: files changed this recently are not stamped (timestamps have a granularity)

@@ -53,7 +53,7 @@ from .fsutil import (
     rmtree,
 )
 from .key import StatIndex, path_digest
-from .layout import FORMAT_VERSION, MANIFEST
+from .layout import FORMAT_VERSION, MANIFEST, is_reserved
 from .locks import KeyLock
 from .records import CacheInfo, Entry, EntryInfo
 
@@ -181,9 +181,7 @@ class CacheStore:
         for name, meta in files.items():
             if (
                 not isinstance(name, str)
-                or "/" in name
-                or "\\" in name
-                or name in ("", ".", "..", MANIFEST)
+                or is_reserved(name)
                 or not isinstance(meta, dict)
                 or not isinstance(meta.get("size"), int)
                 or not isinstance(meta.get("xxh3_128"), str)
