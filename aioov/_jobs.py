@@ -171,10 +171,13 @@ class CompileJobs:
         future.add_done_callback(lambda _: self._forget_background(token))
         with self._background_lock:
             self._background.add(token)
-            if self._busy:
+            deferred = bool(self._busy)
+            if deferred:
                 self._deferred.append((work, token))
-                return future
-        self._start(work, token)
+        if self._closed:
+            token.cancel()  # closed meanwhile: ``close`` may have missed this token
+        elif not deferred:
+            self._start(work, token)
         return future
 
     def _start(self, work: Callable[[CancelToken], Any], token: CancelToken) -> None:
@@ -213,9 +216,11 @@ class CompileJobs:
         try:
             yield
         finally:
+            ready: list[tuple[Callable[[CancelToken], Any], CancelToken]] = []
             with self._background_lock:
                 self._busy -= 1
-                ready, self._deferred = (self._deferred, []) if not self._busy else ([], self._deferred)
+                if not self._busy:
+                    ready, self._deferred = self._deferred, []
             for work, token in ready:
                 self._start(work, token)
 
