@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from ._cache import auth
 from ._cache.layout import NOT_CACHEABLE
-from ._cache.stamps import stamp, stamped
+from ._cache.stamps import Identities, identities, stamp, stamped
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore, Entry
 from ._concurrency import CancelToken
@@ -40,7 +40,7 @@ class EntryReader:
         self._sessions = sessions
         self._events = events
         self._io_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aioov-io")
-        self._verified: dict[Path, tuple[tuple[int, ...], ...] | None] = {}  # entries checksummed here
+        self._verified: dict[Path, Identities] = {}  # entries checksummed here, as their files were
 
     def shutdown(self) -> None:
         self._io_pool.shutdown(wait=True)
@@ -137,16 +137,17 @@ class EntryReader:
             store.quarantine(entry.key, problem)
             return None
         if check is not None and mac_key is None:
-            self._verified[entry.path] = _identity(entry)
-            stamp(entry)
+            files = identities(entry)
+            if files is not None:
+                self._verified[entry.path] = files
+                stamp(entry, files)
         store.touch(entry.key)
         return session, Pending(self._upgrader(store, entry, request, variant)) if instant else None
 
     def _known_good(self, entry: Entry) -> bool:
         """Whether ``entry``'s files are those whose checksums matched before (same identity)."""
-        if entry.path in self._verified and self._verified[entry.path] == _identity(entry):
-            return True
-        return stamped(entry)
+        files = identities(entry)
+        return files is not None and (self._verified.get(entry.path) == files or stamped(entry, files))
 
     def _upgrader(
         self, store: CacheStore, entry: Entry, request: CompileRequest, variant: str
@@ -233,12 +234,3 @@ def _scratch(store: CacheStore, key: str) -> Path:
         return store.new_tmp(key)
     except OSError:
         return Path(tempfile.mkdtemp(prefix="aioov-import-"))
-
-
-def _identity(entry: Entry) -> tuple[tuple[int, ...], ...] | None:
-    """Which files an entry is made of: any rewrite changes the mtime (and usually more)."""
-    try:
-        stats = [os.stat(entry.file(name)) for name in sorted(entry.files)]
-    except OSError:
-        return None
-    return tuple((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) for st in stats)

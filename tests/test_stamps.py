@@ -12,7 +12,7 @@ import aioov
 from aioov._cache import stamps
 from aioov._cache import store as store_module
 
-from .test_cache import corrupt_weights, entries
+from .test_cache import corrupt_weights, entries, published
 
 pytestmark = pytest.mark.anyio
 
@@ -46,18 +46,10 @@ async def hit(model: Path, cache_dir: Path) -> aioov.CacheStats:
         return core.cache_stats
 
 
-async def publish(model: Path, cache_dir: Path) -> Path:
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(model, "CPU")
-        await core.wait_exports()
-    (entry,) = entries(cache_dir)
-    return entry
-
-
 async def test_an_entry_verified_once_is_not_hashed_again_while_its_files_are_unchanged(
     bert_path: Path, cache_dir: Path, hashed: list[str], settled: None
 ) -> None:
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     assert sorted(hashed) == ["model.onnx", "weights.bin"] and (entry / stamps.STAMP).is_file()
     hashed.clear()
@@ -68,7 +60,7 @@ async def test_an_entry_verified_once_is_not_hashed_again_while_its_files_are_un
 async def test_a_file_rewritten_after_its_stamp_is_verified_again_even_with_its_mtime_put_back(
     bert_path: Path, cache_dir: Path, hashed: list[str], settled: None
 ) -> None:
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     weights = entry / "weights.bin"
     before = weights.stat()
@@ -83,7 +75,7 @@ async def test_files_written_moments_ago_are_not_stamped(
     bert_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stamps, "SETTLE", 3600.0)  # "moments": however slow this machine is
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     await hit(bert_path, cache_dir)  # verified, but a rewrite inside one timestamp tick could hide
     assert not (entry / stamps.STAMP).exists()
 
@@ -91,7 +83,7 @@ async def test_files_written_moments_ago_are_not_stamped(
 async def test_an_expired_stamp_means_verifying_again_and_renewing_it(
     bert_path: Path, cache_dir: Path, hashed: list[str], settled: None
 ) -> None:
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     stamp_file = entry / stamps.STAMP
     data = json.loads(stamp_file.read_text())
@@ -108,7 +100,7 @@ async def test_an_expired_stamp_means_verifying_again_and_renewing_it(
 async def test_a_malformed_stamp_is_ignored(
     bert_path: Path, cache_dir: Path, hashed: list[str], junk: bytes
 ) -> None:
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     (entry / stamps.STAMP).write_bytes(junk)
     stats = await hit(bert_path, cache_dir)
     assert "weights.bin" in hashed and stats.hits == 1 and stats.corrupt == 0
@@ -117,14 +109,16 @@ async def test_a_malformed_stamp_is_ignored(
 async def test_cache_verify_reads_no_stamp(bert_path: Path, cache_dir: Path, settled: None) -> None:
     """Bits a disk flips under an unchanged inode are what a stamp cannot see; ``cache verify``
     (``CacheStore.check``) always hashes."""
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     corrupt_weights(entry)
     key = entry.name
     store = store_module.CacheStore(cache_dir)
     looked_up = store.lookup(key, check_sizes=True)
     assert looked_up is not None
-    stamps.stamp(looked_up)  # as if nothing had touched the file
+    files = stamps.identities(looked_up)
+    assert files is not None
+    stamps.stamp(looked_up, files)  # as if nothing had touched the file
     assert store.check(key) == "weights.bin checksum mismatch"
 
 
@@ -144,7 +138,7 @@ async def test_authenticated_caches_check_macs_on_every_load_and_leave_no_stamp(
 
 async def test_a_manifest_that_lists_the_stamp_as_a_blob_file_is_a_bad_entry(bert_path: Path, cache_dir: Path) -> None:
     """Else writing a stamp would overwrite a file the entry is made of."""
-    entry = await publish(bert_path, cache_dir)
+    entry, _ = await published(bert_path, cache_dir)
     (entry / stamps.STAMP).write_bytes(b"{}")
     manifest = json.loads((entry / "manifest.json").read_text())
     manifest["files"][stamps.STAMP] = {"size": 2, "xxh3_128": "0" * 32}

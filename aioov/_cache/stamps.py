@@ -26,7 +26,7 @@ from .fsutil import atomic_write_bytes, load_json, read_regular
 from .layout import STAMP
 from .records import Entry
 
-__all__ = ("MAX_AGE", "STAMP", "stamp", "stamped")
+__all__ = ("MAX_AGE", "STAMP", "Identities", "identities", "stamp", "stamped")
 
 #: seconds after which a stamp no longer spares the checksums
 MAX_AGE = 24 * 3600.0
@@ -37,39 +37,46 @@ _MAX_STAMP_BYTES = 1 << 16
 _USABLE = os.name == "posix"
 
 
-def stamped(entry: Entry) -> bool:
-    """Whether a stamp says ``entry``'s files are those that were verified, recently enough."""
+#: name → [size, mtime_ns, ctime_ns, inode, device, recorded digest] of each file of an entry
+Identities = dict[str, list[Any]]
+
+
+def identities(entry: Entry) -> Identities | None:
+    """What its files are now: any write to one changes its ctime (and usually more). None when
+    a file is missing or not a regular file."""
+    files: Identities = {}
+    try:
+        for name, record in sorted(entry.files.items()):
+            st = os.lstat(entry.file(name))
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, record.get("xxh3_128")]
+    except OSError:
+        return None
+    return files
+
+
+def stamped(entry: Entry, files: Identities) -> bool:
+    """Whether a stamp says ``entry``'s files, as ``files`` (``identities``) has them now, are
+    those that were verified, recently enough."""
     if not _USABLE:
         return False
     try:
         data = load_json(read_regular(entry.path / STAMP, _MAX_STAMP_BYTES))
         age = time.time() - float(data["verified_at"])
-        return 0 <= age <= MAX_AGE and data["files"] == _identities(entry)
+        return 0 <= age <= MAX_AGE and data["files"] == files
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def stamp(entry: Entry) -> None:
-    """Record that ``entry``'s files, as they are now, passed their checksums. Best effort."""
+def stamp(entry: Entry, files: Identities) -> None:
+    """Record that ``entry``'s files, as ``files`` has them, passed their checksums. Best effort."""
     if not _USABLE:
         return
     now = time.time()
+    if any(now - max(s[1], s[2]) / 1e9 < SETTLE for s in files.values()):
+        return
     try:
-        files = _identities(entry)
-        if files is None or any(now - max(s[1], s[2]) / 1e9 < SETTLE for s in files.values()):
-            return
         atomic_write_bytes(entry.path / STAMP, json.dumps({"verified_at": now, "files": files}).encode())
     except OSError:
         pass  # a read-only cache: verified again next time
-
-
-def _identities(entry: Entry) -> dict[str, list[Any]] | None:
-    """name → [size, mtime_ns, ctime_ns, inode, device, recorded digest]; None if a file is
-    not a regular file."""
-    files: dict[str, list[Any]] = {}
-    for name, record in sorted(entry.files.items()):
-        st = os.lstat(entry.file(name))
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, record.get("xxh3_128")]
-    return files
