@@ -151,13 +151,17 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return order
 
 
+async def _cached_all(cache_dir: Path, paths: list[Path]) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_all(paths, "CPU")
+        await core.wait_exports()
+
+
 async def test_a_bulk_load_makes_every_model_ready_before_any_full_speed_load(
     tmp_path: Path, cache_dir: Path, opened: list[str]
 ) -> None:
     paths = make_models(tmp_path / "models", 4)
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_all(paths, "CPU")
-        await core.wait_exports()
+    await _cached_all(cache_dir, paths)
     opened.clear()
     async with aioov.Core(cache_dir=cache_dir) as core:
         results = await core.compile_all(paths, "CPU", INSTANT, max_concurrency=2)
@@ -173,9 +177,7 @@ async def test_waiting_for_full_speed_inside_a_bulk_load_does_not_wait_for_the_b
     tmp_path: Path, cache_dir: Path
 ) -> None:
     paths = make_models(tmp_path / "models", 3)
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_all(paths, "CPU")
-        await core.wait_exports()
+    await _cached_all(cache_dir, paths)
     async with aioov.Core(cache_dir=cache_dir) as core:
         async with aclosing(core.compile_models(paths, "CPU", INSTANT, max_concurrency=1)) as results:
             async for result in results:
