@@ -268,7 +268,9 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
 
 def _unstamp(cache: str) -> None:
     """Remove the entries' verification stamps: the next hit hashes them again."""
-    for stamp in Path(cache).glob("v1/??/*/.verified"):
+    from aioov._cache.layout import STAMP
+
+    for stamp in Path(cache).glob(f"v1/??/*/{STAMP}"):
         stamp.unlink()
 
 
