@@ -36,13 +36,18 @@ OPT_LEVELS = {
 }
 
 
-#: session config entries aioov sets unless ``ORT_SESSION_CONFIG`` names them. Idle intra-op
-#: threads stop spinning when a Run ends: measured on 2 cores, two models served in turns by
-#: one process ran 1.2–2× slower with onnxruntime's default (each session's idle threads spun
-#: against the other's run; BERT-base 237 against 194 ms, a 40 MB model 35.5 against 18 ms) and
-#: four workers warming 12 models each took 5.4 instead of 4.4 s; one session alone, back to
-#: back or 20 ms apart, ran as fast either way. Not in the cache key: it changes no graph.
-SESSION_DEFAULTS = {"session.force_spinning_stop": "1"}
+#: session config entries aioov sets unless ``ORT_SESSION_CONFIG`` names them; not in the
+#: cache key (they change no graph). Measured on 2 cores (docs/performance.md):
+#:
+#: - Idle intra-op threads stop spinning when a Run ends: two models served in turns by one
+#:   process ran 1.2–2× slower with onnxruntime's default (each session's idle threads spun
+#:   against the other's run); one session alone ran as fast either way.
+#: - An idle thread spins at most 2 ms before it sleeps (onnxruntime's default is 2^20 spins,
+#:   ~55 ms here). Every new session's pool threads spin that long as they start, beside the
+#:   build: 12 models loaded in one process spent 0.44 CPU-s of 1.3 spinning, which four
+#:   workers starting on the same cores pay for in wall time. Gaps inside a run are far
+#:   shorter: inference ran as fast either way.
+SESSION_DEFAULTS = {"session.force_spinning_stop": "1", "session.intra_op.spin_duration_us": "2000"}
 
 
 def session_options(level: str, session_config: Mapping[str, str]) -> ort.SessionOptions:

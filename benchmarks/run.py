@@ -422,29 +422,37 @@ def scenario_ovep(size: str, repeats: int, tmp: Path) -> Scenario | None:
     return s
 
 
+def start_together(paths: list[str], count: int, cache: Path, tmp: Path,
+                   config: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], float]:
+    """``count`` fresh processes, imported and waiting, then compiling ``paths`` at one go:
+    their reports and the time of the go."""
+    barrier = Path(tempfile.mkdtemp(dir=tmp))
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.worker", "shared_start",
+         json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier), "config": config})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=child_env()) for _ in range(count)]
+    while len(list(barrier.glob("ready.*"))) < count:  # all imported and waiting
+        time.sleep(0.01)
+    start_at = time.time()
+    (barrier / "go").touch()
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(err[-2000:])
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["ok"] for r in reports)
+    return reports, start_at
+
+
 def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8) -> Scenario:
     """4: P processes x M models starting together on one empty cache vs one process."""
     s = Scenario("shared", f"{processes} processes x {models} models (bert-small) cold start (seconds)")
     paths = [str(model("bert-small", seed)) for seed in range(models)]
 
     def run(count: int, cache: Path, config: dict[str, Any] | None = None) -> tuple[float, float, int]:
-        barrier = Path(tempfile.mkdtemp(dir=tmp))
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", "shared_start",
-             json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier), "config": config})],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=child_env()) for _ in range(count)]
-        while len(list(barrier.glob("ready.*"))) < count:  # all imported and waiting
-            time.sleep(0.01)
-        start_at = time.time()
-        (barrier / "go").touch()
-        reports = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=900)
-            if proc.returncode != 0:
-                raise RuntimeError(err[-2000:])
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-        assert all(r["ok"] for r in reports)
+        reports, start_at = start_together(paths, count, cache, tmp, config)
         ready = max(r["ready"] for r in reports) - start_at
         done = max(r["done"] for r in reports) - start_at
         return ready, done, sum(r["compiles"] for r in reports)
@@ -523,6 +531,52 @@ def scenario_workers(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 2, 4
     return s
 
 
+def scenario_poolstart(repeats: int, tmp: Path, processes: int = 4) -> Scenario:
+    """How long a new session's intra-op threads spin as they start: onnxruntime's default
+    (2^20 spins) against aioov's ``session.intra_op.spin_duration_us``, on the workers
+    scenario's 12 cached models — one process loading them (wall and CPU seconds), P processes
+    loading and warming them at once, and steady inference of each model."""
+    from aioov._sessions import SESSION_DEFAULTS
+
+    s = Scenario("poolstart", "12 cached models: pool threads spinning as sessions start")
+    paths = [str(p) for p in sorted(model_folder(tmp).glob("*.onnx"))]
+    cache = tmp / "poolstart-cache"
+    start_together(paths, 1, cache, tmp)  # fill the cache (and wait for the entries)
+    ours = SESSION_DEFAULTS["session.intra_op.spin_duration_us"]
+    settings = {"onnxruntime default": "-1", f"aioov ({ours} us)": ours}
+    s.notes.update(models=[Path(p).name for p in paths], cores=host_cores())
+    for _ in range(repeats):
+        for label, spin in settings.items():
+            config = {"ORT_SESSION_CONFIG": {"session.intra_op.spin_duration_us": spin}}
+            (one,), start_at = start_together(paths, 1, cache, tmp, config)
+            s.add(f"{label}: 1 process, all loaded (s)", one["ready"] - start_at)
+            s.add(f"{label}: 1 process, CPU seconds", one["cpu"])
+            reports, start_at = start_together(paths, processes, cache, tmp, {**config, "WARMUP": 1})
+            s.add(f"{label}: {processes} processes, all loaded and warmed (s)",
+                  max(r["ready"] for r in reports) - start_at)
+        configs = {label: {"ORT_SESSION_CONFIG": {"session.intra_op.spin_duration_us": spin}}
+                   for label, spin in settings.items()}
+        for name, ms in work("pool_infer", models=paths, cache_dir=str(cache), configs=configs)["ms"].items():
+            for label, value in ms.items():
+                s.add(f"{label}: {name} inference (ms)", value)
+    default, aioov = settings
+
+    def ratio(what: str) -> float:
+        return s.med(f"{aioov}: {what}") / s.med(f"{default}: {what}")
+
+    for what in ["1 process, all loaded (s)", "1 process, CPU seconds",
+                 f"{processes} processes, all loaded and warmed (s)"]:
+        s.ratios[f"{what}, aioov / default"] = ratio(what)
+    inference = [ratio(label.split(": ", 1)[1]) for label in s.samples
+                 if label.startswith(default) and label.endswith("inference (ms)")]
+    s.ratios.update({"inference, aioov / default, median over models": statistics.median(inference),
+                     "inference, aioov / default, worst model": max(inference)})
+    s.target("inference no slower (median over models)", statistics.median(inference), 1.03, "lower")
+    together = s.ratios[f"{processes} processes, all loaded and warmed (s), aioov / default"]
+    s.target(f"{processes} processes ready sooner", together, 1.0, "lower")
+    return s
+
+
 def scenario_bulk(repeats: int, tmp: Path, count: int = 16) -> Scenario:
     """5: 16 transformer-like models loaded one by one vs compile_models, cold and warm."""
     s = Scenario("bulk", f"bulk load of {count} models (bert-small), seconds / lag")
@@ -589,6 +643,8 @@ def print_table(scenarios: list[Scenario]) -> None:
         for label, values in s.samples.items():
             st = summary(values)
             fmt = (lambda v: f"{v:9.0f}") if _count(label) else (lambda v: f"{v:9.4f}")
+            if label.endswith("(ms)"):
+                fmt = lambda v: f"{v:9.2f}"  # noqa: E731
             print(f"| {label:45} | {fmt(st['median'])} | {fmt(st['min'])} | {fmt(st['max'])} |")
         for name, value in s.ratios.items():
             print(f"| ratio: {name:38} | {value:9.3f} | {'':9} | {'':9} |")
@@ -639,7 +695,7 @@ def chart(scenarios: list[Scenario], path: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, s in zip(axes.flat, panels):
-        labels = [k for k in s.samples if "lag" not in k and not _count(k)]
+        labels = [k for k in s.samples if "lag" not in k and not _count(k) and not k.endswith("(ms)")]
         medians = [statistics.median(s.samples[k]) for k in labels]
         lows = [m - min(s.samples[k]) for m, k in zip(medians, labels)]
         highs = [max(s.samples[k]) - m for m, k in zip(medians, labels)]
@@ -668,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant", "gpu",
-                     "workers", "spinning"]
+                     "workers", "spinning", "poolstart"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -707,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
                 scenarios.append(gpu)
         if "spinning" in chosen:
             scenarios.append(scenario_spinning(args.size, args.repeats, tmp))
+        if "poolstart" in chosen:
+            scenarios.append(scenario_poolstart(args.repeats, tmp))
         if "instant" in chosen:
             scenarios.append(scenario_instant(args.size, args.repeats, tmp))
         if "warmup" in chosen:

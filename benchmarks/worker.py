@@ -163,14 +163,49 @@ async def shared_start(models: list[str], cache_dir: str, barrier: str,
     (gate / f"ready.{os.getpid()}").touch()
     while not (gate / "go").exists():  # every process starts within ~1 ms of the others
         time.sleep(0.001)
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     async with aioov.Core(cache_dir=cache_dir) as core:
         results = await core.compile_all(models, "CPU", config)
-        ready = time.time()
+        ready, cpu = time.time(), time.process_time() - cpu
         await core.wait_exports()
         stats = core.cache_stats.as_dict()
     return {"started": started, "ready": ready, "done": time.time(), "compiles": stats["compiles"],
-            "hits": sum(r.from_cache for r in results), "ok": all(r.ok for r in results)}
+            "cpu": cpu, "hits": sum(r.from_cache for r in results), "ok": all(r.ok for r in results)}
+
+
+async def pool_infer(models: list[str], cache_dir: str, configs: dict[str, dict[str, Any]],
+                     rounds: int = 7, budget: float = 0.05) -> dict[str, Any]:
+    """Steady inference of each model under each config, the configs' sessions side by side
+    in one process and timed in turns (ms, median of ``rounds``); models whose inputs cannot
+    be made up are left out."""
+    import aioov
+    from aioov._compiled import Port
+    from aioov._inputs import first_run
+    from aioov._sessions import quiet_run
+
+    out: dict[str, dict[str, float]] = {}
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        for path in models:
+            sessions = {name: (await core.compile_model(path, "CPU", config)).session
+                        for name, config in configs.items()}
+            first = next(iter(sessions.values()))
+            try:
+                feed, _ = first_run([Port.from_node_arg(a) for a in first.get_inputs()], quiet_run(first), None)
+            except Exception:
+                continue
+            started = time.perf_counter()
+            first.run(None, feed)
+            runs = max(3, int(budget / max(time.perf_counter() - started, 1e-4)))
+            times: dict[str, list[float]] = {name: [] for name in sessions}
+            for _ in range(rounds):
+                for name, session in sessions.items():
+                    session.run(None, feed)
+                    started = time.perf_counter()
+                    for _ in range(runs):
+                        session.run(None, feed)
+                    times[name].append((time.perf_counter() - started) / runs * 1000)
+            out[os.path.basename(path)] = {name: float(np.median(t)) for name, t in times.items()}
+    return {"ms": out}
 
 
 async def warm_overhead(model: str, cache_dir: str, blob: str, rounds: int = 10) -> dict[str, Any]:
@@ -525,6 +560,7 @@ TASKS = {
     "instant_hit": instant_hit,
     "folder_start": folder_start,
     "spin_turns": spin_turns,
+    "pool_infer": pool_infer,
     "first_inference": first_inference,
     "export_burst": export_burst,
     "warm_overhead": warm_overhead,
