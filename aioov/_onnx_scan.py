@@ -49,6 +49,7 @@ class ModelScan:
     opset_count: int = 0
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    initializers: list[str] = field(default_factory=list)  # the main graph's (dense) ones
     external: list[ExternalRef] = field(default_factory=list)
 
     @property
@@ -132,7 +133,9 @@ class _Scanner:
             if wire != 2:
                 continue
             if number == _GRAPH_INITIALIZER:
-                self.tensor(value)
+                name = self.tensor(value)
+                if top:
+                    self.result.initializers.append(name)
             elif number == _GRAPH_SPARSE_INITIALIZER:
                 self.sparse(value)
             elif number == _GRAPH_NODE:
@@ -175,7 +178,8 @@ class _Scanner:
             if wire == 2 and number in (_SPARSE_VALUES, _SPARSE_INDICES):
                 self.tensor(value)
 
-    def tensor(self, span: tuple[int, int]) -> None:
+    def tensor(self, span: tuple[int, int]) -> str:
+        """Record the tensor's external data, if any; its name."""
         name, external, entries = "", False, {}
         for number, wire, value in _fields(self.buf, *span):
             if number == _TENSOR_NAME and wire == 2:
@@ -191,7 +195,7 @@ class _Scanner:
                         val = _text(self.buf, v)
                 entries[key] = val
         if not external:
-            return
+            return name
         if not entries.get("location"):
             raise ScanError(f"tensor {name!r} is stored externally but names no location")
         try:
@@ -200,6 +204,7 @@ class _Scanner:
         except ValueError:
             raise ScanError(f"tensor {name!r} has a non-numeric external offset/length") from None
         self.result.external.append(ExternalRef(name, entries["location"], offset, length))
+        return name
 
 
 def scan_bytes(data: bytes | bytearray | memoryview | mmap.mmap) -> ModelScan:
