@@ -234,6 +234,9 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
             r = work("instant_hit", model=path, cache_dir=cache, mode=mode)
             s.add(f"{mode}: compile_model (warm hit)", r["ready"])
             s.add(f"{mode}: first inference", r["first"])
+            s.add(f"{mode}: first answer (hit + first inference)", r["ready"] + r["first"])
+            alone = work("instant_full_speed", model=path, cache_dir=cache, mode=mode)
+            s.add(f"{mode}: full speed reached, no inference meanwhile", alone["full_speed_at"])
             s.add(f"{mode}: full speed reached after", r["full_speed_at"])
             s.add(f"{mode}: inference at full speed", r["full_infer"])
             if r["instant_infer"] is not None:
@@ -251,6 +254,10 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
         "FULL hit / onnxruntime cold": s.med("FULL: compile_model (warm hit)") / cold,
         "INSTANT full speed reached / FULL hit": (
             s.med("INSTANT: full speed reached after") / s.med("FULL: compile_model (warm hit)")),
+        "INSTANT full speed reached, no inference meanwhile / FULL hit": (
+            s.med("INSTANT: full speed reached, no inference meanwhile") / s.med("FULL: compile_model (warm hit)")),
+        "INSTANT first answer / FULL first answer": (s.med("INSTANT: first answer (hit + first inference)")
+                                                     / s.med("FULL: first answer (hit + first inference)")),
         "instant-session inference / full": (
             s.med("INSTANT: inference on the instant session") / s.med("INSTANT: inference at full speed")),
         "INSTANT hit, stamped / not": (s.med("INSTANT: compile_model (warm hit)")
@@ -262,6 +269,10 @@ def scenario_instant(size: str, repeats: int, tmp: Path) -> Scenario:
                                            / s.med("FULL: 12 cached models, python start to all ready")),
     }
     s.target("warm compile_model <= 0.05x plain cold", s.ratios["INSTANT hit / onnxruntime cold"], 0.05, "lower")
+    s.target("INSTANT full speed no later than a FULL hit (nothing else running)",
+             s.ratios["INSTANT full speed reached, no inference meanwhile / FULL hit"], 1.0, "lower")
+    s.target("INSTANT first answer no later than FULL's", s.ratios["INSTANT first answer / FULL first answer"],
+             1.0, "lower")
     s.target("12 cached models ready <= 0.5x FULL", s.ratios["12 models ready, INSTANT / FULL"], 0.5, "lower")
     return s
 

@@ -346,6 +346,19 @@ async def instant_hit(model: str, cache_dir: str, mode: str, steady_runs: int = 
             "mem_before": before, "mem_during": during, "mem_after": after}
 
 
+async def instant_full_speed(model: str, cache_dir: str, mode: str) -> dict[str, Any]:
+    """A warm hit, then nothing but waiting for the full-speed session: when it serves."""
+    import aioov
+
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        core.get_available_devices()
+        started = time.perf_counter()
+        compiled = await core.compile_model(model, "CPU", {"CACHE_HIT_MODE": mode})
+        ready = time.perf_counter() - started
+        await compiled.wait_full_speed()
+        return {"ready": ready, "full_speed_at": time.perf_counter() - started}
+
+
 async def spin_turns(models: list[str], stop: str, rounds: int = 20) -> dict[str, Any]:
     """Models served in turns by one process (each run timed), and the first alone, with idle
     intra-op threads spinning after a run (onnxruntime's default, ``stop="0"``) or not ("1")."""
@@ -558,6 +571,7 @@ TASKS = {
     "ort_gpu": ort_gpu,
     "aioov_gpu": aioov_gpu,
     "instant_hit": instant_hit,
+    "instant_full_speed": instant_full_speed,
     "folder_start": folder_start,
     "spin_turns": spin_turns,
     "pool_infer": pool_infer,
