@@ -2,7 +2,8 @@
 
 One builder is kept for a burst of exports (measured: starting one costs 0.4-0.6 s of
 imports here, once per burst instead of once per model; started during the caller's compile
-instead of after it, it made that compile ~0.3 s slower for no earlier publish) and closed
+instead of after it, it made that compile ~0.3 s slower for no earlier publish, and 0.15 s
+slower again once new sessions' pool threads stopped spinning for ~55 ms) and closed
 after ``IDLE_CLOSE`` seconds without a job, so an idle application holds no builder and none
 of its memory. A background job finding the kept one busy gets a one-off process; a job
 somebody waits for waits for it a little first (``KEPT_WAIT``). Background
