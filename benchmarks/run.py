@@ -555,18 +555,17 @@ def scenario_poolstart(repeats: int, tmp: Path, processes: int = 4) -> Scenario:
     start_together(paths, 1, cache, tmp)  # fill the cache (and wait for the entries)
     ours = SESSION_DEFAULTS["session.intra_op.spin_duration_us"]
     settings = {"onnxruntime default": "-1", f"aioov ({ours} us)": ours}
+    configs = {label: {"ORT_SESSION_CONFIG": {"session.intra_op.spin_duration_us": spin}}
+               for label, spin in settings.items()}
     s.notes.update(models=[Path(p).name for p in paths], cores=host_cores())
     for _ in range(repeats):
-        for label, spin in settings.items():
-            config = {"ORT_SESSION_CONFIG": {"session.intra_op.spin_duration_us": spin}}
+        for label, config in configs.items():
             (one,), start_at = start_together(paths, 1, cache, tmp, config)
             s.add(f"{label}: 1 process, all loaded (s)", one["ready"] - start_at)
             s.add(f"{label}: 1 process, CPU seconds", one["cpu"])
             reports, start_at = start_together(paths, processes, cache, tmp, {**config, "WARMUP": 1})
             s.add(f"{label}: {processes} processes, all loaded and warmed (s)",
                   max(r["ready"] for r in reports) - start_at)
-        configs = {label: {"ORT_SESSION_CONFIG": {"session.intra_op.spin_duration_us": spin}}
-                   for label, spin in settings.items()}
         for name, ms in work("pool_infer", models=paths, cache_dir=str(cache), configs=configs)["ms"].items():
             for label, value in ms.items():
                 s.add(f"{label}: {name} inference (ms)", value)
