@@ -23,13 +23,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ._concurrency import CancelToken
 from ._errors import Cancelled
 
-__all__ = ("BuildReport", "Builders")
+__all__ = ("BuildReport", "Builders", "Timeout")
+
+#: seconds a job may take: a number, or a function read while it runs (a limit that follows
+#: a compile still running beside the build)
+Timeout = float | Callable[[], float]
 
 #: seconds between looks at a cancel token while waiting for a builder
 _POLL = 0.05
@@ -84,7 +89,7 @@ class _Process:
                 self.replies.put(line)
         self.replies.put(None)
 
-    def run(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
+    def run(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
         assert self.popen.stdin is not None
         self.niced = self.niced or bool(job.get("background"))
         try:
@@ -92,7 +97,8 @@ class _Process:
             self.popen.stdin.flush()
         except OSError:
             return self._died()
-        deadline = time.monotonic() + timeout
+        limit = timeout if callable(timeout) else (lambda: timeout)
+        started = time.monotonic()
         while True:
             if token is not None and token.cancelled:
                 self.kill()
@@ -100,9 +106,9 @@ class _Process:
             try:
                 line = self.replies.get(timeout=_POLL)
             except queue.Empty:
-                if time.monotonic() > deadline:
+                if time.monotonic() - started > limit():
                     self.kill()
-                    return BuildReport(False, f"the builder did not finish within {timeout:.0f} s",
+                    return BuildReport(False, f"the builder did not finish within {limit():.0f} s",
                                        transient=True, stop=True)
                 continue
             if line is None:
@@ -159,14 +165,14 @@ class Builders:
         self._lock = threading.Lock()
         self._idle: threading.Timer | None = None
 
-    def build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
+    def build(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
         """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""
         try:
             return self._build(job, timeout, token)
         except OSError as exc:  # no interpreter to start, no processes left, ...
             return BuildReport(False, f"cannot start a builder process: {exc}", transient=True, stop=True)
 
-    def _build(self, job: dict[str, Any], timeout: float, token: CancelToken | None) -> BuildReport:
+    def _build(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
         if not self._take(KEPT_WAIT if not job.get("background") else 0.0, token):
             process = _Process()  # the kept one is busy: a one-off
             try:

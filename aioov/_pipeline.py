@@ -143,7 +143,7 @@ class Pipeline:
         self.events.count(misses=1)
         if self.writer.awaited(claim, request):
             return self._publish_then_load(claim, request, token)
-        return self._result(request, self.writer.compile(claim, request, token), key)
+        return self._result(request, self.writer.compile(claim, request, token, bulk=defer_if_busy), key)
 
     def _publish_then_load(self, claim: Claim, request: CompileRequest, token: CancelToken) -> Result:
         """Others wait for this entry: a builder writes and publishes it now, and this process

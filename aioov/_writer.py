@@ -5,8 +5,10 @@ once the entry is published or given up. Formats that a second session can write
 are written and checked in a builder process (``_builds``, ``_builder``), never here:
 
 - alone (the default, ``CACHE_EXPORT=ASYNC`` with no other process loading from the cache),
-  ``compile`` builds the caller's session first and a builder writes the entry afterwards,
-  from the ``Exporter``'s thread: the first compile costs what an uncached one does;
+  ``compile`` builds the caller's session and a builder, run from the ``Exporter``'s thread at
+  nice 10, writes the entry: beside the compile when nothing else compiles or exports in this
+  process (a session build leaves a core idle), else afterwards. The first compile costs about
+  what an uncached one does;
 - awaited (``CACHE_EXPORT=SYNC``, or other processes loading from the cache now, who will
   wait for this key: ``_cache/peers.py``), ``publish_now`` has a builder write, check and
   publish the entry at once, and the pipeline loads it like any hit: one compile in all, in
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ._builds import Builders
+from ._builds import Builders, Timeout
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
@@ -82,14 +86,17 @@ class EntryWriter:
         self._events = events
         self._exporter = exporter
         self._builders = Builders()
+        self._lock = threading.Lock()
+        self._compiling = 0  # compiles of ``compile`` in flight
 
     def shutdown(self) -> None:
         self._builders.close()
 
-    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
+    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, *, bulk: bool = False
+                ) -> ort.InferenceSession:
         """The caller's session; the entry is written by a builder in the background (or, for
         formats whose provider writes it, by this compile). Takes over ``claim``: its locks are
-        released once the entry is published or given up."""
+        released once the entry is published or given up. ``bulk``: one of many compiles."""
         blob = request.device.blob
         assert blob is not None
         if not blob.background:
@@ -97,13 +104,30 @@ class EntryWriter:
                 return self._compile_and_export(claim, request, token)
             finally:
                 claim.release()
+        timing = _CompileTime()
+        with self._lock:
+            beside = not bulk and not self._compiling and not self._exporter.pending and _CORES > 1
+            self._compiling += 1
         try:
-            started = time.perf_counter()
-            session = self._sessions.compile(request, token)
-        except BaseException:
-            claim.release()
-            raise
-        self._exporter.submit(self._export_job(claim, request, time.perf_counter() - started), on_drop=claim.release)
+            if beside:
+                # Nothing else compiles or exports here: the builder writes the entry beside
+                # this compile, on a core that a session build leaves idle (measured, BERT-base
+                # on 2 cores: entry published 1.3 s sooner, for a compile ~0.1 s slower).
+                export = self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
+            try:
+                session = self._sessions.compile(request, token)
+            except BaseException:
+                if beside:
+                    export.cancel()  # the job releases the claim
+                else:
+                    claim.release()
+                raise
+        finally:
+            timing.done()
+            with self._lock:
+                self._compiling -= 1
+        if not beside:
+            self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
         return session
 
     def awaited(self, claim: Claim, request: CompileRequest) -> bool:
@@ -171,15 +195,11 @@ class EntryWriter:
         finally:
             store.discard(tmp)
 
-    def _export_job(
-        self, claim: Claim, request: CompileRequest, compile_seconds: float
-    ) -> Callable[[CancelToken], None]:
-        timeout = max(BUILD_TIMEOUT, 30 * compile_seconds)
-
+    def _export_job(self, claim: Claim, request: CompileRequest, timing: _CompileTime) -> Callable[[CancelToken], None]:
         def export(token: CancelToken) -> None:
             try:
                 self._guarded(claim, request, lambda: self._build_and_publish(
-                    claim, request, token, timeout, background=True))
+                    claim, request, token, timing.limit, background=True))
             finally:
                 claim.release()
                 if self._exporter.pending <= 1:  # this job is the last: no builder kept idle
@@ -200,7 +220,7 @@ class EntryWriter:
             logger.exception("aioov cache: exporting %s failed", request.source.describe())
 
     def _build_and_publish(
-        self, claim: Claim, request: CompileRequest, token: CancelToken, timeout: float, *, background: bool
+        self, claim: Claim, request: CompileRequest, token: CancelToken, timeout: Timeout, *, background: bool
     ) -> None:
         """Build the entry in a builder and publish it, or a not-cacheable marker."""
         store = claim.store
@@ -217,7 +237,7 @@ class EntryWriter:
             store.discard(tmp)
 
     def _build(
-        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: float,
+        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: Timeout,
         *, background: bool,
     ) -> tuple[Path, dict[str, Any], dict[str, Any]] | list[str] | None:
         """A checked blob in a new temporary directory of ``store``, the manifest's record of
@@ -343,6 +363,22 @@ _UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
 _RECORDED = ("check", "skipped", "export_seconds", "check_seconds")
 #: seconds a builder may take for one variant, at least (30x the compile's time where longer)
 BUILD_TIMEOUT = 300.0
+_CORES = os.cpu_count() or 1
+
+
+class _CompileTime:
+    """How long the caller's compile took, or has taken so far: its builder's time limit."""
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+        self._seconds: float | None = None
+
+    def done(self) -> None:
+        self._seconds = time.perf_counter() - self._started
+
+    def limit(self) -> float:
+        taken = self._seconds if self._seconds is not None else time.perf_counter() - self._started
+        return max(BUILD_TIMEOUT, 30 * taken)
 
 
 def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Writing cache entries off the critical path.
 
-``compile_model`` hands back its session as soon as it exists; the entry is written
-afterwards from here: one export worker per Core hands each job to a builder process (which
-writes and checks the blob at nice 10, see ``aioov._builder``), then checksums and publishes
-what it wrote. The worker runs at a lower CPU priority too (Linux nice values are per
-thread), so that on a small machine the checksums yield to the compiles callers wait for.
+``compile_model`` hands back its session as soon as it exists; the entry is written beside
+the compile or after it (``_writer``), from here: one export worker per Core hands each job to
+a builder process (which writes and checks the blob at nice 10, see ``aioov._builder``), then
+publishes what it wrote. The worker runs at a lower CPU priority too (Linux nice values are
+per thread, and a builder it starts inherits its value), so that on a small machine the
+exports yield to the compiles callers wait for.
 The key's lock stays held until the entry is published: other processes wait for it rather
 than compile the same model again.
 """
@@ -48,14 +49,14 @@ class Exporter:
         with self._lock:
             return len(self._pending)
 
-    def submit(self, job: Callable[[CancelToken], None], on_drop: Callable[[], None]) -> None:
-        """Run ``job(token)`` in the export worker. ``on_drop`` runs if it never starts."""
+    def submit(self, job: Callable[[CancelToken], None], on_drop: Callable[[], None]) -> CancelToken:
+        """Run ``job(token)`` in the export worker; ``token`` cancels it. ``on_drop`` runs if it never starts."""
         token = CancelToken()
         try:
             future = self._pool.submit(job, token)
         except RuntimeError:  # shut down
             on_drop()
-            return
+            return token
 
         def done(f: concurrent.futures.Future[Any]) -> None:
             with self._lock:
@@ -67,6 +68,7 @@ class Exporter:
         with self._lock:
             self._pending[future] = token
         future.add_done_callback(done)
+        return token
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no export is pending; False on timeout."""
