@@ -133,6 +133,14 @@ def _builders_of(pid: int) -> list[int]:
     return found
 
 
+def _wait_for_builders(within: float = 60) -> list[int]:
+    """This process's builders, once there are any (or none after ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    while not (builders := _builders_of(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return builders
+
+
 def _gone(pid: int, within: float) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -153,9 +161,7 @@ async def test_aclose_abandoning_an_export_leaves_no_builder_and_no_entry(
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:prepacked")
     core = aioov.Core(cache_dir=cache_dir)
     await core.compile_model(mlp_path, "CPU")
-    deadline = time.monotonic() + 60
-    while not (builders := _builders_of(os.getpid())) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    builders = _wait_for_builders()
     assert builders
     await core.aclose(abandon=True)
     assert all(_gone(pid, 10) for pid in builders)
@@ -198,13 +204,6 @@ def test_a_killed_application_leaves_no_builder_behind(cache_dir: Path, mlp_path
         if app.stdout is not None:
             app.stdout.close()
     assert manifests(cache_dir) == []
-
-
-def _wait_for_builders(within: float = 60) -> list[int]:
-    deadline = time.monotonic() + within
-    while not (builders := _builders_of(os.getpid())) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return builders
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
