@@ -211,9 +211,9 @@ class _Settle:
         self._abandoned = True
         self._written.set()
 
-    def __exit__(self, *exc_info: object) -> None:
-        if not self._written.is_set():
-            self.abandon()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        if exc_type is not None or not self._written.is_set():
+            self.abandon()  # a failure: nothing of it will be published
         for thread in self._threads:
             thread.join()
 
