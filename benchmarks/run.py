@@ -98,6 +98,9 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
         assert not first["from_cache"]
         s.add("aioov first (cache, async export)", first["seconds"])
         s.add("  background export finished after", first["export_done"])
+        build = json.loads((Path(entry_blob(cache)).parent / "manifest.json").read_text())["build"]
+        s.add("  builder: export session (manifest)", build["export_seconds"])
+        s.add("  builder: check (manifest)", build["check_seconds"])
         sync = work("aioov_compile", model=path, cache_dir=str(tmp / f"sync-{repeat}"), config={"CACHE_EXPORT": "SYNC"})
         s.add("aioov first (cache, SYNC export)", sync["seconds"])
         for verify in ("FULL", "SIZE"):
