@@ -1,16 +1,15 @@
 """Running builder processes (``aioov._builder``) from the serving process.
 
 One builder is kept for a burst of exports (measured: starting one costs 0.4-0.6 s of
-imports here, once per burst instead of once per model; started during the caller's compile
-instead of after it, it made that compile ~0.3 s slower for no earlier publish, and 0.15 s
-slower again once new sessions' pool threads stopped spinning for ~55 ms) and closed
-after ``IDLE_CLOSE`` seconds without a job, so an idle application holds no builder and none
-of its memory. A background job finding the kept one busy gets a one-off process; a job
-somebody waits for waits for it a little first (``KEPT_WAIT``). Background
-jobs run at nice 10; a job somebody waits for (``CACHE_EXPORT=SYNC``, other processes waiting
-for the entry) runs at the caller's priority, in a builder that was never lowered (a process
-cannot raise its priority again). A builder that crashes, hangs past its time limit or is
-cancelled is killed, and the next job starts a new one.
+imports here, once per burst instead of once per model; a lone compile's export starts it
+beside that compile, ``_writer`` says why) and closed after ``IDLE_CLOSE`` seconds without a
+job, so an idle application holds no builder and none of its memory. A background job finding
+the kept one busy gets a one-off process; a job somebody waits for waits for it a little first
+(``KEPT_WAIT``). Background jobs run at nice 10; a job somebody waits for
+(``CACHE_EXPORT=SYNC``, other processes waiting for the entry) runs at the caller's priority,
+in a builder that was never lowered (a process cannot raise its priority again). A builder
+that crashes, hangs past its time limit or is cancelled is killed, and the next job starts a
+new one.
 """
 
 from __future__ import annotations
