@@ -47,6 +47,13 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def aioov_command() -> list[str]:
+    """The ``aioov`` command: the installed script, or ``python -m aioov`` where aioov is only
+    on ``PYTHONPATH`` (the GPU machine has no script; run it with :func:`child_env`)."""
+    script = Path(sys.executable).parent / "aioov"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "aioov"]
+
+
 def run_python(code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
                check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a real second process)."""

@@ -17,15 +17,12 @@ import pytest
 import aioov
 from aioov.testing import bert_like
 
-from .helpers import child_env, reference
-
-SCRIPT = Path(sys.executable).parent / "aioov"
+from .helpers import aioov_command, child_env, reference
 
 
 def aioov_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "aioov"]
     return subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=timeout,
+        [*aioov_command(), *args], capture_output=True, text=True, timeout=timeout,
         env=child_env(**(env or {})),
     )
 

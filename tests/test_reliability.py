@@ -25,7 +25,7 @@ import aioov
 from aioov._onnx_scan import ScanError, scan_bytes
 from aioov.testing import bert_like, mlp
 
-from .helpers import child_env, make_models, reference, run_python
+from .helpers import aioov_command, child_env, make_models, reference, run_python
 
 TRIALS = int(os.environ.get("AIOOV_TRIALS", "100"))
 
@@ -283,11 +283,10 @@ def test_sigkill_during_prune_leaves_only_whole_entries(crash_model: Path, tmp_p
     paths = [str(p) for p in make_models(tmp_path, 4, prefix="p")]
     rng = random.Random(3)
     for _trial in range(4):
-        subprocess.run([str(Path(sys.executable).parent / "aioov"), "warmup", *paths, "-q",
-                        "--cache-dir", str(cache_dir)], check=True, capture_output=True)
-        prune = subprocess.Popen([str(Path(sys.executable).parent / "aioov"), "cache", "prune", "--max-size", "0",
-                                  "--cache-dir", str(cache_dir)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+        subprocess.run([*aioov_command(), "warmup", *paths, "-q", "--cache-dir", str(cache_dir)],
+                       check=True, capture_output=True, env=child_env())
+        prune = subprocess.Popen([*aioov_command(), "cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
         time.sleep(rng.uniform(0.0, 0.6))
         prune.send_signal(signal.SIGKILL)
         prune.wait()
