@@ -3,8 +3,8 @@
 # scenario (plain onnxruntime against aioov: fresh processes cold / first / warm, one process
 # with CUDA up, 4 hits at once, graphs saved at two levels) into benchmarks/results/gpu-*.json,
 # the real-model corpus on CUDA (corpus-gpu.json), and the test suite (AUTO picks CUDA there).
-#   bash scripts/gpu_check.sh [quick|suite|all]   quick: all but the suite (~4 min on an H100);
-#                                                 suite: the test suite alone (~6 min); all: both
+#   bash scripts/gpu_check.sh [quick|bench|suite|all]   quick: all but the suite (~4 min on an H100);
+#       bench: quick without the corpus (~3 min); suite: the test suite alone (~6 min); all: both
 #
 # Run from the project's root with aioov importable: on the project's lent H100 that is,
 # after ../shared/gpu/README.md's transfers, `bash .gpu/install.sh && export PYTHONPATH=/tmp/site:$PWD`.
@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name took $((SECONDS - started)) s"
 }
 PART=${1:-all}
-want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ] || { [ "$PART" = bench ] && [ "$1" = quick ]; }; }
 step versions 30 "$PY" -c "import onnxruntime as o, aioov; print('onnxruntime', o.__version__, o.get_available_providers(), 'aioov', aioov.__version__)"
 # stderr kept apart: onnxruntime's warnings and error blocks land there, and there should be none
 if want quick; then
@@ -44,7 +44,7 @@ if want quick; then
     step gpu-tests 100 "$PY" -m pytest -p no:cacheprovider -v -o console_output_style=classic -rfE \
         tests/test_gpu_entries.py tests/test_devices.py
     step benchmark 240 "$PY" -m benchmarks --scenario gpu --repeats 3 --out "$OUT"
-    step corpus 130 "$PY" -m tests.corpus GPU 110
+    [ "$PART" = bench ] || step corpus 130 "$PY" -m tests.corpus GPU 110
 fi
 if want suite; then
     # The remote-tier and example tests need moto, redis and starlette, which the GPU image lacks.
