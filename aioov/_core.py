@@ -87,6 +87,8 @@ class Core:
         self._exporter = Exporter()
         self._pipeline = Pipeline(self._devices, self._exporter)
         self._jobs = CompileJobs(self._pipeline.compile_job, workers)
+        self._pipeline.reader.start_background = self._jobs.background
+        self._pipeline.reader.cancel_background = self._jobs.cancel_background
         self._state = _State.OPEN
 
     # -- lifecycle ----------------------------------------------------------------
@@ -233,8 +235,11 @@ class Core:
             export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
             warmup_seconds=result.warmup_seconds,
         )
-        if result.pending is not None:  # an instant hit: its full-speed session is built next
-            upgrade = self._jobs.background(result.pending.upgrade)
+        pending = result.pending
+        if pending is not None:  # an instant hit: its full-speed session, under way or built next
+            if pending.started is None:  # once, however many callers shared the compile
+                pending.started = self._jobs.background(pending.upgrade)
+            upgrade = pending.started
             compiled._follow(upgrade, functools.partial(self._jobs.expedite, upgrade) if upgrade else None)
         return compiled
 

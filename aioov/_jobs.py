@@ -180,6 +180,14 @@ class CompileJobs:
             self._start(work, token)
         return future
 
+    def cancel_background(self, future: concurrent.futures.Future[Any]) -> None:
+        """Stop ``background``'s work for ``future`` (an instant hit whose own load failed)."""
+        with self._background_lock:
+            tokens = [token for token in self._background if token.future is future]
+            self._deferred = [item for item in self._deferred if item[1].future is not future]
+        for token in tokens:
+            token.cancel()
+
     def _start(self, work: Callable[[CancelToken], Any], token: CancelToken) -> None:
         future = token.future
         assert future is not None

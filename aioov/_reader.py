@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -25,7 +26,7 @@ from ._cache.store import CacheStore, Entry
 from ._concurrency import CancelToken
 from ._errors import ORT_ERRORS, Cancelled, LockTimeout
 from ._properties import CacheHitMode, CacheVerify
-from ._request import CompileRequest, Pending
+from ._request import CompileRequest, Pending, Upgrade
 from ._sessions import SessionFactory
 
 __all__ = ("EntryReader", "Loaded", "NotCacheable")
@@ -41,6 +42,10 @@ class EntryReader:
         self._events = events
         self._io_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aioov-io")
         self._verified: dict[Path, Identities] = {}  # entries checksummed here, as their files were
+        # Where an instant hit's full-speed load runs, and how it is stopped (the Core's jobs:
+        # ``CompileJobs.background``); unset, it is started by whoever gets the hit.
+        self.start_background: Callable[[Upgrade], concurrent.futures.Future[Any] | None] | None = None
+        self.cancel_background: Callable[[concurrent.futures.Future[Any]], None] = lambda future: None
 
     def shutdown(self) -> None:
         self._io_pool.shutdown(wait=True)
@@ -110,10 +115,30 @@ class EntryReader:
                 store.quarantine(entry.key, problem)
                 return None
             check = self._io_pool.submit(store.verify, entry, rest)
-        instant = blob.instant and request.config.cache_hit_mode is CacheHitMode.INSTANT
+        pending = None
+        if blob.instant and request.config.cache_hit_mode is CacheHitMode.INSTANT:
+            pending = Pending(self._upgrader(store, entry, request, variant))
+            if check is None and self.start_background is not None:
+                # Files already known good: the full-speed load need not wait for the instant
+                # one (bulk loads still hold it back: ``CompileJobs.busy``).
+                pending.started = self.start_background(pending.upgrade)
+        loaded = None
+        try:
+            loaded = self._open_entry(store, entry, request, token, check, pending, variant)
+        finally:
+            if loaded is None and pending is not None and pending.started is not None:
+                self.cancel_background(pending.started)
+        return loaded
+
+    def _open_entry(
+        self, store: CacheStore, entry: Entry, request: CompileRequest, token: CancelToken | None,
+        check: concurrent.futures.Future[str | None] | None, pending: Pending | None, variant: str,
+    ) -> Loaded | None:
+        """The hit's own session, once its checks passed (None: the entry was bad, or is not loadable now)."""
+        mac_key = auth.key_of(request.config.cache_hmac_key)
         try:
             session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key),
-                                              instant, variant)
+                                              pending is not None, variant)
         except ORT_ERRORS as exc:
             problem = check.result() if check is not None else None
             if token is not None and token.cancelled:
@@ -142,7 +167,7 @@ class EntryReader:
                 self._verified[entry.path] = files
                 stamp(entry, files)
         store.touch(entry.key)
-        return session, Pending(self._upgrader(store, entry, request, variant)) if instant else None
+        return session, pending
 
     def _known_good(self, entry: Entry) -> bool:
         """Whether ``entry``'s files are those whose checksums matched before (same identity)."""
@@ -151,7 +176,7 @@ class EntryReader:
 
     def _upgrader(
         self, store: CacheStore, entry: Entry, request: CompileRequest, variant: str
-    ) -> Callable[[CancelToken], ort.InferenceSession | None]:
+    ) -> Upgrade:
         """The full-speed session for an instant hit (whose entry was checked), built later in
         a worker thread. None: keep the instant session (the entry went away, the load failed)."""
 

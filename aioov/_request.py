@@ -7,6 +7,7 @@ through the cache reader, the writer and the session factory: nothing below asks
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,12 +117,18 @@ class CompileRequest:
         }
 
 
+#: builds an instant hit's full-speed session (None: it cannot; the instant one serves on)
+Upgrade = Callable[[CancelToken], "ort.InferenceSession | None"]
+
+
 @dataclass
 class Pending:
     """What an instant hit leaves to do: build the full-speed session from the same entry
-    (None when it cannot; the instant session then keeps serving)."""
+    (None when it cannot; the instant session then keeps serving). ``started``: that build,
+    already under way (begun beside the instant load)."""
 
-    upgrade: Callable[[CancelToken], ort.InferenceSession | None]
+    upgrade: Upgrade
+    started: concurrent.futures.Future[ort.InferenceSession | None] | None = None
 
 
 @dataclass

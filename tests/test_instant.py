@@ -4,6 +4,8 @@ background, takes over between inferences (#22)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import gc
 import threading
 import weakref
@@ -184,3 +186,84 @@ async def test_waiting_for_full_speed_inside_a_bulk_load_does_not_wait_for_the_b
                 with anyio.fail_after(60):  # it would wait for the end of the loop it is in
                     await result.unwrap().wait_full_speed()
                 assert result.unwrap().get_property("SESSION") == "FULL"
+
+
+class Loads:
+    """The entry loads of a test, in order: "instant", "instant done", "full"; an instant load
+    can be made to wait until the full-speed one has begun (``instant_waits_for_full``)."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.full_started = threading.Event()
+        self.full_tokens: list[Any] = []
+        self.instant_waits_for_full = False
+        self.instant_fails = False
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
+
+    from aioov._reader import EntryReader
+
+    seen = Loads()
+    original = EntryReader.open_blob
+
+    def open_blob(self, folder, request, token, make_scratch, instant=False, variant="default"):  # type: ignore[no-untyped-def]
+        if not instant:
+            seen.order.append("full")
+            seen.full_tokens.append(token)
+            seen.full_started.set()
+            return original(self, folder, request, token, make_scratch, instant, variant)
+        seen.order.append("instant")
+        if seen.instant_waits_for_full:
+            assert seen.full_started.wait(30), "the full-speed load did not begin during the instant one"
+        if seen.instant_fails:
+            raise InvalidGraph("made to fail by the test")
+        loaded = original(self, folder, request, token, make_scratch, instant, variant)
+        seen.order.append("instant done")
+        return loaded
+
+    monkeypatch.setattr(EntryReader, "open_blob", open_blob)
+    return seen
+
+
+async def test_a_hit_on_files_checked_before_loads_its_full_speed_session_beside_the_instant_one(
+    bert_path: Path, cache_dir: Path, loads: Loads
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        loads.order.clear()
+        first = await core.compile_model(bert_path, "CPU", INSTANT)
+        await first.wait_full_speed()
+        # The entry's checksums were still to verify: its full-speed load waited for them.
+        assert loads.order == ["instant", "instant done", "full"]
+
+        loads.order.clear()
+        loads.full_started.clear()
+        loads.instant_waits_for_full = True
+        again = await core.compile_model(bert_path, "CPU", INSTANT)
+        await again.wait_full_speed()
+        assert again.get_property("SESSION") == "FULL"
+        assert sorted(loads.order) == ["full", "instant", "instant done"]
+        assert loads.order.index("full") < loads.order.index("instant done")  # begun beside it
+
+
+async def test_a_full_speed_load_begun_beside_an_instant_one_that_fails_is_stopped(
+    bert_path: Path, cache_dir: Path, loads: Loads
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        await (await core.compile_model(bert_path, "CPU", INSTANT)).wait_full_speed()  # checks the entry
+        loads.order.clear()
+        loads.full_started.clear()
+        loads.instant_waits_for_full = loads.instant_fails = True
+        compiled = await core.compile_model(bert_path, "CPU", INSTANT)
+        # The entry that failed to load was set aside and the model compiled; the load begun
+        # beside it was stopped (or failed, its files gone) and its session went nowhere.
+        assert compiled.get_property("LOADED_FROM_CACHE") is False
+        assert compiled.get_property("SESSION") == "FULL"
+        early = loads.full_tokens[-1].future
+        with contextlib.suppress(concurrent.futures.CancelledError):
+            assert early.result(timeout=60) is None
+        assert sorted(loads.order) == ["full", "instant"]
