@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import gc
 import threading
+import time
 import weakref
 from contextlib import aclosing
 from pathlib import Path
@@ -198,6 +199,7 @@ class Loads:
         self.full_tokens: list[Any] = []
         self.instant_waits_for_full = False
         self.instant_fails = False
+        self.instant_waits_until: Any = None  # a condition polled before the instant load
 
 
 @pytest.fixture
@@ -216,6 +218,11 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
             seen.full_started.set()
             return original(self, folder, request, token, make_scratch, instant, variant)
         seen.order.append("instant")
+        if seen.instant_waits_until is not None:
+            deadline = time.monotonic() + 30
+            while not seen.instant_waits_until():
+                assert time.monotonic() < deadline, "the condition the instant load waits for never came"
+                time.sleep(0.01)
         if seen.instant_waits_for_full:
             assert seen.full_started.wait(30), "the full-speed load did not begin during the instant one"
         if seen.instant_fails:
@@ -267,3 +274,26 @@ async def test_a_full_speed_load_begun_beside_an_instant_one_that_fails_is_stopp
         with contextlib.suppress(concurrent.futures.CancelledError):
             assert early.result(timeout=60) is None
         assert sorted(loads.order) == ["full", "instant"]
+
+
+async def test_callers_sharing_an_instant_hit_share_its_full_speed_session(
+    bert_path: Path, cache_dir: Path, loads: Loads
+) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        loads.order.clear()
+        # The hit waits until the second caller has joined it: one job for both.
+        loads.instant_waits_until = lambda: core._jobs.inflight.joined >= 1
+        compiled: list[aioov.CompiledModel] = []
+
+        async def caller() -> None:
+            compiled.append(await core.compile_model(bert_path, "CPU", INSTANT))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            tg.start_soon(caller)
+        for model in compiled:
+            await model.wait_full_speed()
+        first, second = compiled
+        assert first is not second and first.session is second.session
+        assert loads.order.count("full") == 1
