@@ -28,6 +28,7 @@ from ._errors import ORT_ERRORS, Cancelled, LockTimeout
 from ._properties import CacheHitMode, CacheVerify
 from ._request import CompileRequest, Pending, Upgrade
 from ._sessions import SessionFactory
+from ._warmup import warm_up
 
 __all__ = ("EntryReader", "Loaded", "NotCacheable")
 
@@ -178,7 +179,8 @@ class EntryReader:
         self, store: CacheStore, entry: Entry, request: CompileRequest, variant: str
     ) -> Upgrade:
         """The full-speed session for an instant hit (whose entry was checked), built later in
-        a worker thread. None: keep the instant session (the entry went away, the load failed)."""
+        a worker thread and warmed up as the instant one was. None: keep the instant session
+        (the entry went away, the load failed)."""
 
         def upgrade(token: CancelToken) -> ort.InferenceSession | None:
             lock = store.lock(entry.key)
@@ -189,7 +191,11 @@ class EntryReader:
             try:
                 session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key),
                                                   variant=variant)
-                return session if problem is None else None
+                if problem is not None:
+                    return None
+                # WARMUP's promise (the first request costs what later ones do) holds after the swap too.
+                warm_up(session, request.config, request.source.describe())
+                return session
             except _UNLOADABLE as exc:
                 logger.info("aioov cache: keeping the instant session of %s: %s", entry.key[:16], exc)
                 return None

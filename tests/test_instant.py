@@ -297,3 +297,28 @@ async def test_callers_sharing_an_instant_hit_share_its_full_speed_session(
         first, second = compiled
         assert first is not second and first.session is second.session
         assert loads.order.count("full") == 1
+
+
+async def test_a_warmed_up_instant_hit_warms_its_full_speed_session_too(
+    bert_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aioov._pipeline
+    import aioov._reader
+    from aioov._warmup import warm_up
+
+    warmed: list[bool] = []  # per warm-up: whether it ran on the instant session
+
+    def recording(session: Any, *args: Any) -> Any:
+        warmed.append(_prepacking_disabled(session))
+        return warm_up(session, *args)
+
+    monkeypatch.setattr(aioov._pipeline, "warm_up", recording)
+    monkeypatch.setattr(aioov._reader, "warm_up", recording)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await _cached(core, bert_path)
+        warmed.clear()
+        compiled = await core.compile_model(bert_path, "CPU", {**INSTANT, "WARMUP": 1})
+        assert compiled.get_property("WARMED_UP") is True
+        await compiled.wait_full_speed()
+        assert compiled.get_property("SESSION") == "FULL"
+    assert sorted(warmed) == [False, True]  # the instant session, then the full-speed one
