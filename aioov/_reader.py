@@ -191,7 +191,7 @@ class EntryReader:
             try:
                 session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key),
                                                   variant=variant)
-                if problem is not None:
+                if problem is not None or token.cancelled:
                     return None
                 # WARMUP's promise (the first request costs what later ones do) holds after the swap too.
                 warm_up(session, request.config, request.source.describe())

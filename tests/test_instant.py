@@ -267,12 +267,13 @@ async def test_a_full_speed_load_begun_beside_an_instant_one_that_fails_is_stopp
         loads.instant_waits_for_full = loads.instant_fails = True
         compiled = await core.compile_model(bert_path, "CPU", INSTANT)
         # The entry that failed to load was set aside and the model compiled; the load begun
-        # beside it was stopped (or failed, its files gone) and its session went nowhere.
+        # beside it was stopped (or failed, its files gone, or finished first: they may already
+        # have been open) and its session went nowhere.
         assert compiled.get_property("LOADED_FROM_CACHE") is False
         assert compiled.get_property("SESSION") == "FULL"
         early = loads.full_tokens[-1].future
         with contextlib.suppress(concurrent.futures.CancelledError):
-            assert early.result(timeout=60) is None
+            assert early.result(timeout=60) is not compiled.session
         assert sorted(loads.order) == ["full", "instant"]
 
 
