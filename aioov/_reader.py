@@ -136,7 +136,6 @@ class EntryReader:
         check: concurrent.futures.Future[str | None] | None, pending: Pending | None, variant: str,
     ) -> Loaded | None:
         """The hit's own session, once its checks passed (None: the entry was bad, or is not loadable now)."""
-        mac_key = auth.key_of(request.config.cache_hmac_key)
         try:
             session, problem = self.open_blob(entry.path, request, token, lambda: _scratch(store, entry.key),
                                               pending is not None, variant)
@@ -162,7 +161,7 @@ class EntryReader:
             del session
             store.quarantine(entry.key, problem)
             return None
-        if check is not None and mac_key is None:
+        if check is not None and not request.config.cache_hmac_key:  # checksums, not MACs, matched: stamp them
             files = identities(entry)
             if files is not None:
                 self._verified[entry.path] = files
