@@ -101,6 +101,10 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
         build = json.loads((Path(entry_blob(cache)).parent / "manifest.json").read_text())["build"]
         s.add("  builder: export session (manifest)", build["export_seconds"])
         s.add("  builder: check (manifest)", build["check_seconds"])
+        after = work("aioov_compile", model=path, cache_dir=str(tmp / f"after-{repeat}"), wait_export=True,
+                     builder_after=True)
+        s.add("aioov first, builder after the compile", after["seconds"])
+        s.add("  ... the entry is published after", after["export_done"])
         sync = work("aioov_compile", model=path, cache_dir=str(tmp / f"sync-{repeat}"), config={"CACHE_EXPORT": "SYNC"})
         s.add("aioov first (cache, SYNC export)", sync["seconds"])
         for verify in ("FULL", "SIZE"):
@@ -117,7 +121,7 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
             f.stat().st_size for f in Path(entry_blob(cache)).parent.iterdir())
         s.notes["blob_bytes"]["plain"] = sum(f.stat().st_size for f in Path(entry_blob(noprepack)).parent.iterdir())
         if repeat < repeats - 1:
-            for d in (cache, noprepack, tmp / f"sync-{repeat}"):
+            for d in (cache, noprepack, tmp / f"sync-{repeat}", tmp / f"after-{repeat}"):
                 shutil.rmtree(d, ignore_errors=True)
     plain, uncached = s.med("onnxruntime cold"), s.med("aioov uncached")
     s.ratios = {
@@ -125,6 +129,8 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
         "first / uncached": s.med("aioov first (cache, async export)") / uncached,
         "SYNC first / uncached": s.med("aioov first (cache, SYNC export)") / uncached,
         "entry published / uncached": s.med("  background export finished after") / uncached,
+        "builder after: first / uncached": s.med("aioov first, builder after the compile") / uncached,
+        "builder after: entry published / uncached": s.med("  ... the entry is published after") / uncached,
         "warm FULL / onnxruntime cold": s.med("aioov warm hit (verify FULL)") / plain,
         "warm SIZE / onnxruntime cold": s.med("aioov warm hit (verify SIZE)") / plain,
         "warm no-prepack / onnxruntime cold": s.med("aioov warm hit, CACHE_PREPACK=NO") / plain,
@@ -436,14 +442,14 @@ def scenario_ovep(size: str, repeats: int, tmp: Path) -> Scenario | None:
     return s
 
 
-def start_together(paths: list[str], count: int, cache: Path, tmp: Path,
+def start_together(paths: list[str], count: int, cache: Path | None, tmp: Path,
                    config: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], float]:
     """``count`` fresh processes, imported and waiting, then compiling ``paths`` at one go:
     their reports and the time of the go."""
     barrier = Path(tempfile.mkdtemp(dir=tmp))
     procs = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.worker", "shared_start",
-         json.dumps({"models": paths, "cache_dir": str(cache), "barrier": str(barrier), "config": config})],
+         json.dumps({"models": paths, "cache_dir": cache and str(cache), "barrier": str(barrier), "config": config})],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env=child_env()) for _ in range(count)]
     while len(list(barrier.glob("ready.*"))) < count:  # all imported and waiting
@@ -493,6 +499,45 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
     s.target(f"exactly {models} compiles for {processes}x{models}",
              max(s.samples[f"{processes} processes: compiles in total"]), models, "lower")
     s.target("P x M wall time <= 1.2x of 1 x M", s.ratios["P x M ready / 1 x M ready"], 1.2, "lower")
+    return s
+
+
+def scenario_startcpu(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 4)) -> Scenario:
+    """Where the CPU of a start goes: W processes doing what the ASGI example's start does
+    (``compile_all`` of the workers scenario's 12 models, ``WARMUP`` 1), started together
+    without uvicorn, with no cache, a cold shared cache and a warm one. Per start: until all are
+    ready, the CPU seconds of the processes and of their builders. Where W >= cores the start is
+    bound by CPU: no coordination makes it shorter than its CPU seconds over the cores."""
+    s = Scenario("startcpu", "W processes start on 11 real models + bert-base: seconds, and CPU seconds")
+    paths = [str(p) for p in sorted(model_folder(tmp).iterdir())]
+    cores = host_cores()
+    s.notes.update(cores=cores, models=[Path(p).name for p in paths])
+    for repeat in range(repeats):
+        for workers in counts:
+            cache = tmp / f"startcpu-{workers}-{repeat}"
+            for label, cache_dir in (("no cache", None), ("cold cache", cache), ("warm cache", cache)):
+                reports, start_at = start_together(paths, workers, cache_dir, tmp, {"WARMUP": 1})
+                name = f"W={workers}, {label}"
+                s.add(f"{name}: all ready", max(r["ready"] for r in reports) - start_at)
+                s.add(f"{name}: CPU s, processes", sum(r["cpu"] for r in reports))
+                s.add(f"{name}: CPU s, builders", sum(r["builders_cpu"] for r in reports))
+                s.add(f"{name}: compiles", sum(r["compiles"] for r in reports))
+            shutil.rmtree(cache, ignore_errors=True)
+    for workers in counts:
+        w = f"W={workers}"
+
+        def cpu(label: str, w: str = w) -> float:
+            return s.med(f"{w}, {label}: CPU s, processes") + s.med(f"{w}, {label}: CPU s, builders")
+
+        def wall(label: str, w: str = w) -> float:
+            return s.med(f"{w}, {label}: all ready")
+
+        s.ratios[f"{w}: cold / no cache (wall)"] = wall("cold cache") / wall("no cache")
+        s.ratios[f"{w}: warm / no cache (wall)"] = wall("warm cache") / wall("no cache")
+        s.ratios[f"{w}: cold / no cache (CPU)"] = cpu("cold cache") / cpu("no cache")
+        s.ratios[f"{w}: warm / no cache (CPU)"] = cpu("warm cache") / cpu("no cache")
+        if workers >= cores:  # the shortest a cold start can be when bound by CPU, against no cache's wall time
+            s.ratios[f"{w}: cold CPU / cores, / no cache (wall)"] = cpu("cold cache") / cores / wall("no cache")
     return s
 
 
@@ -737,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     all_scenarios = ["compile", "infer", "openvino", "shared", "bulk", "export", "ovep", "warmup", "instant", "gpu",
-                     "workers", "spinning", "poolstart"]
+                     "workers", "startcpu", "spinning", "poolstart"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -766,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_shared(max(3, args.repeats // 2), tmp))
         if "workers" in chosen:
             scenarios.append(scenario_workers(args.repeats, tmp))
+        if "startcpu" in chosen:
+            scenarios.append(scenario_startcpu(args.repeats, tmp))
         if "bulk" in chosen:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:

@@ -55,9 +55,13 @@ def ovep_session(model: str, cache_dir: str | None = None) -> dict[str, Any]:
 
 async def aioov_compile(model: str, cache_dir: str | None, config: dict[str, Any] | None = None,
                         wait_export: bool = False, device: str = "CPU",
-                        openvino_cpu_cache: bool = False) -> dict[str, Any]:
+                        openvino_cpu_cache: bool = False, builder_after: bool = False) -> dict[str, Any]:
     import aioov
 
+    if builder_after:  # the builder of a lone compile after it, as on one core (_writer: beside it otherwise)
+        import aioov._writer
+
+        aioov._writer._CORES = 1
     if openvino_cpu_cache:  # what OPENVINO on CPU would cost if aioov cached it (it does not)
         from aioov._devices.openvino import OpenVINODevice
 
@@ -151,10 +155,13 @@ async def bulk(models: list[str], mode: str, cache_dir: str | None, shared_pool:
     return {"seconds": seconds, "lag_p99": float(np.percentile(lags, 99)), "lag_max": max(lags), "stats": stats}
 
 
-async def shared_start(models: list[str], cache_dir: str, barrier: str,
+async def shared_start(models: list[str], cache_dir: str | None, barrier: str,
                        config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One of P processes: signal readiness, wait for the common go, then load ``models``."""
+    """One of P processes: signal readiness, wait for the common go, then load ``models``
+    (``cache_dir`` None: without a cache). ``cpu``: this process's CPU seconds until all were
+    ready; ``builders_cpu``: its builder processes' in all (counted once they have exited)."""
     import os
+    import resource
     from pathlib import Path
 
     import aioov
@@ -169,8 +176,10 @@ async def shared_start(models: list[str], cache_dir: str, barrier: str,
         ready, cpu = time.time(), time.process_time() - cpu
         await core.wait_exports()
         stats = core.cache_stats.as_dict()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"started": started, "ready": ready, "done": time.time(), "compiles": stats["compiles"],
-            "cpu": cpu, "hits": sum(r.from_cache for r in results), "ok": all(r.ok for r in results)}
+            "exports": stats["exports"], "cpu": cpu, "builders_cpu": children.ru_utime + children.ru_stime,
+            "hits": sum(r.from_cache for r in results), "ok": all(r.ok for r in results)}
 
 
 async def pool_infer(models: list[str], cache_dir: str, configs: dict[str, dict[str, Any]],
