@@ -292,7 +292,20 @@ def _lower_priority() -> None:
         pass
 
 
+def _no_core_dumps() -> None:
+    """A crash here is a blob failing its check, expected and handled: no core file of a
+    process holding a model's weights (hundreds of MB, written into the application's working
+    directory where ``ulimit -c`` allows it; systemd-coredump honours the limit too)."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ImportError, ValueError, OSError):
+        pass  # Windows has no such limit, and writes no core file
+
+
 def main() -> None:
+    _no_core_dumps()
     # Replies go to a private copy of stdout; anything a library prints goes to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)

@@ -380,3 +380,62 @@ def test_a_blob_thrown_away_is_not_fsynced(tmp_path: Path, monkeypatch: pytest.M
     with _builder._Settle(tmp_path):
         (tmp_path / "model.onnx").write_bytes(b"m" * 10)  # a failed export leaves without written()
     assert synced == []
+
+
+_CRASHES_A_BUILDER = """
+import resource, sys, anyio, aioov
+soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))  # an application that allows core files
+
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU")
+        await core.wait_exports(120)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/core_pattern").exists(), reason="Linux's core files")
+def test_a_builder_that_crashes_leaves_no_core_file(cache_dir: Path, mlp_path: Path, tmp_path: Path) -> None:
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
+        pytest.skip("core files are off for good here (hard limit 0): nothing to turn off")
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    env = child_env(AIOOV_BUILDER_FAULT="crash:prepacked")
+    run_python(_CRASHES_A_BUILDER, str(cache_dir), str(mlp_path), env=env, cwd=app_dir)
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["variant"] == "plain"  # the prepacked blob crashed its builder
+    if not pattern.startswith("|"):  # core files are written by the kernel into the crashing process's directory
+        assert [p.name for p in app_dir.iterdir() if p.name.startswith("core")] == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads a process's limits in Linux's /proc")
+def test_a_builder_turns_core_files_off() -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    if hard == 0:
+        pytest.skip("core files are off for good here (hard limit 0): nothing to turn off")
+    builder = subprocess.Popen(
+        [sys.executable, "-m", "aioov._builder"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=child_env(),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (hard, hard)),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        limit = None
+        while time.monotonic() < deadline:
+            lines = Path(f"/proc/{builder.pid}/limits").read_text().splitlines()
+            (line,) = [line for line in lines if line.startswith("Max core file size")]
+            limit = line.split()[4]  # soft limit
+            if limit == "0":
+                break
+            time.sleep(0.05)
+        assert limit == "0"
+    finally:
+        assert builder.stdin is not None
+        builder.stdin.close()  # a builder exits when its stdin closes
+        builder.wait(30)
