@@ -414,28 +414,30 @@ def test_a_builder_that_crashes_leaves_no_core_file(cache_dir: Path, mlp_path: P
 
 
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads a process's limits in Linux's /proc")
-def test_a_builder_turns_core_files_off() -> None:
+def test_a_builder_turns_core_files_off(tmp_path: Path) -> None:
     import resource
 
-    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
-    if hard == 0:
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
         pytest.skip("core files are off for good here (hard limit 0): nothing to turn off")
-    builder = subprocess.Popen(
-        [sys.executable, "-m", "aioov._builder"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=child_env(),
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (hard, hard)),
-    )
+    # started as the serving process would, by one that allows core files
+    allow_then_exec = ("import os, resource, sys; r = resource.RLIMIT_CORE; h = resource.getrlimit(r)[1]; "
+                       "resource.setrlimit(r, (h, h)); "
+                       "os.execv(sys.executable, [sys.executable, '-m', 'aioov._builder'])")
+    builder = subprocess.Popen([sys.executable, "-c", allow_then_exec], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=child_env())
+    assert builder.stdin is not None and builder.stdout is not None
     try:
-        deadline = time.monotonic() + 60
-        limit = None
-        while time.monotonic() < deadline:
-            lines = Path(f"/proc/{builder.pid}/limits").read_text().splitlines()
-            (line,) = [line for line in lines if line.startswith("Max core file size")]
-            limit = line.split()[4]  # soft limit
-            if limit == "0":
-                break
-            time.sleep(0.05)
-        assert limit == "0"
+        # a job for a model that does not exist: its reply says the builder is serving jobs
+        job = {"model": str(tmp_path / "missing.onnx"), "tmp": str(tmp_path), "key": "k", "blob": "ort-optimized",
+               "variant": "plain", "providers": [["CPUExecutionProvider", {}]], "opt_level": "ALL",
+               "session_config": {}, "shapes": {}, "background": False}
+        builder.stdin.write(json.dumps(job) + "\n")
+        builder.stdin.flush()
+        assert json.loads(builder.stdout.readline())["ok"] is False
+        (line,) = [line for line in Path(f"/proc/{builder.pid}/limits").read_text().splitlines()
+                   if line.startswith("Max core file size")]
+        assert line.split()[4] == "0"  # the soft limit; the hard one is left as it was
     finally:
-        assert builder.stdin is not None
         builder.stdin.close()  # a builder exits when its stdin closes
         builder.wait(30)
+        builder.stdout.close()
