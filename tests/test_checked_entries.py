@@ -384,12 +384,12 @@ def test_a_blob_thrown_away_is_not_fsynced(tmp_path: Path, monkeypatch: pytest.M
 
 _CRASHES_A_BUILDER = """
 import resource, sys, anyio, aioov
-soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
 resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))  # an application that allows core files
 
 async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
-        compiled = await core.compile_model(sys.argv[2], "CPU")
+        await core.compile_model(sys.argv[2], "CPU")
         await core.wait_exports(120)
 
 anyio.run(main)
