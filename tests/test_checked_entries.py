@@ -441,3 +441,20 @@ def test_a_builder_turns_core_files_off(tmp_path: Path) -> None:
         builder.stdin.close()  # a builder exits when its stdin closes
         builder.wait(30)
         builder.stdout.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads a process's environment in Linux's /proc")
+def test_a_builder_keeps_numpy_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioov._builds import _Process
+
+    # an application tuned for its own numpy work; a builder's numpy only makes up small inputs
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "8")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    builder = _Process()
+    try:
+        environ = Path(f"/proc/{builder.popen.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        builder.close()
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        assert f"{name}=1".encode() in environ
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "8"  # the application's own is left alone
