@@ -16,6 +16,7 @@ never escape: they are counted, logged once, and the model is compiled without t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -29,9 +30,10 @@ from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink, RemoteSettings
 from ._concurrency import CancelToken
 from ._devices import DeviceRegistry
+from ._early import EarlyCompile
 from ._errors import Cancelled, LockBusy, LockTimeout, ModelReadError
 from ._model import check_model_file
-from ._properties import CompileConfig
+from ._properties import CompileConfig, ExportMode
 from ._reader import EntryReader, Loaded, NotCacheable
 from ._request import CompileRequest, Result, Source
 from ._sessions import SessionFactory
@@ -89,19 +91,35 @@ class Pipeline:
     def _run_cached(
         self, request: CompileRequest, store: CacheStore, presence: Presence, token: CancelToken, defer_if_busy: bool
     ) -> Result:
+        early = EarlyCompile(self.sessions, request)
+
+        def before_hashing(stats: list[FileStat]) -> None:
+            """Compile at once where a miss is all but certain (``_early``)."""
+            if not defer_if_busy and _may_begin_early(request, store, presence, stats):
+                self.devices.require(request.device, request.spec)
+                early.begin()
+
+        with early:  # dropped unless taken: the cache had the model, or this failed
+            return self._look_up(request, store, presence, token, defer_if_busy, early, before_hashing)
+
+    def _look_up(
+        self, request: CompileRequest, store: CacheStore, presence: Presence, token: CancelToken,
+        defer_if_busy: bool, early_compile: EarlyCompile, before_hashing: Callable[[list[FileStat]], None],
+    ) -> Result:
         source, config = request.source, request.config
         try:
             stats, digest = self._identify(source, store, auth.key_of(config.cache_hmac_key), token,
-                                           None if defer_if_busy else config.cache_lock_timeout)
+                                           None if defer_if_busy else config.cache_lock_timeout, before_hashing)
         except OSError as exc:
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
+        early = early_compile if early_compile.started else None
         self.devices.require(request.device, request.spec)
         key_inputs = request.key_inputs(digest)
         key = cache_key(key_inputs)
 
         loaded = self.reader.try_import(store, key, request, token)
         if isinstance(loaded, NotCacheable):
-            return self._not_cacheable(request, loaded, key, token)
+            return self._not_cacheable(request, loaded, key, token, early)
         if loaded is not None:
             self.events.count(hits=1)
             return self._result(request, loaded, key)
@@ -111,6 +129,9 @@ class Pipeline:
             if not lock.try_acquire():
                 if defer_if_busy:
                     raise LockBusy(key)
+                if early is not None:  # another process compiles it too: ours is under way
+                    self.events.count(misses=1)
+                    return self._result(request, early.take(token), key)
                 self.events.count(lock_waits=1)
                 lock.acquire(config.cache_lock_timeout, cancel=token.event)
         except Cancelled:
@@ -118,7 +139,7 @@ class Pipeline:
         except (LockTimeout, OSError) as exc:
             self.events.count(misses=1, lock_timeouts=1 if isinstance(exc, LockTimeout) else 0)
             self.events.failed(f"lock:{store.root}", "aioov cache: %s; compiling without the cache", exc)
-            return self._result(request, self.sessions.compile(request, token), key)
+            return self._result(request, self._compile(request, token, early), key)
 
         claim = Claim(store, key, lock, request.manifest(key_inputs), stats, peers=presence)
         try:
@@ -135,15 +156,20 @@ class Pipeline:
             raise
         if isinstance(loaded, NotCacheable):
             claim.release()
-            return self._not_cacheable(request, loaded, key, token)
+            return self._not_cacheable(request, loaded, key, token, early)
         if loaded is not None:
             claim.release()
             self.events.count(hits=1)
             return self._result(request, loaded, key)
         self.events.count(misses=1)
-        if self.writer.awaited(claim, request):
+        if early is None and self.writer.awaited(claim, request):
             return self._publish_then_load(claim, request, token)
-        return self._result(request, self.writer.compile(claim, request, token, bulk=defer_if_busy), key)
+        return self._result(request, self.writer.compile(claim, request, token, bulk=defer_if_busy, early=early),
+                            key)
+
+    def _compile(self, request: CompileRequest, token: CancelToken, early: EarlyCompile | None
+                 ) -> ort.InferenceSession:
+        return early.take(token) if early is not None else self.sessions.compile(request, token)
 
     def _publish_then_load(self, claim: Claim, request: CompileRequest, token: CancelToken) -> Result:
         """Others wait for this entry: a builder writes and publishes it now, and this process
@@ -160,10 +186,11 @@ class Pipeline:
             result.not_cached = f"not cacheable here: {loaded.reason}"
         return result
 
-    def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken) -> Result:
+    def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken,
+                       early: EarlyCompile | None = None) -> Result:
         """A compile without export: this model's blobs failed their checks here before."""
         self.events.count(misses=1)
-        result = self._result(request, self.sessions.compile(request, token), key)
+        result = self._result(request, self._compile(request, token, early), key)
         result.not_cached = f"not cacheable here: {marker.reason}"
         return result
 
@@ -210,9 +237,11 @@ class Pipeline:
         return store
 
     def _identify(
-        self, source: Source, store: CacheStore, mac_key: bytes | None, token: CancelToken, wait: float | None
+        self, source: Source, store: CacheStore, mac_key: bytes | None, token: CancelToken, wait: float | None,
+        before_hashing: Callable[[list[FileStat]], None],
     ) -> tuple[list[FileStat] | None, str]:
-        """(file stats, content digest) of the model, from the stat index when it can."""
+        """(file stats, content digest) of the model, from the stat index when it can; else
+        ``before_hashing(stats)`` is called, and the files are hashed."""
         if source.model is not None:
             stats, digest = source.model.identity()
             if stats is None:
@@ -242,6 +271,7 @@ class Pipeline:
                 pass  # no coordination here: hash it anyway
             _, external = check_model_file(source.path)
             stats = [FileStat.of(p) for p in (source.path, *external)]
+            before_hashing(stats)
             digest = digest_files([source.path, *external])
             if [FileStat.of(s.path) for s in stats] != stats:
                 raise ModelReadError(f"{source.path} changed while it was being hashed")
@@ -256,3 +286,15 @@ class Pipeline:
             store.index.store(stats, digest, mac_key)
         except OSError:
             pass
+
+
+def _may_begin_early(request: CompileRequest, store: CacheStore, presence: Presence, stats: list[FileStat]) -> bool:
+    """Whether a compile may begin before the model's hash says it is a miss: a format
+    written in the background (a miss's compile is the caller's session), no second tier
+    (where entries come from other hosts), no ``SYNC`` export (the builder compiles for the
+    caller), no model of this size hashed for this cache before, and no other process loading
+    from it (workers starting together each compile a model once: they wait for its lock)."""
+    blob, config = request.device.blob, request.config
+    return (blob is not None and blob.background and config.cache_export is not ExportMode.SYNC
+            and not config.cache_remote_url and not store.index.seen_size(sum(s.size for s in stats))
+            and not presence.others())

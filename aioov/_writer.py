@@ -45,6 +45,7 @@ from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink
 from ._concurrency import CancelToken
+from ._early import EarlyCompile
 from ._errors import BlobError, Cancelled
 from ._properties import ExportMode
 from ._request import CompileRequest, Source
@@ -92,14 +93,16 @@ class EntryWriter:
     def shutdown(self) -> None:
         self._builders.close()
 
-    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, *, bulk: bool = False
-                ) -> ort.InferenceSession:
+    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, *, bulk: bool = False,
+                early: EarlyCompile | None = None) -> ort.InferenceSession:
         """The caller's session; the entry is written by a builder in the background (or, for
         formats whose provider writes it, by this compile). Takes over ``claim``: its locks are
-        released once the entry is published or given up. ``bulk``: one of many compiles."""
+        released once the entry is published or given up. ``bulk``: one of many compiles;
+        ``early``: the caller's compile, begun while its model was hashed."""
         blob = request.device.blob
         assert blob is not None
         if not blob.background:
+            assert early is None
             try:
                 return self._compile_and_export(claim, request, token)
             finally:
@@ -114,7 +117,7 @@ class EntryWriter:
         export = (self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
                   if beside else None)
         try:
-            session = self._sessions.compile(request, token)
+            session = early.take(token) if early is not None else self._sessions.compile(request, token)
         except BaseException:
             if export is not None:
                 export.cancel()  # the job releases the claim

@@ -71,7 +71,8 @@ def path_digest(path: str) -> str:
 
 
 class StatIndex:
-    """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest.
+    """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest; and
+    ``<bytes>.size``: a model of that size was hashed here.
 
     Racy like git's index: a file rewritten with the same size inside one
     mtime tick keeps its old digest. Nanosecond mtimes make that a non-issue
@@ -109,6 +110,21 @@ class StatIndex:
         if mac_key is not None:
             record["mac"] = _record_mac(record, mac_key)
         atomic_write_bytes(self._file(stats[0].path), json.dumps(record).encode())
+        self._mark_size(sum(s.size for s in stats))
+
+    def seen_size(self, size: int) -> bool:
+        """Whether a model of ``size`` bytes (its external files included) was hashed for this
+        cache: its content may then be cached under another path or file identity (a copy, a
+        container's new inodes). A marker without content, never read: a forged or deleted
+        one only makes a compile wait for its hash (``_early``)."""
+        return os.path.lexists(self.root / f"{size}{_SIZE_SUFFIX}")
+
+    def _mark_size(self, size: int) -> None:
+        try:
+            fd = os.open(self.root / f"{size}{_SIZE_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+        except FileExistsError:
+            return
+        os.close(fd)
 
     def records(self) -> list[Path]:
         return [p for p in children(self.root) if p.suffix == ".json"]
@@ -124,6 +140,9 @@ class StatIndex:
 
 #: a stat index record lists a model and its external files: small
 _MAX_RECORD_BYTES = 1 << 20
+#: the name of a size marker: ``<bytes>.size``
+_SIZE_SUFFIX = ".size"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def _record_mac(record: dict[str, Any], key: bytes) -> str:

@@ -11,6 +11,7 @@ Layout of a cache directory::
         │       ├── weights.bin       ...and its (prepacked) weights, memory-mapped on load
         │       └── manifest.json     written last: key inputs, sizes, xxh3-128 checksums
         ├── .index/<hash>.json        stat index: model file identity → content digest
+        ├── .index/<bytes>.size       markers: a model of that size was hashed here (key.py)
         ├── .locks/<key>.lock         per-key flock files (see locks.py)
         ├── .locks/peers/             marks of the processes loading from the cache (peers.py)
         └── .tmp/<key>.<pid>.<rand>.incomplete/   entries being written
