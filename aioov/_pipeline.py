@@ -162,7 +162,10 @@ class Pipeline:
             self.events.count(hits=1)
             return self._result(request, loaded, key)
         self.events.count(misses=1)
-        if early is None and self.writer.awaited(claim, request):
+        if self.writer.awaited(claim, request):
+            # Others began loading from the cache meanwhile and will wait for this entry: the
+            # builder's compile serves them and this process (one compile), not an early one.
+            early_compile.drop()
             return self._publish_then_load(claim, request, token)
         return self._result(request, self.writer.compile(claim, request, token, bulk=defer_if_busy, early=early),
                             key)

@@ -105,6 +105,10 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
                      builder_after=True)
         s.add("aioov first, builder after the compile", after["seconds"])
         s.add("  ... the entry is published after", after["export_done"])
+        late = work("aioov_compile", model=path, cache_dir=str(tmp / f"late-{repeat}"), wait_export=True,
+                    hash_first=True)
+        s.add("aioov first, hashed before compiling", late["seconds"])
+        s.add("  ... its entry is published after", late["export_done"])
         sync = work("aioov_compile", model=path, cache_dir=str(tmp / f"sync-{repeat}"), config={"CACHE_EXPORT": "SYNC"})
         s.add("aioov first (cache, SYNC export)", sync["seconds"])
         for verify in ("FULL", "SIZE"):
@@ -121,7 +125,7 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
             f.stat().st_size for f in Path(entry_blob(cache)).parent.iterdir())
         s.notes["blob_bytes"]["plain"] = sum(f.stat().st_size for f in Path(entry_blob(noprepack)).parent.iterdir())
         if repeat < repeats - 1:
-            for d in (cache, noprepack, tmp / f"sync-{repeat}", tmp / f"after-{repeat}"):
+            for d in (cache, noprepack, tmp / f"sync-{repeat}", tmp / f"after-{repeat}", tmp / f"late-{repeat}"):
                 shutil.rmtree(d, ignore_errors=True)
     plain, uncached = s.med("onnxruntime cold"), s.med("aioov uncached")
     s.ratios = {
@@ -131,6 +135,8 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
         "entry published / uncached": s.med("  background export finished after") / uncached,
         "builder after: first / uncached": s.med("aioov first, builder after the compile") / uncached,
         "builder after: entry published / uncached": s.med("  ... the entry is published after") / uncached,
+        "hashed first: first / uncached": s.med("aioov first, hashed before compiling") / uncached,
+        "hashed first: entry published / uncached": s.med("  ... its entry is published after") / uncached,
         "warm FULL / onnxruntime cold": s.med("aioov warm hit (verify FULL)") / plain,
         "warm SIZE / onnxruntime cold": s.med("aioov warm hit (verify SIZE)") / plain,
         "warm no-prepack / onnxruntime cold": s.med("aioov warm hit, CACHE_PREPACK=NO") / plain,

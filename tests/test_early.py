@@ -148,3 +148,25 @@ async def test_an_early_compile_does_not_wait_for_another_process_lock(
     assert compiled.get_property("LOADED_FROM_CACHE") is False
     assert (stats.lock_waits, stats.compiles, stats.exports) == (0, 1, 0)
     assert manifests(cache_dir) == []
+
+
+async def test_others_arriving_while_it_is_hashed_get_the_entry_at_once(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = Presence(cache_dir / "v1" / ".locks" / "peers")
+    real_digest = _pipeline.digest_files
+
+    def digest(paths: Any) -> str:
+        other.enter()  # another worker starts loading from the cache: it will wait for this model
+        return real_digest(paths)
+
+    monkeypatch.setattr(_pipeline, "digest_files", digest)
+    watch = _HashWatch(monkeypatch)
+    try:
+        async with aioov.Core(cache_dir=cache_dir) as core:
+            await core.compile_model(mlp_path, "CPU")
+            # published before the compile returned (a builder wrote it at once), not in the background
+            assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
+    finally:
+        other.leave()
+    assert watch.compiling_while_hashed == [True]  # it had begun early, and was dropped
