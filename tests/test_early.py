@@ -170,3 +170,25 @@ async def test_others_arriving_while_it_is_hashed_get_the_entry_at_once(
     finally:
         other.leave()
     assert watch.compiling_while_hashed == [True]  # it had begun early, and was dropped
+
+
+async def test_a_model_with_external_weights_begins_early_and_its_copy_hits(
+    cache_dir: Path, external_path: Path, ids: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch = _HashWatch(monkeypatch, wait=True)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        assert (await core.compile_model(external_path, "CPU")).get_property("LOADED_FROM_CACHE") is False
+        assert await core.wait_exports(120)
+    assert watch.compiling_while_hashed == [True]
+    # the size that counts is the model's and its weights' together: a copy of both is known
+    copy = tmp_path / "copy"
+    shutil.copytree(external_path.parent, copy)
+    monkeypatch.undo()
+    watch = _HashWatch(monkeypatch)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(copy / external_path.name, "CPU")
+    assert watch.compiling_while_hashed == [False]
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+    feed = {"input_ids": ids}
+    np.testing.assert_allclose((await compiled.infer(feed))["last_hidden_state"],
+                               reference(external_path, feed)[0], rtol=1e-4, atol=1e-4)
