@@ -107,19 +107,27 @@ async def test_a_hit_found_after_an_early_start_is_still_a_hit(
     assert list((cache_dir / "v1" / ".index").glob("*.size")) != []  # hashed again: remembered now
 
 
-@pytest.mark.parametrize("why", ["another process loads from the cache", "SYNC export"])
-async def test_the_hash_comes_first_where_others_wait_for_the_entry(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+@pytest.mark.parametrize("why", ["another process loads from the cache", "SYNC export", "a second tier", "a bulk load"])
+async def test_the_hash_comes_first_where_others_wait_for_the_entry_or_may_have_it(
+    cache_dir: Path, mlp_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
 ) -> None:
     watch = _HashWatch(monkeypatch)
     other = Presence(cache_dir / "v1" / ".locks" / "peers")  # as another worker's mark
-    config = {"CACHE_EXPORT": "SYNC"} if why == "SYNC export" else {}
+    config: dict[str, object] = {
+        "SYNC export": {"CACHE_EXPORT": "SYNC"},
+        "a second tier": {"CACHE_REMOTE_URL": (tmp_path / "shared").as_uri()},  # other hosts' entries
+    }.get(why, {})
     async with aioov.Core(cache_dir=cache_dir) as core:
         if why == "another process loads from the cache":
             (cache_dir / "v1" / ".locks").mkdir(parents=True, exist_ok=True)
             other.enter()
         try:
-            compiled = await core.compile_model(mlp_path, "CPU", config)
+            if why == "a bulk load":
+                (result,) = await core.compile_all([mlp_path], "CPU")
+                assert result.compiled is not None
+                compiled = result.compiled
+            else:
+                compiled = await core.compile_model(mlp_path, "CPU", config)
         finally:
             if why == "another process loads from the cache":
                 other.leave()
