@@ -28,8 +28,9 @@ _POLL = 0.05
 
 
 class EarlyCompile:
-    """The session of one compile job, compiled in a thread of its own once ``begin`` is
-    called, for a caller that is still hashing; as a context, dropped unless taken."""
+    """The session of one compile job: compiled in a thread of its own once ``begin`` is
+    called, for a caller that is still hashing, else by ``take`` in the caller's thread; as a
+    context, a begun compile is dropped unless taken."""
 
     def __init__(self, sessions: SessionFactory, request: CompileRequest) -> None:
         self._sessions, self._request = sessions, request
@@ -53,10 +54,12 @@ class EarlyCompile:
             future.set_exception(exc)
 
     def take(self, token: CancelToken) -> ort.InferenceSession:
-        """The session (or the compile's error) once compiled; Cancelled when ``token`` is
-        cancelled meanwhile, which stops the compile too."""
-        assert self._future is not None
+        """The session (or the compile's error): the early compile's once done, or compiled now
+        when none was begun. Cancelled when ``token`` is cancelled meanwhile, which stops the
+        compile too."""
         self._taken = True
+        if self._future is None:
+            return self._sessions.compile(self._request, token)
         while True:
             if token.cancelled:
                 self._token.cancel()

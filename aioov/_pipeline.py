@@ -104,7 +104,7 @@ class Pipeline:
 
     def _look_up(
         self, request: CompileRequest, store: CacheStore, presence: Presence, token: CancelToken,
-        defer_if_busy: bool, early_compile: EarlyCompile, before_hashing: Callable[[list[FileStat]], None],
+        defer_if_busy: bool, early: EarlyCompile, before_hashing: Callable[[list[FileStat]], None],
     ) -> Result:
         source, config = request.source, request.config
         try:
@@ -112,7 +112,6 @@ class Pipeline:
                                            None if defer_if_busy else config.cache_lock_timeout, before_hashing)
         except OSError as exc:
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
-        early = early_compile if early_compile.started else None
         self.devices.require(request.device, request.spec)
         key_inputs = request.key_inputs(digest)
         key = cache_key(key_inputs)
@@ -129,7 +128,7 @@ class Pipeline:
             if not lock.try_acquire():
                 if defer_if_busy:
                     raise LockBusy(key)
-                if early is not None:  # another process compiles it too: ours is under way
+                if early.started:  # another process compiles it too: ours is under way
                     self.events.count(misses=1)
                     return self._result(request, early.take(token), key)
                 self.events.count(lock_waits=1)
@@ -139,7 +138,7 @@ class Pipeline:
         except (LockTimeout, OSError) as exc:
             self.events.count(misses=1, lock_timeouts=1 if isinstance(exc, LockTimeout) else 0)
             self.events.failed(f"lock:{store.root}", "aioov cache: %s; compiling without the cache", exc)
-            return self._result(request, self._compile(request, token, early), key)
+            return self._result(request, early.take(token), key)
 
         claim = Claim(store, key, lock, request.manifest(key_inputs), stats, peers=presence)
         try:
@@ -165,14 +164,9 @@ class Pipeline:
         if self.writer.awaited(claim, request):
             # Others began loading from the cache meanwhile and will wait for this entry: the
             # builder's compile serves them and this process (one compile), not an early one.
-            early_compile.drop()
+            early.drop()
             return self._publish_then_load(claim, request, token)
-        return self._result(request, self.writer.compile(claim, request, token, bulk=defer_if_busy, early=early),
-                            key)
-
-    def _compile(self, request: CompileRequest, token: CancelToken, early: EarlyCompile | None
-                 ) -> ort.InferenceSession:
-        return early.take(token) if early is not None else self.sessions.compile(request, token)
+        return self._result(request, self.writer.compile(claim, request, token, early, bulk=defer_if_busy), key)
 
     def _publish_then_load(self, claim: Claim, request: CompileRequest, token: CancelToken) -> Result:
         """Others wait for this entry: a builder writes and publishes it now, and this process
@@ -190,10 +184,10 @@ class Pipeline:
         return result
 
     def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken,
-                       early: EarlyCompile | None = None) -> Result:
+                       early: EarlyCompile) -> Result:
         """A compile without export: this model's blobs failed their checks here before."""
         self.events.count(misses=1)
-        result = self._result(request, self._compile(request, token, early), key)
+        result = self._result(request, early.take(token), key)
         result.not_cached = f"not cacheable here: {marker.reason}"
         return result
 
@@ -299,5 +293,5 @@ def _may_begin_early(request: CompileRequest, store: CacheStore, presence: Prese
     from it (workers starting together each compile a model once: they wait for its lock)."""
     blob, config = request.device.blob, request.config
     return (blob is not None and blob.background and config.cache_export is not ExportMode.SYNC
-            and not config.cache_remote_url and not store.index.seen_size(sum(s.size for s in stats))
+            and not config.cache_remote_url and not store.index.seen_size(stats)
             and not presence.others())

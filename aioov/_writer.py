@@ -93,16 +93,16 @@ class EntryWriter:
     def shutdown(self) -> None:
         self._builders.close()
 
-    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, *, bulk: bool = False,
-                early: EarlyCompile | None = None) -> ort.InferenceSession:
+    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, early: EarlyCompile, *,
+                bulk: bool = False) -> ort.InferenceSession:
         """The caller's session; the entry is written by a builder in the background (or, for
         formats whose provider writes it, by this compile). Takes over ``claim``: its locks are
         released once the entry is published or given up. ``bulk``: one of many compiles;
-        ``early``: the caller's compile, begun while its model was hashed."""
+        ``early``: the caller's compile, which may have begun while its model was hashed."""
         blob = request.device.blob
         assert blob is not None
         if not blob.background:
-            assert early is None
+            assert not early.started  # only background formats begin early
             try:
                 return self._compile_and_export(claim, request, token)
             finally:
@@ -117,7 +117,7 @@ class EntryWriter:
         export = (self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
                   if beside else None)
         try:
-            session = early.take(token) if early is not None else self._sessions.compile(request, token)
+            session = early.take(token)
         except BaseException:
             if export is not None:
                 export.cancel()  # the job releases the claim

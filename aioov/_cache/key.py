@@ -110,21 +110,20 @@ class StatIndex:
         if mac_key is not None:
             record["mac"] = _record_mac(record, mac_key)
         atomic_write_bytes(self._file(stats[0].path), json.dumps(record).encode())
-        self._mark_size(sum(s.size for s in stats))
+        try:  # the size marker: see seen_size
+            os.close(os.open(self._size_marker(stats), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666))
+        except FileExistsError:
+            pass
 
-    def seen_size(self, size: int) -> bool:
-        """Whether a model of ``size`` bytes (its external files included) was hashed for this
+    def seen_size(self, stats: Sequence[FileStat]) -> bool:
+        """Whether a model of this size (its external files included) was hashed for this
         cache: its content may then be cached under another path or file identity (a copy, a
         container's new inodes). A marker without content, never read: a forged or deleted
         one only makes a compile wait for its hash (``_early``)."""
-        return os.path.lexists(self.root / f"{size}{_SIZE_SUFFIX}")
+        return os.path.lexists(self._size_marker(stats))
 
-    def _mark_size(self, size: int) -> None:
-        try:
-            fd = os.open(self.root / f"{size}{_SIZE_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
-        except FileExistsError:
-            return
-        os.close(fd)
+    def _size_marker(self, stats: Sequence[FileStat]) -> Path:
+        return self.root / f"{sum(s.size for s in stats)}{_SIZE_SUFFIX}"
 
     def records(self) -> list[Path]:
         return [p for p in children(self.root) if p.suffix == ".json"]
