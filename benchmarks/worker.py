@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -542,6 +543,23 @@ async def gpu_parallel(model: str, cache_dir: str, count: int = 4, device: str =
                 "from_cache": all(r.from_cache for r in results)}
 
 
+def ort_save(model: str, out: str) -> dict[str, Any]:
+    """onnxruntime alone writing the entry's blob: the builder's export session (its options,
+    one thread, prepacked weights) in a process that does nothing else. The floor under "entry
+    published": what is left above it is aioov's (builder start, the check, the publish)."""
+    from aioov._builder import _options, _session
+    from aioov._devices import blob_format
+    from aioov._properties import DEFAULTS
+
+    blob = blob_format("ort-optimized")
+    options = _options({"opt_level": DEFAULTS["ORT_GRAPH_OPTIMIZATION_LEVEL"], "session_config": {}}, None)
+    providers = blob.configure_export(options, [("CPUExecutionProvider", {})], Path(out), "floor")
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    _session(model, options, providers)
+    return {"seconds": time.perf_counter() - started}
+
+
 def gpu_save(model: str, out: str, level: str, provider: str) -> dict[str, Any]:
     """Save ``model`` optimized at ``level`` by ``provider`` (weights beside it), as an entry would."""
     import onnxruntime as ort
@@ -594,7 +612,7 @@ TASKS = {
     "first_inference": first_inference,
     "export_burst": export_burst,
     "warm_overhead": warm_overhead,
-    "ort_cold": ort_cold, "bare_load": bare_load, "aioov_compile": aioov_compile,
+    "ort_cold": ort_cold, "ort_save": ort_save, "bare_load": bare_load, "aioov_compile": aioov_compile,
     "openvino_compile": openvino_compile, "infer_compare": infer_compare, "bulk": bulk,
     "shared_start": shared_start, "ovep_session": ovep_session,
 }
