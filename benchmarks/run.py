@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,38 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
     return s
 
 
+#: the floor under "entry published" in ``first`` and ``firstfresh``
+FLOOR = "onnxruntime alone: blob written"
+
+
+def _first_rotation(s: Scenario, path: str, modes: dict[str, dict[str, Any] | None], repeats: int,
+                    run_dir: Callable[[int, int], Path]) -> None:
+    """Run ``modes`` (the worker's options; None: no cache) and onnxruntime alone writing the
+    blob in fresh processes whose order rotates each repeat, the disk synced before each
+    (``run_dir(repeat, index)``: the run's cache directory), and add their ratios to ``s``."""
+    names = [*modes, FLOOR]
+    for repeat in range(repeats):
+        for index, name in enumerate(names[repeat % len(names):] + names[:repeat % len(names)]):
+            out = str(run_dir(repeat, index))
+            os.sync()
+            if name == FLOOR:
+                s.add(FLOOR, work("ort_save", model=path, out=out)["seconds"])
+                continue
+            options = modes[name]
+            result = work("aioov_compile", model=path, cache_dir=None if options is None else out,
+                          wait_export=options is not None, **(options or {}))
+            s.add(f"{name}: compile", result["seconds"])
+            if options is not None:
+                s.add(f"{name}: entry published", result["export_done"])
+    uncached = s.med("uncached: compile")
+    for name in list(modes)[1:]:
+        s.ratios[f"{name}: first / uncached"] = s.med(f"{name}: compile") / uncached
+        s.ratios[f"{name}: entry published / uncached"] = s.med(f"{name}: entry published") / uncached
+    s.ratios[f"{FLOOR} / uncached"] = s.med(FLOOR) / uncached
+    s.ratios["early (default): entry published / onnxruntime alone"] = (
+        s.med("early (default): entry published") / s.med(FLOOR))
+
+
 def scenario_first(size: str, repeats: int, tmp: Path) -> Scenario:
     """#18: a first compile with a cache against an uncached one, in fresh processes whose order
     rotates each repeat (a sequential table drifts with the machine): aioov as it is (the
@@ -169,35 +202,13 @@ def scenario_first(size: str, repeats: int, tmp: Path) -> Scenario:
     In the same rotation, onnxruntime alone writing the blob (the builder's export session in
     a process of its own): the floor under "entry published"."""
     s = Scenario("first", f"first compile with a cache and its entry, {size}, alternating (seconds)")
-    path = str(model(size))
-    modes: dict[str, dict[str, Any] | None] = {  # the worker's options; None: no cache
+    modes: dict[str, dict[str, Any] | None] = {
         "uncached": None, "early (default)": {}, "hashed first": {"hash_first": True},
         "builder after": {"builder_after": True},
     }
-    floor = "onnxruntime alone: blob written"
-    names = [*modes, floor]
-    for repeat in range(repeats):
-        for index, name in enumerate(names[repeat % len(names):] + names[:repeat % len(names)]):
-            out = str(tmp / f"first-{repeat}-{index}")
-            os.sync()
-            if name == floor:
-                s.add(floor, work("ort_save", model=path, out=out)["seconds"])
-                continue
-            options = modes[name]
-            result = work("aioov_compile", model=path, cache_dir=None if options is None else out,
-                          wait_export=options is not None, **(options or {}))
-            s.add(f"{name}: compile", result["seconds"])
-            if options is not None:
-                s.add(f"{name}: entry published", result["export_done"])
+    _first_rotation(s, str(model(size)), modes, repeats, lambda repeat, index: tmp / f"first-{repeat}-{index}")
     for entry in tmp.glob("first-*"):
         shutil.rmtree(entry, ignore_errors=True)
-    uncached = s.med("uncached: compile")
-    for name in list(modes)[1:]:
-        s.ratios[f"{name}: first / uncached"] = s.med(f"{name}: compile") / uncached
-        s.ratios[f"{name}: entry published / uncached"] = s.med(f"{name}: entry published") / uncached
-    s.ratios[f"{floor} / uncached"] = s.med(floor) / uncached
-    s.ratios["early (default): entry published / onnxruntime alone"] = (
-        s.med("early (default): entry published") / s.med(floor))
     s.target("first compile with cache <= 1.1x uncached", s.ratios["early (default): first / uncached"], 1.1, "lower")
     s.target("entry published (checked) within 3x uncached",
              s.ratios["early (default): entry published / uncached"], 3.0, "lower")
@@ -211,29 +222,14 @@ def scenario_firstfresh(size: str, repeats: int, tmp: Path) -> Scenario:
     entries instead (gigabytes of page cache: the later exports write into memory the kernel
     must reclaim first); the two bracket what a server's first start meets."""
     s = Scenario("firstfresh", f"first compile with a cache and its entry, {size}, free memory (seconds)")
-    path = str(model(size))
-    floor = "onnxruntime alone: blob written"
-    names = ["uncached", "early (default)", floor]
     out = tmp / "fresh"
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()
-            if name == floor:
-                s.add(floor, work("ort_save", model=path, out=str(out))["seconds"])
-                continue
-            cached = name != "uncached"
-            result = work("aioov_compile", model=path, cache_dir=str(out) if cached else None, wait_export=cached)
-            s.add(f"{name}: compile", result["seconds"])
-            if cached:
-                s.add(f"{name}: entry published", result["export_done"])
+
+    def emptied(repeat: int, index: int) -> Path:
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+
+    _first_rotation(s, str(model(size)), {"uncached": None, "early (default)": {}}, repeats, emptied)
     shutil.rmtree(out, ignore_errors=True)
-    uncached = s.med("uncached: compile")
-    s.ratios["early (default): first / uncached"] = s.med("early (default): compile") / uncached
-    s.ratios["early (default): entry published / uncached"] = s.med("early (default): entry published") / uncached
-    s.ratios[f"{floor} / uncached"] = s.med(floor) / uncached
-    s.ratios["early (default): entry published / onnxruntime alone"] = (
-        s.med("early (default): entry published") / s.med(floor))
     s.target("entry published (checked) within 3x uncached, free memory",
              s.ratios["early (default): entry published / uncached"], 3.0, "lower")
     return s
