@@ -151,7 +151,7 @@ async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_publ
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:prepacked,crash:plain,mismatch:basic")
     compiled = await _compile_awaited(cache_dir, mlp_path)
     (marker,) = manifests(cache_dir)
-    assert marker["not_cacheable"]["reason"].startswith("prepacked: a hit's output 0 differs")
+    assert marker["not_cacheable"]["reason"].startswith("prepacked: an instant hit's output 0 differs")
     assert "plain: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
     assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: prepacked:")
     assert compiled.session._model_path == str(mlp_path)
