@@ -12,14 +12,16 @@ or gives up leaves no builder behind. For each job:
 
 1. build a session from the source with the blob format's export options (it writes the blob),
 2. ``finalize`` the blob (the format's own checks),
-3. run the source session on inputs made up from its input specs (``_inputs.synthesize``),
+3. run the source session on inputs made up from its input specs at several shapes
+   (``_inputs.check_runs``: each free dimension small, medium and at the size real inputs of
+   its kind have, a batch of 2, the user's ``WARMUP_SHAPES`` and ``CHECK_SHAPES``), the first
    twice (outputs that differ between two runs make comparing pointless: "load only"),
 4. load the blob as a hit does (and as an instant hit does, for formats that have one), run it
-   on the same inputs, and compare every output within ``TOLERANCE``.
+   on the same inputs, and compare every output within ``TOLERANCE``; the report says how long
+   each load took (the parent decides from them whether a faster variant pays).
 
 Threads fsync the blob's files while step 1 writes them and checksum them for the manifest
-beside steps 3 and 4 (``_Settle``): the disk writes back hundreds of MB during the export and the
-check instead of after them.
+beside steps 3 and 4 (``_Settle``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from typing import Any
 
 __all__ = ("build", "main", "run_job")
 
-#: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT" or
-#: "hang:VARIANT" (comma-separated) makes the builder write or load a bad blob on purpose
+#: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT",
+#: "hang:VARIANT" or "crashwide:VARIANT" (comma-separated) makes the builder write or load a bad
+#: blob on purpose; "crashwide": the blob crashes when an input's last dimension is 16 or more
+#: (what a real prepacked OCR recognizer did at text-line widths of 15 and above)
 FAULT_ENV = "AIOOV_BUILDER_FAULT"
 
 
@@ -120,17 +124,21 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         # Loading the blob needs nothing from the source's run: both at once (measured: the
         # check of BERT-base's blob in ~0.2 s less on 2 cores, and no later when only one is idle).
         with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
-            hit = pool.submit(_load_hit, job, blob, providers, faults, instant=False)
-            feed, expected, skipped = reference_run(source, job.get("shapes"))
+            hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
+            runs, skipped, left_out = reference_run(source, job.get("shapes"), job.get("values"),
+                                                    job.get("check_shapes") or ())
             del source
-            problem = _check(job, blob, providers, faults, feed, expected, hit)
+            problem, loads = _check(job, blob, providers, faults, runs, hit)
         if problem:
             settle.abandon()
             return {"ok": False, "stage": "check", "reason": problem}
     return {
         "ok": True,
-        "check": "ran and matched" if feed is not None else "load only",
+        "check": "ran and matched" if runs is not None else "load only",
         "skipped": skipped,
+        "checked": [label for label, _, _ in runs or ()],
+        "left_out": left_out[:20],
+        **loads,
         "export_seconds": round(exported - started, 3),
         "check_seconds": round(time.perf_counter() - exported, 3),
         "files": settle.records,
@@ -138,27 +146,39 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check(job: dict[str, Any], blob: Any, providers: list[tuple[str, dict[str, str]]], faults: set[str],
-           feed: Any, expected: Any, hit: Future[Any]) -> str | None:
+           runs: Any, hit: Future[Any]) -> tuple[str | None, dict[str, float]]:
     """Run the blob loaded as instant hits will load it (for formats that have them), then
-    ``hit`` (being loaded as hits will load it) on ``feed``, and compare with ``expected``:
-    what went wrong, if anything. Raises CheckFailed when the blob does not load or run. The
-    instant session first: it loads at once and runs while ``hit`` still loads (measured,
-    BERT-base: 0.015 s and 0.2 s; the check took 0.25 s instead of 0.32 s, medians of 6)."""
+    ``hit`` (being loaded as hits will load it) on every one of ``runs``, and compare with the
+    source's outputs: what went wrong, if anything, and how long each load took. Raises
+    CheckFailed when the blob does not load or run. The instant session first: it loads at
+    once and runs while ``hit`` still loads."""
     from ._errors import ORT_ERRORS
-    from ._reference import compare
+    from ._reference import compare, first_line
 
+    loads: dict[str, float] = {}
     for instant in [True, False] if blob.instant else [False]:
-        session = _load_hit(job, blob, providers, faults, instant=True) if instant else hit.result()
-        try:
-            outputs = session.run(None, feed) if feed is not None else None
-        except ORT_ERRORS as exc:
-            raise CheckFailed() from exc
-        del session
-        if outputs is not None and expected is not None:
+        if instant:
+            session, seconds = _timed(_load_hit, job, blob, providers, faults, instant=True)
+        else:
+            session, seconds = hit.result()
+        loads["instant_load_seconds" if instant else "load_seconds"] = round(seconds, 4)
+        for label, feed, expected in runs or ():
+            if "crashwide" in faults and any(a.ndim and a.shape[-1] >= 16 for a in feed.values()):
+                _crash()
+            try:
+                outputs = session.run(None, feed)
+            except ORT_ERRORS as exc:
+                raise CheckFailed(f"the blob failed at {label}: {first_line(exc)}") from exc
             problem = compare(expected, outputs)
             if problem:
-                return f"{'an instant' if instant else 'a'} hit's {problem}"
-    return None
+                return f"{'an instant' if instant else 'a'} hit's {problem} (inputs {label})", loads
+        del session
+    return None, loads
+
+
+def _timed(load: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    return load(*args, **kwargs), time.perf_counter() - started
 
 
 def _load_hit(job: dict[str, Any], blob: Any, providers: list[tuple[str, dict[str, str]]], faults: set[str],

@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
@@ -21,6 +21,15 @@ __all__ = ("CacheOrigin", "CompiledModel", "InferRequest", "Port", "InferInputs"
 
 #: writes a compiled model's blob to a directory (``Core.export_model`` bound to its source)
 ExportFunction = Callable[["str | os.PathLike[str]"], Awaitable[object]]
+
+class RunGuard(Protocol):
+    """What a model loaded from the cache runs through (``_cache/sentinel.ShapeGuard``): a
+    record left while it first runs at each new input shape."""
+
+    def running(self, feed: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]: ...
+
+    def reset(self) -> None: ...
+
 
 #: what ``infer`` accepts: a mapping by input name, a sequence in input order,
 #: or one array for a single-input model
@@ -106,8 +115,10 @@ class CompiledModel:
         cache: CacheOrigin,
         export: ExportFunction | None = None,
         warmup_seconds: float | None = None,
+        guard: RunGuard | None = None,
     ) -> None:
         self._session = session
+        self._guard = guard
         self._device = device
         self._properties = dict(properties)
         self._cache = cache
@@ -161,6 +172,8 @@ class CompiledModel:
             session = None
         if session is not None:
             self._session, self._instant = session, False
+            if self._guard is not None:
+                self._guard.reset()
 
     @property
     def device(self) -> str:
@@ -238,9 +251,8 @@ class CompiledModel:
         """Blocking inference, for code that is not async."""
         feed = self._feed(inputs)
         self._swap()
-        session = self._session
         try:
-            results = session.run(None, feed)
+            results = self._run(self._session, feed)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
         return {port.name: value for port, value in zip(self._outputs, results)}
@@ -251,10 +263,17 @@ class CompiledModel:
         self._swap()
         session = self._session
         try:
-            results = await anyio.to_thread.run_sync(session.run, None, feed, limiter=self._limiter)
+            results = await anyio.to_thread.run_sync(self._run, session, feed, limiter=self._limiter)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
         return {port.name: value for port, value in zip(self._outputs, results)}
+
+    def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[Any]:
+        """``session.run``; a model loaded from the cache runs new input shapes under its guard."""
+        if self._guard is None:
+            return session.run(None, feed)  # type: ignore[no-any-return]
+        with self._guard.running(feed):
+            return session.run(None, feed)  # type: ignore[no-any-return]
 
     def create_infer_request(self) -> InferRequest:
         return InferRequest(self)

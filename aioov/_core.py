@@ -234,6 +234,7 @@ class Core:
             cache=CacheOrigin(result.loaded_from_cache, result.key, result.not_cached),
             export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
             warmup_seconds=result.warmup_seconds,
+            guard=result.guard,
         )
         pending = result.pending
         if pending is not None:  # an instant hit: its full-speed session, under way or built next

@@ -41,6 +41,8 @@ class ExternalRef:
     location: str
     offset: int = 0
     length: int | None = None
+    #: (offset, length) of the weights onnxruntime saved prepacked beside this tensor
+    prepacked: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -203,8 +205,21 @@ class _Scanner:
             length = int(entries["length"]) if "length" in entries else None
         except ValueError:
             raise ScanError(f"tensor {name!r} has a non-numeric external offset/length") from None
-        self.result.external.append(ExternalRef(name, entries["location"], offset, length))
+        self.result.external.append(ExternalRef(name, entries["location"], offset, length, _prepacked(entries)))
         return name
+
+
+def _prepacked(entries: dict[str, str]) -> list[tuple[int, int]]:
+    """onnxruntime's prepacked buffers of a tensor: entries ``prepacked...`` = ``kernel|offset;length;...``."""
+    found = []
+    for key, value in entries.items():
+        if key.startswith("prepacked"):
+            try:
+                offset, length = value.split("|", 1)[1].split(";")[:2]
+                found.append((int(offset), int(length)))
+            except (IndexError, ValueError):
+                raise ScanError(f"unreadable prepacked weights entry {value[:80]!r}") from None
+    return found
 
 
 def scan_bytes(data: bytes | bytearray | memoryview | mmap.mmap) -> ModelScan:

@@ -69,7 +69,7 @@ class Pipeline:
         request = CompileRequest.resolve(self.devices, source, device_name, config, max_cache_size, wait=False)
         result = self.run(request, token, defer_if_busy=defer_if_busy)
         if request.config.warmup and not token.cancelled:
-            report = warm_up(result.session, request.config, source.describe())
+            report = warm_up(result.session, request.config, source.describe(), result.guard)
             result.warmup_seconds = report.seconds if report.runs else None
         return result
 
@@ -174,10 +174,10 @@ class Pipeline:
         published, a compile without the cache."""
         self.writer.publish_now(claim, request, token)
         loaded = self.reader.try_import(claim.store, claim.key, request, token)
-        if isinstance(loaded, tuple):
+        if isinstance(loaded, Loaded):
             self.events.count(compiles=1)  # the builder's, for this call
-            session, pending = loaded
-            return Result(session, str(request.spec), request.config, False, claim.key, pending=pending)
+            return Result(loaded.session, str(request.spec), request.config, False, claim.key,
+                          pending=loaded.pending, guard=loaded.guard)
         result = self._result(request, self.sessions.compile(request, token), claim.key)
         if isinstance(loaded, NotCacheable):
             result.not_cached = f"not cacheable here: {loaded.reason}"
@@ -194,9 +194,9 @@ class Pipeline:
     @staticmethod
     def _result(request: CompileRequest, session: ort.InferenceSession | Loaded, key: str | None) -> Result:
         """A compiled session (``hit`` False), or one loaded from the cache (with what it left to do)."""
-        if isinstance(session, tuple):
-            loaded, pending = session
-            return Result(loaded, str(request.spec), request.config, True, key, pending=pending)
+        if isinstance(session, Loaded):
+            return Result(session.session, str(request.spec), request.config, True, key,
+                          pending=session.pending, guard=session.guard)
         return Result(session, str(request.spec), request.config, False, key)
 
     def presence(self, store: CacheStore) -> Presence:

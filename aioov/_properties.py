@@ -48,6 +48,26 @@ class CacheHitMode(str, enum.Enum):
     FULL = "FULL"  # the full-speed session before compile_model returns
 
 
+class PrepackMode(str, enum.Enum):
+    """``CACHE_PREPACK``: whether entries hold weights prepacked for the matrix kernels."""
+
+    AUTO = "AUTO"  # where the builder measured that a hit loads much sooner with them
+    ALWAYS = "ALWAYS"  # wherever such a blob passes its check
+    NEVER = "NEVER"
+
+
+def _prepack(value: object) -> PrepackMode:
+    """AUTO, ALWAYS or NEVER; a boolean means ALWAYS or NEVER."""
+    try:
+        return PrepackMode(str(getattr(value, "value", value)).strip().upper())
+    except ValueError:
+        pass
+    try:
+        return PrepackMode.ALWAYS if _bool(value) else PrepackMode.NEVER
+    except ValueError:
+        raise ValueError(f"expected AUTO, ALWAYS or NEVER (or a boolean), got {value!r}") from None
+
+
 class ExportMode(str, enum.Enum):
     """When a new cache entry is written (``CACHE_EXPORT``)."""
 
@@ -169,6 +189,51 @@ def _shapes(value: object) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _shape_list(value: object) -> tuple[dict[str, tuple[int, ...]], ...]:
+    """``[{"x": [1, 3, 48, 320]}, ...]`` (or its JSON): shapes, by input name, to check at."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"expected a list of mappings of input names to shapes, got {value!r}") from None
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CHECK_SHAPES:
+        raise ValueError(f"expected a list of at most {MAX_CHECK_SHAPES} mappings of input names to shapes")
+    return tuple(_shapes(item) for item in value)
+
+
+def _values(value: object) -> dict[str, Any]:
+    """``{"sr": 16000}``: an input's value, a number (filling the input) or nested lists."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"expected a mapping of input names to values, got {value!r}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of input names to values, got {type(value).__name__}")
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, item in sorted(value.items()):
+        try:
+            array = np.asarray(item)
+        except ValueError as exc:
+            raise ValueError(f"the value of {name!r} is not a number or an array: {exc}") from None
+        if array.dtype.kind not in "biuf" or array.size > 1 << 20:
+            raise ValueError(f"the value of {name!r} must be a number or an array of at most 2**20 numbers")
+        out[str(name)] = item if array.ndim == 0 else array.tolist()
+    return out
+
+
+#: CHECK_SHAPES holds at most this many shapes (each costs a run of the source and the blob)
+MAX_CHECK_SHAPES = 16
+
+
 def _opt_level(value: object) -> str:
     text = str(value).upper().removeprefix("ORT_").removeprefix("ENABLE_")
     if text not in GRAPH_OPTIMIZATION_LEVELS:
@@ -208,8 +273,9 @@ PROPERTIES: dict[str, Property] = {
         Property("CACHE_REMOTE_LOCK_TTL", _seconds, "compile", doc="lease of the hosts' lock, in seconds"),
         Property("CACHE_HIT_MODE", _enum(CacheHitMode), "compile",
                  doc="INSTANT: a hit returns at once, full speed follows; FULL: a hit returns at full speed"),
-        Property("CACHE_PREPACK", _bool, "compile", in_key=True,
-                 doc="store prepacked weights: faster load, ~1.8x disk"),
+        Property("CACHE_PREPACK", _prepack, "compile", in_key=True,
+                 doc="AUTO: store prepacked weights where a hit loads much sooner with them (~1.8x disk); "
+                     "ALWAYS; NEVER"),
         Property("PERFORMANCE_HINT", _enum(PerformanceHint), "compile"),
         Property("INFERENCE_NUM_THREADS", _int(0, 1024), "compile", doc="intra-op threads, 0 = ORT default"),
         Property("NUM_STREAMS", _int(1), "compile", doc="concurrent infer requests allowed"),
@@ -223,6 +289,10 @@ PROPERTIES: dict[str, Property] = {
         Property("WARMUP", _int(0, 1000), "compile",
                  doc="inferences run on made-up inputs before compile_model returns (0 = none)"),
         Property("WARMUP_SHAPES", _shapes, "compile", doc="shapes of the warm-up inputs, by input name"),
+        Property("WARMUP_VALUES", _values, "compile",
+                 doc="values of inputs that cannot be made up, by input name ({'sr': 16000}): warm-up and checks"),
+        Property("CHECK_SHAPES", _shape_list, "compile",
+                 doc="more input shapes a cache entry is checked at before it is published"),
         Property("WARMED_UP", str, "ro"),
         Property("SESSION", str, "ro"),
         Property("OPTIMIZATION_CAPABILITIES", str, "ro"),
@@ -247,7 +317,7 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_REMOTE_URL": None,
     "CACHE_REMOTE_LOCK_URL": None,
     "CACHE_REMOTE_LOCK_TTL": 300.0,
-    "CACHE_PREPACK": True,
+    "CACHE_PREPACK": PrepackMode.AUTO,
     # FULL by measurement: on 2 cores the instant session's first inference waits behind the
     # full-speed load (0.55 s against 0.22 s), and full speed comes 2x later (docs/performance.md)
     "CACHE_HIT_MODE": CacheHitMode.FULL,
@@ -260,6 +330,8 @@ DEFAULTS: dict[str, Any] = {
     "ORT_PROVIDER_OPTIONS": {},
     "WARMUP": 0,
     "WARMUP_SHAPES": {},
+    "WARMUP_VALUES": {},
+    "CHECK_SHAPES": (),
 }
 
 
@@ -278,7 +350,7 @@ class CompileConfig:
     cache_remote_url: str | None = DEFAULTS["CACHE_REMOTE_URL"]
     cache_remote_lock_url: str | None = DEFAULTS["CACHE_REMOTE_LOCK_URL"]
     cache_remote_lock_ttl: float = DEFAULTS["CACHE_REMOTE_LOCK_TTL"]
-    cache_prepack: bool = DEFAULTS["CACHE_PREPACK"]
+    cache_prepack: PrepackMode = DEFAULTS["CACHE_PREPACK"]
     cache_hit_mode: CacheHitMode = DEFAULTS["CACHE_HIT_MODE"]
     performance_hint: PerformanceHint = DEFAULTS["PERFORMANCE_HINT"]
     inference_num_threads: int = DEFAULTS["INFERENCE_NUM_THREADS"]
@@ -289,6 +361,8 @@ class CompileConfig:
     ort_provider_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     warmup: int = DEFAULTS["WARMUP"]
     warmup_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    warmup_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    check_shapes: tuple[Mapping[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def from_props(cls, props: Mapping[str, Any]) -> CompileConfig:

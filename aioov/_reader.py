@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from ._cache import auth
 from ._cache.layout import NOT_CACHEABLE
+from ._cache.sentinel import ShapeGuard
 from ._cache.stamps import Identities, identities, stamp, stamped
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore, Entry
@@ -97,6 +98,8 @@ class EntryReader:
             store.quarantine(entry.key, "written without a check of its blob")
             return None
         variant = record["variant"]
+        if self._crashed(store, entry, variant, request):
+            return None
         graph = blob.model_file
         check: concurrent.futures.Future[str | None] | None = None
         rest = [name for name in entry.files if name != graph]
@@ -130,6 +133,23 @@ class EntryReader:
             if loaded is None and pending is not None and pending.started is not None:
                 self.cancel_background(pending.started)
         return loaded
+
+    def _crashed(self, store: CacheStore, entry: Entry, variant: str, request: CompileRequest) -> bool:
+        """Whether a process died running this entry at a new input shape (``_cache/sentinel``):
+        then the variant is remembered as one that crashes, and the entry is quarantined."""
+        crashes = store.sentinels.crashes(entry.key)
+        for crash in crashes:
+            try:
+                store.sentinels.remember(crash)
+            except OSError:
+                pass  # the quarantine below still stops the crash loop; the next build may meet it once more
+        fatal = [crash for crash in crashes if crash.variant == variant]
+        if not fatal:
+            return False
+        logger.warning("aioov cache: the cached %s blob of %s killed a process: %s; discarding it, the next "
+                       "compile writes another variant", variant, request.source.describe(), fatal[0].describe())
+        store.quarantine(entry.key, f"a process died running it: {fatal[0].describe()}")
+        return True
 
     def _open_entry(
         self, store: CacheStore, entry: Entry, request: CompileRequest, token: CancelToken | None,
@@ -167,7 +187,7 @@ class EntryReader:
                 self._verified[entry.path] = files
                 stamp(entry, files)
         store.touch(entry.key)
-        return session, pending
+        return Loaded(session, pending, ShapeGuard(store.sentinels, entry.key, variant))
 
     def _known_good(self, entry: Entry) -> bool:
         """Whether ``entry``'s files are those whose checksums matched before (same identity)."""
@@ -242,8 +262,14 @@ class NotCacheable:
     reason: str
 
 
-#: a session loaded from an entry, and what an instant hit leaves to do
-Loaded = tuple[ort.InferenceSession, "Pending | None"]
+@dataclass(frozen=True)
+class Loaded:
+    """A session loaded from an entry, what an instant hit leaves to do, and the guard its
+    runs at new input shapes go through (``_cache/sentinel``)."""
+
+    session: ort.InferenceSession
+    pending: Pending | None
+    guard: ShapeGuard
 
 
 #: words in onnxruntime's errors that mean "not now", not "never": memory, device, driver

@@ -1,8 +1,9 @@
 """What a cache entry's blob must compute: its source's outputs on made-up inputs.
 
-The builder (``_builder``) runs the source session on inputs made up from its input specs
-(``_inputs.first_run``: dynamic dimensions grown until the model accepts them), twice, and
-compares a blob's outputs with these, within ``TOLERANCE``, before an entry is published.
+The builder (``_builder``) runs the source session on inputs made up from its input specs, at
+several shapes (``_inputs.check_runs``: the shape the model first accepts, each free dimension
+small and at real inputs' size, a batch of 2, the user's shapes), and compares a blob's outputs
+with these, within ``TOLERANCE``, before an entry is published.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from ._compiled import Port
 from ._errors import ORT_ERRORS
-from ._inputs import Unsynthesizable, first_run
+from ._inputs import CheckRun, Unsynthesizable, check_runs
 from ._sessions import quiet_run
 
 __all__ = ("TOLERANCE", "Reference", "compare", "first_line", "reference_run")
@@ -45,24 +46,28 @@ def compare(expected: list[Any], actual: list[Any]) -> str | None:
     return None
 
 
-#: made-up inputs, the source's outputs on them, and why there are none (then: load only)
-Reference = tuple["dict[str, Any] | None", "list[Any] | None", "str | None"]
+#: the check's runs (label, inputs, the source's outputs on them; None: load only), why there
+#: are none, and the shapes left out (the source refused them, or too large to make up)
+Reference = tuple["list[CheckRun[list[Any]]] | None", "str | None", list[str]]
 
 
-def reference_run(session: Any, shapes: Mapping[str, Sequence[int]] | None) -> Reference:
-    """Run a source session on made-up inputs, twice: what a blob must compute. Outputs that
-    differ between the two runs make comparing pointless."""
+def reference_run(session: Any, shapes: Mapping[str, Sequence[int]] | None, values: Mapping[str, Any] | None = None,
+                  extra: Sequence[Mapping[str, Sequence[int]]] = ()) -> Reference:
+    """Run a source session on made-up inputs of several shapes (``_inputs.check_runs``): what a
+    blob must compute. Outputs that differ between two runs on the same inputs make comparing
+    pointless (load only)."""
     run = quiet_run(session)
     try:
         ports = [Port.from_node_arg(a) for a in session.get_inputs()]
-        feed, expected = first_run(ports, run, shapes)
+        runs, left_out = check_runs(ports, run, shapes, values, extra)
+        _, feed, expected = runs[0]
         if compare(expected, run(feed)) is not None:
-            return None, None, "its outputs differ from run to run"
+            return None, "its outputs differ from run to run", []
     except Unsynthesizable as exc:
-        return None, None, str(exc)
+        return None, str(exc), []
     except ORT_ERRORS as exc:
-        return None, None, f"the source model failed on made-up inputs: {first_line(exc)}"
-    return feed, expected, None
+        return None, f"the source model failed on made-up inputs: {first_line(exc)}", []
+    return runs, None, left_out
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
@@ -20,6 +20,9 @@ from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._model import Model, check_model_file, read_any
 from ._properties import CompileConfig
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._cache.sentinel import ShapeGuard
 
 __all__ = ("CompileRequest", "Pending", "Result", "Source")
 
@@ -143,3 +146,4 @@ class Result:
     warmup_seconds: float | None = None  # spent warming the model up (None: not asked, or not possible)
     pending: Pending | None = None  # an instant hit's check and full-speed session, still to come
     not_cached: str | None = None  # why the cache had nothing to give and will not have (a marker)
+    guard: ShapeGuard | None = None  # loaded from an entry: runs at new input shapes leave a record

@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import onnxruntime as ort
 
+from ._cache.sentinel import ShapeGuard
 from ._compiled import Port
 from ._errors import ORT_ERRORS
 from ._inputs import Unsynthesizable, first_run
@@ -26,7 +28,9 @@ from ._sessions import quiet_run
 __all__ = ("WarmupReport", "warm_up")
 
 #: a warm-up that meets one of these is skipped, with a warning: it never fails a compile
-_SKIP: tuple[type[BaseException], ...] = (Unsynthesizable, *ORT_ERRORS)
+_SKIP: tuple[type[BaseException], ...] = (Unsynthesizable, MemoryError, *ORT_ERRORS)
+#: the most bytes warm-up inputs may take: a warm-up is not worth more
+WARMUP_BYTES = 256 << 20
 
 logger = logging.getLogger("aioov")
 
@@ -38,14 +42,24 @@ class WarmupReport:
     skipped: str | None = None  # why it did not run (None: it ran, or was not asked for)
 
 
-def warm_up(session: ort.InferenceSession, config: CompileConfig, describe: str) -> WarmupReport:
-    """Run ``config.warmup`` inferences on ``session`` (blocking)."""
+def warm_up(session: ort.InferenceSession, config: CompileConfig, describe: str,
+            guard: ShapeGuard | None = None) -> WarmupReport:
+    """Run ``config.warmup`` inferences on ``session`` (blocking); ``guard``: a session loaded
+    from the cache, whose runs at new shapes leave a crash sentinel as any inference does."""
     if not config.warmup:
         return WarmupReport()
     started = time.perf_counter()
+    run = quiet_run(session)
+
+    def guarded(feed: dict[str, Any]) -> Any:
+        if guard is None:
+            return run(feed)
+        with guard.running(feed):
+            return run(feed)
+
     try:
         ports = [Port.from_node_arg(a) for a in session.get_inputs()]
-        feed, _ = first_run(ports, quiet_run(session), config.warmup_shapes)
+        feed, _ = first_run(ports, guarded, config.warmup_shapes, config.warmup_values, max_bytes=WARMUP_BYTES)
         for _ in range(config.warmup - 1):
             session.run(None, feed)
     except _SKIP as exc:

@@ -102,7 +102,8 @@ def _entry_json(entry: EntryInfo) -> dict[str, Any]:
     return {
         "key": entry.key, "device": entry.device, "size": entry.size, "source": entry.source,
         "created": entry.created, "last_used": entry.last_used, "problem": entry.problem,
-        "not_cacheable": entry.not_cacheable, "check": entry.check,
+        "not_cacheable": entry.not_cacheable, "check": entry.check, "variant": entry.variant,
+        "crashed": entry.crashed,
     }
 
 
@@ -271,7 +272,8 @@ def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_table(
         [[e.key[:16], e.device, "not cacheable" if e.not_cacheable else human_size(e.size), _when(e.last_used),
-          e.problem or (e.source or "-") + (f" ({e.not_cacheable})" if e.not_cacheable else "")]
+          e.problem or (e.source or "-") + (f" ({e.not_cacheable})" if e.not_cacheable else "")
+          + "".join(f" ({variant} blob killed a process)" for variant in e.crashed)]
          for e in entries],
         ["key", "device", "size", "last used", "model"],
     )
@@ -291,7 +293,7 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
         except Exception:
             pass
         try:
-            problem = store.check(key, mac_key)
+            problem = store.check(key, mac_key) or _crashed(store, key, remember=not args.dry_run)
         finally:
             lock.release()
         if problem:
@@ -315,6 +317,17 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
             print(f"{action} bad entry {item['key'][:16]}: {item['problem']}")
         print(f"verified {checked} entries: {len(bad)} bad")
     return EXIT_FAILED if bad else EXIT_OK
+
+
+def _crashed(store: CacheStore, key: str, *, remember: bool) -> str | None:
+    """Why ``key``'s entry is bad if a process died running it (``_cache/sentinel``); with
+    ``remember``, its variant is remembered as one that crashes, as a hit would."""
+    variant = store.info(key).variant
+    crashes = store.sentinels.crashes(key, claim=remember)
+    for crash in crashes if remember else ():
+        store.sentinels.remember(crash)
+    fatal = [crash for crash in crashes if crash.variant == variant]
+    return f"a process died running it: {fatal[0].describe()}" if fatal else None
 
 
 def _cache_prune(store: CacheStore, args: argparse.Namespace) -> int:

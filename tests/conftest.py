@@ -45,6 +45,41 @@ def mlp_path(model_dir: Path) -> Path:
     return path
 
 
+def text_line_recognizer() -> onnx.ModelProto:
+    """An OCR text-line recognizer's shape: ``x[N, 3, 48, W]`` (W free, as a text line's width)
+    → Conv → mean over the height → per-column scores ``y[N, W, 16]``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.2, name)
+               for name, shape in (("conv_w", (8, 3, 3, 3)), ("proj", (8, 16)))]
+    axes = numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=0),  # [N, 8, W]
+        helper.make_node("Transpose", ["m"], ["t"], perm=[0, 2, 1]),  # [N, W, 8]
+        helper.make_node("MatMul", ["t", "proj"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "text_line",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 48, "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "W", 16])],
+        [*weights, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def text_line_path(model_dir: Path) -> Path:
+    path = model_dir / "text_line.onnx"
+    onnx.save(text_line_recognizer(), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def external_path(model_dir: Path) -> Path:
     """A model whose weights live in ``bert_ext.onnx.data`` beside it."""

@@ -87,21 +87,22 @@ _COMPILE_AND_INFER = """
 import sys, json, anyio, numpy as np, aioov
 async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
-        compiled = await core.compile_model(sys.argv[2], "CPU")
+        compiled = await core.compile_model(sys.argv[2], "CPU", json.loads(sys.argv[4]))
         y = (await compiled.infer({"x": np.load(sys.argv[3])}))["y"]
     print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"), "y": y.tolist()}))
 anyio.run(main)
 """
 
 
-def compile_in_a_process(cache_dir: Path, model: Path, x: np.ndarray) -> tuple[bool, np.ndarray]:
-    """(LOADED_FROM_CACHE, outputs ``y`` for input ``x``) of a compile in a fresh process, with a
-    timeout: a hang fails the test instead of hanging the suite."""
+def compile_in_a_process(cache_dir: Path, model: Path, x: np.ndarray, **config: object) -> tuple[bool, np.ndarray]:
+    """(LOADED_FROM_CACHE, outputs ``y`` for input ``x``) of a compile with ``config`` in a
+    fresh process, with a timeout: a hang fails the test instead of hanging the suite."""
     import json
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "x.npy"
         np.save(path, x)
-        report = json.loads(run_python(_COMPILE_AND_INFER, str(cache_dir), str(model), str(path), timeout=60).stdout)
+        report = json.loads(run_python(_COMPILE_AND_INFER, str(cache_dir), str(model), str(path), json.dumps(config),
+                                       timeout=60).stdout)
     return bool(report["from_cache"]), np.array(report["y"], dtype=np.float32)

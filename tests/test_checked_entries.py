@@ -46,24 +46,67 @@ async def _compile_and_export(cache_dir: Path, model: Path | bytes, **config: An
 async def test_an_entry_says_how_its_blob_was_checked(cache_dir: Path, mlp_path: Path) -> None:
     await _compile_and_export(cache_dir, mlp_path)
     (manifest,) = manifests(cache_dir)
-    assert manifest["build"]["variant"] == "prepacked"
-    assert manifest["build"]["check"] == "ran and matched"
+    record = manifest["build"]
+    assert record["check"] == "ran and matched"
+    assert record["checked"][0] == "x[1,8]" and "x[2,8]" in record["checked"]  # a batch above 1 too
+    assert record["load_seconds"] > 0 and record["instant_load_seconds"] > 0
+    # A two-layer perceptron has nothing worth prepacking: the plain blob, and why
+    if record["variant"] == "plain":
+        assert record["prepacked"].startswith(("not tried", "not worth it"))
 
 
-async def test_without_prepacked_weights_the_plain_blob_is_written(cache_dir: Path, mlp_path: Path) -> None:
-    await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NO")
+async def test_a_free_dimension_is_checked_small_large_and_batched(cache_dir: Path, text_line_path: Path) -> None:
+    await _compile_and_export(cache_dir, text_line_path, CHECK_SHAPES=[{"x": [1, 3, 48, 100]}])
+    (manifest,) = manifests(cache_dir)
+    checked = manifest["build"]["checked"]
+    assert checked[0] == "x[1,3,48,8]"  # the shape first made up, then the user's, then the rest
+    assert set(checked[1:]) == {"x[1,3,48,100]", "x[1,3,48,1]", "x[1,3,48,320]", "x[2,3,48,8]"}
+
+
+@pytest.mark.parametrize("prepack", ["NEVER", "NO", False])
+async def test_without_prepacked_weights_the_plain_blob_is_written(
+    cache_dir: Path, mlp_path: Path, prepack: object
+) -> None:
+    await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK=prepack)
     (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == "plain"
+    assert "prepacked" not in manifest["build"]
+
+
+async def test_always_prepacked_weights_are_published_where_they_pass(cache_dir: Path, mlp_path: Path) -> None:
+    await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="ALWAYS")
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["variant"] == "prepacked"
+    hit, y = compile_in_a_process(cache_dir, mlp_path, _x(), CACHE_PREPACK="ALWAYS")
+    assert hit
+    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+
+
+async def test_a_blob_that_crashes_at_a_real_input_width_is_not_published(
+    cache_dir: Path, text_line_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash that made checks run at several shapes: a prepacked OCR recognizer ran at a
+    width of 8 and crashed every process from 15 on."""
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "crashwide:prepacked")
+    await _compile_and_export(cache_dir, text_line_path, CACHE_PREPACK="ALWAYS")
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["variant"] == "plain"
+    assert manifest["build"]["prepacked"] == "failed: the builder was killed by SIGSEGV"
+    monkeypatch.delenv("AIOOV_BUILDER_FAULT")
+    x = np.random.default_rng(1).standard_normal((1, 3, 48, 320)).astype(np.float32)
+    hit, y = compile_in_a_process(cache_dir, text_line_path, x, CACHE_PREPACK="ALWAYS")
+    assert hit
+    np.testing.assert_allclose(y, reference(text_line_path, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("fault", "variant"), [("crash:prepacked", "plain"), ("mismatch:prepacked", "plain"),
-                                               ("crash:prepacked,mismatch:plain", "basic")])
+                                               ("crash:plain", "basic"), ("mismatch:plain,crash:prepacked", "basic")])
 @pytest.mark.parametrize("export", ["ASYNC", "SYNC"])  # SYNC: this process then loads the entry
 async def test_a_bad_blob_falls_back_to_the_next_variant(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str, export: str
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
-    compiled = await _compile_and_export(cache_dir, mlp_path, CACHE_EXPORT=export)
+    compiled = await _compile_and_export(cache_dir, mlp_path, CACHE_EXPORT=export, CACHE_PREPACK="ALWAYS")
     assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process is alive to say so
     (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == variant
@@ -71,7 +114,7 @@ async def test_a_bad_blob_falls_back_to_the_next_variant(
     np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     # A second process loads the checked blob and computes what onnxruntime does.
-    hit, y = compile_in_a_process(cache_dir, mlp_path, _x())
+    hit, y = compile_in_a_process(cache_dir, mlp_path, _x(), CACHE_PREPACK="ALWAYS")
     assert hit
     np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
 
@@ -79,12 +122,12 @@ async def test_a_bad_blob_falls_back_to_the_next_variant(
 async def test_when_no_variant_passes_a_marker_stops_retries(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "crash:prepacked,mismatch:plain,crash:basic")
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:plain,crash:basic")
     await _compile_and_export(cache_dir, mlp_path)
     (marker,) = manifests(cache_dir)
     reason = marker["not_cacheable"]["reason"]
-    assert "prepacked: the builder was killed by SIGSEGV" in reason
     assert "plain: an instant hit's output" in reason  # checked first: it loads at once
+    assert "basic: the builder was killed by SIGSEGV" in reason
     assert marker["not_cacheable"]["onnxruntime"]
 
     async with aioov.Core(cache_dir=cache_dir) as core:
@@ -92,7 +135,7 @@ async def test_when_no_variant_passes_a_marker_stops_retries(
         assert core.pending_exports == 0  # nothing to export: the marker says it is pointless
         stats = core.cache_stats
     assert not compiled.get_property("LOADED_FROM_CACHE")
-    assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: prepacked:")
+    assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: plain:")
     assert stats.exports == 0
     out = await compiled.infer({"x": _x()})
     np.testing.assert_allclose(out["y"], reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
@@ -107,13 +150,13 @@ async def test_when_no_variant_passes_a_marker_stops_retries(
 async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:prepacked")
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:plain")
     monkeypatch.setattr(_writer, "BUILD_TIMEOUT", 2.0)
     await _compile_and_export(cache_dir, mlp_path)
     assert manifests(cache_dir) == []  # no entry, and no marker: a slow machine is not a bad blob
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     await _compile_and_export(cache_dir, mlp_path)
-    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["prepacked"]
+    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
 
 
 def _builders_of(pid: int) -> list[int]:
@@ -158,7 +201,7 @@ def _gone(pid: int, within: float) -> bool:
 async def test_aclose_abandoning_an_export_leaves_no_builder_and_no_entry(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:prepacked")
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:plain")
     core = aioov.Core(cache_dir=cache_dir)
     await core.compile_model(mlp_path, "CPU")
     builders = _wait_for_builders()
@@ -188,7 +231,7 @@ anyio.run(main)
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
 def test_a_killed_application_leaves_no_builder_behind(cache_dir: Path, mlp_path: Path) -> None:
-    env = child_env(AIOOV_BUILDER_FAULT="hang:prepacked")
+    env = child_env(AIOOV_BUILDER_FAULT="hang:plain")
     app = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_EXPORTING, str(cache_dir), str(mlp_path)],
                            stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -277,7 +320,7 @@ async def test_sync_export_publishes_the_checked_entry_before_returning(cache_di
     async with aioov.Core(cache_dir=cache_dir) as core:
         await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
         assert core.pending_exports == 0
-        assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["prepacked"]
+        assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
 
 
 def _random_model() -> onnx.ModelProto:
@@ -405,10 +448,10 @@ def test_a_builder_that_crashes_leaves_no_core_file(cache_dir: Path, mlp_path: P
     pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
     app_dir = tmp_path / "app"
     app_dir.mkdir()
-    env = child_env(AIOOV_BUILDER_FAULT="crash:prepacked")
+    env = child_env(AIOOV_BUILDER_FAULT="crash:plain")
     run_python(_CRASHES_A_BUILDER, str(cache_dir), str(mlp_path), env=env, cwd=app_dir)
     (manifest,) = manifests(cache_dir)
-    assert manifest["build"]["variant"] == "plain"  # the prepacked blob crashed its builder
+    assert manifest["build"]["variant"] == "basic"  # the plain blob crashed its builder
     if not pattern.startswith("|"):  # core files are written by the kernel into the crashing process's directory
         assert [p.name for p in app_dir.iterdir() if p.name.startswith("core")] == []
 

@@ -55,6 +55,28 @@ async def test_a_read_model_whose_file_changed_is_compiled_and_keyed_as_it_is_no
     np.testing.assert_allclose(y, reference(path, {"x": X})[0], rtol=1e-5)
 
 
+def test_a_model_rewritten_in_place_with_its_size_and_mtime_kept_is_served_as_it_is_now(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """Retrained weights of the same architecture, copied over the old file as ``cp -p``,
+    ``rsync -a --inplace`` or tar do: same path, size, inode and mtime. Only ctime tells (#41)."""
+    path = _save(tmp_path / "m.onnx", seed=1)
+    compile_in_a_process(cache_dir, path, X)  # cached, and its stat index record written
+    before = path.stat()
+    new = onnx.load(_save(tmp_path / "new.onnx", seed=2)).SerializeToString()
+    assert len(new) == before.st_size
+    with open(path, "r+b") as f:  # in place: the same inode
+        f.write(new)
+    import os
+
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    hit, y = compile_in_a_process(cache_dir, path, X)
+    assert not hit  # the new model has no entry yet: it is not the old one's
+    np.testing.assert_allclose(y, reference(path, {"x": X})[0], rtol=1e-5)
+
+
 @pytest.mark.parametrize("export", ["ASYNC", "SYNC"])
 async def test_an_export_does_not_publish_a_model_that_changed_while_it_compiled(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, export: str

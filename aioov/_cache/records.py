@@ -39,6 +39,10 @@ class EntryInfo:
     not_cacheable: str | None = None
     #: how the entry's blob was checked before it was published ("ran and matched", "load only")
     check: str | None = None
+    #: how the blob was written ("plain", "prepacked", "basic"...)
+    variant: str | None = None
+    #: variants of this key that killed a process running them, and how (``sentinel.py``)
+    crashed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

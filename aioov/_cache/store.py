@@ -14,6 +14,7 @@ Layout of a cache directory::
         ├── .index/<bytes>.size       markers: a model of that size was hashed here (key.py)
         ├── .locks/<key>.lock         per-key flock files (see locks.py)
         ├── .locks/peers/             marks of the processes loading from the cache (peers.py)
+        ├── .runs/                    crash sentinels: first runs at new input shapes (sentinel.py)
         └── .tmp/<key>.<pid>.<rand>.incomplete/   entries being written
 
 An entry is written in ``.tmp``, fsynced, its manifest written last, then the
@@ -57,6 +58,7 @@ from .key import StatIndex, path_digest
 from .layout import FORMAT_VERSION, MANIFEST, is_reserved
 from .locks import KeyLock
 from .records import CacheInfo, Entry, EntryInfo
+from .sentinel import Sentinels
 
 __all__ = ("CacheInfo", "CacheStore", "Entry", "EntryInfo")
 
@@ -88,6 +90,7 @@ class CacheStore:
         self.tmp = self.base / ".tmp"
         self.locks = self.base / ".locks"
         self.index = StatIndex(self.base / ".index")
+        self.sentinels = Sentinels(self.base / ".runs")
         #: called with (key, reason) whenever a broken entry is discarded
         self.on_discard: Callable[[str, str], object] | None = None
 
@@ -395,6 +398,8 @@ class CacheStore:
             problem=problem,
             not_cacheable=str(marker.get("reason")) if isinstance(marker, dict) else None,
             check=str(build.get("check")) if isinstance(build, dict) else None,
+            variant=str(build.get("variant")) if isinstance(build, dict) else None,
+            crashed=self.sentinels.crashed(key),
         )
 
     def scan(self) -> CacheInfo:

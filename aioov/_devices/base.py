@@ -67,6 +67,11 @@ class BlobFormat:
         does not load, or does not compute what the source does, falls back to the next."""
         return ("default",)
 
+    def faster_variant(self, prepack: bool) -> str | None:
+        """A variant tried after the first of ``variants()`` passed, and published instead of
+        it only where its hit loads much sooner (the builder times both); None: none."""
+        return None
+
     def export_level(self, variant: str) -> str | None:
         """The graph optimization level a ``variant`` is written at (None: the compile's)."""
         return None

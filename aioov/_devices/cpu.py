@@ -1,13 +1,14 @@
 """``CPU``: ONNX Runtime's CPUExecutionProvider, present in every build, and its blob format.
 
 ``OrtOptimizedBlob``: ONNX Runtime's optimized model (``model.onnx``) with its weights in
-``weights.bin``. Three variants, tried in this order by the builder until one loads and
-computes what the source does: ``prepacked`` (weights prepacked for the matrix kernels, with
-``CACHE_PREPACK``; loaded with graph optimizations off), ``plain`` (optimized, not
-prepacked; loaded the same way) and ``basic`` (only basic-level optimizations saved; a hit
-runs the compile's remaining optimizations). onnxruntime 1.31.1 wrote a prepacked blob of
-PP-OCRv4's recognizer that crashed at its first inference, and the plain one ran. It can be
-produced by a second session after the caller's, in the background.
+``weights.bin``. Variants, tried in this order by the builder until one loads and computes
+what the source does: ``plain`` (optimized, not prepacked; loaded with graph optimizations
+off) and ``basic`` (only basic-level optimizations saved; a hit runs the compile's remaining
+optimizations). Once ``plain`` passed, ``prepacked`` (weights also saved prepacked for the
+matrix kernels, with ``CACHE_PREPACK``) is written and published instead only where its hit
+loads much sooner: prepacked blobs are the ones onnxruntime's bugs crash (PP-OCR recognizers
+at some input widths, an FSMN voice-activity model), and for small models they save little.
+It can be produced by a second session after the caller's, in the background.
 
 ``finalize`` repairs one quirk before an entry is published: for IR < 4 models, ONNX
 Runtime keeps graph inputs for initializers that constant folding removed, so the saved
@@ -31,6 +32,10 @@ from .base import BlobFormat, Device, ProviderList
 __all__ = ("CPUDevice", "OrtOptimizedBlob")
 
 
+#: the alignment a prepacked buffer needs in ``weights.bin`` (AVX-512's vector loads)
+PREPACK_ALIGNMENT = 64
+
+
 class OrtOptimizedBlob(BlobFormat):
     kind = "ort-optimized"
     model_file = BLOB_MODEL
@@ -38,7 +43,10 @@ class OrtOptimizedBlob(BlobFormat):
     instant = True
 
     def variants(self, prepack: bool) -> tuple[str, ...]:
-        return ("prepacked", "plain", "basic") if prepack else ("plain", "basic")
+        return ("plain", "basic")
+
+    def faster_variant(self, prepack: bool) -> str | None:
+        return "prepacked" if prepack else None
 
     def export_level(self, variant: str) -> str | None:
         return "BASIC" if variant == "basic" else None
@@ -83,6 +91,13 @@ class OrtOptimizedBlob(BlobFormat):
                    if name not in dangling and (name not in initializers or name in wanted)]
         if sorted(exposed) != sorted(input_names):
             raise BlobError(f"blob inputs {exposed} differ from the model's {input_names}")
+        unaligned = [ref.tensor for ref in scan.external for offset, _ in ref.prepacked if offset % PREPACK_ALIGNMENT]
+        if unaligned:
+            # Memory-mapped as they are, such buffers crash the kernels' aligned vector loads
+            # (SIGSEGV), but only at shapes that take those kernels: PP-OCRv3's recognizer ran
+            # at text-line widths up to 12 and crashed from 15.
+            raise BlobError(f"onnxruntime saved the prepacked weights of {unaligned[:3]} (of {len(unaligned)}) "
+                            f"at offsets not aligned to {PREPACK_ALIGNMENT} bytes")
 
 
 def _drop_inputs(path: Path, names: set[str]) -> None:

@@ -154,6 +154,9 @@ class CUDAGraphBlob(OrtOptimizedBlob):
     def variants(self, prepack: bool) -> tuple[str, ...]:
         return ("basic",)
 
+    def faster_variant(self, prepack: bool) -> str | None:
+        return None
+
     def builder_providers(self, providers: ProviderList) -> ProviderList:
         return [CPU_FALLBACK]
 
