@@ -31,7 +31,9 @@ EXPORT_NICE = 10
 
 def _lower_priority() -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), EXPORT_NICE)
+        me = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, me) < EXPORT_NICE:  # never above its parent's (nice 19 stays 19)
+            os.setpriority(os.PRIO_PROCESS, me, EXPORT_NICE)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         pass
 
