@@ -28,13 +28,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
-from ._builds import Builders, BuildReport, Timeout
+from ._builds import Builders, Timeout
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
@@ -47,9 +47,10 @@ from ._cache.tiered import RemoteLink
 from ._concurrency import CancelToken
 from ._early import EarlyCompile
 from ._errors import BlobError, Cancelled
-from ._properties import ExportMode, PrepackMode
+from ._properties import ExportMode
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
+from ._variants import Failed, Job, Published, build_entry
 from ._version import __version__
 
 __all__ = ("Claim", "EntryWriter")
@@ -166,7 +167,7 @@ class EntryWriter:
             return
         built = self._build(store, key, request, None, BUILD_TIMEOUT, background=False)
         if not isinstance(built, tuple):
-            raise BlobError("; ".join(built) if built else "the builder did not finish; try again")
+            raise BlobError("; ".join(built.reasons) if built else "the builder did not finish; try again")
         tmp, record, files = built
         try:
             store.publish(key, tmp, {**manifest, "build": record}, records=files)
@@ -229,8 +230,8 @@ class EntryWriter:
         built = self._build(store, claim.key, request, token, timeout, background=background)
         if built is None:
             return
-        if isinstance(built, list):
-            self._remember_uncacheable(claim, request, built)
+        if isinstance(built, Failed):
+            self._remember_uncacheable(claim, request, built.reasons)
             return
         tmp, record, files = built
         try:
@@ -241,62 +242,15 @@ class EntryWriter:
     def _build(
         self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: Timeout,
         *, background: bool,
-    ) -> tuple[Path, dict[str, Any], dict[str, Any]] | list[str] | None:
-        """A checked blob in a new temporary directory of ``store``, the manifest's record of
-        how it was built and the builder's checksums of its files; else why each variant
-        failed (a list), or None when it is worth trying later. Variants that killed a
-        process (``_cache/sentinel``) are not tried again.
-        Raises OSError (the cache) and Cancelled."""
-        blob = request.device.blob
-        assert blob is not None
-        crashed = store.sentinels.crashed(key)
-        failures = [f"{variant}: {how}" for variant, how in crashed.items()]
-        remember = True  # every variant failed its check: publish a marker
-        prepack = request.config.cache_prepack
-        with _SourceFile(store, key, request) as model:
-            attempt = _Attempt(self._builders, store, key, request, model, timeout, token, background)
-            variants = blob.variants(prepack is not PrepackMode.NEVER)
-            faster = blob.faster_variant(prepack is not PrepackMode.NEVER)
-            for variant in variants:
-                if variant in crashed:
-                    continue
-                built = attempt(variant)
-                if built.tmp is not None:
-                    if variant == variants[0] and faster is not None and faster not in crashed:
-                        built = self._faster(attempt, built, faster, always=prepack is PrepackMode.ALWAYS)
-                    tmp, record, files = built.result()
-                    return tmp, {**record, **({"crashed": crashed} if crashed else {})}, files
-                failures.append(f"{variant}: {built.report.reason}")
-                remember = remember and not built.report.transient
-                if built.report.stop:
-                    break
-        if remember:
-            return failures
+    ) -> Published | Failed | None:
+        """``build_entry``'s blob, or why every variant failed for good; None when it is worth
+        trying later (counted, and said once)."""
+        built = build_entry(self._builders, Job(store, key, request, timeout, token, background))
+        if not isinstance(built, Failed) or built.remember:
+            return built
         self._events.count(errors=1)
-        logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(), "; ".join(failures))
+        logger.warning("aioov cache: %s not cached this time: %s", request.source.describe(), "; ".join(built.reasons))
         return None
-
-    @staticmethod
-    def _faster(attempt: _Attempt, built: _Built, faster: str, *, always: bool) -> _Built:
-        """``built``, or ``faster``'s blob where it passes and its hit loads much sooner
-        (``always``: wherever it passes). The one not chosen is discarded."""
-        why = None if always else _faster_pays(built.report.details, None)
-        if why is None:
-            try:
-                other = attempt(faster)
-            except BaseException:
-                built.discard(attempt.store)
-                raise
-            if other.tmp is None:
-                why = f"failed: {other.report.reason}"
-            elif not always:
-                why = _faster_pays(built.report.details, other.report.details)
-            if other.tmp is not None and why is None:
-                built.discard(attempt.store)
-                return other
-            other.discard(attempt.store)
-        built.notes[faster] = why
-        return built
 
     def _remember_uncacheable(self, claim: Claim, request: CompileRequest, failures: list[str]) -> None:
         """Publish a marker in place of an entry: later compiles neither retry nor pay for the export."""
@@ -375,101 +329,9 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
 
 #: what the manifest of an entry written by the compile itself says about its check
 _UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
-#: what a builder's report leaves in the manifest
-_RECORDED = ("check", "skipped", "checked", "left_out", "load_seconds", "instant_load_seconds", "export_seconds",
-             "check_seconds")
 #: seconds a builder may take for one variant, at least (30x the compile's time where longer)
 BUILD_TIMEOUT = 300.0
 _CORES = os.cpu_count() or 1
-
-
-#: a faster variant (prepacked weights) is published where its hit's load takes at least this
-#: share less than the first variant's, and this many seconds less (docs/cache.md: which pass)
-FASTER_SHARE = 0.25
-FASTER_SECONDS = 0.05
-
-
-def _faster_pays(first: dict[str, Any], faster: dict[str, Any] | None) -> str | None:
-    """None where the faster variant's hit loads enough sooner than the first's (``faster``
-    None: whether it may, from what the first's loads with and without repacking weights
-    say); else why it is not published."""
-    load = first.get("load_seconds")
-    bound = first.get("instant_load_seconds") if faster is None else (faster or {}).get("load_seconds")
-    if not isinstance(load, (int, float)) or not isinstance(bound, (int, float)):
-        return "not tried: the loads were not timed"
-    saved = load - bound
-    if saved >= FASTER_SECONDS and saved >= FASTER_SHARE * load:
-        return None
-    return (f"not worth it: a hit would load in {bound:.3f} s instead of {load:.3f} s" if faster is not None
-            else f"not tried: a hit loads in {load:.3f} s, at most {max(saved, 0):.3f} s of it repacking weights")
-
-
-@dataclass
-class _Built:
-    """One variant, written and checked (``tmp``), or why not (``report``)."""
-
-    variant: str
-    report: BuildReport
-    tmp: Path | None
-    #: what the manifest's record says beside the report (why a faster variant was not chosen)
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def result(self) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-        assert self.tmp is not None
-        record = {"variant": self.variant, **{k: self.report.details.get(k) for k in _RECORDED}, **self.notes}
-        return self.tmp, record, self.report.details.get("files") or {}
-
-    def discard(self, store: CacheStore) -> None:
-        if self.tmp is not None:
-            store.discard(self.tmp)
-
-
-@dataclass
-class _Attempt:
-    """Writes and checks variants of one entry in builders (``__call__``)."""
-
-    builders: Builders
-    store: CacheStore
-    key: str
-    request: CompileRequest
-    model: str
-    timeout: Timeout
-    token: CancelToken | None
-    background: bool
-
-    def __call__(self, variant: str) -> _Built:
-        tmp = self.store.new_tmp(self.key)
-        try:
-            report = self.builders.build(_job(self.request, self.model, tmp, self.key, variant,
-                                              background=self.background), self.timeout, self.token)
-        except BaseException:
-            self.store.discard(tmp)
-            raise
-        if report.ok:
-            return _Built(variant, report, tmp)
-        self.store.discard(tmp)
-        logger.info("aioov cache: the %s blob of %s failed: %s", variant, self.request.source.describe(), report.reason)
-        return _Built(variant, report, None)
-
-
-class _SourceFile:
-    """The source as a file a builder can read: its own path, or its bytes written into the cache."""
-
-    def __init__(self, store: CacheStore, key: str, request: CompileRequest) -> None:
-        self._store, self._key, self._request = store, key, request
-        self._dir: Path | None = None
-
-    def __enter__(self) -> str:
-        model = self._request.source.ort_input
-        if not isinstance(model, bytes):
-            return model
-        self._dir = self._store.new_tmp(self._key)
-        (self._dir / "source.onnx").write_bytes(model)
-        return str(self._dir / "source.onnx")
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._dir is not None:
-            self._store.discard(self._dir)
 
 
 class _CompileTime:
@@ -485,24 +347,3 @@ class _CompileTime:
     def limit(self) -> float:
         taken = self._seconds if self._seconds is not None else time.perf_counter() - self._started
         return max(BUILD_TIMEOUT, 30 * taken)
-
-
-def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> dict[str, Any]:
-    """What a builder needs to write and check one variant of ``request``'s blob."""
-    blob = request.device.blob
-    assert blob is not None
-    config = request.config
-    return {
-        "model": model,
-        "tmp": str(tmp),
-        "key": key,
-        "blob": blob.kind,
-        "variant": variant,
-        "providers": blob.builder_providers(request.providers),
-        "opt_level": config.ort_graph_optimization_level,
-        "session_config": dict(config.ort_session_config),
-        "shapes": {k: list(v) for k, v in (config.warmup_shapes or {}).items()},
-        "values": dict(config.warmup_values),
-        "check_shapes": [{k: list(v) for k, v in shapes.items()} for shapes in config.check_shapes],
-        "background": background,
-    }

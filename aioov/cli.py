@@ -103,7 +103,6 @@ def _entry_json(entry: EntryInfo) -> dict[str, Any]:
         "key": entry.key, "device": entry.device, "size": entry.size, "source": entry.source,
         "created": entry.created, "last_used": entry.last_used, "problem": entry.problem,
         "not_cacheable": entry.not_cacheable, "check": entry.check, "variant": entry.variant,
-        "crashed": entry.crashed,
     }
 
 
@@ -267,13 +266,14 @@ def _cache_stats(store: CacheStore, args: argparse.Namespace) -> int:
 
 def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
     entries = sorted(store.scan().entries, key=lambda e: e.last_used, reverse=True)
+    crashed = {e.key: store.sentinels.crashed(e.key) for e in entries}
     if args.json:
-        print(json.dumps([_entry_json(e) for e in entries], indent=1))
+        print(json.dumps([{**_entry_json(e), "crashed": crashed[e.key]} for e in entries], indent=1))
         return EXIT_OK
     _print_table(
         [[e.key[:16], e.device, "not cacheable" if e.not_cacheable else human_size(e.size), _when(e.last_used),
           e.problem or (e.source or "-") + (f" ({e.not_cacheable})" if e.not_cacheable else "")
-          + "".join(f" ({variant} blob killed a process)" for variant in e.crashed)]
+          + "".join(f" ({variant} blob killed a process)" for variant in crashed[e.key])]
          for e in entries],
         ["key", "device", "size", "last used", "model"],
     )

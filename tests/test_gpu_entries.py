@@ -68,7 +68,7 @@ def test_a_gpu_hit_runs_the_compiles_own_optimizations() -> None:
 def test_the_builder_job_of_a_gpu_compile_names_only_the_cpu(mlp_path: Path) -> None:
     from aioov._properties import CompileConfig
     from aioov._request import CompileRequest, Source
-    from aioov._writer import _job
+    from aioov._variants import _job
 
     request = CompileRequest(Source(str(mlp_path)), CUDA, DeviceSpec("GPU"), CUDA.providers(None, {}), CompileConfig())
     job = _job(request, str(mlp_path), Path("tmp"), "k" * 64, "basic", background=True)
@@ -134,7 +134,7 @@ def test_a_model_the_builders_cpu_cannot_load_fails_its_check(tmp_path: Path) ->
     from aioov._builder import run_job
     from aioov._properties import CompileConfig
     from aioov._request import CompileRequest, Source
-    from aioov._writer import _job
+    from aioov._variants import _job
 
     model = tmp_path / "cuda_only.onnx"
     model.write_bytes(complex_mul_model())

@@ -136,7 +136,7 @@ async def test_with_others_loading_the_entry_is_published_before_compile_model_r
         (manifest,) = manifests(cache_dir)  # there already, for the others to load
         assert core.cache_stats.compiles == 1 and core.cache_stats.exports == 1
     assert manifest["build"]["check"] == "ran and matched"
-    assert manifest["build"]["variant"] == "prepacked"
+    assert manifest["build"]["variant"] == "plain"
     # This process loaded the checked entry, as the others will: it compiled nothing itself.
     store = CacheStore(cache_dir)
     (key,) = store.keys()
@@ -148,12 +148,12 @@ async def test_with_others_loading_the_entry_is_published_before_compile_model_r
 async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_published(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:prepacked,crash:plain,mismatch:basic")
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:plain,crash:basic")
     compiled = await _compile_awaited(cache_dir, mlp_path)
     (marker,) = manifests(cache_dir)
-    assert marker["not_cacheable"]["reason"].startswith("prepacked: an instant hit's output 0 differs")
-    assert "plain: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
-    assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: prepacked:")
+    assert marker["not_cacheable"]["reason"].startswith("plain: an instant hit's output 0 differs")
+    assert "basic: the builder was killed by SIGSEGV" in marker["not_cacheable"]["reason"]
+    assert compiled.get_property("NOT_CACHED_REASON").startswith("not cacheable here: plain:")
     assert compiled.session._model_path == str(mlp_path)
     await _computes_the_source(compiled, mlp_path)
 

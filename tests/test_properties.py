@@ -43,7 +43,7 @@ def test_device_properties() -> None:
         ({"INFERENCE_NUM_THREADS": 2**32}, "must be between 0 and 1024"),
         ({"NUM_STREAMS": True}, "expected an integer"),
         ({"PERFORMANCE_HINT": "FAST"}, "expected one of LATENCY, THROUGHPUT"),
-        ({"CACHE_PREPACK": "maybe"}, "expected a boolean"),
+        ({"CACHE_PREPACK": "maybe"}, "expected AUTO, ALWAYS or NEVER"),
         ({"CACHE_LOCK_TIMEOUT": -5}, "must be a number of seconds >= 0"),
         ({"CACHE_LOCK_TIMEOUT": float("nan")}, "must be a number of seconds >= 0"),
         ({"CACHE_REMOTE_LOCK_TTL": "nan"}, "must be a number of seconds >= 0"),

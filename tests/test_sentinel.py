@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="te
 CONFIG = {"CACHE_PREPACK": "ALWAYS", "CACHE_EXPORT": "SYNC"}
 
 _DIES_AT_A_WIDE_LINE = """
-import json, os, signal, sys, anyio, numpy as np, aioov
+import json, signal, sys, threading, anyio, numpy as np, aioov
 async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
         compiled = await core.compile_model(sys.argv[2], "CPU", json.loads(sys.argv[3]))
@@ -34,8 +34,8 @@ async def main():
         session = compiled.session
         run = session.run
         def crashes_when_wide(outputs, feed, *args):
-            if feed["x"].shape[-1] >= 16:
-                os.kill(os.getpid(), signal.SIGSEGV)
+            if feed["x"].shape[-1] >= 16:  # as a real fault: in this thread, at once
+                signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
             return run(outputs, feed, *args)
         session.run = crashes_when_wide
         for width in (8, 8, 320):
@@ -60,7 +60,7 @@ def test_a_process_that_dies_in_a_new_shape_gets_the_variant_quarantined(cache_d
 
     dies = subprocess.run([sys.executable, "-c", _DIES_AT_A_WIDE_LINE, str(cache_dir), str(text_line_path),
                            json.dumps(CONFIG)], capture_output=True, text=True, timeout=120, env=child_env())
-    assert dies.returncode == -signal.SIGSEGV
+    assert dies.returncode == -signal.SIGSEGV, dies.stderr
     assert dies.stdout.split("\n")[:3] == ["from cache", "ran at 8", "ran at 8"]  # width 8 ran, 320 killed it
 
     # Before any process loads the entry again, verify sees what happened (and leaves it, dry run)
@@ -87,8 +87,9 @@ def test_a_process_that_dies_in_a_new_shape_gets_the_variant_quarantined(cache_d
 
 def test_the_next_process_says_what_happened(cache_dir: Path, text_line_path: Path) -> None:
     compile_in_a_process(cache_dir, text_line_path, _line(8), **CONFIG)
-    subprocess.run([sys.executable, "-c", _DIES_AT_A_WIDE_LINE, str(cache_dir), str(text_line_path),
-                    json.dumps(CONFIG)], capture_output=True, timeout=120, env=child_env())
+    dies = subprocess.run([sys.executable, "-c", _DIES_AT_A_WIDE_LINE, str(cache_dir), str(text_line_path),
+                           json.dumps(CONFIG)], capture_output=True, text=True, timeout=120, env=child_env())
+    assert (dies.returncode, dies.stdout.split("\n")[0]) == (-signal.SIGSEGV, "from cache"), dies.stderr
     code = """
 import json, sys, anyio, aioov
 async def main():
@@ -110,7 +111,7 @@ def test_every_variant_that_crashed_leaves_a_marker_not_a_loop(cache_dir: Path, 
         assert entry["build"]["variant"] == expected
         dies = subprocess.run([sys.executable, "-c", _DIES_AT_A_WIDE_LINE, str(cache_dir), str(text_line_path),
                                json.dumps(CONFIG)], capture_output=True, text=True, timeout=120, env=child_env())
-        assert dies.returncode == -signal.SIGSEGV
+        assert (dies.returncode, dies.stdout.split("\n")[0]) == (-signal.SIGSEGV, "from cache"), dies.stderr
     hit, y = compile_in_a_process(cache_dir, text_line_path, _line(320), **CONFIG)
     assert not hit
     (marker,) = manifests(cache_dir)

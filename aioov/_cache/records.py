@@ -41,8 +41,6 @@ class EntryInfo:
     check: str | None = None
     #: how the blob was written ("plain", "prepacked", "basic"...)
     variant: str | None = None
-    #: variants of this key that killed a process running them, and how (``sentinel.py``)
-    crashed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -26,6 +26,7 @@ the caller recompiles. Symlinks inside the tree are never followed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -200,8 +201,7 @@ class CacheStore:
         return Entry(key, path, manifest)
 
     def read_blob(self, path: Path) -> Entry:
-        """An entry directory outside the tree (``export_model``'s output), its manifest checked
-        like a cache entry's; raises EntryError."""
+        """An ``export_model`` directory, its manifest checked like an entry's; raises EntryError."""
         try:
             key = load_json(read_regular(path / MANIFEST, _MAX_MANIFEST_BYTES)).get("key")
         except (OSError, ValueError, AttributeError) as exc:
@@ -235,10 +235,8 @@ class CacheStore:
 
     def touch(self, key: str) -> None:
         """Record a use (the entry directory's mtime is its last-used time)."""
-        try:
+        with contextlib.suppress(OSError):
             os.utime(self.entry_path(key))
-        except OSError:
-            pass
 
     def quarantine(self, key: str, reason: str) -> None:
         """Move a bad entry out of the way (atomically), then delete it."""
@@ -324,8 +322,7 @@ class CacheStore:
         return True
 
     def discard(self, tmp: Path) -> None:
-        """Remove a temp dir that will not be published."""
-        rmtree(tmp)
+        rmtree(tmp)  # a temp dir that will not be published
 
     # -- maintenance --------------------------------------------------------------
     def clean_tmp(self, min_age: float = TMP_MIN_AGE) -> list[Path]:
@@ -399,7 +396,6 @@ class CacheStore:
             not_cacheable=str(marker.get("reason")) if isinstance(marker, dict) else None,
             check=str(build.get("check")) if isinstance(build, dict) else None,
             variant=str(build.get("variant")) if isinstance(build, dict) else None,
-            crashed=self.sentinels.crashed(key),
         )
 
     def scan(self) -> CacheInfo:

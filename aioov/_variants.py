@@ -1,0 +1,211 @@
+"""Which blob of a cache entry is published: the format's variants, each written and checked
+by a builder process (``_builds``, ``_builder``), in turn until one passes.
+
+For CPU entries that is the ``plain`` blob, then (where ``CACHE_PREPACK`` asks) the
+``prepacked`` one, published instead only where its hit loads much sooner: the builder times
+both loads. Variants that killed a process running them (``_cache/sentinel``) are never tried
+again for that key. The manifest's ``build`` record says which variant was published, at which
+shapes it was checked, and why another was not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._builds import Builders, BuildReport, Timeout
+from ._cache.store import CacheStore
+from ._concurrency import CancelToken
+from ._properties import PrepackMode
+from ._request import CompileRequest
+
+__all__ = ("FASTER_SECONDS", "FASTER_SHARE", "Failed", "Job", "Published", "build_entry")
+
+logger = logging.getLogger("aioov")
+
+#: a checked blob in a temporary directory of the store, the manifest's ``build`` record, and
+#: the builder's checksums of its files
+Published = tuple[Path, dict[str, Any], dict[str, Any]]
+#: what a builder's report leaves in the manifest
+_RECORDED = ("check", "skipped", "checked", "left_out", "load_seconds", "instant_load_seconds", "export_seconds",
+             "check_seconds")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One entry to build: where, of what, and how long a builder may take for a variant."""
+
+    store: CacheStore
+    key: str
+    request: CompileRequest
+    timeout: Timeout
+    token: CancelToken | None
+    background: bool
+
+
+@dataclass(frozen=True)
+class Failed:
+    """No variant passed: why each failed, and whether that says something about the model
+    (``remember``: publish a not-cacheable marker) or only about now (a time limit, a kill)."""
+
+    reasons: list[str]
+    remember: bool
+
+
+def build_entry(builders: Builders, job: Job) -> Published | Failed:
+    """The first variant that passes its check (or a faster one in its place), or why none
+    did. Raises OSError (the cache) and Cancelled."""
+    request = job.request
+    blob = request.device.blob
+    assert blob is not None
+    crashed = job.store.sentinels.crashed(job.key)
+    failures = [f"{variant}: {how}" for variant, how in crashed.items()]
+    remember = True  # every variant failed its check: publish a marker
+    prepack = request.config.cache_prepack
+    with _SourceFile(job) as model:
+        attempt = _Attempt(builders, job, model)
+        variants = blob.variants(prepack is not PrepackMode.NEVER)
+        faster = blob.faster_variant(prepack is not PrepackMode.NEVER)
+        for variant in variants:
+            if variant in crashed:
+                continue
+            built = attempt(variant)
+            if built.tmp is not None:
+                if variant == variants[0] and faster is not None and faster not in crashed:
+                    built = _faster(attempt, built, faster, always=prepack is PrepackMode.ALWAYS)
+                tmp, record, files = built.result()
+                return tmp, {**record, **({"crashed": crashed} if crashed else {})}, files
+            failures.append(f"{variant}: {built.report.reason}")
+            remember = remember and not built.report.transient
+            if built.report.stop:
+                break
+    return Failed(failures, remember)
+
+
+def _faster(attempt: _Attempt, built: _Built, faster: str, *, always: bool) -> _Built:
+    """``built``, or ``faster``'s blob where it passes and its hit loads much sooner
+    (``always``: wherever it passes). The one not chosen is discarded."""
+    why = None if always else _faster_pays(built.report.details, None)
+    if why is None:
+        try:
+            other = attempt(faster)
+        except BaseException:
+            built.discard(attempt.store)
+            raise
+        if other.tmp is None:
+            why = f"failed: {other.report.reason}"
+        elif not always:
+            why = _faster_pays(built.report.details, other.report.details)
+        if other.tmp is not None and why is None:
+            built.discard(attempt.store)
+            return other
+        other.discard(attempt.store)
+    built.notes[faster] = why
+    return built
+
+
+#: a faster variant (prepacked weights) is published where its hit's load takes at least this
+#: share less than the first variant's, and this many seconds less (docs/cache.md: which pass)
+FASTER_SHARE = 0.25
+FASTER_SECONDS = 0.05
+
+
+def _faster_pays(first: dict[str, Any], faster: dict[str, Any] | None) -> str | None:
+    """None where the faster variant's hit loads enough sooner than the first's (``faster``
+    None: whether it may, from what the first's loads with and without repacking weights
+    say); else why it is not published."""
+    load = first.get("load_seconds")
+    bound = first.get("instant_load_seconds") if faster is None else (faster or {}).get("load_seconds")
+    if not isinstance(load, (int, float)) or not isinstance(bound, (int, float)):
+        return "not tried: the loads were not timed"
+    saved = load - bound
+    if saved >= FASTER_SECONDS and saved >= FASTER_SHARE * load:
+        return None
+    return (f"not worth it: a hit would load in {bound:.3f} s instead of {load:.3f} s" if faster is not None
+            else f"not tried: a hit loads in {load:.3f} s, at most {max(saved, 0):.3f} s of it repacking weights")
+
+
+@dataclass
+class _Built:
+    """One variant, written and checked (``tmp``), or why not (``report``)."""
+
+    variant: str
+    report: BuildReport
+    tmp: Path | None
+    #: what the manifest's record says beside the report (why a faster variant was not chosen)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def result(self) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+        assert self.tmp is not None
+        record = {"variant": self.variant, **{k: self.report.details.get(k) for k in _RECORDED}, **self.notes}
+        return self.tmp, record, self.report.details.get("files") or {}
+
+    def discard(self, store: CacheStore) -> None:
+        if self.tmp is not None:
+            store.discard(self.tmp)
+
+
+class _Attempt:
+    """Writes and checks variants of one entry in builders (``__call__``)."""
+
+    def __init__(self, builders: Builders, job: Job, model: str) -> None:
+        self.builders, self.job, self.model = builders, job, model
+        self.store = job.store
+
+    def __call__(self, variant: str) -> _Built:
+        job = self.job
+        tmp = self.store.new_tmp(job.key)
+        try:
+            report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant,
+                                              background=job.background), job.timeout, job.token)
+        except BaseException:
+            self.store.discard(tmp)
+            raise
+        if report.ok:
+            return _Built(variant, report, tmp)
+        self.store.discard(tmp)
+        logger.info("aioov cache: the %s blob of %s failed: %s", variant, job.request.source.describe(), report.reason)
+        return _Built(variant, report, None)
+
+
+class _SourceFile:
+    """The source as a file a builder can read: its own path, or its bytes written into the cache."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._dir: Path | None = None
+
+    def __enter__(self) -> str:
+        model = self._job.request.source.ort_input
+        if not isinstance(model, bytes):
+            return model
+        self._dir = self._job.store.new_tmp(self._job.key)
+        (self._dir / "source.onnx").write_bytes(model)
+        return str(self._dir / "source.onnx")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._dir is not None:
+            self._job.store.discard(self._dir)
+
+
+def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> dict[str, Any]:
+    """What a builder needs to write and check one variant of ``request``'s blob."""
+    blob = request.device.blob
+    assert blob is not None
+    config = request.config
+    return {
+        "model": model,
+        "tmp": str(tmp),
+        "key": key,
+        "blob": blob.kind,
+        "variant": variant,
+        "providers": blob.builder_providers(request.providers),
+        "opt_level": config.ort_graph_optimization_level,
+        "session_config": dict(config.ort_session_config),
+        "shapes": {k: list(v) for k, v in (config.warmup_shapes or {}).items()},
+        "values": dict(config.warmup_values),
+        "check_shapes": [{k: list(v) for k, v in shapes.items()} for shapes in config.check_shapes],
+        "background": background,
+    }
