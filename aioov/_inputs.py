@@ -18,14 +18,18 @@ have (``large_dim``), with a batch above 1, plus the shapes the user named.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 __all__ = (
     "CHECK_BYTES",
+    "CHECK_RUN_SECONDS",
     "DEFAULT_DIM",
+    "Checks",
     "DIM_LADDER",
     "CheckRun",
     "Unsynthesizable",
@@ -45,6 +49,9 @@ DEFAULT_DIM = 8
 DIM_LADDER = (DEFAULT_DIM, 32, 64, 512)
 #: the most bytes the inputs of one made-up shape may take; larger ones are not made up
 CHECK_BYTES = 64 << 20
+#: seconds one run of the source may take at the check's large shape (judged from the first
+#: shape's run and the inputs' sizes): a dimension is halved until it fits
+CHECK_RUN_SECONDS = 0.5
 
 R = TypeVar("R")
 #: a free dimension's size: a number, or one chosen per input and axis
@@ -91,22 +98,36 @@ def large_dim(port: Any, axis: int) -> int:
 CheckRun = tuple[str, dict[str, np.ndarray], R]
 
 
+@dataclass
+class Checks:
+    """What ``check_runs`` made up and ran: the runs, the shapes left out and why, and the
+    first inputs' results run again (outputs that differ between two runs cannot be compared)."""
+
+    runs: list[CheckRun[Any]]
+    left_out: list[str]
+    again: Any
+
+
 def check_runs(
     inputs: Sequence[Any], run: Callable[[dict[str, np.ndarray]], R], shapes: Mapping[str, Sequence[int]] | None = None,
     values: Mapping[str, Any] | None = None, extra: Sequence[Mapping[str, Sequence[int]]] = (),
-) -> tuple[list[CheckRun[R]], list[str]]:
+) -> Checks:
     """Inputs of several shapes and ``run``'s results on them, and the shapes left out with
     why (``run`` failed there: the model does not take them; or too large to make up).
     First ``first_run``'s (``shapes``: WARMUP_SHAPES), then each of ``extra`` (CHECK_SHAPES),
-    then free dimensions small (1), large (``large_dim``) and with a batch of 2. Raises what
-    ``first_run`` raises: without its inputs there is nothing to compare."""
+    then free dimensions small (1), large (``large_dim``, halved while one run would take
+    more than ``CHECK_RUN_SECONDS``) and with a batch of 2. Raises what ``first_run`` raises:
+    without its inputs there is nothing to compare."""
     feed, result = first_run(inputs, run, shapes, values, CHECK_BYTES)
+    started = time.perf_counter()
+    again = run(feed)
+    seconds = max(time.perf_counter() - started, 1e-4)
     runs: list[CheckRun[R]] = [(describe(feed), feed, result)]
     medium = max(DEFAULT_DIM, *(_free_sizes(inputs, feed) or [DEFAULT_DIM]))
     candidates: list[tuple[Mapping[str, Sequence[int]] | None, DimSize, int]] = [
         *((given, medium, 1) for given in extra),
         (None, 1, 1),
-        (None, large_dim, 1),
+        (None, _affordable(inputs, feed, seconds, medium), 1),
         (None, medium, 2),
     ]
     seen = {_signature(feed)}
@@ -124,7 +145,31 @@ def check_runs(
             runs.append((describe(candidate), candidate, run(candidate)))
         except Exception as exc:  # noqa: BLE001 - the source refuses this shape: nothing to check there
             left_out.append(f"{describe(candidate)}: {_first_line(exc)}")
-    return runs, left_out
+    return Checks(runs, left_out, again)
+
+
+def _affordable(inputs: Sequence[Any], feed: Mapping[str, np.ndarray], seconds: float, medium: int) -> DimSize:
+    """``large_dim``, capped at half, a quarter... (not below ``medium``) while a run at that
+    size would take more than ``CHECK_RUN_SECONDS``, judged from ``seconds`` for ``feed`` and
+    the inputs' sizes."""
+    cap = max((large_dim(port, axis) for port in inputs for axis in range(1, len(port.shape))), default=medium)
+    while True:
+        def size(port: Any, axis: int, cap: int = cap) -> int:
+            return min(large_dim(port, axis), max(cap, medium))
+
+        if cap <= medium:
+            return size
+        try:
+            elements = sum(math.prod(shape) for _, shape in _plan(inputs, {}, {}, size, 1))
+        except Unsynthesizable:
+            return size  # not made up at all: check_runs says why
+        if seconds * elements / max(_elements(feed), 1) <= CHECK_RUN_SECONDS:
+            return size
+        cap //= 2
+
+
+def _elements(feed: Mapping[str, np.ndarray]) -> int:
+    return sum(int(array.size) for array in feed.values())
 
 
 def describe(feed: Mapping[str, np.ndarray]) -> str:
@@ -149,20 +194,8 @@ def synthesize(
     for name, value in given_values.items():
         if value.ndim:
             shapes.setdefault(name, value.shape)  # an array: its own shape
-    named: dict[str, int] = {}
-    for port in inputs:  # sizes of named dimensions, from the shapes given
-        given = shapes.get(port.name)
-        if given is not None and len(given) == len(port.shape):
-            for dim, size in zip(port.shape, given):
-                if isinstance(dim, str):
-                    named.setdefault(dim, int(size))
-    planned = []
-    for port in inputs:
-        if port.dtype is None:
-            raise Unsynthesizable(f"input {port.name!r} is a {port.element_type}, which cannot be made up")
-        if port.dtype == np.object_:
-            raise Unsynthesizable(f"input {port.name!r} is a tensor of strings, which cannot be made up")
-        planned.append((port, _shape(port, shapes.get(port.name), named, default_dim, batch)))
+    named = _named(inputs, shapes)
+    planned = _plan(inputs, shapes, named, default_dim, batch)
     size = sum(math.prod(shape) * port.dtype.itemsize for port, shape in planned)
     if max_bytes is not None and size > max_bytes:
         shown = " ".join(f"{port.name}{list(shape)}" for port, shape in planned)
@@ -178,6 +211,31 @@ def synthesize(
         else:
             feed[port.name] = np.zeros(shape, dtype=port.dtype)
     return feed
+
+
+def _named(inputs: Sequence[Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Sizes of named dimensions, from the shapes given."""
+    named: dict[str, int] = {}
+    for port in inputs:
+        given = shapes.get(port.name)
+        if given is not None and len(given) == len(port.shape):
+            for dim, size in zip(port.shape, given):
+                if isinstance(dim, str):
+                    named.setdefault(dim, int(size))
+    return named
+
+
+def _plan(inputs: Sequence[Any], shapes: Mapping[str, Sequence[int]], named: dict[str, int], default_dim: DimSize,
+          batch: int) -> list[tuple[Any, tuple[int, ...]]]:
+    """Each input's shape; Unsynthesizable for inputs that cannot be made up."""
+    planned = []
+    for port in inputs:
+        if port.dtype is None:
+            raise Unsynthesizable(f"input {port.name!r} is a {port.element_type}, which cannot be made up")
+        if port.dtype == np.object_:
+            raise Unsynthesizable(f"input {port.name!r} is a tensor of strings, which cannot be made up")
+        planned.append((port, _shape(port, shapes.get(port.name), named, default_dim, batch)))
+    return planned
 
 
 def _given(port: Any, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

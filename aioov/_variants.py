@@ -1,11 +1,12 @@
 """Which blob of a cache entry is published: the format's variants, each written and checked
 by a builder process (``_builds``, ``_builder``), in turn until one passes.
 
-For CPU entries that is the ``plain`` blob, then (where ``CACHE_PREPACK`` asks) the
-``prepacked`` one, published instead only where its hit loads much sooner: the builder times
-both loads. Variants that killed a process running them (``_cache/sentinel``) are never tried
-again for that key. The manifest's ``build`` record says which variant was published, at which
-shapes it was checked, and why another was not.
+For CPU entries that is the ``plain`` blob, then (``CACHE_PREPACK=AUTO``) the ``prepacked``
+one, published instead only where its hit loads much sooner: the builder times both loads.
+``ALWAYS`` tries ``prepacked`` first and publishes it wherever it passes. Variants that killed
+a process running them (``_cache/sentinel``) are never tried again for that key. The
+manifest's ``build`` record says which variant was published, at which shapes it was
+checked, which failed before it, and why a faster one was not published.
 """
 
 from __future__ import annotations
@@ -66,17 +67,18 @@ def build_entry(builders: Builders, job: Job) -> Published | Failed:
     prepack = request.config.cache_prepack
     with _SourceFile(job) as model:
         attempt = _Attempt(builders, job, model)
-        variants = blob.variants(prepack is not PrepackMode.NEVER)
-        faster = blob.faster_variant(prepack is not PrepackMode.NEVER)
+        variants = blob.variants(prepack is PrepackMode.ALWAYS)
+        faster = blob.faster_variant(False) if prepack is PrepackMode.AUTO else None
         for variant in variants:
             if variant in crashed:
                 continue
             built = attempt(variant)
             if built.tmp is not None:
                 if variant == variants[0] and faster is not None and faster not in crashed:
-                    built = _faster(attempt, built, faster, always=prepack is PrepackMode.ALWAYS)
+                    built = _faster(attempt, built, faster)
                 tmp, record, files = built.result()
-                return tmp, {**record, **({"crashed": crashed} if crashed else {})}, files
+                earlier = {"failed": failures[len(crashed):]} if len(failures) > len(crashed) else {}
+                return tmp, {**record, **earlier, **({"crashed": crashed} if crashed else {})}, files
             failures.append(f"{variant}: {built.report.reason}")
             remember = remember and not built.report.transient
             if built.report.stop:
@@ -84,20 +86,18 @@ def build_entry(builders: Builders, job: Job) -> Published | Failed:
     return Failed(failures, remember)
 
 
-def _faster(attempt: _Attempt, built: _Built, faster: str, *, always: bool) -> _Built:
-    """``built``, or ``faster``'s blob where it passes and its hit loads much sooner
-    (``always``: wherever it passes). The one not chosen is discarded."""
-    why = None if always else _faster_pays(built.report.details, None)
+def _faster(attempt: _Attempt, built: _Built, faster: str) -> _Built:
+    """``built``, or ``faster``'s blob where it passes and its hit loads much sooner. The one
+    not chosen is discarded."""
+    why = _faster_pays(built.report.details, None)
     if why is None:
         try:
             other = attempt(faster)
         except BaseException:
             built.discard(attempt.store)
             raise
-        if other.tmp is None:
-            why = f"failed: {other.report.reason}"
-        elif not always:
-            why = _faster_pays(built.report.details, other.report.details)
+        why = (_faster_pays(built.report.details, other.report.details) if other.tmp is not None
+               else f"failed: {other.report.reason}")
         if other.tmp is not None and why is None:
             built.discard(attempt.store)
             return other
@@ -113,15 +113,16 @@ FASTER_SECONDS = 0.05
 
 
 def _faster_pays(first: dict[str, Any], faster: dict[str, Any] | None) -> str | None:
-    """None where the faster variant's hit loads enough sooner than the first's (``faster``
-    None: whether it may, from what the first's loads with and without repacking weights
-    say); else why it is not published."""
+    """None where the faster variant's hit loads enough sooner than the first's; else why it
+    is not published. ``faster`` None: whether it is worth building, from the first's loads
+    with and without repacking weights: the most prepacking can save, of which transformers
+    saved a quarter to a half (``benchmarks/prepack.py``), so twice the thresholds."""
     load = first.get("load_seconds")
     bound = first.get("instant_load_seconds") if faster is None else (faster or {}).get("load_seconds")
     if not isinstance(load, (int, float)) or not isinstance(bound, (int, float)):
         return "not tried: the loads were not timed"
-    saved = load - bound
-    if saved >= FASTER_SECONDS and saved >= FASTER_SHARE * load:
+    saved, factor = load - bound, 2 if faster is None else 1
+    if saved >= factor * FASTER_SECONDS and saved >= factor * FASTER_SHARE * load:
         return None
     return (f"not worth it: a hit would load in {bound:.3f} s instead of {load:.3f} s" if faster is not None
             else f"not tried: a hit loads in {load:.3f} s, at most {max(saved, 0):.3f} s of it repacking weights")

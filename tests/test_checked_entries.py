@@ -91,7 +91,7 @@ async def test_a_blob_that_crashes_at_a_real_input_width_is_not_published(
     await _compile_and_export(cache_dir, text_line_path, CACHE_PREPACK="ALWAYS")
     (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == "plain"
-    assert manifest["build"]["prepacked"] == "failed: the builder was killed by SIGSEGV"
+    assert manifest["build"]["failed"] == ["prepacked: the builder was killed by SIGSEGV"]
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     x = np.random.default_rng(1).standard_normal((1, 3, 48, 320)).astype(np.float32)
     hit, y = compile_in_a_process(cache_dir, text_line_path, x, CACHE_PREPACK="ALWAYS")
@@ -99,22 +99,26 @@ async def test_a_blob_that_crashes_at_a_real_input_width_is_not_published(
     np.testing.assert_allclose(y, reference(text_line_path, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("fault", "variant"), [("crash:prepacked", "plain"), ("mismatch:prepacked", "plain"),
-                                               ("crash:plain", "basic"), ("mismatch:plain,crash:prepacked", "basic")])
+@pytest.mark.parametrize(("fault", "prepack", "variant"), [
+    ("crash:prepacked", "ALWAYS", "plain"), ("mismatch:prepacked", "ALWAYS", "plain"),
+    ("crash:prepacked,mismatch:plain", "ALWAYS", "basic"), ("crash:plain", "AUTO", "basic"),
+])
 @pytest.mark.parametrize("export", ["ASYNC", "SYNC"])  # SYNC: this process then loads the entry
 async def test_a_bad_blob_falls_back_to_the_next_variant(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, variant: str, export: str
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, prepack: str, variant: str,
+    export: str,
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", fault)
-    compiled = await _compile_and_export(cache_dir, mlp_path, CACHE_EXPORT=export, CACHE_PREPACK="ALWAYS")
+    compiled = await _compile_and_export(cache_dir, mlp_path, CACHE_EXPORT=export, CACHE_PREPACK=prepack)
     assert not compiled.get_property("LOADED_FROM_CACHE")  # and this process is alive to say so
     (manifest,) = manifests(cache_dir)
     assert manifest["build"]["variant"] == variant
     y = (await compiled.infer({"x": _x()}))["y"]
     np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
+    assert [f.split(":")[0] for f in manifest["build"]["failed"]] == [f.split(":")[1] for f in fault.split(",")]
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     # A second process loads the checked blob and computes what onnxruntime does.
-    hit, y = compile_in_a_process(cache_dir, mlp_path, _x(), CACHE_PREPACK="ALWAYS")
+    hit, y = compile_in_a_process(cache_dir, mlp_path, _x(), CACHE_PREPACK=prepack)
     assert hit
     np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
 

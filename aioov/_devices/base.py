@@ -64,12 +64,14 @@ class BlobFormat:
 
     def variants(self, prepack: bool) -> tuple[str, ...]:
         """The ways this format can write a blob, most useful first: an export whose blob
-        does not load, or does not compute what the source does, falls back to the next."""
+        does not load, or does not compute what the source does, falls back to the next.
+        ``prepack``: the faster variant first, wherever it passes (``CACHE_PREPACK=ALWAYS``)."""
         return ("default",)
 
     def faster_variant(self, prepack: bool) -> str | None:
-        """A variant tried after the first of ``variants()`` passed, and published instead of
-        it only where its hit loads much sooner (the builder times both); None: none."""
+        """With ``CACHE_PREPACK=AUTO``: a variant tried after the first of ``variants(False)``
+        passed, and published instead only where its hit loads much sooner (the builder times
+        both); None: none."""
         return None
 
     def export_level(self, variant: str) -> str | None:

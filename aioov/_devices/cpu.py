@@ -4,10 +4,11 @@
 ``weights.bin``. Variants, tried in this order by the builder until one loads and computes
 what the source does: ``plain`` (optimized, not prepacked; loaded with graph optimizations
 off) and ``basic`` (only basic-level optimizations saved; a hit runs the compile's remaining
-optimizations). Once ``plain`` passed, ``prepacked`` (weights also saved prepacked for the
-matrix kernels, with ``CACHE_PREPACK``) is written and published instead only where its hit
+optimizations). With ``CACHE_PREPACK=AUTO``, once ``plain`` passed, ``prepacked`` (weights also
+saved prepacked for the matrix kernels) is written and published instead only where its hit
 loads much sooner: prepacked blobs are the ones onnxruntime's bugs crash (PP-OCR recognizers
-at some input widths, an FSMN voice-activity model), and for small models they save little.
+at some input widths, an FSMN voice-activity model), and for most models they save nothing.
+With ``ALWAYS``, ``prepacked`` is tried first.
 It can be produced by a second session after the caller's, in the background.
 
 ``finalize`` repairs one quirk before an entry is published: for IR < 4 models, ONNX
@@ -43,10 +44,10 @@ class OrtOptimizedBlob(BlobFormat):
     instant = True
 
     def variants(self, prepack: bool) -> tuple[str, ...]:
-        return ("plain", "basic")
+        return ("prepacked", "plain", "basic") if prepack else ("plain", "basic")
 
     def faster_variant(self, prepack: bool) -> str | None:
-        return "prepacked" if prepack else None
+        return "prepacked"
 
     def export_level(self, variant: str) -> str | None:
         return "BASIC" if variant == "basic" else None
