@@ -53,7 +53,7 @@ def _faults(variant: str) -> set[str]:
 
 def _options(job: dict[str, Any], level: str | None) -> Any:
     """Session options as the serving process would make them, on one thread."""
-    from ._sessions import session_options
+    from ._ortoptions import session_options
 
     options = session_options(level or job["opt_level"], job["session_config"])
     options.intra_op_num_threads = 1  # measured: 2 threads wrote BERT-base's blob no sooner

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from ._concurrency import wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
+from ._port import Port
 from ._properties import public_value
 
 __all__ = ("CacheOrigin", "CompiledModel", "InferRequest", "Port", "InferInputs")
@@ -24,9 +25,11 @@ ExportFunction = Callable[["str | os.PathLike[str]"], Awaitable[object]]
 
 class RunGuard(Protocol):
     """What a model loaded from the cache runs through (``_cache/sentinel.ShapeGuard``): a
-    record left while it first runs at each new input shape."""
+    record held while it first runs at each new input shape."""
 
-    def running(self, feed: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]: ...
+    def begin(self, feed: Mapping[str, Any]) -> Any: ...
+
+    def end(self, token: Any) -> None: ...
 
     def reset(self) -> None: ...
 
@@ -35,17 +38,6 @@ class RunGuard(Protocol):
 #: or one array for a single-input model
 InferInputs = Mapping[str, Any] | Sequence[Any] | np.ndarray
 
-_ORT_TYPES: dict[str, np.dtype[Any]] = {
-    f"tensor({name})": np.dtype(dtype)
-    for name, dtype in {
-        "float": np.float32, "double": np.float64, "float16": np.float16,
-        "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-        "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-        "bool": np.bool_, "string": np.object_,
-    }.items()
-}
-
-
 @dataclass(frozen=True)
 class CacheOrigin:
     """Where a compiled model came from, as far as the cache is concerned."""
@@ -53,49 +45,6 @@ class CacheOrigin:
     loaded: bool  # LOADED_FROM_CACHE
     key: str | None = None  # CACHE_KEY (None: no cache)
     not_cached: str | None = None  # NOT_CACHED_REASON: a not-cacheable marker's reason
-
-
-@dataclass(frozen=True)
-class Port:
-    """A model input or output: name, element type and shape (``None``/str = dynamic dim)."""
-
-    name: str
-    element_type: str
-    dtype: np.dtype[Any] | None
-    shape: tuple[int | str | None, ...]
-
-    @classmethod
-    def from_node_arg(cls, arg: Any) -> Port:
-        shape = tuple(arg.shape) if isinstance(arg.shape, (list, tuple)) else ()
-        return cls(arg.name, arg.type, _ORT_TYPES.get(arg.type), shape)
-
-    def check(self, value: Any) -> np.ndarray:
-        """Return ``value`` as an array this port accepts, or raise InferenceError."""
-        if isinstance(value, np.ndarray):
-            if self.dtype is not None and value.dtype != self.dtype:
-                raise InferenceError(
-                    f"input {self.name!r} expects {self.element_type} ({self.dtype}), "
-                    f"got an array of {value.dtype}"
-                )
-            array = value
-        else:
-            try:
-                array = np.asarray(value, dtype=self.dtype)
-            except (TypeError, ValueError) as exc:
-                raise InferenceError(f"input {self.name!r}: cannot convert to {self.dtype}: {exc}") from None
-        if self.shape:
-            if array.ndim != len(self.shape):
-                raise InferenceError(
-                    f"input {self.name!r} expects rank {len(self.shape)} {list(self.shape)}, "
-                    f"got shape {list(array.shape)}"
-                )
-            for axis, (want, got) in enumerate(zip(self.shape, array.shape)):
-                if isinstance(want, int) and want >= 0 and want != got:
-                    raise InferenceError(
-                        f"input {self.name!r} dimension {axis} must be {want}, got {got} "
-                        f"(shape {list(array.shape)}, expected {list(self.shape)})"
-                    )
-        return array
 
 
 class CompiledModel:
@@ -270,10 +219,13 @@ class CompiledModel:
 
     def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[Any]:
         """``session.run``; a model loaded from the cache runs new input shapes under its guard."""
-        if self._guard is None:
+        guard = self._guard
+        run = guard.begin(feed) if guard is not None else None
+        try:
             return session.run(None, feed)  # type: ignore[no-any-return]
-        with self._guard.running(feed):
-            return session.run(None, feed)  # type: ignore[no-any-return]
+        finally:
+            if run is not None:
+                guard.end(run)  # type: ignore[union-attr]
 
     def create_infer_request(self) -> InferRequest:
         return InferRequest(self)

@@ -137,7 +137,10 @@ class EntryReader:
     def _crashed(self, store: CacheStore, entry: Entry, variant: str, request: CompileRequest) -> bool:
         """Whether a process died running this entry at a new input shape (``_cache/sentinel``):
         then the variant is remembered as one that crashes, and the entry is quarantined."""
-        crashes = store.sentinels.crashes(entry.key)
+        try:
+            crashes = store.sentinels.crashes(entry.key)
+        except OSError:
+            return False  # an unreadable .runs: the check is the builder's alone
         for crash in crashes:
             try:
                 store.sentinels.remember(crash)

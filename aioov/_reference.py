@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ._compiled import Port
 from ._errors import ORT_ERRORS
 from ._inputs import CheckRun, Unsynthesizable, check_runs
-from ._sessions import quiet_run
+from ._ortoptions import quiet_run
+from ._port import Port
 
 __all__ = ("TOLERANCE", "Reference", "compare", "first_line", "reference_run")
 

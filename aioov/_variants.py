@@ -183,7 +183,11 @@ class _SourceFile:
         if not isinstance(model, bytes):
             return model
         self._dir = self._job.store.new_tmp(self._job.key)
-        (self._dir / "source.onnx").write_bytes(model)
+        try:
+            (self._dir / "source.onnx").write_bytes(model)
+        except BaseException:
+            self._job.store.discard(self._dir)
+            raise
         return str(self._dir / "source.onnx")
 
     def __exit__(self, *exc_info: object) -> None:

@@ -52,10 +52,12 @@ def warm_up(session: ort.InferenceSession, config: CompileConfig, describe: str,
     run = quiet_run(session)
 
     def guarded(feed: dict[str, Any]) -> Any:
-        if guard is None:
+        token = guard.begin(feed) if guard is not None else None
+        try:
             return run(feed)
-        with guard.running(feed):
-            return run(feed)
+        finally:
+            if guard is not None:
+                guard.end(token)
 
     try:
         ports = [Port.from_node_arg(a) for a in session.get_inputs()]

@@ -11,6 +11,7 @@ Exit codes: 0 success, 1 a model or entry failed, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -325,7 +326,8 @@ def _crashed(store: CacheStore, key: str, *, remember: bool) -> str | None:
     variant = store.info(key).variant
     crashes = store.sentinels.crashes(key, claim=remember)
     for crash in crashes if remember else ():
-        store.sentinels.remember(crash)
+        with contextlib.suppress(OSError):  # a read-only cache: reported all the same
+            store.sentinels.remember(crash)
     fatal = [crash for crash in crashes if crash.variant == variant]
     return f"a process died running it: {fatal[0].describe()}" if fatal else None
 

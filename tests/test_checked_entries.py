@@ -60,7 +60,9 @@ async def test_a_free_dimension_is_checked_small_large_and_batched(cache_dir: Pa
     (manifest,) = manifests(cache_dir)
     checked = manifest["build"]["checked"]
     assert checked[0] == "x[1,3,48,8]"  # the shape first made up, then the user's, then the rest
-    assert set(checked[1:]) == {"x[1,3,48,100]", "x[1,3,48,1]", "x[1,3,48,320]", "x[2,3,48,8]"}
+    assert checked[1:3] == ["x[1,3,48,100]", "x[1,3,48,1]"] and checked[4] == "x[2,3,48,8]"
+    # a text line's real width, or half of it (and so on) where one run would take too long
+    assert checked[3] in {"x[1,3,48,320]", "x[1,3,48,160]", "x[1,3,48,80]", "x[1,3,48,40]"}
 
 
 @pytest.mark.parametrize("prepack", ["NEVER", "NO", False])
@@ -159,7 +161,7 @@ async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered
     await _compile_and_export(cache_dir, mlp_path)
     assert manifests(cache_dir) == []  # no entry, and no marker: a slow machine is not a bad blob
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
-    await _compile_and_export(cache_dir, mlp_path)
+    await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NEVER")  # one variant, whatever timings say
     assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
 
 
@@ -322,7 +324,7 @@ async def test_a_model_given_as_bytes_is_checked_too(cache_dir: Path, mlp_path: 
 
 async def test_sync_export_publishes_the_checked_entry_before_returning(cache_dir: Path, mlp_path: Path) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
-        await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC"})
+        await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC", "CACHE_PREPACK": "NEVER"})
         assert core.pending_exports == 0
         assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
 

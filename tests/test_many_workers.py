@@ -136,7 +136,7 @@ async def test_with_others_loading_the_entry_is_published_before_compile_model_r
         (manifest,) = manifests(cache_dir)  # there already, for the others to load
         assert core.cache_stats.compiles == 1 and core.cache_stats.exports == 1
     assert manifest["build"]["check"] == "ran and matched"
-    assert manifest["build"]["variant"] == "plain"
+    assert manifest["build"]["variant"] in ("plain", "prepacked")  # prepacked where its timed loads say it pays
     # This process loaded the checked entry, as the others will: it compiled nothing itself.
     store = CacheStore(cache_dir)
     (key,) = store.keys()

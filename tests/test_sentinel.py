@@ -8,7 +8,6 @@ widths of 16 and more, as onnxruntime's prepacked kernels did for a real OCR rec
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -123,36 +122,43 @@ def test_every_variant_that_crashed_leaves_a_marker_not_a_loop(cache_dir: Path, 
     assert dies.stdout.startswith("compiled")
 
 
+def _records(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.run")) if folder.is_dir() else []
+
+
 def test_a_run_that_returns_or_raises_leaves_no_record(tmp_path: Path) -> None:
     sentinels = Sentinels(tmp_path)
     guard = ShapeGuard(sentinels, "ab" * 16, "plain")
-    with guard.running({"x": np.zeros((1, 4))}):
-        (record,) = (tmp_path / ("ab" * 16)).iterdir()
-        assert json.loads(record.read_text())["inputs"] == "x[1, 4]"
-    with pytest.raises(RuntimeError), guard.running({"x": np.zeros((1, 5))}):
-        raise RuntimeError("onnxruntime refused the inputs")
-    assert list((tmp_path / ("ab" * 16)).iterdir()) == []
+    token = guard.begin({"x": np.zeros((1, 4))})
+    (record,) = _records(tmp_path / ("ab" * 16))
+    assert json.loads(record.read_text())["inputs"] == "x[1, 4]"
+    assert sentinels.crashes("ab" * 16) == []  # held by this process: not a crash
+    guard.end(token)
+    assert _records(tmp_path / ("ab" * 16)) == []
     assert sentinels.crashes("ab" * 16) == []
 
 
 def test_a_shape_already_run_leaves_no_record(tmp_path: Path) -> None:
     guard = ShapeGuard(Sentinels(tmp_path), "ab" * 16, "plain")
-    with guard.running({"x": np.zeros((1, 4))}):
-        pass
-    with guard.running({"x": np.ones((1, 4))}):
-        assert list((tmp_path / ("ab" * 16)).iterdir()) == []
+    guard.end(guard.begin({"x": np.zeros((1, 4))}))
+    assert guard.begin({"x": np.ones((1, 4))}) is None  # the same shape: nothing written
+    in_flight = guard.begin({"x": np.ones((1, 5))})
     guard.reset()  # a new session of the entry (an instant hit's full-speed one): every shape is new again
-    with guard.running({"x": np.ones((1, 4))}):
-        assert len(list((tmp_path / ("ab" * 16)).iterdir())) == 1
+    guard.end(in_flight)  # ... and a run of the old session that ends after the swap counts for none
+    for width in (4, 5):
+        token = guard.begin({"x": np.ones((1, width))})
+        assert token is not None
+        guard.end(token)
 
 
 def test_a_record_of_a_live_process_is_not_a_crash(tmp_path: Path) -> None:
-    """Another process in the middle of its first run: its record stays, nothing is quarantined."""
+    """Another process in the middle of its first run: its record stays, nothing is quarantined.
+    Its lock, not its pid, says it lives: this holds across pid namespaces (containers)."""
     code = """
 import sys, time
 from pathlib import Path
 from aioov._cache.sentinel import Sentinels
-Sentinels(Path(sys.argv[1])).begin("ab" * 16, "plain", "x[1, 16]")
+run = Sentinels(Path(sys.argv[1])).begin("ab" * 16, "plain", "x[1, 16]")
 print("running", flush=True)
 time.sleep(60)
 """
@@ -165,4 +171,21 @@ time.sleep(60)
             running.kill()
     (crash,) = Sentinels(tmp_path).crashes("ab" * 16)  # killed in its run: now it is one
     assert crash.pid == running.pid and crash.inputs == "x[1, 16]"
-    assert os.listdir(tmp_path) == []
+    assert _records(tmp_path / ("ab" * 16)) == []
+
+
+def test_crashed_variants_are_remembered_one_file_each_and_forgotten_by_clear(
+    cache_dir: Path, text_line_path: Path
+) -> None:
+    compile_in_a_process(cache_dir, text_line_path, _line(8), **CONFIG)
+    (key,) = [e["key"] for e in manifests(cache_dir)]
+    from aioov._cache.sentinel import Crash
+    from aioov._cache.store import CacheStore
+
+    store = CacheStore(cache_dir)
+    for variant in ("prepacked", "plain"):  # as two processes would, each its own file: neither is lost
+        store.sentinels.remember(Crash(key, variant, "x[1, 3, 48, 320]", 1, "host", 0.0))
+    assert set(store.sentinels.crashed(key)) == {"prepacked", "plain"}
+    assert _cli("cache", "clear", "--yes", "--cache-dir", str(cache_dir)).returncode == 0
+    assert store.sentinels.crashed(key) == {}
+    assert list(store.sentinels.root.iterdir()) == []

@@ -172,3 +172,46 @@ def test_the_cli_warms_models_and_reports_it(bert_path: Path, tmp_path: Path) ->
                       "-c", 'WARMUP_SHAPES={"input_ids": [1, 32]}', "--json", cwd=ROOT)
     (result,) = json.loads(proc.stdout)["results"]
     assert result["ok"] and result["warmed_up"] and result["warmup_seconds"] > 0
+
+
+def test_given_values_fill_their_inputs_and_are_never_cast_silently() -> None:
+    """A sample rate is not free-form: zeros are no valid rate (silero's ``sr``)."""
+    ports = [Port("input", "tensor(float)", np.dtype(np.float32), ("N", "T")),
+             Port("sr", "tensor(int64)", np.dtype(np.int64), ())]
+    feed = synthesize(ports, {"input": [1, 512]}, values={"sr": 16000})
+    assert feed["sr"].dtype == np.int64 and int(feed["sr"]) == 16000 and feed["input"].shape == (1, 512)
+    for bad in ({"sr": 16000.9}, {"sr": 2**70}):
+        with pytest.raises(Unsynthesizable, match="the value given for input 'sr'"):
+            synthesize(ports, values=bad)
+    lengths = Port("lens", "tensor(int32)", np.dtype(np.int32), ("N",))
+    assert synthesize([lengths], values={"lens": [3, 5]})["lens"].tolist() == [3, 5]  # an array: as it is
+    with pytest.raises(Unsynthesizable, match="shape asked for"):
+        synthesize([lengths], {"lens": [3]}, values={"lens": [3, 5]})
+
+
+async def test_warmup_values_make_a_model_with_a_sample_rate_warm_up(tmp_path: Path) -> None:
+    """y = x * sr: made up as 0, the rate gives all zeros; given, the warm-up runs on it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"])
+    nodes = [helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "srf"], ["y"])]
+    graph = helper.make_graph(nodes, "rate", [x, sr], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "rate.onnx"
+    onnx.save(model, path)
+    seen: list[int] = []
+    real = ort.InferenceSession.run
+
+    def run(self, output_names, feed, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(int(feed["sr"]))
+        return real(self, output_names, feed, *args, **kwargs)
+
+    ort.InferenceSession.run = run  # type: ignore[method-assign]
+    try:
+        async with aioov.Core() as core:
+            compiled = await core.compile_model(path, "CPU", {"WARMUP": 1, "WARMUP_VALUES": {"sr": 16000}})
+    finally:
+        ort.InferenceSession.run = real  # type: ignore[method-assign]
+    assert compiled.get_property("WARMED_UP") and seen == [16000]

@@ -128,7 +128,7 @@ class CacheStore:
     def check_tree(self) -> None:
         """Raise OSError when a directory of the tree is a symlink: entries would be written,
         served and deleted outside the cache. (``root`` itself may be a link.)"""
-        for path in (self.base, self.tmp, self.locks, self.index.root):
+        for path in (self.base, self.tmp, self.locks, self.index.root, self.sentinels.root):
             if os.path.islink(path):
                 raise OSError(f"{path} is a symlink; refusing to use this cache")
 
@@ -444,7 +444,11 @@ class CacheStore:
 
     def clear(self) -> int:
         """Remove every entry (skipping those in use) and leftovers; returns entries removed."""
-        removed = sum(1 for key in list(self.keys()) if self.remove(key))
+        removed = 0
+        for key in list(self.keys()):
+            if self.remove(key):
+                self.sentinels.forget(key)  # a cleared cache starts over: crashed variants are tried again
+                removed += 1
         self.clean_tmp(min_age=0)
         return removed
 
