@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from contextlib import aclosing
 from pathlib import Path
 
@@ -130,13 +129,19 @@ async def test_models_another_process_is_compiling_are_loaded_last(six_models: l
     other_process = aioov.CacheStore(cache_dir).lock(key)  # a second file description
     assert other_process.try_acquire()
     order: list[int] = []
-    timer = threading.Timer(0.5, other_process.release)
-    timer.start()
     async with aioov.Core(cache_dir=cache_dir) as core:
-        async for result in core.compile_models(six_models[:4], "CPU", max_concurrency=1):
-            order.append(result.index)
-            assert result.ok
+
+        async def release_once_waited_for() -> None:  # however slow the machine: no timer
+            while core.cache_stats.lock_waits == 0:
+                await anyio.sleep(0.01)
+            other_process.release()
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release_once_waited_for)
+                async for result in core.compile_models(six_models[:4], "CPU", max_concurrency=1):
+                    order.append(result.index)
+                    assert result.ok
         stats = core.cache_stats
-    timer.join()
     assert order == [1, 2, 3, 0]
     assert stats.lock_waits == 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -137,36 +139,63 @@ async def test_closed_core_refuses_work(mlp_path: Path) -> None:
 @pytest.mark.skipif(_ortenv.builds_hold_the_gil(),
                     reason=f"onnxruntime {ort.__version__} holds the GIL while it builds a session")
 async def test_event_loop_keeps_ticking_while_four_models_compile(model_dir: Path) -> None:
-    """Compiles run in worker threads and ONNX Runtime releases the GIL while building
-    a session, so a 5 ms ticker keeps its pace (max gap < 50 ms)."""
+    """Compiles run in worker threads and ONNX Runtime releases the GIL while building a
+    session, so a 5 ms ticker keeps the pace it keeps beside four threads that burn CPU
+    without the GIL (hashlib releases it): on an idle machine a max gap under 50 ms, on a busy
+    or niced one no worse than that control run's (a compile holding the GIL would stall the
+    loop for the whole build)."""
     paths = []
     for seed in range(4):
         path = model_dir / f"lag_{seed}.onnx"
         if not path.exists():
             onnx.save(bert_like(layers=6, hidden=256, heads=4, vocab=4000, seed=seed), path)
         paths.append(path)
-    gaps: list[float] = []
 
-    async def ticker(stop: anyio.Event) -> None:
-        last = time.perf_counter()
-        while not stop.is_set():
-            await anyio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+    async def max_gap(work: Callable[[], Awaitable[object]]) -> tuple[float, float]:
+        gaps: list[float] = []
+        stop = anyio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await anyio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await work()
+            stop.set()
+        assert gaps, "the ticker must have run meanwhile"
+        return max(gaps), time.perf_counter() - started
 
     # Collect what earlier tests left behind first: a full GC pass over their sessions holds the
     # GIL for tens of milliseconds, which says nothing about aioov (seen once in a full CI run).
     gc.collect()
     async with aioov.Core(max_concurrent_compiles=4) as core:
-        stop = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker, stop)
-            compiled = await core.compile_all(paths, "CPU")
-            stop.set()
+        compiled: list[aioov.CompileResult] = []
+        compile_gap, seconds = await max_gap(lambda: _collect(core.compile_all(paths, "CPU"), compiled))
     assert all(result.ok for result in compiled)
-    assert gaps, "the ticker must have run while the models compiled"
-    assert max(gaps) < 0.05, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+    def burn() -> None:  # CPU without the GIL, for as long as the compiles took
+        data, deadline = b"x" * (8 << 20), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            hashlib.sha256(data).digest()
+
+    async def four_burners() -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(anyio.to_thread.run_sync, burn)
+
+    control_gap, _ = await max_gap(four_burners)
+    assert compile_gap < max(0.05, 2 * control_gap), (
+        f"event loop stalled for {compile_gap * 1000:.0f} ms (beside GIL-free threads: {control_gap * 1000:.0f} ms)")
+
+
+async def _collect(results: Awaitable[list[aioov.CompileResult]], into: list[aioov.CompileResult]) -> None:
+    into.extend(await results)
 
 
 SHARED_POOL = """
