@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ._concurrency import CancelToken
+from ._concurrency import CancelToken, renew_in_children
 from ._errors import Cancelled
 
 __all__ = ("BuildReport", "Builders", "Timeout")
@@ -152,6 +152,15 @@ class _Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def forget(self) -> None:
+        """In a forked child: close its copies of the pipes, never wait for or signal the process."""
+        for stream in (self.popen.stdin, self.popen.stdout):
+            try:
+                if stream is not None:
+                    os.close(stream.fileno())
+            except (OSError, ValueError):
+                pass
+
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
@@ -178,6 +187,16 @@ class Builders:
         self._kept: _Process | None = None
         self._lock = threading.Lock()
         self._idle: threading.Timer | None = None
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
+        """The kept builder is the parent's: close this process's ends of its pipes (it sees
+        no EOF while the parent holds its own) and start afresh."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.forget()
+        self._lock = threading.Lock()
+        self._idle = None
 
     def build(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
         """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""

@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
-from typing import Any, TypeVar
+import weakref
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-__all__ = ("CancelToken", "wait_future")
+__all__ = ("CancelToken", "renew_in_children", "wait_future")
+
+
+class Renewable(Protocol):
+    def _renew_in_child(self) -> None: ...
+
+
+_RENEW: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def renew_in_children(obj: Renewable) -> None:
+    """Have ``obj._renew_in_child()`` run in every child forked from this process (gunicorn
+    ``--preload``, multiprocessing's fork start method): the threads of its pools did not come
+    along, locks they held would stay held for ever, and lock files it holds are the parent's
+    (closed in the child, never unlocked: the parent keeps them)."""
+    _RENEW.add(obj)
+
+
+def _renew_all() -> None:
+    for obj in list(_RENEW):
+        obj._renew_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_all)
 
 T = TypeVar("T")
 

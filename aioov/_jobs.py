@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._concurrency import CancelToken, wait_future
+from ._concurrency import CancelToken, renew_in_children, wait_future
 from ._errors import AioovError, Cancelled
 from ._properties import CompileConfig
 from ._request import Result, Source
@@ -113,15 +113,21 @@ class CompileJobs:
 
     def __init__(self, compile_job: CompileFn, workers: int) -> None:
         self._compile_job = compile_job
+        self._workers = workers
+        self._renew_in_child()
+        self._closed = False
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
+        """A fresh pool and nothing in flight: the parent's compiles are the parent's."""
         # A compile must outlive a cancelled caller (others may share it, and it may hold a
         # cache lock), so jobs run in an executor of their own rather than in a caller's task.
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aioov-compile")
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="aioov-compile")
         self._inflight = Inflight()
         self._background: set[CancelToken] = set()
         self._background_lock = threading.Lock()
         self._busy = 0  # bulk loads running
         self._deferred: list[tuple[Callable[[CancelToken], Any], CancelToken]] = []  # work for after them
-        self._closed = False
 
     @property
     def inflight(self) -> Inflight:

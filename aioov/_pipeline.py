@@ -28,7 +28,7 @@ from ._cache.peers import Presence
 from ._cache.stats import CacheEvents, CacheStats
 from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink, RemoteSettings
-from ._concurrency import CancelToken
+from ._concurrency import CancelToken, renew_in_children
 from ._devices import DeviceRegistry
 from ._early import EarlyCompile
 from ._errors import Cancelled, LockBusy, LockTimeout, ModelReadError
@@ -54,6 +54,10 @@ class Pipeline:
         self.writer = EntryWriter(self.sessions, self.events, exporter)
         self._stores: dict[str, CacheStore | None] = {}
         self._presence: dict[Path, Presence] = {}
+        self._stores_lock = threading.Lock()
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
         self._stores_lock = threading.Lock()
 
     def stats(self) -> CacheStats:

@@ -318,8 +318,8 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_REMOTE_LOCK_URL": None,
     "CACHE_REMOTE_LOCK_TTL": 300.0,
     "CACHE_PREPACK": PrepackMode.AUTO,
-    # FULL by measurement: on 2 cores the instant session's first inference waits behind the
-    # full-speed load (0.55 s against 0.22 s), and full speed comes 2x later (docs/performance.md)
+    # FULL by measurement: on few cores an instant session's first inferences wait behind the
+    # full-speed load (docs/performance.md#instant-hits-cache_hit_mode)
     "CACHE_HIT_MODE": CacheHitMode.FULL,
     "PERFORMANCE_HINT": PerformanceHint.LATENCY,
     "INFERENCE_NUM_THREADS": 0,

@@ -24,7 +24,7 @@ from ._cache.sentinel import ShapeGuard
 from ._cache.stamps import Identities, identities, stamp, stamped
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore, Entry
-from ._concurrency import CancelToken
+from ._concurrency import CancelToken, renew_in_children
 from ._errors import ORT_ERRORS, Cancelled, LockTimeout
 from ._properties import CacheHitMode, CacheVerify
 from ._request import CompileRequest, Pending, Upgrade
@@ -43,11 +43,15 @@ class EntryReader:
         self._sessions = sessions
         self._events = events
         self._io_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aioov-io")
+        renew_in_children(self)
         self._verified: dict[Path, Identities] = {}  # entries checksummed here, as their files were
         # Where an instant hit's full-speed load runs, and how it is stopped (the Core's jobs:
         # ``CompileJobs.background``); unset, it is started by whoever gets the hit.
         self.start_background: Callable[[Upgrade], concurrent.futures.Future[Any] | None] | None = None
         self.cancel_background: Callable[[concurrent.futures.Future[Any]], None] = lambda future: None
+
+    def _renew_in_child(self) -> None:
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aioov-io")
 
     def shutdown(self) -> None:
         self._io_pool.shutdown(wait=True)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from . import _ortenv
 from ._cache.stats import CacheEvents
-from ._concurrency import CancelToken
+from ._concurrency import CancelToken, renew_in_children
 from ._devices import ProviderList
 from ._errors import ORT_ERRORS, Cancelled, DeviceNotFoundError, raise_compile_error
 from ._ortoptions import quiet_run, session_options
@@ -30,9 +30,13 @@ class SessionFactory:
     sessions at a time per device (``GPU.0`` and ``GPU.1`` count apart)."""
 
     def __init__(self, events: CacheEvents) -> None:
+        self._events = events
+        self._renew_in_child()
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
         self._device_slots: dict[str, threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
-        self._events = events
 
     def _device_slots_of(self, request: CompileRequest) -> AbstractContextManager[Any]:
         """What a session build of ``request`` holds: one of its device's slots, or nothing

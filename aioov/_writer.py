@@ -44,7 +44,7 @@ from ._cache.peers import Presence
 from ._cache.stats import CacheEvents
 from ._cache.store import CacheStore
 from ._cache.tiered import RemoteLink
-from ._concurrency import CancelToken
+from ._concurrency import CancelToken, renew_in_children
 from ._early import EarlyCompile
 from ._errors import BlobError, Cancelled
 from ._properties import ExportMode
@@ -88,6 +88,10 @@ class EntryWriter:
         self._events = events
         self._exporter = exporter
         self._builders = Builders()
+        self._renew_in_child()
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
         self._lock = threading.Lock()
         self._compiling = 0  # compiles of ``compile`` in flight
 

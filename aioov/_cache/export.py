@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._concurrency import CancelToken
+from .._concurrency import CancelToken, renew_in_children
 
 __all__ = ("Exporter",)
 
@@ -40,6 +40,11 @@ def _lower_priority() -> None:
 
 class Exporter:
     def __init__(self) -> None:
+        self._renew_in_child()
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
+        """A fresh pool, nothing pending: the parent's exports are the parent's to finish."""
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="aioov-export", initializer=_lower_priority
         )

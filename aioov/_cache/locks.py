@@ -27,6 +27,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -132,6 +133,7 @@ class KeyLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD.add(self)
         return True
 
     def acquire(
@@ -158,6 +160,7 @@ class KeyLock:
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         if fd is not None:
             try:
                 unlock_fd(fd)
@@ -171,3 +174,24 @@ class KeyLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+#: the locks this process holds: a child forked meanwhile closes its copies of their files (a
+#: flock belongs to the open file, shared with the child: kept open there, a lock would outlive
+#: a parent that died); it never unlocks them, which would release the parent's lock too
+_HELD: weakref.WeakSet[KeyLock] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)

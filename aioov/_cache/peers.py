@@ -18,6 +18,7 @@ import stat
 import threading
 from pathlib import Path
 
+from .._concurrency import renew_in_children
 from .locks import lock_fd, unlock_fd
 
 __all__ = ("Presence",)
@@ -31,9 +32,20 @@ class Presence:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._fd: int | None = None
+        self._renew_in_child()
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
+        """The mark is the parent's: this process's copy of it closed (never unlocked)."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
         self._lock = threading.Lock()
         self._count = 0
-        self._fd: int | None = None
+        self._fd = None
         self._name: str | None = None
 
     def enter(self) -> None:

@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,23 @@ class Run:
 #: still in a run (a server stopping on SIGTERM) removes them, so that nobody takes it for a crash
 _OPEN: set[Run] = set()
 _OPEN_LOCK = threading.Lock()
+_GUARDS: weakref.WeakSet[ShapeGuard] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """A forked child does not run its parent's runs: close its copies of their records (the
+    parent's locks stay), and renew the locks that a thread of the parent may have held."""
+    global _OPEN_LOCK
+    for run in list(_OPEN):
+        run.file.close()
+    _OPEN.clear()
+    _OPEN_LOCK = threading.Lock()
+    for guard in list(_GUARDS):
+        guard._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @atexit.register
@@ -196,6 +214,7 @@ class ShapeGuard:
         self._seen: set[tuple[tuple[int, ...], ...]] = set()
         self._generation = 0  # the session's: ``reset`` starts a new count
         self._lock = threading.Lock()
+        _GUARDS.add(self)
 
     def begin(self, feed: Mapping[str, Any]) -> tuple[int, tuple[tuple[int, ...], ...], Run | None] | None:
         """None for a shape already run (nothing to do); else what ``end`` needs."""

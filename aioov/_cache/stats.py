@@ -10,6 +10,8 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 
+from .._concurrency import renew_in_children
+
 __all__ = ("CacheEvents", "CacheStats")
 
 logger = logging.getLogger("aioov")
@@ -42,6 +44,10 @@ class CacheEvents:
         self._stats = CacheStats()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def count(self, **increments: int) -> None:
         with self._lock:

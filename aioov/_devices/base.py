@@ -14,8 +14,10 @@ that needs it; of the cache, a device knows only the reserved names in ``_cache/
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -138,9 +140,14 @@ class Device:
     parallel_builds: ClassVar[int] = 0
 
     def __init__(self) -> None:
-        self._probe_lock = threading.Lock()
         self._probed: bool | None = None
         self._probe_error: str | None = None
+        self._renew_in_child()
+        _DEVICES.add(self)
+
+    def _renew_in_child(self) -> None:
+        """After a fork: the probe threads did not come along; a probe not finished starts over."""
+        self._probe_lock = threading.Lock()
         self._prepare_lock = threading.Lock()
         self._preparing = False
 
@@ -210,6 +217,19 @@ class Device:
     def fingerprint(self, index: int | None) -> dict[str, Any]:
         """What about the hardware makes a compiled blob non-portable."""
         return cpu_fingerprint()
+
+
+#: devices of this process, renewed in a forked child (``Device._renew_in_child``)
+_DEVICES: weakref.WeakSet[Device] = weakref.WeakSet()
+
+
+def _renew_devices() -> None:
+    for device in list(_DEVICES):
+        device._renew_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_devices)
 
 
 def _quietly(job: Any) -> None:
