@@ -11,4 +11,4 @@ nice -n 19 .venv/bin/python -m pytest -q -p no:cacheprovider \
     "tests/test_compile.py::test_event_loop_keeps_ticking_while_four_models_compile" \
     "tests/test_many_workers.py::test_an_awaited_check_runs_at_the_callers_priority" \
     "tests/test_export.py::test_abandoned_export_leaves_nothing_half_written" \
-    tests/test_sentinel.py tests/test_fork.py
+    tests/test_sentinel.py

@@ -81,6 +81,7 @@ import multiprocessing, sys, anyio, numpy as np, aioov
 cache, first, second = sys.argv[1:4]
 core = aioov.Core(cache_dir=cache)
 preloaded = anyio.run(core.compile_model, first, "CPU")
+anyio.run(core.wait_exports)  # (a fork with an export in flight: the test above)
 
 def work(path):
     async def run():
