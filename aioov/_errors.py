@@ -140,3 +140,8 @@ def raise_infer_error(exc: BaseException) -> NoReturn:
     if isinstance(exc, _INFER_ERRORS):
         raise InferenceError(str(exc)) from exc
     raise AioovError(f"inference failed: {exc}") from exc
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name if it has none), cut to ``limit``."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

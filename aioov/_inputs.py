@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ._errors import first_line
+
 __all__ = (
     "CHECK_BYTES",
     "CHECK_RUN_SECONDS",
@@ -146,7 +148,7 @@ def check_runs(
         try:
             runs.append((describe(candidate), candidate, run(candidate)))
         except Exception as exc:  # noqa: BLE001 - the source refuses this shape: nothing to check there
-            left_out.append(f"{describe(candidate)}: {_first_line(exc)}")
+            left_out.append(f"{describe(candidate)}: {first_line(exc, 200)}")
     return Checks(runs, left_out, again)
 
 
@@ -292,7 +294,3 @@ def _free_sizes(inputs: Sequence[Any], feed: Mapping[str, np.ndarray]) -> list[i
 
 def _signature(feed: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], ...]:
     return tuple(array.shape for array in feed.values())
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -168,15 +168,21 @@ def _remote_url(*schemes: str) -> Callable[[object], str | None]:
     return parse
 
 
+def _from_json(value: object, expected: str) -> object:
+    """``value``, or what it says when it is a JSON string (properties set from a CLI or env)."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+
+
 def _shapes(value: object) -> dict[str, tuple[int, ...]]:
     """``{"input_ids": [1, 128]}`` (or its JSON) → ``{"input_ids": (1, 128)}``."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError(f"expected a mapping of input names to shapes, got {value!r}") from None
+    value = _from_json(value, "a mapping of input names to shapes")
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping of input names to shapes, got {type(value).__name__}")
     out: dict[str, tuple[int, ...]] = {}
@@ -191,13 +197,7 @@ def _shapes(value: object) -> dict[str, tuple[int, ...]]:
 
 def _shape_list(value: object) -> tuple[dict[str, tuple[int, ...]], ...]:
     """``[{"x": [1, 3, 48, 320]}, ...]`` (or its JSON): shapes, by input name, to check at."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError(f"expected a list of mappings of input names to shapes, got {value!r}") from None
+    value = _from_json(value, "a list of mappings of input names to shapes")
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, (list, tuple)) or len(value) > MAX_CHECK_SHAPES:
@@ -207,13 +207,7 @@ def _shape_list(value: object) -> tuple[dict[str, tuple[int, ...]], ...]:
 
 def _values(value: object) -> dict[str, Any]:
     """``{"sr": 16000}``: an input's value, a number (filling the input) or nested lists."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError(f"expected a mapping of input names to values, got {value!r}") from None
+    value = _from_json(value, "a mapping of input names to values")
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping of input names to values, got {type(value).__name__}")
     import numpy as np

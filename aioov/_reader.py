@@ -141,21 +141,12 @@ class EntryReader:
     def _crashed(self, store: CacheStore, entry: Entry, variant: str, request: CompileRequest) -> bool:
         """Whether a process died running this entry at a new input shape (``_cache/sentinel``):
         then the variant is remembered as one that crashes, and the entry is quarantined."""
-        try:
-            crashes = store.sentinels.crashes(entry.key)
-        except OSError:
-            return False  # an unreadable .runs: the check is the builder's alone
-        for crash in crashes:
-            try:
-                store.sentinels.remember(crash)
-            except OSError:
-                pass  # the quarantine below still stops the crash loop; the next build may meet it once more
-        fatal = [crash for crash in crashes if crash.variant == variant]
-        if not fatal:
+        fatal = store.sentinels.fatal(entry.key, variant)
+        if fatal is None:
             return False
         logger.warning("aioov cache: the cached %s blob of %s killed a process: %s; discarding it, the next "
-                       "compile writes another variant", variant, request.source.describe(), fatal[0].describe())
-        store.quarantine(entry.key, f"a process died running it: {fatal[0].describe()}")
+                       "compile writes another variant", variant, request.source.describe(), fatal.describe())
+        store.quarantine(entry.key, f"a process died running it: {fatal.describe()}")
         return True
 
     def _open_entry(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ORT_ERRORS
+from ._errors import ORT_ERRORS, first_line
 from ._inputs import CheckRun, Unsynthesizable, check_runs
 from ._ortoptions import quiet_run
 from ._port import Port
@@ -67,7 +67,3 @@ def reference_run(session: Any, shapes: Mapping[str, Sequence[int]] | None, valu
     except ORT_ERRORS as exc:
         return None, f"the source model failed on made-up inputs: {first_line(exc)}", []
     return checks.runs, None, checks.left_out
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -11,7 +11,6 @@ Exit codes: 0 success, 1 a model or entry failed, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -323,13 +322,8 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
 def _crashed(store: CacheStore, key: str, *, remember: bool) -> str | None:
     """Why ``key``'s entry is bad if a process died running it (``_cache/sentinel``); with
     ``remember``, its variant is remembered as one that crashes, as a hit would."""
-    variant = store.info(key).variant
-    crashes = store.sentinels.crashes(key, claim=remember)
-    for crash in crashes if remember else ():
-        with contextlib.suppress(OSError):  # a read-only cache: reported all the same
-            store.sentinels.remember(crash)
-    fatal = [crash for crash in crashes if crash.variant == variant]
-    return f"a process died running it: {fatal[0].describe()}" if fatal else None
+    fatal = store.sentinels.fatal(key, store.info(key).variant or "", claim=remember)
+    return f"a process died running it: {fatal.describe()}" if fatal else None
 
 
 def _cache_prune(store: CacheStore, args: argparse.Namespace) -> int:

@@ -178,6 +178,16 @@ class Sentinels:
             found.append(crash)
         return found
 
+    def fatal(self, key: str, variant: str, *, claim: bool = True) -> Crash | None:
+        """The crash that condemns ``key``'s ``variant``, if a process died running it. With
+        ``claim``, every crash found is remembered as its variant's (a read-only cache cannot
+        remember: the crash is reported all the same) and its record removed."""
+        crashes = self.crashes(key, claim=claim)
+        for crash in crashes if claim else ():
+            with contextlib.suppress(OSError):
+                self.remember(crash)
+        return next((crash for crash in crashes if crash.variant == variant), None)
+
     def remember(self, crash: Crash) -> None:
         """Remember ``crash``'s variant as one never built again for its key."""
         folder = self.root / crash.key
