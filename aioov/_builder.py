@@ -37,6 +37,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ._priority import lower_this_thread
+
 __all__ = ("build", "main", "run_job")
 
 #: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT",
@@ -44,6 +46,9 @@ __all__ = ("build", "main", "run_job")
 #: blob on purpose; "crashwide": the blob crashes when an input's last dimension is 16 or more
 #: (what a real prepacked OCR recognizer did at text-line widths of 15 and above)
 FAULT_ENV = "AIOOV_BUILDER_FAULT"
+#: the pid of the process that started the builder (set by ``_builds``)
+PARENT_ENV = "AIOOV_BUILDER_PARENT"
+_PR_SET_PDEATHSIG = 1
 
 
 def _faults(variant: str) -> set[str]:
@@ -68,8 +73,6 @@ def _session(model: str, options: Any, providers: list[tuple[str, dict[str, str]
                                 provider_options=[opts for _, opts in providers])
 
 
-#: the priority of background jobs: below the compiles that callers wait for
-NICE = 10
 #: bytes a blob file grows by between two fsyncs while it is written, and seconds between looks
 FOLLOW_STEP = 64 << 20
 FOLLOW_POLL = 0.05
@@ -309,14 +312,6 @@ def _crash() -> None:
     signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
 
 
-def _lower_priority() -> None:
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) < NICE:
-            os.setpriority(os.PRIO_PROCESS, 0, NICE)
-    except (AttributeError, OSError):
-        pass
-
-
 def _no_core_dumps() -> None:
     """A crash here is a blob failing its check, expected and handled: no core file of a
     process holding a model's weights (hundreds of MB, written into the application's working
@@ -329,7 +324,30 @@ def _no_core_dumps() -> None:
         pass  # Windows has no such limit, and writes no core file
 
 
+def _die_with_parent() -> None:
+    """Never outlive the parent, even stopped (SIGSTOP) or hung, where closing stdin cannot
+    reach us: the kernel kills us when it dies (Linux). And be what the kernel's OOM killer
+    takes first: a builder costs one entry, the application must not be the one killed."""
+    parent = os.environ.get(PARENT_ENV)
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if parent and os.getppid() != int(parent):  # it died before we asked
+        os._exit(0)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:  # raising it needs no privilege
+            f.write("1000")
+    except OSError:
+        pass
+
+
 def main() -> None:
+    _die_with_parent()
     _no_core_dumps()
     # Replies go to a private copy of stdout; anything a library prints goes to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
@@ -348,7 +366,7 @@ def main() -> None:
     while True:
         job = json.loads(jobs.get())
         if job.get("background"):
-            _lower_priority()  # for good: the parent starts another builder for awaited jobs
+            lower_this_thread()  # for good: the parent starts another builder for awaited jobs
         report = run_job(job)
         _release_memory()
         replies.write(json.dumps(report) + "\n")

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ._builder import PARENT_ENV
 from ._concurrency import CancelToken, renew_in_children
 from ._errors import Cancelled
 
@@ -74,16 +75,50 @@ class BuildReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+#: how a builder starts: isolated (``-I``: no working directory, no ``PYTHON*`` variables, no
+#: user site), then with the import paths ``_import_paths`` gives it
+_BOOT = """
+import json, os, sys
+paths = json.loads(os.environ.pop("AIOOV_BUILDER_SYS_PATH"))
+sys.path[:] = paths["path"] if paths["replace"] else sys.path + [p for p in paths["path"] if p not in sys.path]
+from aioov._builder import main
+main()
+"""
+
+
+def _import_paths(own_interpreter: bool) -> dict[str, Any]:
+    """The application's import paths, less the one its start put first (its working directory
+    or script's folder: a ``json.py`` there must not run in the builder), and with aioov's own
+    folder last. Another interpreter (``AIOOV_BUILDER_PYTHON``) keeps its own paths and gets
+    aioov's folder only."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not own_interpreter:
+        return {"replace": False, "path": [package_parent]}
+    paths = list(sys.path)
+    if paths and not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)):
+        paths = paths[1:]
+    paths = [p for p in paths if p not in ("", ".")]
+    if package_parent not in paths:
+        paths.append(package_parent)
+    return {"replace": True, "path": paths}
+
+
+_OUTSIDE_SIGNALS = {int(getattr(signal, name)) for name in ("SIGKILL", "SIGTERM", "SIGHUP", "SIGINT")
+                    if hasattr(signal, name)}
+
+
 class _Process:
     def __init__(self) -> None:
         env = dict(os.environ)
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        other = os.environ.get(PYTHON_ENV)
+        env["AIOOV_BUILDER_SYS_PATH"] = json.dumps(_import_paths(own_interpreter=not other))
+        env[PARENT_ENV] = str(os.getpid())
         env.update(ONE_THREAD_ENV)
         for name, value in ALLOCATOR_ENV.items():
             env.setdefault(name, value)  # an application's own allocator settings are passed on
+        flags = ["-I"] + (["-S"] if sys.flags.no_site else [])
         self.popen = subprocess.Popen(
-            [os.environ.get(PYTHON_ENV) or sys.executable, "-m", "aioov._builder"],
+            [other or sys.executable, *flags, "-c", _BOOT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -141,8 +176,9 @@ class _Process:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
-            # SIGKILL comes from outside (the kernel's OOM killer, an operator): not the blob's fault
-            killed = -code == signal.SIGKILL
+            # These come from outside (the kernel's OOM killer, an operator, a service manager
+            # stopping the service): not the blob's fault. A crash is SIGSEGV, SIGBUS, SIGABRT...
+            killed = -code in _OUTSIDE_SIGNALS
             return BuildReport(False, f"the builder was killed by {name}", transient=killed, stop=killed)
         # It reports every exception; exiting without a report means it could not run at all
         # (a wrong interpreter, a broken install): nothing to learn about the blob.

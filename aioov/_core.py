@@ -23,7 +23,7 @@ import anyio
 
 from . import _bulk, _ortenv, _portable
 from ._bulk import BulkProgress, CompileResult, Planned
-from ._cache.export import Exporter
+from ._cache.export import ABANDON_WAIT, Exporter
 from ._cache.stats import CacheStats
 from ._compiled import CacheOrigin, CompiledModel
 from ._devices import DeviceRegistry
@@ -48,6 +48,10 @@ _ENV_PROPERTIES = {
     "CACHE_REMOTE_LOCK_URL": "AIOOV_CACHE_REMOTE_LOCK_URL",
     "CACHE_HMAC_KEY": "AIOOV_CACHE_HMAC_KEY",
 }
+
+
+#: seconds ``aclose`` (and leaving ``async with Core()``) gives pending cache exports by default
+CLOSE_TIMEOUT = 10.0
 
 
 class _State(enum.Enum):
@@ -80,9 +84,9 @@ class Core:
             self._props.update(normalize({"CACHE_DIR": cache_dir}))
         self._device_props: dict[str, dict[str, Any]] = {}
         self._devices = devices or DeviceRegistry()
-        workers = max_concurrent_compiles or max(1, min(os.cpu_count() or 1, 8))
-        if workers < 1:
-            raise PropertyError("max_concurrent_compiles must be >= 1")
+        workers = max(1, min(os.cpu_count() or 1, 8)) if max_concurrent_compiles is None else max_concurrent_compiles
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise PropertyError(f"max_concurrent_compiles must be an integer >= 1, got {workers!r}")
         self._max_workers = workers
         self._exporter = Exporter()
         self._pipeline = Pipeline(self._devices, self._exporter)
@@ -100,31 +104,37 @@ class Core:
     ) -> None:
         await self.aclose()
 
-    async def aclose(self, *, timeout: float | None = None, abandon: bool = False) -> None:
-        """Finish pending cache exports (or abandon them with ``abandon=True``) and
-        release the worker threads. After ``timeout`` seconds, pending exports are
-        abandoned: nothing half-written is left either way."""
+    async def aclose(self, *, timeout: float | None = CLOSE_TIMEOUT, abandon: bool = False) -> None:
+        """Finish pending cache exports, for up to ``timeout`` seconds (None: however long they
+        take), then abandon what is left (at once with ``abandon=True``, or when this call is
+        cancelled), and release the worker threads. An abandoned export leaves nothing
+        half-written and no builder process behind; another process writes its entry later."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._jobs.close()
         if abandon:
             self._exporter.cancel_all()
-        self._jobs.close()
-        with anyio.CancelScope(shield=True):
-            finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout)
+        finished = False
+        try:
+            finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
+        finally:
             if not finished:
                 self._exporter.cancel_all()
-            await anyio.to_thread.run_sync(self._shutdown)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._shutdown)
 
     def _shutdown(self) -> None:
         # Compile jobs first: one still running may hand an export over or read an entry.
         self._jobs.shutdown()
-        self._exporter.shutdown()
+        if not self._exporter.shutdown(ABANDON_WAIT):
+            logger.warning("aioov: a cache export did not stop within %.0f s of being abandoned", ABANDON_WAIT)
         self._pipeline.shutdown()
 
     async def wait_exports(self, timeout: float | None = None) -> bool:
-        """Wait until every background export has been published; False on timeout."""
-        return await anyio.to_thread.run_sync(self._exporter.wait, timeout)
+        """Wait until every background export has been published; False on timeout.
+        Cancelling the wait leaves the exports running."""
+        return await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
 
     @property
     def pending_exports(self) -> int:
@@ -341,7 +351,8 @@ class Core:
         ]
         results = _bulk.compile_models(
             self._jobs, plan, self._wrap,
-            max_concurrency=max_concurrency or self._max_workers, fail_fast=fail_fast, progress=progress,
+            max_concurrency=self._max_workers if max_concurrency is None else max_concurrency,
+            fail_fast=fail_fast, progress=progress,
         )
         async with aclosing(results):
             async for result in results:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,44 @@ async def main():
     print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"), "y": y.tolist()}))
 anyio.run(main)
 """
+
+
+def builders_of(pid: int) -> list[int]:
+    """Builder processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"aioov._builder" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for_builders(within: float = 60) -> list[int]:
+    """This process's builders, once there are any (or none after ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    while not (builders := builders_of(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return builders
+
+
+def gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited, waiting to be reaped by init
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def compile_in_a_process(cache_dir: Path, model: Path, x: np.ndarray, **config: object) -> tuple[bool, np.ndarray]:

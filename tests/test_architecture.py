@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "aioov"
 MAX_PARAMS = 7
 #: what the cache package may import from the rest of aioov: it never knows devices or compiles
-CACHE_MAY_IMPORT = ("aioov._cache", "aioov._errors", "aioov._concurrency")
+CACHE_MAY_IMPORT = ("aioov._cache", "aioov._errors", "aioov._concurrency", "aioov._priority")
 
 
 def _modules() -> dict[str, Path]:

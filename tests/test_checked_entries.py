@@ -27,7 +27,10 @@ from aioov import _writer
 from aioov._cache.store import CacheStore
 from aioov._reference import compare
 
+from .helpers import builders_of as _builders_of
 from .helpers import child_env, compile_in_a_process, manifests, reference, run_python
+from .helpers import gone as _gone
+from .helpers import wait_for_builders as _wait_for_builders
 
 pytestmark = pytest.mark.anyio
 
@@ -165,44 +168,6 @@ async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NEVER")  # one variant, whatever timings say
     assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
-
-
-def _builders_of(pid: int) -> list[int]:
-    """Builder processes whose parent is ``pid`` (Linux's /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"aioov._builder" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def _wait_for_builders(within: float = 60) -> list[int]:
-    """This process's builders, once there are any (or none after ``within`` seconds)."""
-    deadline = time.monotonic() + within
-    while not (builders := _builders_of(os.getpid())) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return builders
-
-
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True  # exited, waiting to be reaped by init
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")

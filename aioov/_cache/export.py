@@ -2,54 +2,55 @@
 
 ``compile_model`` hands back its session as soon as it exists; the entry is written beside
 the compile or after it (``_writer``), from here: one export worker per Core hands each job to
-a builder process (which writes and checks the blob at nice 10, see ``aioov._builder``), then
-publishes what it wrote. The worker runs at a lower CPU priority too (Linux nice values are
-per thread, and a builder it starts inherits its value), so that on a small machine the
-exports yield to the compiles callers wait for.
-The key's lock stays held until the entry is published: other processes wait for it rather
-than compile the same model again.
+a builder process (``aioov._builder``, which lowers its own priority for background jobs), then
+publishes what it wrote. The key's lock stays held until the entry is published: other
+processes wait for it rather than compile the same model again.
+
+The worker is a daemon thread, so pending exports never keep the interpreter alive: at exit
+they get ``EXIT_WAIT`` seconds to finish, then are abandoned (their builders killed, nothing
+half-written published; another process writes the entry later).
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import logging
-import os
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from .._concurrency import CancelToken, renew_in_children
+from .._priority import lower_this_thread
 
 __all__ = ("Exporter",)
 
 logger = logging.getLogger("aioov.cache")
 
-EXPORT_NICE = 10
+#: seconds pending exports may still take when the interpreter exits without ``Core.aclose``
+EXIT_WAIT = 10.0
+#: seconds an abandoned export may take to clean up (kill its builder, remove its files)
+ABANDON_WAIT = 5.0
 
-
-def _lower_priority() -> None:
-    try:
-        me = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, me) < EXPORT_NICE:  # never above its parent's (nice 19 stays 19)
-            os.setpriority(os.PRIO_PROCESS, me, EXPORT_NICE)
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
-        pass
+_Item = tuple[concurrent.futures.Future[Any], Callable[[CancelToken], None], CancelToken]
 
 
 class Exporter:
     def __init__(self) -> None:
         self._renew_in_child()
         renew_in_children(self)
+        _LIVE.add(self)
 
     def _renew_in_child(self) -> None:
-        """A fresh pool, nothing pending: the parent's exports are the parent's to finish."""
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="aioov-export", initializer=_lower_priority
-        )
+        """A fresh worker, nothing pending: the parent's exports are the parent's to finish."""
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pending: dict[concurrent.futures.Future[Any], CancelToken] = {}
+        self._closed = False
 
     @property
     def pending(self) -> int:
@@ -59,11 +60,8 @@ class Exporter:
     def submit(self, job: Callable[[CancelToken], None], on_drop: Callable[[], None]) -> CancelToken:
         """Run ``job(token)`` in the export worker; ``token`` cancels it. ``on_drop`` runs if it never starts."""
         token = CancelToken()
-        try:
-            future = self._pool.submit(job, token)
-        except RuntimeError:  # shut down
-            on_drop()
-            return token
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        token.future = future
 
         def done(f: concurrent.futures.Future[Any]) -> None:
             with self._lock:
@@ -71,11 +69,31 @@ class Exporter:
             if f.cancelled():
                 on_drop()
 
-        token.future = future
         with self._lock:
+            if self._closed:
+                on_drop()
+                return token
             self._pending[future] = token
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="aioov-export", daemon=True)
+                self._thread.start()
+            self._queue.put((future, job, token))
         future.add_done_callback(done)
         return token
+
+    def _work(self) -> None:
+        lower_this_thread()  # and the builders it starts, from their first instruction
+        while (item := self._queue.get()) is not None:
+            future, job, token = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited: ``done`` dropped it
+            try:
+                job(token)
+            except BaseException as exc:  # jobs handle their own failures; this is a bug
+                logger.exception("aioov cache: an export job failed")
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no export is pending; False on timeout."""
@@ -96,5 +114,29 @@ class Exporter:
         for token in tokens:
             token.cancel()
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Refuse new jobs, let the worker finish what it runs (up to ``timeout`` seconds) and
+        stop; False when it was still busy."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self.cancel_all()  # what never started is dropped at once
+        self._queue.put(None)
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+
+_LIVE: weakref.WeakSet[Exporter] = weakref.WeakSet()
+
+
+@atexit.register
+def _at_exit() -> None:
+    """Exports of Cores never closed: a bounded wait, then abandoned (see the module's docstring)."""
+    exporters = [e for e in list(_LIVE) if e.pending]
+    deadline = time.monotonic() + EXIT_WAIT
+    for exporter in exporters:
+        if not exporter.wait(max(0.0, deadline - time.monotonic())):
+            logger.warning("aioov cache: the interpreter exits; %d cache exports abandoned", exporter.pending)
+        exporter.shutdown(ABANDON_WAIT)
