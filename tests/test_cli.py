@@ -17,7 +17,7 @@ import pytest
 import aioov
 from aioov.testing import bert_like
 
-from .helpers import aioov_command, child_env, reference
+from .helpers import aioov_command, child_env, make_models, reference
 
 
 def aioov_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -229,3 +229,218 @@ def test_verify_with_the_hmac_key_catches_what_checksums_miss(models: Path, cach
     assert report.returncode == 1
     # the forger rewrote the checksum in the manifest, which the manifest MAC covers
     assert json.loads(report.stdout)["bad"] == [{"key": victim.name, "problem": "manifest MAC does not verify"}]
+
+
+# -- #43.8: the command line itself -----------------------------------------------------------
+
+
+def test_help_says_warmup_is_compile_without_output_and_explains_every_option() -> None:
+    top = aioov_cli("--help").stdout
+    assert "the same as compile without -o" in " ".join(top.split())
+    warmup = " ".join(aioov_cli("warmup", "--help").stdout.split())
+    assert "The same as 'compile' without -o" in warmup and "runs no inference unless --warmup N" in warmup
+    assert "--device DEVICE, -d DEVICE device to compile for" in warmup
+    assert "--max-concurrency N, -j N compile at most N models at once" in warmup
+    compile_help = " ".join(aioov_cli("compile", "--help").stdout.split())
+    assert "Without -o this is 'warmup'" in compile_help
+
+
+def test_an_unknown_device_is_refused_before_any_work(models: Path, cache_dir: Path) -> None:
+    proc = aioov_cli("warmup", str(models), "--device", "NPU", "--cache-dir", str(cache_dir))
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --device/-d: unknown device 'NPU'; known: AUTO, CPU, GPU, TENSORRT, OPENVINO" in proc.stderr
+    assert proc.stdout == "" and not cache_dir.exists()
+    assert aioov_cli("compile", str(models / "m0.onnx"), "-d", "gpu.x", "-o", str(cache_dir)).returncode == 2
+
+
+def test_ctrl_c_during_warmup_prints_one_line_and_exits_130(tmp_path: Path, cache_dir: Path) -> None:
+    import select
+    import signal
+
+    paths = make_models(tmp_path / "many", 8, hidden=128)
+    # Its own process group, which the test signals as a terminal's Ctrl-C would: builders too
+    proc = subprocess.Popen([*aioov_command(), "warmup", *map(str, paths), "-j", "1", "--cache-dir", str(cache_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            start_new_session=True)
+    try:
+        ready, _, _ = select.select([proc.stderr], [], [], 120)
+        assert ready, "warmup printed no progress in 120 s"
+        first = proc.stderr.readline()  # type: ignore[union-attr]
+        assert proc.poll() is None, first  # still compiling the others
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == "aioov: interrupted"
+
+
+def test_counts_are_pluralized_and_stats_stay_aligned(models: Path, cache_dir: Path) -> None:
+    one = aioov_cli("warmup", str(models / "m0.onnx"), "--cache-dir", str(cache_dir))
+    assert one.returncode == 0, one.stderr
+    assert "\n1 model: 0 from cache, 1 compiled, 0 failed" in one.stdout
+    lines = aioov_cli("cache", "stats", "--cache-dir", str(cache_dir)).stdout.splitlines()
+    assert "not cacheable" in lines[3] and "0 models (markers)" in lines[3]
+    columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in lines}
+    assert len(columns) == 1, lines  # every value starts in the same column
+    assert aioov_cli("cache", "verify", "--cache-dir", str(cache_dir)).stdout.strip() == "verified 1 entry: 0 bad"
+    assert aioov_cli("cache", "clear", "--yes", "--cache-dir", str(cache_dir)).stdout.strip() == "removed 1 entry"
+
+
+def test_the_table_names_each_model_by_its_path_below_the_folder(models: Path, tmp_path: Path,
+                                                                  cache_dir: Path) -> None:
+    repo = tmp_path / "repo"
+    for package in ("magika", "other"):  # two packages, each with its model.onnx
+        (repo / package / "models").mkdir(parents=True)
+        shutil.copy(models / f"m{len(package) % 3}.onnx", repo / package / "models" / "model.onnx")
+    proc = aioov_cli("warmup", str(repo), "--cache-dir", str(cache_dir))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[1:3]]
+    assert rows == ["magika/models/model.onnx", "other/models/model.onnx"]
+    assert "compiled magika/models/model.onnx" in proc.stderr  # the progress lines too
+    # the same relative path under two folders given: each by its path as given
+    twice = aioov_cli("warmup", str(repo / "magika"), str(repo / "other"), "--cache-dir", str(cache_dir))
+    assert [line.split()[0] for line in twice.stdout.splitlines()[1:3]] == [
+        str(repo / "magika" / "models" / "model.onnx"), str(repo / "other" / "models" / "model.onnx")]
+
+
+def test_no_models_found_names_the_folder(tmp_path: Path, cache_dir: Path) -> None:
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    proc = aioov_cli("warmup", str(empty), "--cache-dir", str(cache_dir))
+    assert proc.returncode == 2
+    assert f"no models found in {empty}" in proc.stderr
+
+
+def test_common_options_go_before_or_after_the_command(models: Path, cache_dir: Path) -> None:
+    proc = aioov_cli("--cache-dir", str(cache_dir), "--json", "warmup", str(models / "m1.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["compiles"] == 1
+    listed = aioov_cli("--cache-dir", str(cache_dir), "cache", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [Path(e["source"]).name for e in json.loads(listed.stdout)] == ["m1.onnx"]
+    between = aioov_cli("cache", "--cache-dir", str(cache_dir), "--json", "stats")
+    assert json.loads(between.stdout)["entries"] == 1
+    # after the command, an option wins over the same one before it
+    after = aioov_cli("--cache-dir", str(cache_dir / "elsewhere"), "cache", "stats", "--cache-dir", str(cache_dir))
+    assert after.returncode == 0 and str(cache_dir) in after.stdout.splitlines()[0]
+
+
+@pytest.fixture
+def aioov_logger():  # type: ignore[no-untyped-def]
+    """The ``aioov`` logger as the test found it, once main() has configured it."""
+    import logging
+
+    from aioov import cli
+
+    logger = logging.getLogger("aioov")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.setLevel(level)
+    for handler in logger.handlers:
+        if handler not in handlers:
+            logger.removeHandler(handler)
+    cli._log_handler = None
+
+
+@pytest.mark.parametrize(("args", "level"), [
+    ([], "WARNING"), (["-v"], "INFO"), (["-vv"], "DEBUG"), (["--log-level", "error"], "ERROR"),
+])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_and_log_level_set_the_aioov_log(args: list[str], level: str, where: str, cache_dir: Path,
+                                                 aioov_logger, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from aioov.cli import main
+
+    cache_dir.mkdir()
+    command = ["cache", "stats", "--cache-dir", str(cache_dir)]
+    assert main([*args, *command] if where == "before" else [*command, *args]) == 0
+    assert logging.getLevelName(aioov_logger.level) == level
+    logging.getLogger("aioov.test").error("a path with \x1b[2J in it")
+    assert "error: a path with \\x1b[2J in it" in capsys.readouterr().err  # on stderr, escaped
+
+
+def test_minus_v_counts_before_and_after_the_command(cache_dir: Path, aioov_logger) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from aioov.cli import main
+
+    cache_dir.mkdir()
+    assert main(["-v", "cache", "-v", "stats", "--cache-dir", str(cache_dir)]) == 0
+    assert aioov_logger.level == logging.DEBUG
+
+
+# -- #41.5: a warm-up that leaves no entry fails ----------------------------------------------
+
+
+def test_warmup_fails_where_models_compiled_but_left_no_entry(models: Path, cache_dir: Path) -> None:
+    no_builder = {"AIOOV_BUILDER_PYTHON": "/bin/false"}  # the builder cannot start: nothing is written
+    proc = aioov_cli("warmup", str(models), "--cache-dir", str(cache_dir), env=no_builder)
+    assert proc.returncode == 1, proc.stderr
+    assert "3 models: 0 from cache, 3 compiled, 0 failed, 3 not cached" in proc.stdout
+    assert [line.split()[1:3] for line in proc.stdout.splitlines()[1:4]] == [["NOT", "CACHED"]] * 3
+    for name in ("m0.onnx", "m1.onnx", "m2.onnx"):
+        line = next(line for line in proc.stderr.splitlines() if line.startswith(f"error: {models / name}:"))
+        assert "compiled, but left no cache entry: not cached this time: plain: the builder exited" in line
+    assert "--allow-uncached" in proc.stderr
+    assert aioov.CacheStore(cache_dir).scan().entries == []
+    report = as_json(aioov_cli("warmup", str(models), "--cache-dir", str(cache_dir), "--json", env=no_builder))
+    assert report["uncached"] == 3  # type: ignore[index]
+    assert all(not r["cached"] and "builder" in r["not_cached"] for r in report["results"])  # type: ignore[index]
+    allowed = aioov_cli("warmup", str(models), "--cache-dir", str(cache_dir), "--allow-uncached", "--log-level",
+                        "error", env=no_builder)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning: aioov cache:" not in allowed.stderr  # the log's warnings are off...
+    assert f"warning: {models / 'm0.onnx'}: compiled, but left no cache entry" in allowed.stderr  # ...not the report
+    # with a builder, the same command fills the cache and succeeds
+    assert aioov_cli("warmup", str(models), "--cache-dir", str(cache_dir), "-q").returncode == 0
+    assert len(aioov.CacheStore(cache_dir).scan().entries) == 3
+
+
+def test_a_model_that_is_not_cacheable_is_reported_but_no_failure(mlp_path: Path, cache_dir: Path) -> None:
+    fault = {"AIOOV_BUILDER_FAULT": "mismatch:plain,crash:basic"}  # every variant fails its check: a marker
+    for _run in range(2):  # the run that writes the marker, and one that finds it
+        proc = aioov_cli("warmup", str(mlp_path), "--cache-dir", str(cache_dir), env=fault)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[1].split()[1:3] == ["not", "cacheable"]
+        assert "1 model: 0 from cache, 1 compiled, 0 failed, 1 not cacheable" in proc.stdout
+        assert f"note: {mlp_path}: not cacheable: plain: an instant hit's output" in proc.stderr
+
+
+# -- #41.12: no terminal escapes from file names --------------------------------------------------
+
+EVIL = "evil\n\x1b]0;pwned\x07.onnx"
+
+
+def test_file_names_cannot_write_escapes_or_rows_to_the_terminal(models: Path, tmp_path: Path,
+                                                                  cache_dir: Path) -> None:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    shutil.copy(models / "m2.onnx", folder / EVIL)
+    warm = aioov_cli("warmup", str(folder), "--cache-dir", str(cache_dir))
+    listed = aioov_cli("cache", "ls", "--cache-dir", str(cache_dir))
+    pruned = aioov_cli("cache", "prune", "--max-size", "0", "--dry-run", "--cache-dir", str(cache_dir))
+    for proc in (warm, listed, pruned):
+        assert proc.returncode == 0, proc.stderr
+        assert not set("\x1b\x07") & set(proc.stdout + proc.stderr)
+    escaped = "evil\\n\\x1b]0;pwned\\x07.onnx"
+    assert warm.stdout.splitlines()[1].split()[:2] == [escaped, "compiled"]
+    assert f"compiled {escaped}" in warm.stderr
+    assert len(listed.stdout.splitlines()) == 2  # the header and one entry: no forged row
+    assert listed.stdout.splitlines()[1].endswith(f"{folder}/{escaped}")
+    assert escaped in pruned.stdout
+    assert json.loads(aioov_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir)).stdout)[0]["source"] == str(
+        folder / EVIL)  # JSON keeps the name, in JSON's escapes
+
+
+def test_printable_escapes_what_a_terminal_would_act_on() -> None:
+    from aioov.cli import printable
+
+    assert printable("a\tb\nc\rd\x1b[31m\x07\x7f\x9b") == "a\\tb\\nc\\rd\\x1b[31m\\x07\\x7f\\x9b"
+    assert printable("r\u202egnp.onnx") == "r\\u202egnp.onnx"  # a bidi override
+    assert printable("bad\udcff.onnx") == "bad\\xff.onnx"  # an undecodable byte of a file name
+    assert printable("modèle ünïcode.onnx") == "modèle ünïcode.onnx"
