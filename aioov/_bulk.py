@@ -112,8 +112,8 @@ async def compile_models(
     fail_fast: bool,
     progress: Callable[[BulkProgress], object] | None,
 ) -> AsyncGenerator[CompileResult, None]:
-    if max_concurrency < 1:
-        raise PropertyError("max_concurrency must be >= 1")
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+        raise PropertyError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
     # Duplicates compile once: every index of a group gets the same result.
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(plan):

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from ._concurrency import wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
+from ._ortoptions import run_options
 from ._port import Port
 from ._properties import public_value
 
@@ -80,6 +81,7 @@ class CompiledModel:
         self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
         self._by_name = {p.name: p for p in self._inputs}
+        self._run_options = run_options()  # onnxruntime prints no error of its own: aioov raises it
         self._limiter = anyio.CapacityLimiter(max(1, int(self._properties.get("NUM_STREAMS", 1))))
 
     @property
@@ -137,19 +139,12 @@ class CompiledModel:
         return list(self._outputs)
 
     def input(self, key: int | str = 0) -> Port:
-        if isinstance(key, int):
-            return self._inputs[key]
-        if key not in self._by_name:
-            raise InferenceError(f"no input {key!r}; the model's inputs are {list(self._by_name)}")
-        return self._by_name[key]
+        """An input by index or name; ``InferenceError`` when the model has no such input."""
+        return _port(self._inputs, key, "input")
 
     def output(self, key: int | str = 0) -> Port:
-        if isinstance(key, int):
-            return self._outputs[key]
-        for port in self._outputs:
-            if port.name == key:
-                return port
-        raise InferenceError(f"no output {key!r}; the model's outputs are {[p.name for p in self._outputs]}")
+        """An output by index or name; ``InferenceError`` when the model has no such output."""
+        return _port(self._outputs, key, "output")
 
     def get_property(self, name: str) -> Any:
         """``LOADED_FROM_CACHE``, ``CACHE_KEY``, ``EXECUTION_DEVICES``, or a compile property."""
@@ -207,7 +202,9 @@ class CompiledModel:
         return {port.name: value for port, value in zip(self._outputs, results)}
 
     async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
-        """Run the model on ``inputs`` in a worker thread; outputs by name, in model order."""
+        """Run the model on ``inputs`` in a worker thread; outputs by name, in model order.
+        ``InferenceError`` when the inputs do not match the model or ONNX Runtime fails running
+        them."""
         feed = self._feed(inputs)  # validate on the caller's side: cheap, and errors stay local
         self._swap()
         session = self._session
@@ -222,7 +219,7 @@ class CompiledModel:
         guard = self._guard
         run = guard.begin(feed) if guard is not None else None
         try:
-            return session.run(None, feed)  # type: ignore[no-any-return]
+            return session.run(None, feed, self._run_options)  # type: ignore[no-any-return]
         finally:
             if run is not None:
                 guard.end(run)  # type: ignore[union-attr]
@@ -247,6 +244,7 @@ class InferRequest:
     def __init__(self, compiled: CompiledModel) -> None:
         self._compiled = compiled
         self._results: dict[str, np.ndarray] = {}
+        self._ran = False
 
     @property
     def compiled_model(self) -> CompiledModel:
@@ -258,8 +256,25 @@ class InferRequest:
 
     async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
         self._results = await self._compiled.infer(inputs)
+        self._ran = True
         return self._results
 
-    def get_output_tensor(self, key: int | str = 0) -> np.ndarray:
-        name = self._compiled.output(key).name
+    def get_output_tensor(self, key: int | str | Port = 0) -> np.ndarray:
+        """An output of the last inference, by index, name or ``Port``; ``InferenceError``
+        before any inference, or for an output the model does not have."""
+        name = self._compiled.output(key.name if isinstance(key, Port) else key).name
+        if not self._ran:
+            raise InferenceError(f"no inference has run on this request yet: no output {name!r} to get")
         return self._results[name]
+
+
+def _port(ports: Sequence[Port], key: int | str, kind: str) -> Port:
+    """``ports[key]`` by index or name, or an ``InferenceError`` naming what there is."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        if -len(ports) <= key < len(ports):
+            return ports[key]
+    else:
+        for port in ports:
+            if port.name == key:
+                return port
+    raise InferenceError(f"no {kind} {key!r}; the model's {kind}s are {[p.name for p in ports]}")

@@ -6,7 +6,7 @@
     ├── CompileError            ONNX Runtime failed to build a session
     ├── DeviceNotFoundError     unknown device, or one whose provider does not load
     ├── PropertyError           unknown property, or a value of the wrong type/range
-    ├── InferenceError          wrong input names, shapes or element types at infer time
+    ├── InferenceError          the inputs do not match the model, or ONNX Runtime failed while running it
     └── CacheError              a cache operation asked for explicitly failed (CLI, import_model)
         └── LockTimeout         a cache lock was not acquired in time
 
@@ -69,7 +69,9 @@ class PropertyError(AioovError):
 
 
 class InferenceError(AioovError):
-    """Inputs given to ``infer`` do not match the model (names, shapes, element types)."""
+    """The inputs do not match the model (names, shapes, element types, values that would need
+    a lossy cast), or ONNX Runtime failed while running it; also asking for an output before
+    any inference ran."""
 
 
 class CacheError(AioovError):
@@ -114,7 +116,6 @@ _MODEL_ERRORS: tuple[type[BaseException], ...] = (
 _GRAPH_ERRORS: tuple[type[BaseException], ...] = (_ort_state.InvalidGraph,)
 # ORT reports many graph problems as INVALID_ARGUMENT or FAIL; these phrases mark them.
 _GRAPH_MARKERS = ("Invalid model", "ShapeInferenceError", "Type Error", "TypeInferenceError")
-_INFER_ERRORS: tuple[type[BaseException], ...] = (_ort_state.InvalidArgument,)
 ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
     getattr(_ort_state, name)
     for name in (
@@ -136,10 +137,10 @@ def raise_compile_error(exc: BaseException, what: str) -> NoReturn:
 
 
 def raise_infer_error(exc: BaseException) -> NoReturn:
-    """Re-raise an ONNX Runtime ``run`` error as an aioov error."""
-    if isinstance(exc, _INFER_ERRORS):
-        raise InferenceError(str(exc)) from exc
-    raise AioovError(f"inference failed: {exc}") from exc
+    """Re-raise an ONNX Runtime ``run`` error as an ``InferenceError``: whichever class ONNX
+    Runtime picked (INVALID_ARGUMENT for a bad index, FAIL for a bad reshape...), the run of
+    these inputs failed."""
+    raise InferenceError(f"inference failed: {exc}") from exc
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-__all__ = ("OPT_LEVELS", "SESSION_DEFAULTS", "quiet_run", "session_options")
+__all__ = ("OPT_LEVELS", "SESSION_DEFAULTS", "quiet_run", "run_options", "session_options")
 
 OPT_LEVELS = {
     "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -47,9 +47,18 @@ def session_options(level: str, session_config: Mapping[str, str]) -> ort.Sessio
     return options
 
 
+def run_options() -> ort.RunOptions:
+    """The options of every ``run`` aioov makes: onnxruntime logs only fatal errors. A run that
+    fails raises, and aioov raises an ``InferenceError`` for it; onnxruntime's own red
+    ``[E:onnxruntime ...]`` line on stderr would say it twice. Per run, not
+    ``ort.set_default_logger_severity``: the process's own setting stays the user's."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def quiet_run(session: ort.InferenceSession) -> Callable[[dict[str, Any]], list[Any]]:
     """``session.run`` for made-up inputs: a size the model rejects is expected (the next is
     tried), not an error for onnxruntime to print."""
-    options = ort.RunOptions()
-    options.log_severity_level = 4
+    options = run_options()
     return lambda feed: session.run(None, feed, options)

@@ -47,10 +47,7 @@ class Port:
                 )
             array = value
         else:
-            try:
-                array = np.asarray(value, dtype=self.dtype)
-            except (TypeError, ValueError) as exc:
-                raise InferenceError(f"input {self.name!r}: cannot convert to {self.dtype}: {exc}") from None
+            array = self._convert(value)
         if self.shape:
             if array.ndim != len(self.shape):
                 raise InferenceError(
@@ -64,3 +61,39 @@ class Port:
                         f"(shape {list(array.shape)}, expected {list(self.shape)})"
                     )
         return array
+
+    def _convert(self, value: Any) -> np.ndarray:
+        """A Python number, list or other array-like as this port's dtype, where no value changes
+        on the way: ints into an int or float input (within the int type's range), floats into a
+        float input, bools into a bool input. ``16000.9`` for an int32 input is refused, not
+        truncated; ``300`` for a uint8 input is refused, not wrapped."""
+        dtype = self.dtype
+        try:  # as its own type first (strings and unknown types: as before, no check to make)
+            array = np.asarray(value, dtype=dtype if dtype is None or dtype.kind == "O" else None)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InferenceError(f"input {self.name!r}: cannot convert to {dtype}: {exc}") from None
+        if dtype is None or array.dtype == dtype:
+            return array
+        if array.size == 0:
+            return array.astype(dtype)
+        have, want = array.dtype.kind, dtype.kind
+        if want in "iu" and have in "biu":
+            info = np.iinfo(dtype)
+            if have == "b" or info.min <= array.min() and array.max() <= info.max:
+                return array.astype(dtype)
+            raise InferenceError(
+                f"input {self.name!r} expects {self.element_type}: values from {array.min()} to {array.max()} "
+                f"do not fit in {dtype}"
+            )
+        if (want == "f" and have in "biuf") or (want == "b" and have == "b"):
+            return array.astype(dtype)
+        raise InferenceError(
+            f"input {self.name!r} expects {self.element_type} ({dtype}), got {_describe(value, array)}: "
+            f"cannot convert {array.dtype} to {dtype} without a cast that could change the values (give {dtype} values)"
+        )
+
+def _describe(value: Any, array: np.ndarray) -> str:
+    """What was given, for an error message: ``16000.9`` or ``a list of float64``."""
+    if array.ndim == 0:
+        return repr(value)
+    return f"{'a list' if isinstance(value, (list, tuple)) else type(value).__name__} of {array.dtype}"

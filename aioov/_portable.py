@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._cache.key import cache_key
 from ._cache.store import CacheStore
-from ._errors import ORT_ERRORS, BlobError, CacheError, EntryError
+from ._errors import ORT_ERRORS, BlobError, CacheError
 from ._model import read_any
 from ._pipeline import Pipeline
 from ._request import CompileRequest, Result
@@ -50,10 +50,7 @@ def import_dir(pipeline: Pipeline, request: CompileRequest, path: Path) -> Resul
     if not _portable(request):
         raise CacheError(f"device {request.spec} cannot import compiled models")
     store = CacheStore(path.parent)
-    try:
-        entry = store.read_blob(path)
-    except EntryError as exc:
-        raise CacheError(f"{path} is not an aioov blob: {exc}") from exc
+    entry = store.read_blob(path)  # CacheError when it is not one
     inputs = entry.manifest.get("key_inputs")
     model = inputs.get("model") if isinstance(inputs, dict) else None
     want = request.key_inputs(model) if isinstance(model, str) else None

@@ -7,15 +7,19 @@ running compiles, where such exceptions used to leak, and check what the callers
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import anyio
+import numpy as np
+import onnx
 import pytest
 
 import aioov
 from aioov.testing import mlp
 
-from .helpers import HeldCompiles
+from .helpers import HeldCompiles, run_python
 
 pytestmark = pytest.mark.anyio
 
@@ -85,3 +89,168 @@ async def test_export_model_refuses_unknown_config_keys(models: list[Path], tmp_
     async with aioov.Core() as core:
         with pytest.raises(aioov.PropertyError, match="CACHE_DRI"):
             await core.export_model(models[0], tmp_path / "blob", "CPU", {"CACHE_DRI": "x"})
+
+
+# -- errors while running, and while asking for results (#40.6, #43.6) -----------------------
+
+
+def failing_model(op: str) -> onnx.ModelProto:
+    """A valid graph that fails at run time on some inputs, as real models do on inputs they were
+    not made for: a Reshape to ``[3, -1]`` of ``x[N]`` (onnxruntime's FAIL unless N % 3 == 0), or
+    a Gather at ``i[N]`` from 4 values (its INVALID_ARGUMENT for an index out of range)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if op == "Reshape":
+        node = helper.make_node("Reshape", ["x", "target"], ["y"])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])
+        const = numpy_helper.from_array(np.array([3, -1], dtype=np.int64), "target")
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "M"])
+    else:
+        node = helper.make_node("Gather", ["table", "x"], ["y"])
+        x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N"])
+        const = numpy_helper.from_array(np.arange(4, dtype=np.float32), "table")
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])
+    graph = helper.make_graph([node], op.lower(), [x], [y], [const])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+#: inputs each failing model cannot run on
+BAD_RUN = {"Reshape": np.zeros(4, np.float32), "Gather": np.array([7], np.int64)}
+
+
+@pytest.mark.parametrize("op", ["Reshape", "Gather"])
+async def test_onnxruntime_failing_while_running_is_an_inference_error(op: str) -> None:
+    """Whatever class onnxruntime's run error has (FAIL for the Reshape, INVALID_ARGUMENT for
+    the Gather), the caller gets an InferenceError with onnxruntime's message."""
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(failing_model(op), "CPU")
+    with pytest.raises(aioov.InferenceError, match=f"running {op} node"):
+        await compiled.infer(BAD_RUN[op])
+    with pytest.raises(aioov.InferenceError, match=f"running {op} node"):
+        compiled.infer_sync(BAD_RUN[op])
+
+
+_FAIL_AND_REPORT = """
+import sys, anyio, numpy as np, aioov
+from tests.test_errors import BAD_RUN, failing_model
+async def main():
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(failing_model(sys.argv[1]), "CPU")
+        try:
+            await compiled.infer(BAD_RUN[sys.argv[1]])
+        except aioov.InferenceError as exc:
+            print("raised", type(exc).__name__, file=sys.stderr)
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("op", ["Reshape", "Gather"])
+def test_onnxruntime_prints_no_error_of_its_own_when_aioov_raises_it(op: str) -> None:
+    """In a fresh process (onnxruntime's default logging, not the tests' quieter one) the error
+    reaches the caller once, as the exception: no red ``[E:onnxruntime ...]`` line besides."""
+    proc = run_python(_FAIL_AND_REPORT, op, cwd=Path(__file__).resolve().parent.parent)
+    assert "raised InferenceError" in proc.stderr
+    assert "[E:onnxruntime" not in proc.stderr, proc.stderr
+
+
+async def test_asking_for_a_port_by_an_index_it_does_not_have_is_an_inference_error(models: list[Path]) -> None:
+    """``input(5)`` fails as ``output("nope")`` does, not with an IndexError."""
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(models[0], "CPU")
+    for ask in (compiled.input, compiled.output):
+        with pytest.raises(aioov.InferenceError, match="no (input|output) 5"):
+            ask(5)
+        with pytest.raises(aioov.InferenceError, match="nope"):
+            ask("nope")
+    assert compiled.output(-1) == compiled.outputs[-1]
+
+
+async def test_an_output_before_any_inference_is_an_inference_error(models: list[Path]) -> None:
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(models[0], "CPU")
+    request = compiled.create_infer_request()
+    with pytest.raises(aioov.InferenceError, match="no inference has run"):
+        request.get_output_tensor()
+    assert dict(request.results) == {}
+    await request.infer(np.zeros((1, 8), np.float32))
+    assert request.get_output_tensor().shape == (1, 4)
+    assert request.get_output_tensor(compiled.output(0)) is request.get_output_tensor("y")
+
+
+# -- limits given as arguments -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, "4"])
+def test_a_bad_compile_limit_is_refused_not_replaced_by_the_default(value: object) -> None:
+    with pytest.raises(aioov.PropertyError, match="max_concurrent_compiles"):
+        aioov.Core(max_concurrent_compiles=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0, True, 2.5])
+async def test_a_bulk_limit_of_zero_or_a_boolean_is_refused(models: list[Path], value: object) -> None:
+    async with aioov.Core() as core:
+        with pytest.raises(aioov.PropertyError, match="max_concurrency"):
+            await core.compile_all(models, "CPU", max_concurrency=value)  # type: ignore[arg-type]
+
+
+# -- the cache store's public methods ------------------------------------------------------------
+
+
+def test_the_cache_store_raises_cache_errors(tmp_path: Path) -> None:
+    """``CacheStore`` is public (the CLI and scripts use it): a bad key or a folder that is no
+    exported blob is a CacheError, not a ValueError or an internal signal."""
+    store = aioov.CacheStore(tmp_path / "cache")
+    with pytest.raises(aioov.CacheError, match="not a cache key"):
+        store.entry_path("../../etc")
+    with pytest.raises(aioov.CacheError, match="not a cache key"):
+        store.remove("../../etc")
+    (tmp_path / "blob").mkdir()
+    with pytest.raises(aioov.CacheError, match="not an aioov blob"):
+        store.read_blob(tmp_path / "blob")
+    (tmp_path / "blob" / "manifest.json").write_text('{"key": "0123456789abcdef", "format": 1, "files": {}}')
+    with pytest.raises(aioov.CacheError, match="not an aioov blob"):
+        store.read_blob(tmp_path / "blob")
+
+
+def _block_removal(entry: Path, how: str) -> None:
+    """Make ``entry`` impossible to remove: its shard directory read-only (a cache shared by
+    users, or a read-only mount), or its lock path taken by a directory (as root too)."""
+    if how == "read-only shard":
+        entry.parent.chmod(0o555)
+    else:
+        lock = entry.parent.parent / ".locks" / f"{entry.name}.lock"
+        lock.unlink(missing_ok=True)
+        lock.mkdir()
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param("read-only shard", marks=pytest.mark.skipif(
+        hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")),
+    "lock path is a directory",
+])
+async def test_prune_reports_the_entries_it_could_not_remove(
+    how: str, models: list[Path], cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry prune chose but could not delete is logged and listed in ``failed``: it is not
+    skipped silently as one in use is (the cache would stay above CACHE_MAX_SIZE unexplained)."""
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        key = (await core.compile_model(models[0], "CPU", {"CACHE_EXPORT": "SYNC"})).get_property("CACHE_KEY")
+    store = aioov.CacheStore(cache_dir)
+    entry = store.entry_path(key)
+    assert entry.is_dir()
+    _block_removal(entry, how)
+    try:
+        with caplog.at_level(logging.WARNING, logger="aioov"):
+            pruned = store.prune(max_size=0)
+            assert store.clear() == 0
+    finally:
+        entry.parent.chmod(0o755)
+    assert list(pruned) == []
+    ((info, why),) = pruned.failed
+    assert info.key == key and why.startswith(f"cannot remove entry {key[:16]}")
+    assert f"could not prune entry {key[:16]}" in caplog.text
+    assert f"could not clear entry {key[:16]}" in caplog.text
+    assert entry.is_dir()

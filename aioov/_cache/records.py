@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ("CacheInfo", "Entry", "EntryInfo")
+__all__ = ("CacheInfo", "Entry", "EntryInfo", "Pruned")
 
 
 @dataclass
@@ -55,3 +56,12 @@ class CacheInfo:
     def size(self) -> int:
         """Bytes used by all entries."""
         return sum(e.size for e in self.entries)
+
+
+class Pruned(list[EntryInfo]):
+    """What ``CacheStore.prune`` removed (or, with ``dry_run``, would remove): a list of the
+    entries, and in ``failed`` those it chose but could not remove, each with the reason."""
+
+    def __init__(self, removed: Iterable[EntryInfo] = (), failed: Iterable[tuple[EntryInfo, str]] = ()) -> None:
+        super().__init__(removed)
+        self.failed: list[tuple[EntryInfo, str]] = list(failed)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .._errors import EntryError
+from .._errors import CacheError, EntryError, LockTimeout
 from . import auth
 from .fsutil import (
     atomic_write_bytes,
@@ -58,10 +58,10 @@ from .fsutil import (
 from .key import StatIndex, path_digest
 from .layout import FORMAT_VERSION, MANIFEST, is_reserved
 from .locks import KeyLock
-from .records import CacheInfo, Entry, EntryInfo
+from .records import CacheInfo, Entry, EntryInfo, Pruned
 from .sentinel import Sentinels
 
-__all__ = ("CacheInfo", "CacheStore", "Entry", "EntryInfo")
+__all__ = ("CacheInfo", "CacheStore", "Entry", "EntryInfo", "Pruned")
 
 logger = logging.getLogger("aioov.cache")
 
@@ -133,8 +133,10 @@ class CacheStore:
                 raise OSError(f"{path} is a symlink; refusing to use this cache")
 
     def entry_path(self, key: str) -> Path:
+        """Where ``key``'s entry lives (whether it exists or not); ``CacheError`` for a string
+        that is not a cache key (a blake3 hex digest)."""
         if not is_key(key):
-            raise ValueError(f"not a cache key: {key!r}")
+            raise CacheError(f"not a cache key: {key!r}")
         return self.base / key[:2] / key
 
     def lock(self, key: str) -> KeyLock:
@@ -201,14 +203,18 @@ class CacheStore:
         return Entry(key, path, manifest)
 
     def read_blob(self, path: Path) -> Entry:
-        """An ``export_model`` directory, its manifest checked like an entry's; raises EntryError."""
+        """An ``export_model`` directory, its manifest checked like an entry's; ``CacheError``
+        when it is not one (or no longer whole)."""
         try:
             key = load_json(read_regular(path / MANIFEST, _MAX_MANIFEST_BYTES)).get("key")
         except (OSError, ValueError, AttributeError) as exc:
-            raise EntryError(f"no readable manifest: {exc}") from None
+            raise CacheError(f"{path} is not an aioov blob: no readable manifest: {exc}") from None
         if not isinstance(key, str):
-            raise EntryError("manifest names no key")
-        return self._read_entry(key, path, check_sizes=True)
+            raise CacheError(f"{path} is not an aioov blob: its manifest names no key")
+        try:
+            return self._read_entry(key, path, check_sizes=True)
+        except (EntryError, OSError) as exc:
+            raise CacheError(f"{path} is not an aioov blob: {exc}") from exc
 
     def verify(self, entry: Entry, names: list[str] | None = None) -> str | None:
         """Compare the files' xxh3-128 (``names``, default all; big files in parallel parts)
@@ -245,14 +251,20 @@ class CacheStore:
             self.on_discard(key, reason)
         self._delete(key, "corrupt")
 
-    def _delete(self, key: str, why: str) -> bool:
-        """Rename an entry out of the tree (atomic: readers see it or nothing), then delete it."""
+    def _delete(self, key: str, why: str, *, strict: bool = False) -> bool:
+        """Rename an entry out of the tree (atomic: readers see it or nothing), then delete it.
+        False when it is gone already; when it cannot be moved, False too, or with ``strict``
+        a ``CacheError`` saying why."""
         aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.{why}"
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
             self.check_tree()
             os.rename(self.entry_path(key), aside)
-        except OSError:
+        except FileNotFoundError:  # removed by another process meanwhile
+            return False
+        except OSError as exc:
+            if strict:
+                raise CacheError(f"cannot remove entry {key[:16]}: {exc}") from exc
             return False
         rmtree(aside)
         return True
@@ -405,17 +417,22 @@ class CacheStore:
         return info
 
     def remove(self, key: str, *, wait: float = 0.0) -> bool:
-        """Delete one entry unless a reader or writer holds its lock. True if removed."""
+        """Delete one entry unless a reader or writer holds its lock (for up to ``wait``
+        seconds). True if removed; False if it is in use or already gone. ``CacheError`` when
+        it cannot be removed: its lock cannot be opened, or it cannot be moved out of the tree."""
+        self.entry_path(key)  # a key, not a path: CacheError otherwise
         lock = self.lock(key)
         try:
             if wait:
                 lock.acquire(wait)
             elif not lock.try_acquire():
                 return False
-        except Exception:
+        except LockTimeout:
             return False
+        except OSError as exc:
+            raise CacheError(f"cannot remove entry {key[:16]}: {exc}") from exc
         try:
-            return self._delete(key, "pruned")
+            return self._delete(key, "pruned", strict=True)
         finally:
             lock.release()
 
@@ -425,28 +442,40 @@ class CacheStore:
         max_size: int | None = None,
         older_than: float | None = None,
         dry_run: bool = False,
-    ) -> list[EntryInfo]:
+    ) -> Pruned:
         """Remove least-recently-used entries above ``max_size`` bytes and those unused
-        for ``older_than`` seconds. Entries in use (locked) are skipped."""
+        for ``older_than`` seconds. Entries in use (locked) are skipped; those that cannot be
+        removed are logged and listed in the result's ``failed``."""
         info = self.scan()
         total = info.size
         now = time.time()
-        chosen: list[EntryInfo] = []
+        pruned = Pruned()
         for entry in info.entries:  # oldest use first
             too_old = older_than is not None and now - entry.last_used > older_than
             too_big = max_size is not None and total > max_size
             if not (too_old or too_big or entry.problem):
                 continue
-            if dry_run or self.remove(entry.key):
-                chosen.append(entry)
+            try:
+                removed = dry_run or self.remove(entry.key)
+            except CacheError as exc:
+                logger.warning("aioov cache: could not prune entry %s: %s", entry.key[:16], exc)
+                pruned.failed.append((entry, str(exc)))
+                continue
+            if removed:
+                pruned.append(entry)
                 total -= entry.size
-        return chosen
+        return pruned
 
     def clear(self) -> int:
         """Remove every entry (skipping those in use) and leftovers; returns entries removed."""
         removed = 0
         for key in list(self.keys()):
-            if self.remove(key):
+            try:
+                gone = self.remove(key)
+            except CacheError as exc:
+                logger.warning("aioov cache: could not clear entry %s: %s", key[:16], exc)
+                continue
+            if gone:
                 self.sentinels.forget(key)  # a cleared cache starts over: crashed variants are tried again
                 removed += 1
         self.clean_tmp(min_age=0)
