@@ -300,7 +300,11 @@ class EntryWriter:
                 # Local waiters and readers need not wait for the upload: the entry is here.
                 claim.lock.release()
                 if claim.remote is not None:
-                    claim.remote.share(claim.key)
+                    # Nor does the caller (an awaited entry publishes on its path): the upload
+                    # runs in the export worker and gives the hosts' lock back when done.
+                    remote, claim.remote = claim.remote, None
+                    key = claim.key
+                    self._exporter.submit(lambda _token: remote.share(key), on_drop=remote.release)
                 self._prune_if_needed(store, request.max_cache_size)
         except OSError as exc:
             self._events.unwritable(store.root, exc)

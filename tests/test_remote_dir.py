@@ -10,7 +10,7 @@ import pytest
 
 import aioov
 
-from .helpers import make_models, reference
+from .helpers import make_models, manifests, reference
 
 pytestmark = pytest.mark.anyio
 
@@ -64,3 +64,31 @@ async def test_a_manifest_naming_files_outside_the_entry_is_refused(model: Path,
         compiled = await core.compile_model(model, "CPU")
     assert compiled.get_property("LOADED_FROM_CACHE") is False
     assert "bad file name" in caplog_warnings.text
+
+
+async def test_an_upload_never_holds_up_the_compile(model: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even an entry published on the caller's path (``CACHE_EXPORT=SYNC``) is uploaded after."""
+    import threading
+
+    from aioov._cache.remote import remote_for  # the one client of this URL: the only way to make its upload slow
+
+    shared = (tmp_path / "shared").as_uri()
+    remote = remote_for(shared)
+    real, release, uploaded = remote.upload, threading.Event(), threading.Event()
+
+    def slow_upload(key: str, entry: Path) -> bool:
+        release.wait(60)  # a slow link: until the test has seen the compile return
+        done = real(key, entry)
+        uploaded.set()
+        return done
+
+    monkeypatch.setattr(remote, "upload", slow_upload)
+    async with aioov.Core(cache_dir=tmp_path / "host", properties={"CACHE_REMOTE_URL": shared}) as core:
+        await core.compile_model(model, "CPU", {"CACHE_EXPORT": "SYNC"})
+        assert len(manifests(tmp_path / "host")) == 1  # published on its path...
+        assert not uploaded.is_set()  # ...and not uploaded yet: the caller did not wait for it
+        assert core.pending_exports == 1
+        release.set()
+        assert await core.wait_exports(60)
+        assert uploaded.is_set() and core.cache_stats.uploads == 1

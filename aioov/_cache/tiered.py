@@ -64,15 +64,17 @@ class RemoteLink:
         return False
 
     def share(self, key: str) -> None:
-        """Upload the published local entry, when this host claimed it."""
-        if self._remote is None:
-            return
+        """Upload the published local entry, when this host claimed it; then give the hosts'
+        lock back (other hosts waiting for it find the entry uploaded)."""
         try:
-            if self._remote.upload(key, self._store.entry_path(key)):
+            if self._remote is not None and self._remote.upload(key, self._store.entry_path(key)):
                 self._events.count(uploads=1)
         except (RemoteError, OSError) as exc:
+            assert self._remote is not None
             self._events.failed(f"upload:{self._remote.url}", "aioov cache: upload to %s failed: %s",
                                 self._remote.url, exc)
+        finally:
+            self.release()
 
     def release(self) -> None:
         if self._lock is not None:
