@@ -5,10 +5,11 @@
     outputs = await compiled.infer({"input": array})
 """
 
+from . import props
 from ._bulk import BulkProgress, CompileResult
 from ._cache.stats import CacheStats
 from ._cache.store import CacheInfo, CacheStore, EntryInfo
-from ._compiled import CompiledModel, InferInputs, InferRequest, Port
+from ._compiled import CompiledModel, InferInputs, InferRequest, InferResults, ModelMetadata, Port
 from ._core import Core, ModelSource
 from ._errors import (
     AioovError,
@@ -43,16 +44,19 @@ __all__ = (
     "ExportMode",
     "InferInputs",
     "InferRequest",
+    "InferResults",
     "InferenceError",
     "InvalidModelError",
     "LockTimeout",
     "Model",
+    "ModelMetadata",
     "ModelReadError",
     "ModelSource",
     "PerformanceHint",
     "Port",
     "PropertyError",
     "__version__",
+    "props",
 )
 
 for _name in __all__:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import types
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 import numpy as np
@@ -19,7 +20,9 @@ from ._ortoptions import run_options
 from ._port import Port
 from ._properties import public_value
 
-__all__ = ("CacheOrigin", "CompiledModel", "InferRequest", "Port", "InferInputs")
+__all__ = ("CacheOrigin", "CompiledModel", "InferRequest", "InferResults", "ModelMetadata", "Port", "InferInputs")
+
+_T = TypeVar("_T")
 
 #: writes a compiled model's blob to a directory (``Core.export_model`` bound to its source)
 ExportFunction = Callable[["str | os.PathLike[str]"], Awaitable[object]]
@@ -39,6 +42,84 @@ class RunGuard(Protocol):
 #: or one array for a single-input model
 InferInputs = Mapping[str, Any] | Sequence[Any] | np.ndarray
 
+
+class InferResults(dict[str, np.ndarray]):
+    """What ``infer`` returns: a ``dict`` of the outputs by name, in model order, that also
+    answers by index and by ``Port``, like OpenVINO's ``OVDict``::
+
+        results = await compiled.infer(inputs)
+        results["logits"]                  # by name
+        results[0]                         # by index, in model order (-1: the last)
+        results[compiled.output(0)]        # by Port
+
+    Iterating, ``keys()``, ``items()`` and ``==`` are a plain dict's (by name). A key that is
+    none of these raises ``KeyError``, as a dict's does.
+    """
+
+    def __init__(self, ports: Iterable[Port], values: Iterable[np.ndarray]) -> None:
+        self._names = tuple(port.name for port in ports)
+        super().__init__(zip(self._names, values))
+
+    def _name(self, key: object) -> object:
+        if isinstance(key, Port):
+            return key.name
+        if isinstance(key, int) and not isinstance(key, bool):
+            try:
+                return self._names[key]
+            except IndexError:
+                raise KeyError(key) from None
+        return key
+
+    def __getitem__(self, key: str | int | Port) -> np.ndarray:
+        return super().__getitem__(self._name(key))  # type: ignore[index]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return super().__contains__(self._name(key))
+        except KeyError:
+            return False
+
+    @overload
+    def get(self, key: str | int | Port, default: None = None, /) -> np.ndarray | None: ...
+
+    @overload
+    def get(self, key: str | int | Port, default: np.ndarray | _T, /) -> np.ndarray | _T: ...
+
+    def get(self, key: str | int | Port, default: Any = None, /) -> Any:
+        return self[key] if key in self else default
+
+    def to_tuple(self) -> tuple[np.ndarray, ...]:
+        """The outputs in model order (``session.run``'s list, as a tuple)."""
+        return tuple(self.values())
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A model's description of itself, from its ONNX file (``CompiledModel.metadata``):
+    ``session.get_modelmeta()``'s fields, typed and read-only."""
+
+    producer_name: str
+    graph_name: str
+    graph_description: str
+    domain: str
+    description: str
+    version: int  # the ONNX model_version
+    custom_metadata_map: Mapping[str, str]  # the model's metadata_props
+
+    @classmethod
+    def from_session(cls, session: ort.InferenceSession) -> ModelMetadata:
+        meta = session.get_modelmeta()
+        return cls(
+            producer_name=meta.producer_name,
+            graph_name=meta.graph_name,
+            graph_description=meta.graph_description,
+            domain=meta.domain,
+            description=meta.description,
+            version=int(meta.version),
+            custom_metadata_map=types.MappingProxyType(dict(meta.custom_metadata_map)),
+        )
+
+
 @dataclass(frozen=True)
 class CacheOrigin:
     """Where a compiled model came from, as far as the cache is concerned."""
@@ -53,7 +134,9 @@ class CompiledModel:
 
     ``infer`` runs in a worker thread, so the event loop keeps serving while
     the session computes; at most ``NUM_STREAMS`` requests run at once.
-    ``session`` is the underlying ``onnxruntime.InferenceSession``.
+    ``await compiled(inputs)`` is ``await compiled.infer(inputs)``, as OpenVINO's
+    ``compiled(inputs)`` is its inference. ``session`` is the underlying
+    ``onnxruntime.InferenceSession``.
     """
 
     def __init__(
@@ -81,6 +164,7 @@ class CompiledModel:
         self._inputs = [Port.from_node_arg(a) for a in session.get_inputs()]
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
         self._by_name = {p.name: p for p in self._inputs}
+        self._metadata: ModelMetadata | None = None
         self._run_options = run_options()  # onnxruntime prints no error of its own: aioov raises it
         self._limiter = anyio.CapacityLimiter(max(1, int(self._properties.get("NUM_STREAMS", 1))))
 
@@ -138,6 +222,13 @@ class CompiledModel:
     def outputs(self) -> list[Port]:
         return list(self._outputs)
 
+    @property
+    def metadata(self) -> ModelMetadata:
+        """The model's producer, graph name, domain, description, version and custom metadata."""
+        if self._metadata is None:
+            self._metadata = ModelMetadata.from_session(self._session)
+        return self._metadata
+
     def input(self, key: int | str = 0) -> Port:
         """An input by index or name; ``InferenceError`` when the model has no such input."""
         return _port(self._inputs, key, "input")
@@ -191,7 +282,7 @@ class CompiledModel:
             raise InferenceError(f"the model takes {len(self._inputs)} input(s), got {len(inputs)}")
         return {port.name: port.check(value) for port, value in zip(self._inputs, inputs)}
 
-    def infer_sync(self, inputs: InferInputs) -> dict[str, np.ndarray]:
+    def infer_sync(self, inputs: InferInputs) -> InferResults:
         """Blocking inference, for code that is not async."""
         feed = self._feed(inputs)
         self._swap()
@@ -199,12 +290,12 @@ class CompiledModel:
             results = self._run(self._session, feed)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
-        return {port.name: value for port, value in zip(self._outputs, results)}
+        return InferResults(self._outputs, results)
 
-    async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
-        """Run the model on ``inputs`` in a worker thread; outputs by name, in model order.
-        ``InferenceError`` when the inputs do not match the model or ONNX Runtime fails running
-        them."""
+    async def infer(self, inputs: InferInputs) -> InferResults:
+        """Run the model on ``inputs`` in a worker thread; outputs by name, in model order, also
+        by index and by ``Port`` (``InferResults``). ``InferenceError`` when the inputs do not
+        match the model or ONNX Runtime fails running them."""
         feed = self._feed(inputs)  # validate on the caller's side: cheap, and errors stay local
         self._swap()
         session = self._session
@@ -212,7 +303,11 @@ class CompiledModel:
             results = await anyio.to_thread.run_sync(self._run, session, feed, limiter=self._limiter)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
-        return {port.name: value for port, value in zip(self._outputs, results)}
+        return InferResults(self._outputs, results)
+
+    async def __call__(self, inputs: InferInputs) -> InferResults:
+        """``await compiled(inputs)``: the same as ``await compiled.infer(inputs)``."""
+        return await self.infer(inputs)
 
     def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[Any]:
         """``session.run``; a model loaded from the cache runs new input shapes under its guard."""
@@ -243,27 +338,26 @@ class InferRequest:
 
     def __init__(self, compiled: CompiledModel) -> None:
         self._compiled = compiled
-        self._results: dict[str, np.ndarray] = {}
-        self._ran = False
+        self._results: InferResults | None = None
 
     @property
     def compiled_model(self) -> CompiledModel:
         return self._compiled
 
     @property
-    def results(self) -> dict[str, np.ndarray]:
-        return self._results
+    def results(self) -> InferResults:
+        """The last inference's outputs (empty before the first)."""
+        return self._results if self._results is not None else InferResults(self._compiled.outputs, ())
 
-    async def infer(self, inputs: InferInputs) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: InferInputs) -> InferResults:
         self._results = await self._compiled.infer(inputs)
-        self._ran = True
         return self._results
 
     def get_output_tensor(self, key: int | str | Port = 0) -> np.ndarray:
         """An output of the last inference, by index, name or ``Port``; ``InferenceError``
         before any inference, or for an output the model does not have."""
         name = self._compiled.output(key.name if isinstance(key, Port) else key).name
-        if not self._ran:
+        if self._results is None:
             raise InferenceError(f"no inference has run on this request yet: no output {name!r} to get")
         return self._results[name]
 

@@ -295,6 +295,7 @@ PROPERTIES: dict[str, Property] = {
         Property("AVAILABLE_DEVICES", str, "ro"),
         Property("LOADED_FROM_CACHE", str, "ro"),
         Property("EXECUTION_DEVICES", str, "ro"),
+        Property("EXECUTION_PROVIDERS", str, "ro"),
         Property("OPTIMAL_NUMBER_OF_INFER_REQUESTS", str, "ro"),
         Property("CACHE_KEY", str, "ro"),
         Property("NOT_CACHED_REASON", str, "ro"),

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import inspect
 import sys
+import types
 from pathlib import Path
 
 import aioov
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+#: the special methods worth a line: how an object is built, called and indexed
+DUNDERS = ("__init__", "__call__", "__getitem__")
 
 
 def _doc(obj: object) -> str:
@@ -30,6 +33,10 @@ def render() -> str:
     lines = ["# API reference", "", "Generated from the docstrings by `scripts/gen_api_docs.py`; do not edit.", ""]
     for name in aioov.__all__:
         obj = getattr(aioov, name)
+        if isinstance(obj, types.ModuleType):
+            lines += [f"## `aioov.{name}` (module)", "", _doc(obj), "",
+                      ", ".join(f"`{member}`" for member in obj.__all__), ""]
+            continue
         if not isinstance(obj, type):
             continue
         kind = "exception" if issubclass(obj, BaseException) else "class"
@@ -39,7 +46,7 @@ def render() -> str:
         if kind == "exception":
             continue
         for attr, member in sorted(vars(obj).items()):
-            if attr.startswith("_") and attr != "__init__":
+            if attr.startswith("_") and attr not in DUNDERS:
                 continue
             if isinstance(member, property):
                 lines += [f"- `{attr}` (property): {_doc(member).splitlines()[0] if _doc(member) else ''}"]

@@ -103,6 +103,113 @@ async def test_python_lists_are_converted_to_the_input_type(mlp_path: Path) -> N
     assert outputs["y"].shape == (1, 4)
 
 
+def audio_model() -> onnx.ModelProto:
+    """A speech model's inputs: ``audio`` (float32 samples) and ``sr`` (an int32 sample rate,
+    a scalar), with two outputs (``scaled``, the samples times the rate, and ``rate``), and
+    the metadata a model file carries."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["audio", "sr_f"], ["scaled"]),
+        helper.make_node("Identity", ["sr"], ["rate"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "speech", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["T"]),
+                          helper.make_tensor_value_info("sr", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["T"]),
+         helper.make_tensor_value_info("rate", TensorProto.INT32, [])],
+        doc_string="multiplies",
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="aioov-tests",
+                              domain="ai.example", doc_string="a made-up speech model", model_version=3)
+    model.ir_version = 8
+    helper.set_model_props(model, {"sample_rate": "16000", "labels": "yes,no"})
+    onnx.checker.check_model(model)
+    return model
+
+
+AUDIO = np.linspace(0, 1, 5, dtype=np.float32)
+
+
+async def test_outputs_by_name_index_and_port() -> None:
+    """Like OpenVINO's OVDict: ``results[0]``, ``results[compiled.output(0)]`` and
+    ``results["scaled"]`` are the same array; it stays a dict by name."""
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(audio_model(), "CPU")
+    results = await compiled.infer({"audio": AUDIO, "sr": 2})
+    assert results[0] is results["scaled"] is results[compiled.output(0)] is results[compiled.output("scaled")]
+    assert results[1] is results["rate"] is results[-1] is results[compiled.outputs[1]]
+    assert list(results) == ["scaled", "rate"] and isinstance(results, dict)
+    np.testing.assert_array_equal(results["scaled"], AUDIO * 2)
+    assert 0 in results and compiled.output(1) in results and 2 not in results and "nope" not in results
+    assert results.get(5) is None and results.get(1) is results["rate"]
+    assert [r.tolist() for r in results.to_tuple()] == [(AUDIO * 2).tolist(), 2]
+    for missing in (2, "nope", compiled.input(0)):
+        with pytest.raises(KeyError):
+            results[missing]
+    assert compiled.infer_sync({"audio": AUDIO, "sr": 2})[0].tolist() == (AUDIO * 2).tolist()
+
+
+async def test_a_compiled_model_is_called_like_openvinos() -> None:
+    """``await compiled(inputs)``, as OpenVINO's ``compiled(inputs)``, is ``infer``."""
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(audio_model(), "CPU")
+    results = await compiled({"audio": AUDIO, "sr": 3})
+    np.testing.assert_array_equal(results[0], AUDIO * 3)
+    np.testing.assert_array_equal((await compiled([AUDIO, 3]))["rate"], 3)
+
+
+async def test_metadata_of_the_model_file_without_the_session(cache_dir: Path) -> None:
+    """``compiled.metadata``: what the ONNX file says of itself, the same from a cache hit."""
+    model = audio_model()
+    for hit in (False, True):
+        async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_EXPORT": "SYNC"}) as core:
+            compiled = await core.compile_model(model, "CPU")
+        assert compiled.get_property("LOADED_FROM_CACHE") is hit
+        meta = compiled.metadata
+        assert meta == aioov.ModelMetadata(
+            producer_name="aioov-tests", graph_name="speech", graph_description="multiplies", domain="ai.example",
+            description="a made-up speech model", version=3,
+            custom_metadata_map={"sample_rate": "16000", "labels": "yes,no"},
+        )
+        with pytest.raises(AttributeError):
+            meta.version = 4  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            meta.custom_metadata_map["labels"] = "x"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "feed, message",
+    [
+        ({"audio": AUDIO, "sr": 16000.9}, "input 'sr' expects tensor\\(int32\\).*got 16000.9"),
+        ({"audio": AUDIO, "sr": 16000.0}, "cannot convert float64 to int32"),
+        ({"audio": AUDIO, "sr": 2**40}, "do not fit in int32"),
+        ({"audio": AUDIO, "sr": np.float32(16000)}, "cannot convert float32 to int32"),
+        ({"audio": AUDIO, "sr": np.array(16000.0)}, "got an array of float64"),
+        ({"audio": [0.5, 1, "2"], "sr": 16000}, "cannot convert <U32 to float32"),
+    ],
+    ids=["fraction", "whole-float", "overflow", "numpy-scalar", "array", "strings"],
+)
+async def test_no_silent_casts_of_python_values(feed: dict[str, object], message: str) -> None:
+    """A float for an int input is refused, not truncated (16000.9 would run as 16000)."""
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(audio_model(), "CPU")
+    with pytest.raises(aioov.InferenceError, match=message):
+        await compiled.infer(feed)
+
+
+async def test_python_values_that_fit_are_converted() -> None:
+    """What changes no value still converts: ints for an int or a float input, a list of floats
+    for a float input."""
+    async with aioov.Core() as core:
+        compiled = await core.compile_model(audio_model(), "CPU")
+    results = await compiled.infer({"audio": [0, 0.5, 1], "sr": np.int64(16000)})
+    assert results["rate"].dtype == np.int32 and int(results["rate"]) == 16000
+    np.testing.assert_array_equal(results["scaled"], [0, 8000, 16000])
+    assert (await compiled.infer({"audio": [1, 2], "sr": True}))["scaled"].tolist() == [1, 2]
+
+
 async def test_unknown_device_lists_the_available_ones(mlp_path: Path) -> None:
     with pytest.raises(aioov.DeviceNotFoundError, match="unknown device 'NPU'.*available here: CPU"):
         await aioov.Core().compile_model(mlp_path, "NPU")

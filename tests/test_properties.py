@@ -107,3 +107,24 @@ async def test_what_was_set_for_a_device_applies_when_auto_picks_it(mlp_path: Pa
         assert (await core.compile_model(mlp_path, picked)).get_property("NUM_STREAMS") == 3
         (result,) = await core.compile_all([mlp_path], "AUTO")
         assert result.device == "AUTO" and result.unwrap().get_property("NUM_STREAMS") == 2
+
+
+def test_every_property_has_a_typed_constant() -> None:
+    """``aioov.props``: one constant per property aioov knows, each its own name, and no other."""
+    from aioov import props
+
+    assert sorted(props.__all__) == sorted(PROPERTIES)
+    assert all(getattr(props, name) == name for name in PROPERTIES)
+    assert {name for name in vars(props) if name.isupper()} == set(PROPERTIES)
+
+
+async def test_property_constants_work_where_names_do(mlp_path: Path, cache_dir: Path) -> None:
+    from aioov import props
+
+    async with aioov.Core(properties={props.CACHE_DIR: cache_dir}) as core:
+        compiled = await core.compile_model(mlp_path, "CPU", {props.NUM_STREAMS: 2, props.CACHE_EXPORT: "SYNC"})
+    assert compiled.get_property(props.NUM_STREAMS) == 2
+    assert compiled.get_property(props.LOADED_FROM_CACHE) is False
+    assert compiled.get_property(props.EXECUTION_PROVIDERS) == ["CPUExecutionProvider"]
+    with pytest.raises(aioov.PropertyError, match="read-only"):
+        aioov.Core(properties={props.EXECUTION_PROVIDERS: "CPU"})
