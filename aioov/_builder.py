@@ -33,6 +33,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ __all__ = ("build", "main", "run_job")
 
 #: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT",
 #: "hang:VARIANT" or "crashwide:VARIANT" (comma-separated) makes the builder write or load a bad
-#: blob on purpose; "crashwide": the blob crashes when an input's last dimension is 16 or more
+#: blob on purpose ("slow:VARIANT": its first session takes 0.3 s more, the rest 1.5 s more); "crashwide": the blob crashes when an input's last dimension is 16 or more
 #: (what a real prepacked OCR recognizer did at text-line widths of 15 and above)
 FAULT_ENV = "AIOOV_BUILDER_FAULT"
 #: the pid of the process that started the builder (set by ``_builds``)
@@ -82,21 +83,22 @@ class CheckFailed(Exception):
     """The blob was written, and loading or running it failed: the blob's fault."""
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
+def run_job(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
     """``build``'s report, or the failure: ``"stage": "check"`` when the blob itself failed
     (remembered by the parent), ``"export"`` when writing it did (the disk, the source: not)."""
     from ._reference import first_line
 
     try:
-        return build(job)
+        return build(job, progress)
     except CheckFailed as exc:
         return {"ok": False, "stage": "check", "reason": str(exc) or first_line(exc.__cause__ or exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         return {"ok": False, "stage": "export", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
 
 
-def build(job: dict[str, Any]) -> dict[str, Any]:
-    """Write the blob of ``job`` into its directory and check it; the report."""
+def build(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Write the blob of ``job`` into its directory and check it; the report. ``progress`` hears
+    when the first session exists (a parent waiting for it times the build from that compile)."""
     from ._devices import blob_format
     from ._errors import ORT_ERRORS, BlobError
     from ._reference import first_line, reference_run
@@ -116,6 +118,11 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
             # The builder's providers cannot load the model at all: a GPU entry's CPU builder and a
             # model with CUDA-only ops (com.microsoft ComplexMul, GroupNorm...). Remembered.
             raise CheckFailed(f"{providers[0][0]} cannot load the model to write its blob: {first_line(exc)}") from exc
+        if "slow" in faults:
+            time.sleep(0.3)
+        progress({"progress": "compiled", "seconds": time.perf_counter() - started})
+        if "slow" in faults:
+            time.sleep(1.5)
         try:
             blob.finalize(tmp, [arg.name for arg in source.get_inputs()])
         except BlobError as exc:
@@ -367,7 +374,7 @@ def main() -> None:
         job = json.loads(jobs.get())
         if job.get("background"):
             lower_this_thread()  # for good: the parent starts another builder for awaited jobs
-        report = run_job(job)
+        report = run_job(job, lambda note: replies.write(json.dumps(note) + "\n"))
         _release_memory()
         replies.write(json.dumps(report) + "\n")
 

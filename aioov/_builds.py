@@ -30,11 +30,35 @@ from ._builder import PARENT_ENV
 from ._concurrency import CancelToken, renew_in_children
 from ._errors import Cancelled
 
-__all__ = ("BuildReport", "Builders", "Timeout")
+__all__ = ("BUILD_TIMEOUT", "BuildClock", "BuildReport", "Builders", "Timeout")
 
-#: seconds a job may take: a number, or a function read while it runs (a limit that follows
-#: a compile still running beside the build)
-Timeout = float | Callable[[], float]
+#: seconds a builder may take for one variant, at least (30x the compile's time where longer)
+BUILD_TIMEOUT = 300.0
+
+
+class BuildClock:
+    """A build's time limit: ``max(BUILD_TIMEOUT, 30 x a compile's time)``, that compile's time
+    so far while it runs. The compile is the caller's, beside a background build
+    (``compiled()`` is called when it ends), or, for a build somebody waits for
+    (``follows_builder``), the builder's own first session, which the builder reports: a model
+    whose build needs longer than ``BUILD_TIMEOUT`` is cached either way."""
+
+    def __init__(self, *, follows_builder: bool = False) -> None:
+        self.follows_builder = follows_builder
+        self._started = time.perf_counter()
+        self._seconds: float | None = None
+
+    def compiled(self) -> None:
+        if self._seconds is None:
+            self._seconds = time.perf_counter() - self._started
+
+    def limit(self) -> float:
+        taken = self._seconds if self._seconds is not None else time.perf_counter() - self._started
+        return max(BUILD_TIMEOUT, 30 * taken)
+
+
+#: seconds a job may take: a number, or a clock
+Timeout = float | BuildClock
 
 #: seconds between looks at a cancel token while waiting for a builder
 _POLL = 0.05
@@ -146,7 +170,7 @@ class _Process:
             self.popen.stdin.flush()
         except OSError:
             return self._died()
-        limit = timeout if callable(timeout) else (lambda: timeout)
+        limit = timeout.limit if isinstance(timeout, BuildClock) else (lambda: timeout)
         started = time.monotonic()
         while True:
             if token is not None and token.cancelled:
@@ -163,6 +187,10 @@ class _Process:
             if line is None:
                 return self._died()
             report = json.loads(line)
+            if "progress" in report:  # the builder's first session exists
+                if isinstance(timeout, BuildClock) and timeout.follows_builder:
+                    timeout.compiled()
+                continue
             # An exception while writing the blob (a full disk, a source it cannot save)
             # says nothing about the blob: try the next variant, but remember nothing.
             return BuildReport(bool(report.pop("ok")), report.pop("reason", None),

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ._builds import Builders, Timeout
+from ._builds import BuildClock, Builders, Timeout
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
@@ -112,7 +111,7 @@ class EntryWriter:
                 return self._compile_and_export(claim, request, token)
             finally:
                 claim.release()
-        timing = _CompileTime()
+        timing = BuildClock()
         with self._lock:
             beside = not bulk and not self._compiling and not self._exporter.pending and _CORES > 1
             self._compiling += 1
@@ -130,7 +129,7 @@ class EntryWriter:
                 claim.release()
             raise
         finally:
-            timing.done()
+            timing.compiled()
             with self._lock:
                 self._compiling -= 1
         if export is None:
@@ -151,7 +150,7 @@ class EntryWriter:
         ``claim``; the entry may still be missing after (a marker, a failure)."""
         try:
             self._guarded(claim, request, lambda: self._build_and_publish(
-                claim, request, token, BUILD_TIMEOUT, background=False))
+                claim, request, token, BuildClock(follows_builder=True), background=False))
         finally:
             claim.release()
         if token.cancelled:
@@ -169,7 +168,7 @@ class EntryWriter:
             blob.finalize(tmp, [i.name for i in session.get_inputs()])
             store.publish(key, tmp, {**manifest, "build": _UNCHECKED})
             return
-        built = self._build(store, key, request, None, BUILD_TIMEOUT, background=False)
+        built = self._build(store, key, request, None, BuildClock(follows_builder=True), background=False)
         if not isinstance(built, tuple):
             raise BlobError("; ".join(built.reasons) if built else "the builder did not finish; try again")
         tmp, record, files = built
@@ -202,11 +201,11 @@ class EntryWriter:
         finally:
             store.discard(tmp)
 
-    def _export_job(self, claim: Claim, request: CompileRequest, timing: _CompileTime) -> Callable[[CancelToken], None]:
+    def _export_job(self, claim: Claim, request: CompileRequest, timing: BuildClock) -> Callable[[CancelToken], None]:
         def export(token: CancelToken) -> None:
             try:
                 self._guarded(claim, request, lambda: self._build_and_publish(
-                    claim, request, token, timing.limit, background=True))
+                    claim, request, token, timing, background=True))
             finally:
                 claim.release()
                 if self._exporter.pending <= 1:  # this job is the last: no builder kept idle
@@ -337,21 +336,5 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
 
 #: what the manifest of an entry written by the compile itself says about its check
 _UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
-#: seconds a builder may take for one variant, at least (30x the compile's time where longer)
-BUILD_TIMEOUT = 300.0
 _CORES = os.cpu_count() or 1
 
-
-class _CompileTime:
-    """How long the caller's compile took, or has taken so far: its builder's time limit."""
-
-    def __init__(self) -> None:
-        self._started = time.perf_counter()
-        self._seconds: float | None = None
-
-    def done(self) -> None:
-        self._seconds = time.perf_counter() - self._started
-
-    def limit(self) -> float:
-        taken = self._seconds if self._seconds is not None else time.perf_counter() - self._started
-        return max(BUILD_TIMEOUT, 30 * taken)

@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import aioov
-from aioov import _writer
+from aioov import _builds, _writer
 from aioov._cache.store import CacheStore
 from aioov._reference import compare
 
@@ -162,11 +162,23 @@ async def test_a_builder_past_its_time_limit_is_killed_and_nothing_is_remembered
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:plain")
-    monkeypatch.setattr(_writer, "BUILD_TIMEOUT", 2.0)
+    monkeypatch.setattr(_builds, "BUILD_TIMEOUT", 2.0)
     await _compile_and_export(cache_dir, mlp_path)
     assert manifests(cache_dir) == []  # no entry, and no marker: a slow machine is not a bad blob
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NEVER")  # one variant, whatever timings say
+    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
+
+
+async def test_an_awaited_build_gets_thirty_times_its_own_compile(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is max(BUILD_TIMEOUT, 30 x the compile) for awaited builds too, the compile
+    being the builder's own: a model whose build outlasts the floor is still cached."""
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "slow:plain")  # compile 0.3 s longer, the rest 1.5 s
+    monkeypatch.setattr(_builds, "BUILD_TIMEOUT", 1.0)  # the floor (300 s) cannot be outlasted in a test
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC", "CACHE_PREPACK": "NEVER"})
     assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
 
 
