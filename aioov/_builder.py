@@ -374,7 +374,7 @@ def main() -> None:
         job = json.loads(jobs.get())
         if job.get("background"):
             lower_this_thread()  # for good: the parent starts another builder for awaited jobs
-        report = run_job(job, lambda note: replies.write(json.dumps(note) + "\n"))
+        report = run_job(job, lambda note: print(json.dumps(note), file=replies))
         _release_memory()
         replies.write(json.dumps(report) + "\n")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import onnxruntime as ort
 
@@ -166,7 +167,8 @@ class CompiledModel:
         self._by_name = {p.name: p for p in self._inputs}
         self._metadata: ModelMetadata | None = None
         self._run_options = run_options()  # onnxruntime prints no error of its own: aioov raises it
-        self._limiter = anyio.CapacityLimiter(max(1, int(self._properties.get("NUM_STREAMS", 1))))
+        self._streams = max(1, int(self._properties.get("NUM_STREAMS", 1)))
+        self._limiters: dict[type, anyio.CapacityLimiter] = {}  # one per async backend (asyncio, trio)
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -292,6 +294,15 @@ class CompiledModel:
             raise_infer_error(exc)
         return InferResults(self._outputs, results)
 
+    def _limiter(self) -> anyio.CapacityLimiter:
+        """``NUM_STREAMS`` at once, under whichever async library calls: a model compiled under
+        asyncio also serves trio (a limiter belongs to the library that made it)."""
+        backend = anyio.lowlevel.current_token().backend_class
+        limiter = self._limiters.get(backend)
+        if limiter is None:
+            limiter = self._limiters[backend] = anyio.CapacityLimiter(self._streams)
+        return limiter
+
     async def infer(self, inputs: InferInputs) -> InferResults:
         """Run the model on ``inputs`` in a worker thread; outputs by name, in model order, also
         by index and by ``Port`` (``InferResults``). ``InferenceError`` when the inputs do not
@@ -300,7 +311,7 @@ class CompiledModel:
         self._swap()
         session = self._session
         try:
-            results = await anyio.to_thread.run_sync(self._run, session, feed, limiter=self._limiter)
+            results = await anyio.to_thread.run_sync(self._run, session, feed, limiter=self._limiter())
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
         return InferResults(self._outputs, results)

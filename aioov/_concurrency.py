@@ -12,7 +12,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-__all__ = ("CancelToken", "renew_in_children", "wait_future")
+__all__ = ("CancelToken", "on_event_loop", "renew_in_children", "wait_future")
 
 
 class Renewable(Protocol):
@@ -39,6 +39,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_all)
 
 T = TypeVar("T")
+
+
+def on_event_loop() -> bool:
+    """Whether the caller runs on an event loop's thread (asyncio or trio), where blocking stalls it."""
+    try:
+        anyio.lowlevel.current_token()
+    except Exception:
+        return False
+    return True
 
 
 async def wait_future(future: concurrent.futures.Future[T]) -> T:

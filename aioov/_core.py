@@ -26,6 +26,7 @@ from ._bulk import BulkProgress, CompileResult, Planned
 from ._cache.export import ABANDON_WAIT, Exporter
 from ._cache.stats import CacheStats
 from ._compiled import CacheOrigin, CompiledModel
+from ._concurrency import on_event_loop
 from ._devices import DeviceRegistry
 from ._errors import AioovError, DeviceNotFoundError, ModelReadError, PropertyError
 from ._jobs import CompileJobs, Ticket
@@ -94,6 +95,7 @@ class Core:
         self._pipeline.reader.start_background = self._jobs.background
         self._pipeline.reader.cancel_background = self._jobs.cancel_background
         self._state = _State.OPEN
+        self._warned_probe = False
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Core:
@@ -171,6 +173,8 @@ class Core:
             raise PropertyError(f"unknown property {device_or_name!r}")
         spec = self._devices.parse(device_or_name)
         key = name.upper()
+        if spec.family == "AUTO" or key in ("OPTIMIZATION_CAPABILITIES", "FULL_DEVICE_NAME"):
+            self._warn_if_probing_on_the_loop(None if spec.family == "AUTO" else spec.family)
         if spec.family == "AUTO":
             device, spec = self._devices.resolve("AUTO")
         else:
@@ -189,8 +193,26 @@ class Core:
         raise PropertyError(f"device {spec} has no property {name!r}")
 
     def get_available_devices(self) -> list[str]:
-        """Devices whose execution provider really loads here (probed once; may block briefly)."""
+        """Devices whose execution provider really loads here. The first call probes them
+        (seconds on a GPU machine): on an event loop, ``await core.probe_devices()`` first."""
+        self._warn_if_probing_on_the_loop()
         return self._devices.available()
+
+    async def probe_devices(self) -> list[str]:
+        """Probe every device in a worker thread (once per process) and return those available;
+        afterwards ``get_available_devices`` and ``get_property`` never block."""
+        return await anyio.to_thread.run_sync(self._devices.probe_all)
+
+    def _warn_if_probing_on_the_loop(self, family: str | None = None) -> None:
+        """Once per Core: a probe about to run on the loop's thread (``family``: of that device
+        only; CPU's costs nothing worth a warning)."""
+        if family == "CPU":
+            return
+        probed = self._devices.probed() if family is None else self._devices.get(family).probed
+        if not self._warned_probe and not probed and on_event_loop():
+            self._warned_probe = True
+            logger.warning("aioov: probing devices on the event loop's thread blocks it (up to seconds "
+                           "on a GPU machine); await core.probe_devices() first")
 
     @property
     def cache_stats(self) -> CacheStats:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
@@ -690,3 +691,42 @@ def test_tensorrt_without_its_runtime_is_refused_before_any_probe_session(monkey
     finally:
         nvidia.tensorrt_missing.cache_clear()
         nvidia.nvidia_driver_missing.cache_clear()
+
+
+def test_probing_on_the_event_loop_warns_once_and_probe_devices_avoids_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``get_available_devices`` and AUTO's properties are sync (as in OpenVINO) and probe the
+    first time: on a loop that blocks it, so aioov says so and offers the async probe."""
+
+    async def on_the_loop() -> tuple[list[str], list[str]]:
+        core = aioov.Core()
+        devices = core.get_available_devices()
+        core.get_property("AUTO", "FULL_DEVICE_NAME")
+        return devices, [r.getMessage() for r in caplog.records if "probe_devices" in r.getMessage()]
+
+    devices, warnings = anyio.run(on_the_loop)
+    assert "CPU" in devices
+    assert len(warnings) == 1  # once per Core
+
+    async def probed_first() -> list[str]:
+        core = aioov.Core(devices=DeviceRegistry())  # devices of their own: nothing probed yet
+        assert "CPU" in await core.probe_devices()
+        caplog.clear()
+        core.get_available_devices()
+        core.get_property("AUTO", "OPTIMIZATION_CAPABILITIES")
+        return [r.getMessage() for r in caplog.records if "probe_devices" in r.getMessage()]
+
+    assert anyio.run(probed_first) == []
+
+
+def test_a_model_compiled_under_asyncio_serves_under_trio(mlp_path: Path) -> None:
+    async def compile() -> aioov.CompiledModel:
+        async with aioov.Core() as core:
+            return await core.compile_model(mlp_path, "CPU")
+
+    compiled = anyio.run(compile, backend="asyncio")
+    x = np.ones((2, 8), np.float32)
+    for backend in ("trio", "asyncio"):
+        y = anyio.run(compiled.infer, {"x": x}, backend=backend)["y"]
+        np.testing.assert_allclose(y, reference(mlp_path, {"x": x})[0], rtol=1e-5, atol=1e-6)

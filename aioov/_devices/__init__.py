@@ -62,6 +62,17 @@ class DeviceRegistry:
         """Names of the devices that really load here, CPU first."""
         return [name for name, device in self._devices.items() if device.available()]
 
+    def probed(self) -> bool:
+        """Whether every device has been probed (``available`` no longer blocks)."""
+        return all(device.probed for device in self._devices.values())
+
+    def probe_all(self) -> list[str]:
+        """Probe every device, and read the names of those available; ``available()``."""
+        names = self.available()
+        for name in names:
+            self._devices[name].full_name()
+        return names
+
     def family_of(self, name: str) -> str | None:
         """The family a name belongs to, or None when it names no device; never probes."""
         match = _NAME.match(name.strip().upper())

@@ -178,6 +178,11 @@ class Device:
                         self._probed, self._probe_error = False, f"{self.provider}: {exc}"
             return self._probed
 
+    @property
+    def probed(self) -> bool:
+        """Whether ``available`` is known (it no longer probes)."""
+        return self._probed is not None
+
     def prepare(self) -> None:
         """Start probing in the background (for a GPU: initializing CUDA, ~0.4 s) and reading
         the hardware facts of the key, so that both overlap reading and hashing the model;

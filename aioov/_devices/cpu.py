@@ -123,6 +123,10 @@ class CPUDevice(Device):
     def available(self) -> bool:
         return True
 
+    @property
+    def probed(self) -> bool:
+        return True  # nothing to probe: the CPU provider is in every build
+
     def prepare(self) -> None:
         """Nothing to probe: the CPU provider is in every build."""
 
