@@ -44,7 +44,8 @@ __all__ = ("build", "main", "run_job")
 
 #: ``AIOOV_BUILDER_FAULT``: for aioov's own tests only, "crash:VARIANT", "mismatch:VARIANT",
 #: "hang:VARIANT" or "crashwide:VARIANT" (comma-separated) makes the builder write or load a bad
-#: blob on purpose ("slow:VARIANT": its first session takes 0.3 s more, the rest 1.5 s more); "crashwide": the blob crashes when an input's last dimension is 16 or more
+#: blob on purpose ("slow:VARIANT": its first session takes 0.3 s more, the rest 1.5 s more);
+#: "crashwide": the blob crashes when an input's last dimension is 16 or more
 #: (what a real prepacked OCR recognizer did at text-line widths of 15 and above)
 FAULT_ENV = "AIOOV_BUILDER_FAULT"
 #: the pid of the process that started the builder (set by ``_builds``)
