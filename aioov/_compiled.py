@@ -336,7 +336,8 @@ class CompiledModel:
     async def export_model(self, destination: str | os.PathLike[str]) -> None:
         """Write this model's blob to a directory, for ``Core.import_model``."""
         if self._export is None:
-            raise PropertyError("this compiled model does not know its source; use Core.export_model")
+            raise PropertyError("this model was compiled from bytes or a ModelProto, which it does not keep "
+                                "in memory: use core.export_model(model, destination)")
         await self._export(destination)
 
     def __repr__(self) -> str:

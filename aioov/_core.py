@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from contextlib import aclosing
 from pathlib import Path
@@ -25,7 +26,7 @@ from . import _bulk, _ortenv, _portable
 from ._bulk import BulkProgress, CompileResult, Planned
 from ._cache.export import ABANDON_WAIT, Exporter
 from ._cache.stats import CacheStats
-from ._compiled import CacheOrigin, CompiledModel
+from ._compiled import CacheOrigin, CompiledModel, ExportFunction
 from ._concurrency import on_event_loop
 from ._devices import DeviceRegistry
 from ._errors import AioovError, DeviceNotFoundError, ModelReadError, PropertyError
@@ -264,7 +265,7 @@ class Core:
             device=result.device,
             properties=properties,
             cache=CacheOrigin(result.loaded_from_cache, result.key, result.not_cached),
-            export=functools.partial(self._export_to, ticket.source.given, device=result.device, config=properties),
+            export=self._export_function(ticket.source, result.device, properties),
             warmup_seconds=result.warmup_seconds,
             guard=result.guard,
         )
@@ -276,10 +277,22 @@ class Core:
             compiled._follow(upgrade, functools.partial(self._jobs.expedite, upgrade) if upgrade else None)
         return compiled
 
-    async def _export_to(
-        self, model: ModelSource, destination: str | os.PathLike[str], *, device: str, config: Mapping[str, object]
-    ) -> Path:
-        return await self.export_model(model, destination, device, config)
+    def _export_function(self, source: Source, device: str, config: Mapping[str, object]) -> ExportFunction | None:
+        """What ``compiled.export_model`` calls: this Core's ``export_model`` on the model's path
+        (or the ``Model`` read), holding neither the Core (a weak reference) nor bytes or a
+        ModelProto the caller gave (None then: they would stay in memory as long as the model)."""
+        given = source.model or source.path
+        if given is None:
+            return None
+        core = weakref.ref(self)
+
+        async def export(destination: str | os.PathLike[str]) -> Path:
+            live = core()
+            if live is None:
+                raise AioovError("the Core that compiled this model is gone; use Core.export_model")
+            return await live.export_model(given, destination, device, config)
+
+        return export
 
     async def _concrete(self, device: str) -> tuple[str, bool]:
         """(the device AUTO picks, True) for AUTO, probing in a thread; (device, False) otherwise."""

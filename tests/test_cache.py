@@ -447,7 +447,9 @@ async def test_export_and_import_a_model_given_as_a_proto(tmp_path: Path) -> Non
     x = np.ones((3, 8), np.float32)
     async with aioov.Core() as core:
         compiled = await core.compile_model(proto, "CPU")
-        await compiled.export_model(tmp_path / "blob")
+        with pytest.raises(aioov.PropertyError, match="does not keep"):  # it does not hold the proto
+            await compiled.export_model(tmp_path / "blob")
+        await core.export_model(proto, tmp_path / "blob", "CPU")
         imported = await core.import_model(tmp_path / "blob", "CPU")
         np.testing.assert_allclose((await imported.infer(x))["y"], (await compiled.infer(x))["y"], rtol=1e-6)
         with pytest.raises(aioov.CacheError, match="already exists"):
@@ -599,3 +601,23 @@ def test_a_writer_record_is_taken_only_when_it_fits_the_file(tmp_path: Path, sma
     assert reusable_record(small, {**checksum_record(small), "size": 999}) is None  # another file
     for junk in (None, "abc", {"size": 1000}, {"size": 1000, "xxh3_128": 5}):
         assert reusable_record(small, junk) is None
+
+
+async def test_a_compiled_model_does_not_keep_its_core_alive(mlp_path: Path, tmp_path: Path) -> None:
+    """A model outlives the Core that compiled it without holding the Core's threads and caches;
+    ``export_model`` then says what happened."""
+    import gc
+    import weakref
+
+    core = aioov.Core()
+    compiled = await core.compile_model(mlp_path, "CPU")
+    await compiled.export_model(tmp_path / "blob")  # the Core is alive: it exports
+    await core.aclose()
+    gone = weakref.ref(core)
+    del core
+    gc.collect()
+    assert gone() is None
+    x = np.ones((2, 8), np.float32)
+    assert (await compiled.infer(x))["y"].shape[0] == 2  # the model still serves
+    with pytest.raises(aioov.AioovError, match="is gone"):
+        await compiled.export_model(tmp_path / "again")

@@ -300,3 +300,42 @@ async def test_with_redis_down_the_bucket_is_still_shared(models: list[Path], bu
         compiled = await core.compile_model(models[0], "CPU")
     assert compiled.get_property("LOADED_FROM_CACHE") is True
     assert "using the local cache only" in caplog_warnings.text  # redis was reported
+
+
+@pytest.mark.anyio
+async def test_one_redis_connection_pool_serves_every_compile(models: list[Path], bucket: str, redis_url: str,
+                                                              tmp_path: Path) -> None:
+    """Each compile takes the hosts' lock through the process's one client, not a client of its own."""
+    import redis
+
+    watcher = redis.Redis.from_url(redis_url)
+    before = len(watcher.client_list())
+    props = {"CACHE_REMOTE_URL": bucket, "CACHE_REMOTE_LOCK_URL": redis_url}
+    async with aioov.Core(cache_dir=tmp_path / "host", properties=props) as core:
+        for model in models:
+            await core.compile_model(model, "CPU", {"CACHE_EXPORT": "SYNC"})
+        await core.wait_exports()
+    assert len(watcher.client_list()) - before <= 1  # a pool's idle connection at most
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_compile_stops_waiting_for_another_hosts_lock(
+    models: list[Path], bucket: str, redis_url: str, tmp_path: Path
+) -> None:
+    import anyio
+    import redis
+
+    props = {"CACHE_REMOTE_URL": bucket, "CACHE_REMOTE_LOCK_URL": redis_url}
+    async with aioov.Core(cache_dir=tmp_path / "probe", properties={"CACHE_EXPORT": "SYNC"}) as core:
+        key = str((await core.compile_model(models[1], "CPU")).get_property("CACHE_KEY"))
+    holder = redis.Redis.from_url(redis_url)
+    assert holder.set(f"aioov:lock:{key}", "another-host", nx=True, px=60_000)  # compiling elsewhere
+    try:
+        async with aioov.Core(cache_dir=tmp_path / "host", properties=props) as core:
+            with anyio.move_on_after(1):
+                await core.compile_model(models[1], "CPU")
+            started = time.monotonic()
+            await core.aclose()  # the job saw its cancel and left the lock wait
+            assert time.monotonic() - started < 5
+    finally:
+        holder.delete(f"aioov:lock:{key}")

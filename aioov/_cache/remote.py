@@ -246,8 +246,11 @@ class RemoteLock:
             import redis
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise RemoteError("the distributed lock needs redis: pip install 'aioov[remote]'") from exc
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
-        self._lock = self._client.lock(f"aioov:lock:{key}", timeout=ttl, thread_local=False)
+        with _REMOTES_LOCK:  # one client (and connection pool) per URL and process
+            client = _REDIS.get(url)
+            if client is None:
+                client = _REDIS[url] = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        self._lock = client.lock(f"aioov:lock:{key}", timeout=ttl, thread_local=False)
 
     def acquire(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         """Wait up to ``timeout`` seconds (polling, so a cancel is noticed); False on timeout."""
@@ -255,9 +258,13 @@ class RemoteLock:
         delay = 0.01
         try:
             while not self._lock.acquire(blocking=False):
-                if (cancel is not None and cancel.is_set()) or time.monotonic() >= deadline:
+                if time.monotonic() >= deadline:
                     return False
-                time.sleep(delay)
+                if cancel is not None:
+                    if cancel.wait(delay):  # a cancel ends the wait at once
+                        return False
+                else:
+                    time.sleep(delay)
                 delay = min(delay * 2, 0.2)
         except Exception as exc:
             raise RemoteError(f"redis lock: {exc}") from exc
@@ -271,7 +278,20 @@ class RemoteLock:
 
 
 _REMOTES: dict[str, RemoteTier] = {}
+_REDIS: dict[str, Any] = {}
 _REMOTES_LOCK = threading.Lock()
+
+
+def _renew_in_child() -> None:
+    """A forked child makes its own clients: sockets and boto3's sessions are not shared across fork."""
+    global _REMOTES_LOCK
+    _REMOTES.clear()
+    _REDIS.clear()
+    _REMOTES_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_in_child)
 
 
 def remote_for(url: str) -> RemoteTier:
