@@ -16,6 +16,7 @@ printed as ``\\n``, ``\\x1b``); ``--json`` is JSON's own escaping.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from ._cache import auth
 from ._cache.store import CacheStore, EntryInfo
 from ._core import Core
 from ._devices import DeviceRegistry
-from ._errors import AioovError, PropertyError
+from ._errors import AioovError, CacheError, PropertyError
 from ._properties import normalize, parse_size
 from ._version import __version__
 
@@ -512,26 +513,70 @@ def _cache_prune(store: CacheStore, args: argparse.Namespace) -> int:
     if args.max_size is None and args.older_than is None:
         print("aioov cache prune: give --max-size and/or --older-than", file=sys.stderr)
         return EXIT_USAGE
-    removed = store.prune(max_size=args.max_size, older_than=args.older_than, dry_run=args.dry_run)
+    with _reported_here("could not prune entry"):
+        removed = store.prune(max_size=args.max_size, older_than=args.older_than, dry_run=args.dry_run)
     leftovers = [] if args.dry_run else store.clean_tmp()
+    failed = [{**_entry_json(e), "error": why} for e, why in removed.failed]
+    _say_failed("prune", failed)
     if args.json:
         print(json.dumps({"removed": [_entry_json(e) for e in removed], "dry_run": args.dry_run,
-                          "temp_dirs_removed": len(leftovers)}, indent=1))
+                          "temp_dirs_removed": len(leftovers), "failed": failed}, indent=1))
     else:
         verb = "would remove" if args.dry_run else "removed"
         for e in removed:
             print(f"{verb} {e.key[:16]} {human_size(e.size):>10}  {printable(e.source or '-')}")
-        print(f"{verb} {_count(len(removed), 'entry', 'entries')}, {human_size(sum(e.size for e in removed))}")
-    return EXIT_OK
+        print(f"{verb} {_count(len(removed), 'entry', 'entries')}, {human_size(sum(e.size for e in removed))}"
+              + (f"; {_count(len(failed), 'entry', 'entries')} could not be removed" if failed else ""))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cache_clear(store: CacheStore, args: argparse.Namespace) -> int:
     if not args.yes:
         print("aioov cache clear: this deletes every entry; add --yes to confirm", file=sys.stderr)
         return EXIT_USAGE
-    removed = store.clear()
-    print(json.dumps({"removed": removed}) if args.json else f"removed {_count(removed, 'entry', 'entries')}")
-    return EXIT_OK
+    with _reported_here("could not clear entry"):
+        removed = store.clear()
+    failed: list[dict[str, Any]] = []
+    for key in list(store.keys()):  # left behind: in use (skipped), or not removable: learn why
+        try:
+            if store.remove(key):
+                store.sentinels.forget(key)  # as clear() does
+                removed += 1
+        except CacheError as exc:
+            failed.append({"key": key, "error": str(exc)})
+    _say_failed("clear", failed)
+    if args.json:
+        print(json.dumps({"removed": removed, "failed": failed}))
+    else:
+        print(f"removed {_count(removed, 'entry', 'entries')}"
+              + (f"; {_count(len(failed), 'entry', 'entries')} could not be removed" if failed else ""))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _say_failed(action: str, failed: list[dict[str, Any]]) -> None:
+    """One line on stderr per entry that ``prune``/``clear`` chose but could not remove."""
+    for item in failed:
+        source = f" (model {printable(item['source'])})" if item.get("source") else ""
+        print(f"aioov cache {action}: {printable(item['error'])}{source}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _reported_here(message: str) -> Iterator[None]:
+    """The store's own warning for an entry it could not remove (``aioov cache: could not
+    prune entry ...``) left off stderr meanwhile: the command says it once, in its own line."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.name == "aioov.cache" and message in str(record.msg))
+
+    handler, drop = _log_handler, _Filter()
+    if handler is not None:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            handler.removeFilter(drop)
 
 
 # -- parser ---------------------------------------------------------------------------------

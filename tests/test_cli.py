@@ -114,6 +114,42 @@ def test_prune_to_a_size_limit_removes_least_recently_used(models: Path, cache_d
     assert [Path(e["source"]).name for e in left] == ["m2.onnx"]  # type: ignore[union-attr,index]
 
 
+def test_prune_and_clear_report_the_entries_they_could_not_remove(models: Path, cache_dir: Path) -> None:
+    """An entry that cannot be removed (here its lock path is a directory, which stops root
+    too) gets one line on stderr, is listed in ``--json``'s ``failed``, and fails the command."""
+    aioov_cli("warmup", str(models / "m0.onnx"), str(models / "m1.onnx"), "--cache-dir", str(cache_dir), "-q")
+    keys = {Path(e["source"]).name: e["key"] for e in as_json(  # type: ignore[union-attr,index]
+        aioov_cli("cache", "ls", "--cache-dir", str(cache_dir), "--json"))}
+    stuck = keys["m0.onnx"]
+    entry = aioov.CacheStore(cache_dir).entry_path(stuck)
+    lock = entry.parent.parent / ".locks" / f"{stuck}.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+
+    pruned = aioov_cli("cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir))
+    assert pruned.returncode == 1, pruned.stderr
+    assert "removed 1 entry" in pruned.stdout and "1 entry could not be removed" in pruned.stdout
+    (line,) = pruned.stderr.splitlines()  # one line, not the store's warning as well
+    assert line.startswith(f"aioov cache prune: cannot remove entry {stuck[:16]}") and "m0.onnx" in line
+    assert entry.is_dir() and not aioov.CacheStore(cache_dir).entry_path(keys["m1.onnx"]).exists()
+
+    report = aioov_cli("cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir), "--json")
+    assert report.returncode == 1
+    (failed,) = json.loads(report.stdout)["failed"]
+    assert failed["key"] == stuck and failed["error"].startswith(f"cannot remove entry {stuck[:16]}")
+
+    cleared = aioov_cli("cache", "clear", "--yes", "--cache-dir", str(cache_dir), "--json")
+    assert cleared.returncode == 1 and json.loads(cleared.stdout)["removed"] == 0
+    assert [item["key"] for item in json.loads(cleared.stdout)["failed"]] == [stuck]
+    (line,) = cleared.stderr.splitlines()
+    assert line.startswith(f"aioov cache clear: cannot remove entry {stuck[:16]}")
+
+    lock.rmdir()  # removable again
+    again = aioov_cli("cache", "clear", "--yes", "--cache-dir", str(cache_dir))
+    assert again.returncode == 0 and again.stdout.strip() == "removed 1 entry" and not again.stderr
+    assert not entry.exists()
+
+
 LOADER = """
 import sys, pathlib, anyio, aioov, numpy as np
 async def main():
