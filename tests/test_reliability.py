@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,19 +279,58 @@ def test_sigkill_stress(crash_model: Path, tmp_path: Path) -> None:
     assert stats["served_corrupt"] == 0
 
 
-def test_sigkill_during_prune_leaves_only_whole_entries(crash_model: Path, tmp_path: Path) -> None:
-    cache_dir = tmp_path / "cache"
-    paths = [str(p) for p in make_models(tmp_path, 4, prefix="p")]
+def start_prune(cache_dir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*aioov_command(), "cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+
+
+def removals(cache_dir: Path, count: int, prune: subprocess.Popen[bytes], *, until: int | None = None) -> list[float]:
+    """When each entry of the ``count`` in the cache left it, spinning (a removal takes a
+    millisecond; the command takes most of a second to start), until ``until`` (default: all)
+    are gone or ``prune`` exits."""
+    times: list[float] = []
+    while len(times) < (until or count) and prune.poll() is None:
+        left = len(entries(cache_dir))
+        times.extend([time.perf_counter()] * (count - left - len(times)))
+    return times
+
+
+def test_sigkill_during_prune_leaves_only_whole_entries(tmp_path: Path) -> None:
+    """``aioov cache prune`` killed at a random moment after it removed its first entry (not
+    before it started: starting the command takes longer than pruning) leaves only entries
+    that verify. Each trial prunes a copy of one warmed-up cache; trials go on until several
+    kills landed mid-prune (some entries removed, not all), and at least one must have."""
+    pristine = tmp_path / "pristine"
+    paths = [str(p) for p in make_models(tmp_path / "models", 16, prefix="p")]
+    subprocess.run([*aioov_command(), "warmup", *paths, "-q", "--cache-dir", str(pristine)],
+                   check=True, capture_output=True, env=child_env())
+    count = len(entries(pristine))
+    assert count == len(paths)
+    probe_dir = tmp_path / "probe"
+    shutil.copytree(pristine, probe_dir)
+    probe = start_prune(probe_dir)
+    times = removals(probe_dir, count, probe)
+    assert probe.wait() == 0 and len(times) == count
+    span = times[-1] - times[0]  # first removal to last, on this machine now
     rng = random.Random(3)
-    for _trial in range(4):
-        subprocess.run([*aioov_command(), "warmup", *paths, "-q", "--cache-dir", str(cache_dir)],
-                       check=True, capture_output=True, env=child_env())
-        prune = subprocess.Popen([*aioov_command(), "cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
-        time.sleep(rng.uniform(0.0, 0.6))
-        prune.send_signal(signal.SIGKILL)
-        prune.wait()
+    removed: list[int] = []
+    for trial in range(20):
+        cache_dir = tmp_path / f"cache{trial}"
+        shutil.copytree(pristine, cache_dir)
+        prune = start_prune(cache_dir)
+        try:
+            removals(cache_dir, count, prune, until=1)
+            time.sleep(rng.uniform(0.0, span))
+            prune.send_signal(signal.SIGKILL)
+        finally:
+            prune.kill()
+            prune.wait()
+        removed.append(count - len(entries(cache_dir)))
         every_entry_verifies(cache_dir)
+        if trial >= 3 and sum(0 < n < count for n in removed) >= 3:
+            break
+    print(f"\nentries removed before each kill, of {count}: {removed}")
+    assert any(0 < n < count for n in removed), f"no kill landed mid-prune: entries removed {removed} of {count}"
 
 
 # -- stress: many processes, compile + verify + prune ---------------------------------------
