@@ -51,6 +51,11 @@ class BuildClock:
         if self._seconds is None:
             self._seconds = time.perf_counter() - self._started
 
+    @property
+    def seconds(self) -> float | None:
+        """The compile's time, once it is done."""
+        return self._seconds
+
     def limit(self) -> float:
         taken = self._seconds if self._seconds is not None else time.perf_counter() - self._started
         return max(BUILD_TIMEOUT, 30 * taken)

@@ -121,9 +121,9 @@ class Pipeline:
         key = cache_key(key_inputs)
 
         loaded = self.reader.try_import(store, key, request, token)
-        if isinstance(loaded, NotCacheable):
+        if isinstance(loaded, NotCacheable) and not loaded.stale:
             return self._not_cacheable(request, loaded, key, token, early)
-        if loaded is not None:
+        if isinstance(loaded, Loaded):
             self.events.count(hits=1)
             return self._result(request, loaded, key)
 
@@ -148,6 +148,9 @@ class Pipeline:
         try:
             # Another process may have published while we waited for its lock.
             loaded = self.reader.try_import(store, key, request, token, locked=True)
+            if isinstance(loaded, NotCacheable) and loaded.stale:  # decided by another aioov: decide again
+                store.retire(key)
+                loaded = None
             if loaded is None and config.cache_remote_url:
                 claim.remote = RemoteLink(store, RemoteSettings(
                     config.cache_remote_url, config.cache_remote_lock_url, config.cache_remote_lock_ttl,
@@ -184,7 +187,7 @@ class Pipeline:
                           pending=loaded.pending, guard=loaded.guard)
         result = self._result(request, self.sessions.compile(request, token), claim.key)
         if isinstance(loaded, NotCacheable):
-            result.not_cached = f"not cacheable here: {loaded.reason}"
+            result.not_cached = loaded.describe()
         return result
 
     def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken,
@@ -192,7 +195,7 @@ class Pipeline:
         """A compile without export: this model's blobs failed their checks here before."""
         self.events.count(misses=1)
         result = self._result(request, early.take(token), key)
-        result.not_cached = f"not cacheable here: {marker.reason}"
+        result.not_cached = marker.describe()
         return result
 
     @staticmethod

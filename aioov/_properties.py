@@ -267,6 +267,8 @@ PROPERTIES: dict[str, Property] = {
         Property("CACHE_REMOTE_LOCK_TTL", _seconds, "compile", doc="lease of the hosts' lock, in seconds"),
         Property("CACHE_HIT_MODE", _enum(CacheHitMode), "compile",
                  doc="INSTANT: a hit returns at once, full speed follows; FULL: a hit returns at full speed"),
+        Property("CACHE_ALWAYS", _bool, "compile",
+                 doc="cache every model, also one whose hit would not load sooner than compiling it"),
         Property("CACHE_PREPACK", _prepack, "compile", in_key=True,
                  doc="AUTO: store prepacked weights where a hit loads much sooner with them (~1.8x disk); "
                      "ALWAYS; NEVER"),
@@ -313,6 +315,7 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_REMOTE_LOCK_URL": None,
     "CACHE_REMOTE_LOCK_TTL": 300.0,
     "CACHE_PREPACK": PrepackMode.AUTO,
+    "CACHE_ALWAYS": False,
     # FULL by measurement: on few cores an instant session's first inferences wait behind the
     # full-speed load (docs/performance.md#instant-hits-cache_hit_mode)
     "CACHE_HIT_MODE": CacheHitMode.FULL,
@@ -346,6 +349,7 @@ class CompileConfig:
     cache_remote_lock_url: str | None = DEFAULTS["CACHE_REMOTE_LOCK_URL"]
     cache_remote_lock_ttl: float = DEFAULTS["CACHE_REMOTE_LOCK_TTL"]
     cache_prepack: PrepackMode = DEFAULTS["CACHE_PREPACK"]
+    cache_always: bool = DEFAULTS["CACHE_ALWAYS"]
     cache_hit_mode: CacheHitMode = DEFAULTS["CACHE_HIT_MODE"]
     performance_hint: PerformanceHint = DEFAULTS["PERFORMANCE_HINT"]
     inference_num_threads: int = DEFAULTS["INFERENCE_NUM_THREADS"]

@@ -19,7 +19,7 @@ from typing import Any
 import onnxruntime as ort
 
 from ._cache import auth
-from ._cache.layout import NOT_CACHEABLE
+from ._cache.layout import NOT_CACHEABLE, NOT_WORTH
 from ._cache.sentinel import ShapeGuard
 from ._cache.stamps import Identities, identities, stamp, stamped
 from ._cache.stats import CacheEvents
@@ -29,6 +29,7 @@ from ._errors import ORT_ERRORS, Cancelled, LockTimeout
 from ._properties import CacheHitMode, CacheVerify
 from ._request import CompileRequest, Pending, Upgrade
 from ._sessions import SessionFactory
+from ._version import __version__
 from ._warmup import warm_up
 
 __all__ = ("EntryReader", "Loaded", "NotCacheable")
@@ -95,6 +96,8 @@ class EntryReader:
             if problem or not isinstance(marker, dict) or NOT_CACHEABLE not in entry.files:
                 store.quarantine(entry.key, problem or "malformed not-cacheable marker")
                 return None
+            if marker.get("kind") == NOT_WORTH:
+                return NotCacheable(str(marker.get("reason")), worth=False, stale=marker.get("aioov") != __version__)
             return NotCacheable(str(marker.get("reason")))
         record = entry.manifest.get("build")
         if not isinstance(record, dict) or not isinstance(record.get("variant"), str):
@@ -255,9 +258,17 @@ _UNLOADABLE: tuple[type[BaseException], ...] = (*ORT_ERRORS, OSError)
 
 @dataclass(frozen=True)
 class NotCacheable:
-    """The key's entry is a marker: this model's blobs failed their checks here."""
+    """The key's entry is a marker: this model's blobs failed their checks here, or (``worth``
+    False) a hit would not load it sooner than a compile; ``stale``: a decision of another
+    aioov, to be made again."""
 
     reason: str
+    worth: bool = True
+    stale: bool = False
+
+    def describe(self) -> str:
+        """What ``NOT_CACHED_REASON`` says."""
+        return f"not cacheable here: {self.reason}" if self.worth else f"not worth caching: {self.reason}"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from ._builds import BuildClock, Builders, Timeout
 from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.key import FileStat
-from ._cache.layout import NOT_CACHEABLE
+from ._cache.layout import NOT_CACHEABLE, NOT_WORTH
 from ._cache.locks import KeyLock
 from ._cache.peers import Presence
 from ._cache.stats import CacheEvents
@@ -113,7 +113,9 @@ class EntryWriter:
                 claim.release()
         timing = BuildClock()
         with self._lock:
-            beside = not bulk and not self._compiling and not self._exporter.pending and _CORES > 1
+            # Not for a small model: its compile alone may say that it is not worth caching.
+            beside = (not bulk and not self._compiling and not self._exporter.pending and _CORES > 1
+                      and (request.config.cache_always or _size(claim) >= BESIDE_MIN_BYTES))
             self._compiling += 1
         # Nothing else compiles or exports here: the builder writes the entry beside this
         # compile, on a core that a session build leaves idle (measured, BERT-base on 2 cores:
@@ -133,7 +135,11 @@ class EntryWriter:
             with self._lock:
                 self._compiling -= 1
         if export is None:
-            self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
+            why = None if request.config.cache_always else not_worth(timing.seconds, None)
+            if why is not None:
+                self._exporter.submit(self._not_worth_job(claim, request, why), on_drop=claim.release)
+            else:
+                self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
         return session
 
     def awaited(self, claim: Claim, request: CompileRequest) -> bool:
@@ -213,6 +219,15 @@ class EntryWriter:
 
         return export
 
+    def _not_worth_job(self, claim: Claim, request: CompileRequest, why: str) -> Callable[[CancelToken], None]:
+        def record(_token: CancelToken) -> None:
+            try:
+                self._guarded(claim, request, lambda: self._remember_not_worth(claim, request, why))
+            finally:
+                claim.release()
+
+        return record
+
     def _guarded(self, claim: Claim, request: CompileRequest, work: Callable[[], None]) -> None:
         """Run ``work`` (writing an entry): failing only ever means "not cached"."""
         try:
@@ -238,6 +253,11 @@ class EntryWriter:
             return
         tmp, record, files = built
         try:
+            compiled = timeout.seconds if isinstance(timeout, BuildClock) else None
+            why = None if request.config.cache_always else not_worth(compiled, record.get("load_seconds"))
+            if why is not None:
+                self._remember_not_worth(claim, request, why)
+                return
             self._publish(claim, tmp, request, record, abort=lambda: token.cancelled, records=files)
         finally:
             store.discard(tmp)
@@ -262,10 +282,21 @@ class EntryWriter:
             return  # what failed may not be what the key names
         logger.warning("aioov cache: %s cannot be cached on %s (%s); remembered under its key",
                        request.source.describe(), request.spec, "; ".join(failures))
+        self._publish_marker(claim, request, {"reason": "; ".join(failures)})
+
+    def _remember_not_worth(self, claim: Claim, request: CompileRequest, why: str) -> None:
+        """Publish a "not worth caching" record in place of an entry: every process compiles
+        the model at once, with no builder, no export and no wait (until aioov changes)."""
+        if claim.source_changed():
+            return
+        logger.info("aioov cache: %s not cached: %s", request.source.describe(), why)
+        self._publish_marker(claim, request, {"reason": why, "kind": NOT_WORTH})
+
+    def _publish_marker(self, claim: Claim, request: CompileRequest, marker: dict[str, Any]) -> None:
         store = claim.store
         tmp = store.new_tmp(claim.key)
         try:
-            marker = {"reason": "; ".join(failures), "onnxruntime": ort.__version__, "aioov": __version__}
+            marker = {**marker, "onnxruntime": ort.__version__, "aioov": __version__}
             (tmp / NOT_CACHEABLE).write_text(json.dumps(marker), encoding="utf-8")
             store.publish(claim.key, tmp, {**claim.manifest, "not_cacheable": marker},
                           mac_key=auth.key_of(request.config.cache_hmac_key))
@@ -332,6 +363,36 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
     assert blob is not None
     if blob.keeps_source:
         blob.stage_source(tmp, request.source.files())
+
+
+#: a model is cached where its hit loads sooner than its compile by at least this share of
+#: the compile and this many seconds (``benchmarks/worth.py``: which models pass, and why)
+WORTH_SHARE = 0.2
+WORTH_SECONDS = 0.02
+#: what a hit costs besides onnxruntime's load of the blob (the manifest, checksums, locks)
+HIT_OVERHEAD = 0.01
+#: a compile beside which the builder may start at once: below this size, the compile's own
+#: time decides first whether the model is worth an export at all
+BESIDE_MIN_BYTES = 16 << 20
+
+
+def not_worth(compile_seconds: float | None, load_seconds: object) -> str | None:
+    """Why a model is not worth caching, or None. Before any blob exists (``load_seconds``
+    None) only a compile too short for any hit to save enough is; afterwards the builder's
+    timed load of the hit decides."""
+    if compile_seconds is None:
+        return None
+    hit = HIT_OVERHEAD + (float(load_seconds) if isinstance(load_seconds, (int, float)) else 0.0)
+    saved = compile_seconds - hit
+    if saved >= max(WORTH_SHARE * compile_seconds, WORTH_SECONDS):
+        return None
+    if load_seconds is None:
+        return f"its compile takes {compile_seconds:.3f} s: a hit cannot load it much sooner"
+    return f"a hit loads it in {hit:.3f} s, its compile takes {compile_seconds:.3f} s"
+
+
+def _size(claim: Claim) -> int:
+    return sum(s.size for s in claim.stats) if claim.stats else 0
 
 
 #: what the manifest of an entry written by the compile itself says about its check

@@ -18,6 +18,7 @@ from typing import Final
 
 __all__ = (
     "AVAILABLE_DEVICES",
+    "CACHE_ALWAYS",
     "CACHE_DIR",
     "CACHE_EXPORT",
     "CACHE_HIT_MODE",
@@ -54,6 +55,7 @@ __all__ = (
 )
 
 # settable: on the Core, per device, or per compile (CACHE_MAX_SIZE: on the Core only)
+CACHE_ALWAYS: Final = "CACHE_ALWAYS"
 CACHE_DIR: Final = "CACHE_DIR"
 CACHE_VERIFY: Final = "CACHE_VERIFY"
 CACHE_EXPORT: Final = "CACHE_EXPORT"

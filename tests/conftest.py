@@ -7,6 +7,7 @@ Async tests are marked ``@pytest.mark.anyio`` and run under asyncio and trio
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,12 @@ from aioov.testing import bert_like, mlp, save_with_external_data
 from .helpers import HeldCompiles
 
 ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+# The suite's models compile in milliseconds: no hit loads them sooner, so by default aioov
+# would record them as not worth caching instead of writing entries. The tests of the cache
+# need entries: CACHE_ALWAYS on, here and in every child process; tests of that rule
+# (tests/test_worth.py) turn it off.
+os.environ["AIOOV_CACHE_ALWAYS"] = "1"
 
 
 @pytest.fixture(params=["asyncio", "trio"])

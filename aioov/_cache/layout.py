@@ -6,7 +6,8 @@ import, so that devices never depend on how the store works.
 
 from __future__ import annotations
 
-__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "STAMP", "is_reserved")
+__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "NOT_WORTH", "STAMP",
+           "is_reserved", "marker_reason")
 
 #: bump when the meaning of a key or the entry layout changes (``CACHE_DIR/v<FORMAT_VERSION>``)
 FORMAT_VERSION = 1
@@ -17,6 +18,8 @@ BLOB_MODEL = "model.onnx"
 BLOB_WEIGHTS = "weights.bin"
 #: the one file of a marker published in place of an entry: this model cannot be cached here
 NOT_CACHEABLE = "not-cacheable.json"
+#: the ``kind`` of a marker saying that a hit would not load the model sooner than a compile
+NOT_WORTH = "not-worth"
 #: a verification stamp, written into an entry after it was published (``stamps.py``)
 STAMP = ".verified"
 
@@ -24,3 +27,12 @@ STAMP = ".verified"
 def is_reserved(name: str) -> bool:
     """Whether a file name in an entry is one the cache itself gives meaning to."""
     return name in (MANIFEST, STAMP, "", ".", "..") or "/" in name or "\\" in name
+
+
+def marker_reason(marker: object) -> str | None:
+    """What a manifest's marker says, for listings: why the model is not cacheable here, or
+    "not worth caching: ..."; None when there is no marker."""
+    if not isinstance(marker, dict):
+        return None
+    reason = str(marker.get("reason"))
+    return f"not worth caching: {reason}" if marker.get("kind") == NOT_WORTH else reason

@@ -56,7 +56,7 @@ from .fsutil import (
     rmtree,
 )
 from .key import StatIndex, path_digest
-from .layout import FORMAT_VERSION, MANIFEST, is_reserved
+from .layout import FORMAT_VERSION, MANIFEST, is_reserved, marker_reason
 from .locks import KeyLock
 from .records import CacheInfo, Entry, EntryInfo, Pruned
 from .sentinel import Sentinels
@@ -251,6 +251,11 @@ class CacheStore:
             self.on_discard(key, reason)
         self._delete(key, "corrupt")
 
+    def retire(self, key: str) -> None:
+        """Remove an entry whose key lock the caller holds: a decision to make again (a "not
+        worth caching" record of another aioov version), nothing wrong with it."""
+        self._delete(key, "retired")
+
     def _delete(self, key: str, why: str, *, strict: bool = False) -> bool:
         """Rename an entry out of the tree (atomic: readers see it or nothing), then delete it.
         False when it is gone already; when it cannot be moved, False too, or with ``strict``
@@ -405,7 +410,7 @@ class CacheStore:
             device=str(manifest.get("device", "?")),
             source=source_path if isinstance(source_path, str) else None,
             problem=problem,
-            not_cacheable=str(marker.get("reason")) if isinstance(marker, dict) else None,
+            not_cacheable=marker_reason(marker),
             check=str(build.get("check")) if isinstance(build, dict) else None,
             variant=str(build.get("variant")) if isinstance(build, dict) else None,
         )

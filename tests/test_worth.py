@@ -1,0 +1,98 @@
+"""The cache never makes a start slower: a model whose hit would not load sooner than its
+compile gets a small "not worth caching" record instead of an entry, and every process then
+compiles it at once, with no builder, no export and no wait. ``CACHE_ALWAYS`` caches it anyway.
+
+(The rest of the suite runs with ``AIOOV_CACHE_ALWAYS=1``: its models are this small.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aioov import _writer
+
+from .helpers import aioov_command, child_env, manifests
+
+_COMPILE = """
+import json, os, sys, anyio, aioov
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU", json.loads(sys.argv[3]))
+        await core.wait_exports()
+        me = str(os.getpid())
+        builders = [p for p in os.listdir("/proc") if p.isdigit()
+                    and b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
+                    and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+        stats = core.cache_stats
+    print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"),
+                      "reason": compiled.get_property("NOT_CACHED_REASON"),
+                      "exports": stats.exports, "compiles": stats.compiles, "builders_left": len(builders)}))
+anyio.run(main)
+"""
+
+
+def _compile(cache_dir: Path, model: Path, **config: object) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(cache_dir), str(model), json.dumps(config)],
+                          capture_output=True, text=True, timeout=120, env=child_env(AIOOV_CACHE_ALWAYS="0"))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _records(cache_dir: Path) -> list[dict[str, object]]:
+    return [m["not_cacheable"] for m in manifests(cache_dir) if "not_cacheable" in m]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts builders through Linux's /proc")
+def test_a_model_that_compiles_in_milliseconds_gets_a_record_and_no_builder(cache_dir: Path, mlp_path: Path) -> None:
+    first = _compile(cache_dir, mlp_path)
+    assert first["from_cache"] is False and first["exports"] == 0
+    (record,) = _records(cache_dir)
+    assert record["kind"] == "not-worth" and "a hit cannot load it much sooner" in str(record["reason"])
+    assert [m for m in manifests(cache_dir) if "build" in m] == []  # no entry was written
+
+    again = _compile(cache_dir, mlp_path)  # another process: compiles at once, no builder, no export
+    assert again["from_cache"] is False and again["exports"] == 0 and again["builders_left"] == 0
+    assert str(again["reason"]).startswith("not worth caching: ")
+
+    listed = subprocess.run([*aioov_command(), "cache", "ls", "--json", "--cache-dir", str(cache_dir)],
+                            capture_output=True, text=True, timeout=60, env=child_env())
+    assert listed.returncode == 0, listed.stderr
+    assert "not worth caching" in listed.stdout
+
+
+def test_cache_always_caches_it_anyway(cache_dir: Path, mlp_path: Path) -> None:
+    first = _compile(cache_dir, mlp_path, CACHE_ALWAYS=True)
+    assert first["exports"] == 1 and _records(cache_dir) == []
+    assert _compile(cache_dir, mlp_path, CACHE_ALWAYS=True)["from_cache"] is True
+
+
+def test_a_record_of_another_aioov_is_decided_again(cache_dir: Path, mlp_path: Path) -> None:
+    _compile(cache_dir, mlp_path)
+    (manifest,) = cache_dir.rglob("manifest.json")
+    data = json.loads(manifest.read_text())
+    data["not_cacheable"]["aioov"] = "0.0.1"  # written by an earlier aioov, whose rule may differ
+    manifest.write_text(json.dumps(data))
+    assert _compile(cache_dir, mlp_path, CACHE_ALWAYS=True)["exports"] == 1  # retired, and cached now
+    assert _records(cache_dir) == []
+    assert _compile(cache_dir, mlp_path)["from_cache"] is True
+
+
+@pytest.mark.parametrize(
+    "compile_seconds, load_seconds, worth",
+    [
+        (0.010, None, False),  # no hit saves anything of a 10 ms compile
+        (2.0, None, True),  # nothing known but the compile: worth a builder's measurement
+        (2.0, 0.3, True),  # BERT-like: a hit saves most of the compile
+        (0.20, 0.19, False),  # a hit as slow as the compile
+        (0.10, 0.05, True),  # saves more than 20 ms and a fifth
+        (0.05, 0.035, False),  # saves less than 20 ms
+    ],
+)
+def test_what_pays(compile_seconds: float, load_seconds: float | None, worth: bool) -> None:
+    """The rule at its seam: what a hit saves, against the share and the seconds it must save."""
+    assert (_writer.not_worth(compile_seconds, load_seconds) is None) is worth
