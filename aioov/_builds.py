@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ._builder import PARENT_ENV
+from ._cache.heartbeat import cpu_seconds
 from ._concurrency import CancelToken, renew_in_children
 from ._errors import Cancelled
 
@@ -46,6 +47,27 @@ class BuildClock:
         self.follows_builder = follows_builder
         self._started = time.perf_counter()
         self._seconds: float | None = None
+        self._pid: int | None = None  # the builder at work on it now
+        self._cpu: float | None = None
+
+    def working(self, pid: int | None) -> None:
+        """A builder (``pid``) works on this build now; None: none does."""
+        if pid != self._pid:
+            self._pid, self._cpu = pid, None
+
+    def progressed(self) -> bool:
+        """Whether the build moved on since the last look: its builder used CPU (a stopped, hung
+        or starved one does not), or no builder is at work and the exporting thread is (it
+        stages the source, publishes). True where a builder's CPU time cannot be read."""
+        pid = self._pid
+        if pid is None:
+            return True
+        cpu = cpu_seconds(pid)
+        if cpu is None:
+            return True
+        moved = self._cpu is None or cpu > self._cpu
+        self._cpu = cpu
+        return moved
 
     def compiled(self) -> None:
         if self._seconds is None:
@@ -174,6 +196,16 @@ class _Process:
             self.popen.stdin.flush()
         except OSError:
             return self._died()
+        clock = timeout if isinstance(timeout, BuildClock) else None
+        if clock is not None:
+            clock.working(self.popen.pid)
+        try:
+            return self._wait(timeout, token)
+        finally:
+            if clock is not None:
+                clock.working(None)
+
+    def _wait(self, timeout: Timeout, token: CancelToken | None) -> BuildReport:
         limit = timeout.limit if isinstance(timeout, BuildClock) else (lambda: timeout)
         started = time.monotonic()
         while True:

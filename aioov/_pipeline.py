@@ -15,15 +15,18 @@ never escape: they are counted, logged once, and the model is compiled without t
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
 
-from ._cache import auth
+from ._cache import auth, heartbeat
 from ._cache.export import Exporter
 from ._cache.key import FileStat, cache_key, digest_files
+from ._cache.locks import KeyLock
 from ._cache.peers import Presence
 from ._cache.stats import CacheEvents, CacheStats
 from ._cache.store import CacheStore
@@ -41,6 +44,8 @@ from ._warmup import warm_up
 from ._writer import Claim, EntryWriter
 
 __all__ = ("Pipeline",)
+
+logger = logging.getLogger("aioov")
 
 
 class Pipeline:
@@ -136,7 +141,13 @@ class Pipeline:
                     self.events.count(misses=1)
                     return self._result(request, early.take(token), key)
                 self.events.count(lock_waits=1)
-                lock.acquire(config.cache_lock_timeout, cancel=token.event)
+                if not _wait_for(lock, config.cache_lock_timeout, token):
+                    # Its holder shows no progress (a stopped, hung or starved builder): do not
+                    # wait longer than compiling the model here takes.
+                    self.events.count(misses=1)
+                    logger.info("aioov cache: %s is being cached by a process that shows no progress; "
+                                "compiling it here", source.describe())
+                    return self._result(request, early.take(token), key)
         except Cancelled:
             raise
         except (LockTimeout, OSError) as exc:
@@ -144,7 +155,8 @@ class Pipeline:
             self.events.failed(f"lock:{store.root}", "aioov cache: %s; compiling without the cache", exc)
             return self._result(request, early.take(token), key)
 
-        claim = Claim(store, key, lock, request.manifest(key_inputs), stats, peers=presence)
+        claim = Claim(store, key, lock, request.manifest(key_inputs), stats, peers=presence, beats=self.writer.beats)
+        claim.beat(_always)  # looking again, downloading, compiling: this process works on it
         try:
             # Another process may have published while we waited for its lock.
             loaded = self.reader.try_import(store, key, request, token, locked=True)
@@ -290,6 +302,25 @@ class Pipeline:
             store.index.store(stats, digest, mac_key)
         except OSError:
             pass
+
+
+def _always() -> bool:
+    return True
+
+
+def _wait_for(lock: KeyLock, timeout: float, token: CancelToken) -> bool:
+    """Take ``lock``, held by another process, waiting up to ``timeout`` seconds (LockTimeout);
+    False as soon as its holder shows no sign of progress (``_cache/heartbeat``)."""
+    since, deadline = time.time(), time.monotonic() + timeout
+    while True:
+        try:
+            lock.acquire(max(0.0, min(heartbeat.EVERY, deadline - time.monotonic())), cancel=token.event)
+            return True
+        except LockTimeout:
+            if time.monotonic() >= deadline:
+                raise
+            if heartbeat.stalled(lock.path, since):
+                return False
 
 
 def _may_begin_early(request: CompileRequest, store: CacheStore, presence: Presence, stats: list[FileStat]) -> bool:

@@ -36,6 +36,7 @@ import onnxruntime as ort
 from ._builds import BuildClock, Builders, Timeout
 from ._cache import auth
 from ._cache.export import Exporter
+from ._cache.heartbeat import Heartbeats, Progress
 from ._cache.key import FileStat
 from ._cache.layout import NOT_CACHEABLE, NOT_WORTH
 from ._cache.locks import KeyLock
@@ -70,15 +71,27 @@ class Claim:
     remote: RemoteLink | None = None
     #: this process's mark among the cache's users; asks whether others are loading now
     peers: Presence | None = None
+    #: where signs of life go while the work on the entry progresses (``_cache/heartbeat``)
+    beats: Heartbeats | None = None
 
     def source_changed(self) -> bool:
         """Whether the source files are no longer those that were hashed for the key."""
         return self.stats is not None and [FileStat.of(s.path) for s in self.stats] != self.stats
 
+    def beat(self, progress: Progress | None) -> None:
+        """Show waiters that the work goes on while ``progress()`` is true (None: it waits)."""
+        if self.beats is not None:
+            self.beats.set(self, self.lock.path, progress)
+
     def release(self) -> None:
+        self.beat(None)
         if self.remote is not None:
             self.remote.release()
         self.lock.release()
+
+
+def _always() -> bool:
+    return True
 
 
 class EntryWriter:
@@ -87,6 +100,7 @@ class EntryWriter:
         self._events = events
         self._exporter = exporter
         self._builders = Builders()
+        self.beats = Heartbeats()
         self._renew_in_child()
         renew_in_children(self)
 
@@ -135,6 +149,7 @@ class EntryWriter:
             with self._lock:
                 self._compiling -= 1
         if export is None:
+            claim.beat(None)  # queued: waiters need not wait for exports ahead of it
             why = None if request.config.cache_always else not_worth(timing.seconds, None)
             if why is not None:
                 self._exporter.submit(self._not_worth_job(claim, request, why), on_drop=claim.release)
@@ -154,9 +169,11 @@ class EntryWriter:
         """Have a builder write, check and publish the entry now, at the caller's priority; the
         caller then loads it like any hit (one compile in all, in the builder). Releases
         ``claim``; the entry may still be missing after (a marker, a failure)."""
+        clock = BuildClock(follows_builder=True)
+        claim.beat(clock.progressed)
         try:
             self._guarded(claim, request, lambda: self._build_and_publish(
-                claim, request, token, BuildClock(follows_builder=True), background=False))
+                claim, request, token, clock, background=False))
         finally:
             claim.release()
         if token.cancelled:
@@ -209,6 +226,7 @@ class EntryWriter:
 
     def _export_job(self, claim: Claim, request: CompileRequest, timing: BuildClock) -> Callable[[CancelToken], None]:
         def export(token: CancelToken) -> None:
+            claim.beat(timing.progressed)
             try:
                 self._guarded(claim, request, lambda: self._build_and_publish(
                     claim, request, token, timing, background=True))

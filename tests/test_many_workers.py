@@ -303,3 +303,47 @@ async def test_a_compile_waiting_for_a_hash_reads_the_record_instead_of_hashing(
         again = store.hash_lock(str(mlp_path))
         assert again.try_acquire()
         again.release()
+
+
+_HOLDS_A_STALLED_BUILD = """
+import sys, time, anyio, aioov
+async def main():
+    core = aioov.Core(cache_dir=sys.argv[1])
+    await core.compile_model(sys.argv[2], "CPU")
+    print("compiled", flush=True)
+    time.sleep(120)  # alive, holding the key's lock while its builder does nothing
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
+@pytest.mark.parametrize("how", ["hung", "stopped"])
+def test_a_worker_waiting_on_a_stalled_builder_compiles_by_itself(cache_dir: Path, mlp_path: Path, how: str) -> None:
+    """Another process holds the model's lock while its builder makes no progress (hung, or
+    stopped with SIGSTOP): a worker needing the model compiles it after a few seconds without
+    a sign of progress, instead of waiting for the lock's timeout (600 s)."""
+    from .helpers import builders_of, compile_in_a_process
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDS_A_STALLED_BUILD, str(cache_dir), str(mlp_path)],
+                              stdout=subprocess.PIPE, text=True, env=child_env(AIOOV_BUILDER_FAULT="hang:plain"))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "compiled"
+        deadline = time.monotonic() + 60
+        while not (builders := builders_of(holder.pid)):
+            assert time.monotonic() < deadline, "no builder started"
+            time.sleep(0.05)
+        if how == "stopped":
+            for pid in builders:
+                os.kill(pid, signal.SIGSTOP)
+        x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+        started = time.monotonic()
+        from_cache, y = compile_in_a_process(cache_dir, mlp_path, x, CACHE_LOCK_TIMEOUT=600)
+        assert time.monotonic() - started < 60  # not the lock's 600 s
+        assert from_cache is False
+        np.testing.assert_allclose(y, reference(mlp_path, {"x": x})[0], rtol=1e-5, atol=1e-6)
+        assert manifests(cache_dir) == []  # the holder's key: nothing published meanwhile
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
