@@ -118,12 +118,20 @@ def _int(minimum: int, maximum: int = 1 << 16) -> Callable[[object], int]:
     return parse
 
 
+#: the longest wait or lease a property may ask for (a year): longer is a mistake, and
+#: ``inf`` would turn a lease into no lock at all
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected seconds")
-    number = float(value)  # type: ignore[arg-type,unused-ignore]
-    if math.isnan(number) or number < 0:
-        raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type,unused-ignore]
+    except OverflowError:
+        number = math.inf
+    if math.isnan(number) or not 0 <= number <= MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds from 0 to {MAX_SECONDS:.0f} (a year), got {str(value)[:40]}")
     return number
 
 
@@ -241,6 +249,20 @@ def _str_map(value: object) -> dict[str, str]:
     return {str(k): str(v) for k, v in sorted(value.items())}
 
 
+def _session_config(value: object) -> dict[str, str]:
+    """Entries onnxruntime accepts (it limits the lengths of keys and values; ask it)."""
+    import onnxruntime as ort
+
+    entries = _str_map(value)
+    options = ort.SessionOptions()
+    for key, item in entries.items():
+        try:
+            options.add_session_config_entry(key, item)
+        except Exception as exc:  # onnxruntime says RuntimeError, or its own Fail
+            raise ValueError(f"onnxruntime refuses the entry {key[:40]!r}: {exc}") from None
+    return entries
+
+
 @dataclass(frozen=True)
 class Property:
     name: str
@@ -278,7 +300,7 @@ PROPERTIES: dict[str, Property] = {
         Property("ORT_GRAPH_OPTIMIZATION_LEVEL", _opt_level, "compile", in_key=True),
         Property("ORT_SHARED_THREAD_POOL", _bool, "compile",
                  doc="sessions share onnxruntime's process-wide thread pool (faster bulk loads)"),
-        Property("ORT_SESSION_CONFIG", _str_map, "compile", in_key=True,
+        Property("ORT_SESSION_CONFIG", _session_config, "compile", in_key=True,
                  doc="entries for SessionOptions.add_session_config_entry"),
         Property("ORT_PROVIDER_OPTIONS", _str_map, "compile", in_key=True,
                  doc="options of the device's execution provider"),
@@ -403,7 +425,7 @@ def normalize(props: Mapping[str, object], *, allow_core: bool = True) -> dict[s
             raise PropertyError(f"property {spec.name} can only be set on the Core")
         try:
             out[spec.name] = spec.parse(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise PropertyError(f"bad value for {spec.name}: {exc}") from None
     return out
 

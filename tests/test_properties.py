@@ -128,3 +128,37 @@ async def test_property_constants_work_where_names_do(mlp_path: Path, cache_dir:
     assert compiled.get_property(props.EXECUTION_PROVIDERS) == ["CPUExecutionProvider"]
     with pytest.raises(aioov.PropertyError, match="read-only"):
         aioov.Core(properties={props.EXECUTION_PROVIDERS: "CPU"})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("CACHE_LOCK_TIMEOUT", 10**400),  # float() overflows
+        ("CACHE_REMOTE_LOCK_TTL", 10**400),
+        ("CACHE_REMOTE_LOCK_TTL", float("inf")),  # a lease that never ends is no lock
+        ("CACHE_LOCK_TIMEOUT", -1),
+        ("ORT_SESSION_CONFIG", {"x" * 2000: "1"}),  # onnxruntime's own limit on keys
+    ],
+)
+def test_values_no_one_can_mean_are_property_errors(name: str, value: object) -> None:
+    with pytest.raises(aioov.PropertyError, match=name):
+        aioov.Core(properties={name: value})
+
+
+@pytest.mark.anyio
+async def test_huge_warmup_shapes_neither_fail_the_compile_nor_stop_the_cache(cache_dir: Path) -> None:
+    """Each dimension is bounded, their product is not: inputs too big to make up are left
+    out of the warm-up and of the builder's checks, and said so."""
+    import onnx
+
+    from aioov.testing import bert_like
+
+    path = cache_dir.parent / "bert.onnx"
+    onnx.save(bert_like(layers=1, hidden=32, heads=2, vocab=50), path)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        for warmup in (0, 1):
+            compiled = await core.compile_model(path, "CPU", {"WARMUP": warmup,
+                                                              "WARMUP_SHAPES": {"input_ids": [1 << 20, 1 << 20]}})
+            assert compiled.warmup_seconds is None
+        await core.wait_exports()
+        assert core.cache_stats.exports == 1
