@@ -154,14 +154,23 @@ def _cache_dir(value: object) -> str | None:
     return os.path.abspath(os.path.expanduser(os.fspath(value)))
 
 
-def _secret(value: object) -> bytes | None:
+def _secret(value: object) -> bytes | tuple[bytes, ...] | None:
+    """A secret (str or bytes), or several: a list, or its JSON (``'["new", "old"]'``), while
+    the key is rotated: entries are signed with the first and accepted under any."""
     if value is None or value == "" or value == b"":
         return None
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = _from_json(value, "a secret or a JSON list of secrets")
+    if isinstance(value, (list, tuple)):
+        secrets = tuple(s for s in (_secret(item) for item in value) if s is not None)
+        if not secrets or any(isinstance(s, tuple) for s in secrets):
+            raise ValueError("expected a list of str or bytes secrets")
+        return secrets if len(secrets) > 1 else secrets[0]  # type: ignore[return-value]
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    raise ValueError("expected a str or bytes secret")
+    raise ValueError("expected a str or bytes secret, or a list of them")
 
 
 def _remote_url(*schemes: str) -> Callable[[object], str | None]:
@@ -366,7 +375,7 @@ class CompileConfig:
     cache_verify: CacheVerify = DEFAULTS["CACHE_VERIFY"]
     cache_export: ExportMode = DEFAULTS["CACHE_EXPORT"]
     cache_lock_timeout: float = DEFAULTS["CACHE_LOCK_TIMEOUT"]
-    cache_hmac_key: bytes | None = DEFAULTS["CACHE_HMAC_KEY"]
+    cache_hmac_key: bytes | tuple[bytes, ...] | None = DEFAULTS["CACHE_HMAC_KEY"]
     cache_remote_url: str | None = DEFAULTS["CACHE_REMOTE_URL"]
     cache_remote_lock_url: str | None = DEFAULTS["CACHE_REMOTE_LOCK_URL"]
     cache_remote_lock_ttl: float = DEFAULTS["CACHE_REMOTE_LOCK_TTL"]

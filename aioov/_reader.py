@@ -89,7 +89,13 @@ class EntryReader:
     ) -> Loaded | NotCacheable | None:
         blob = request.device.blob
         assert blob is not None
-        mac_key = auth.key_of(request.config.cache_hmac_key)
+        keys = auth.keys_of(request.config.cache_hmac_key)
+        mac_key = auth.signer(entry.manifest, keys) if keys else None
+        if keys and mac_key is None:
+            if auth.signed(entry.manifest):  # another key's (a rotation), or forged: not ours to delete
+                return NotCacheable(_NOT_MINE, foreign=True)
+            store.quarantine(entry.key, "entry is not authenticated (no MAC)")
+            return None
         marker = entry.manifest.get("not_cacheable")
         if marker is not None:
             problem = auth.check(entry.manifest, entry.path, mac_key, [NOT_CACHEABLE]) if mac_key else None
@@ -265,10 +271,17 @@ class NotCacheable:
     reason: str
     worth: bool = True
     stale: bool = False
+    #: the entry is signed with a ``CACHE_HMAC_KEY`` this process does not have
+    foreign: bool = False
 
     def describe(self) -> str:
         """What ``NOT_CACHED_REASON`` says."""
+        if self.foreign:
+            return f"not cached: {self.reason}"
         return f"not cacheable here: {self.reason}" if self.worth else f"not worth caching: {self.reason}"
+
+
+_NOT_MINE = "its entry is signed with a CACHE_HMAC_KEY this process does not have (left as it is)"
 
 
 @dataclass(frozen=True)

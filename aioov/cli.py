@@ -464,9 +464,11 @@ def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
 
 
 def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
-    secret = os.environ.get("AIOOV_CACHE_HMAC_KEY")
-    mac_key = auth.key_of(secret)  # then MACs are checked too
+    secret = normalize({"CACHE_HMAC_KEY": os.environ.get("AIOOV_CACHE_HMAC_KEY")})["CACHE_HMAC_KEY"]
+    mac_keys = auth.keys_of(secret)  # then MACs are checked too
+    mac_key = mac_keys[0] if mac_keys else None
     bad: list[dict[str, str]] = []
+    foreign: list[str] = []
     checked = 0
     for key in list(store.keys()):
         checked += 1
@@ -476,15 +478,17 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
         except Exception:
             pass
         try:
-            problem = store.check(key, mac_key) or _crashed(store, key, remember=not args.dry_run)
+            problem = store.check(key, mac_keys) or _crashed(store, key, remember=not args.dry_run)
         finally:
             lock.release()
-        if problem:
+        if problem == auth.NOT_MINE and not args.delete_foreign:
+            foreign.append(key)  # not this key's to judge: left as it is
+        elif problem:
             bad.append({"key": key, "problem": problem})
     if mac_key is not None:  # a forged stat index record could map a model to another's entry
         for record in store.index.records():
             checked += 1
-            if not store.index.check(record, mac_key):
+            if not any(store.index.check(record, k) for k in mac_keys):
                 bad.append({"key": f"index/{record.name}", "problem": "stat index record is not signed with the key"})
     if not args.dry_run:
         for item in bad:
@@ -493,13 +497,17 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
             else:
                 store.quarantine(item["key"], item["problem"])
     if args.json:
-        print(json.dumps({"checked": checked, "bad": bad, "removed": not args.dry_run}, indent=1))
+        print(json.dumps({"checked": checked, "bad": bad, "removed": not args.dry_run, "foreign": foreign},
+                         indent=1))
     else:
         for item in bad:
             action = "found" if args.dry_run else "removed"
             print(f"{action} bad entry {printable(item['key'][:16])}: {printable(item['problem'])}")
+        if foreign:
+            print(f"left {_count(len(foreign), 'entry', 'entries')} signed with another key or forged "
+                  "(never served; --delete-foreign removes them)")
         print(f"verified {_count(checked, 'entry', 'entries')}: {len(bad)} bad")
-    return EXIT_FAILED if bad else EXIT_OK
+    return EXIT_FAILED if bad or foreign else EXIT_OK
 
 
 def _crashed(store: CacheStore, key: str, *, remember: bool) -> str | None:
@@ -657,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_parser("ls", parents=[common_below], help="list entries, most recently used first")
     p = cache.add_parser("verify", parents=[common_below], help="check every entry's checksums; remove bad ones")
     p.add_argument("--dry-run", action="store_true", help="report only")
+    p.add_argument("--delete-foreign", action="store_true",
+                   help="with AIOOV_CACHE_HMAC_KEY: also remove entries signed under none of its keys")
     p = cache.add_parser("prune", parents=[common_below], help="remove least recently used entries")
     p.add_argument("--max-size", type=_size, help="keep the cache under this size, e.g. 10G")
     p.add_argument("--older-than", type=parse_duration, help="remove entries unused for this long, e.g. 30d")

@@ -71,7 +71,9 @@ async def test_hmac_rejects_a_tampered_entry_that_checksums_miss(bert_path: Path
         tamper_and_fix_checksums(entry)
         compiled = await core.compile_model(bert_path, "CPU")
         assert compiled.get_property("LOADED_FROM_CACHE") is False
-        assert core.cache_stats.corrupt == 1
+        # A manifest whose MAC does not verify may be another key's (a rotation): not served,
+        # not deleted (``aioov cache verify --delete-foreign`` removes it)
+        assert "signed with a CACHE_HMAC_KEY" in str(compiled.get_property("NOT_CACHED_REASON"))
         got = (await compiled.infer(ids))["last_hidden_state"]
     np.testing.assert_allclose(got, reference(bert_path, {"input_ids": ids})[0], rtol=1e-4, atol=1e-4)
     assert aioov.Core().get_property("CACHE_HMAC_KEY") is None
@@ -91,18 +93,56 @@ async def test_without_a_key_such_tampering_would_be_served(bert_path: Path, cac
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("writer_key, reader_key", [(None, "k"), ("other", "k")])
-async def test_entries_without_a_valid_mac_are_recompiled(
-    mlp_path: Path, cache_dir: Path, writer_key: str | None, reader_key: str
-) -> None:
-    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_HMAC_KEY": writer_key}) as core:
+async def test_unsigned_entries_are_recompiled_and_replaced(mlp_path: Path, cache_dir: Path) -> None:
+    async with aioov.Core(cache_dir=cache_dir) as core:  # written before the key was set
         await core.compile_model(mlp_path, "CPU")
-    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_HMAC_KEY": reader_key}) as core:
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_HMAC_KEY": "k"}) as core:
         compiled = await core.compile_model(mlp_path, "CPU")
         assert compiled.get_property("LOADED_FROM_CACHE") is False
         await core.wait_exports()
         again = await core.compile_model(mlp_path, "CPU")
     assert again.get_property("LOADED_FROM_CACHE") is True
+
+
+async def _compiled(cache_dir: Path, model: Path, key: object) -> aioov.CompiledModel:
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_HMAC_KEY": key}) as core:
+        compiled = await core.compile_model(model, "CPU")
+        await core.wait_exports()
+    return compiled
+
+
+@pytest.mark.anyio
+async def test_a_key_rotation_neither_deletes_nor_serves_the_other_keys_entries(
+    mlp_path: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    """Old and new processes share the cache during a rotation: the new ones sign with the
+    new key and accept both; an entry signed under none of a process's keys is not its own,
+    so it is neither served nor deleted (a MAC cannot tell another key from a forgery)."""
+    other = tmp_path / "other.onnx"
+    onnx.save(mlp(seed=9), other)
+    await _compiled(cache_dir, mlp_path, "old")  # before the rotation
+    assert (await _compiled(cache_dir, mlp_path, ["new", "old"])).get_property("LOADED_FROM_CACHE") is True
+    await _compiled(cache_dir, other, ["new", "old"])  # a new entry, signed with "new"
+    stranger = await _compiled(cache_dir, other, "old")  # an old process: not its entry
+    assert stranger.get_property("LOADED_FROM_CACHE") is False
+    assert "signed with a CACHE_HMAC_KEY" in str(stranger.get_property("NOT_CACHED_REASON"))
+    assert (await _compiled(cache_dir, other, "new")).get_property("LOADED_FROM_CACHE") is True  # still there
+    assert (await _compiled(cache_dir, mlp_path, "old")).get_property("LOADED_FROM_CACHE") is True
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*aioov_command(), "cache", "verify", "--cache-dir", str(cache_dir), *extra],
+                              capture_output=True, text=True, timeout=120,
+                              env=child_env(AIOOV_CACHE_HMAC_KEY="new"))
+
+    during = subprocess.run([*aioov_command(), "cache", "verify", "--cache-dir", str(cache_dir)],
+                            capture_output=True, text=True, timeout=120,
+                            env=child_env(AIOOV_CACHE_HMAC_KEY='["new", "old"]'))
+    assert during.returncode == 0, during.stdout  # under both keys, everything verifies
+    kept = verify()  # the rotation is over: "old" entries are reported, not removed
+    assert kept.returncode == 1 and "1 entry signed with another key" in kept.stdout
+    assert len(list(cache_dir.rglob("manifest.json"))) == 2
+    verify("--delete-foreign")
+    assert len(list(cache_dir.rglob("manifest.json"))) == 1
 
 
 # -- bad models: fuzzing -------------------------------------------------------------------

@@ -6,6 +6,10 @@ manifest carries keyed blake3 MACs of the manifest itself and of every blob file
 entry whose MACs do not verify — forged, tampered, or written by a process without the
 key — is discarded and recompiled. blake3's keyed mode is a MAC by design and hashes
 at memory speed; the key is derived from the user's secret with blake3's KDF mode.
+
+Keys rotate: given several secrets, entries are signed with the first and accepted under
+any. An entry whose manifest is signed under none of them is *not mine* (another key, during
+a rotation, or a forgery: a MAC cannot tell them apart): it is neither served nor deleted.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from typing import Any
 
 import blake3
 
-__all__ = ("derive_key", "key_of", "manifest_mac", "file_mac", "sign", "check")
+__all__ = ("NOT_MINE", "derive_key", "key_of", "keys_of", "manifest_mac", "file_mac", "sign", "signer", "check")
 
 _CONTEXT = "aioov 2026-11 cache entry authentication v1"
+#: what ``CacheStore.check`` says of an entry signed under none of the keys
+NOT_MINE = "signed with another key (a rotation, or forged)"
 #: version 2 binds each file's MAC to its entry and name, and the manifest's MAC to the file MACs:
 #: version 1 let a file and its MAC be copied from one signed entry into another
 MAC_VERSION = 2
@@ -30,9 +36,36 @@ def derive_key(secret: str | bytes) -> bytes:
     return blake3.blake3(material, derive_key_context=_CONTEXT).digest()
 
 
-def key_of(secret: str | bytes | None) -> bytes | None:
-    """The MAC key for ``CACHE_HMAC_KEY``'s secret; None without one."""
-    return derive_key(secret) if secret else None
+Secret = str | bytes | tuple[bytes, ...] | None
+
+
+def keys_of(secret: Secret) -> tuple[bytes, ...]:
+    """The MAC keys for ``CACHE_HMAC_KEY``'s secret or secrets (empty without one)."""
+    if not secret:
+        return ()
+    secrets = secret if isinstance(secret, tuple) else (secret,)
+    return tuple(derive_key(s) for s in secrets)
+
+
+def key_of(secret: Secret) -> bytes | None:
+    """The key entries are signed with (the first secret's); None without one."""
+    keys = keys_of(secret)
+    return keys[0] if keys else None
+
+
+def signer(manifest: dict[str, Any], keys: tuple[bytes, ...]) -> bytes | None:
+    """The key among ``keys`` whose MAC the manifest carries, or None (unsigned, or not mine)."""
+    mac = manifest.get("mac")
+    if not isinstance(mac, dict) or mac.get("v") != MAC_VERSION:
+        return None
+    claimed = str(mac.get("manifest", ""))
+    return next((k for k in keys if hmac.compare_digest(claimed, manifest_mac(manifest, k))), None)
+
+
+def signed(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest carries a MAC at all (under some key)."""
+    mac = manifest.get("mac")
+    return isinstance(mac, dict) and mac.get("v") == MAC_VERSION and isinstance(mac.get("files"), dict)
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:

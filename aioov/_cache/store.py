@@ -227,16 +227,21 @@ class CacheStore:
                 return f"{name} unreadable: {exc}"
         return None
 
-    def check(self, key: str, mac_key: bytes | None = None) -> str | None:
-        """Everything about one entry: manifest, sizes, checksums (and MACs, given the key).
-        The problem, or None when it is sound."""
+    def check(self, key: str, mac_key: bytes | tuple[bytes, ...] | None = None) -> str | None:
+        """Everything about one entry: manifest, sizes, checksums (and MACs, given the key or
+        the keys of a rotation). The problem, or None when it is sound; an entry signed under
+        none of the keys says ``auth.NOT_MINE``."""
         try:
             entry = self._read_entry(key, self.entry_path(key), check_sizes=True, check_version=False)
         except (EntryError, OSError) as exc:
             return str(exc)
         problem = self.verify(entry)
-        if problem is None and mac_key is not None:
-            problem = auth.check(entry.manifest, entry.path, mac_key)
+        keys = mac_key if isinstance(mac_key, tuple) else (mac_key,) if mac_key is not None else ()
+        if problem is None and keys:
+            signer = auth.signer(entry.manifest, keys)
+            if signer is None and auth.signed(entry.manifest):
+                return auth.NOT_MINE
+            problem = auth.check(entry.manifest, entry.path, signer or keys[0])
         return problem
 
     def touch(self, key: str) -> None:
