@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from ._cache import auth, heartbeat
 from ._cache.export import Exporter
+from ._cache.fsutil import distrust
 from ._cache.key import FileStat, cache_key, digest_files
 from ._cache.locks import KeyLock
 from ._cache.peers import Presence
@@ -84,6 +85,12 @@ class Pipeline:
 
     def run(self, request: CompileRequest, token: CancelToken, *, defer_if_busy: bool = False) -> Result:
         store = self.store(request.config.cache_dir) if request.caches else None
+        if store is not None and not request.config.cache_hmac_key:
+            problem = distrust(store.root) or distrust(store.base)
+            if problem is not None:  # MACs would make it safe: entries then prove who wrote them
+                self.events.failed(f"trust:{store.root}", "aioov cache: not using %s: %s (anyone who can write "
+                                   "it decides what is served; chown it, or set CACHE_HMAC_KEY)", store.root, problem)
+                store = None
         if store is None:
             source = request.source
             if source.path is not None and source.model is None:

@@ -319,3 +319,36 @@ def test_the_cli_refuses_a_second_cache_dir_in_config_and_a_folder_of_other_file
 def test_values_that_would_hang_or_crash_are_property_errors(props: dict[str, object]) -> None:
     with pytest.raises(aioov.PropertyError):
         aioov.Core(properties=props)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX ownership and modes")
+@pytest.mark.parametrize("setup", ["another user's", "writable by all", "shared by our group", "with a key"])
+async def test_a_cache_directory_someone_else_controls_is_not_used(tmp_path: Path, setup: str,
+                                                                   caplog_warnings) -> None:
+    """Whoever creates the cache directory first (in /tmp, say) would decide what is served:
+    like ssh and git's safe.directory, aioov uses only a directory this user (or root) owns,
+    or one deliberately shared (setgid, of one of its groups), not writable by all, unless
+    entries are authenticated (CACHE_HMAC_KEY)."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    props: dict[str, object] = {}
+    if setup in ("another user's", "shared by our group"):
+        if os.geteuid() != 0:
+            pytest.skip("making a directory another user owns needs root")
+        os.chown(cache_dir, 12345, os.getegid())
+        if setup == "shared by our group":
+            cache_dir.chmod(0o2775)
+    elif setup == "writable by all":
+        cache_dir.chmod(0o777)
+    else:
+        cache_dir.chmod(0o777)
+        props["CACHE_HMAC_KEY"] = "secret"
+    model = _model(tmp_path / "m.onnx", seed=3)
+    async with aioov.Core(cache_dir=cache_dir, properties=props) as core:
+        compiled = await core.compile_model(model, "CPU")
+        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], reference(model, {"x": X})[0], rtol=1e-5)
+        await core.wait_exports()
+    used = setup in ("shared by our group", "with a key")
+    assert (compiled.get_property("CACHE_KEY") is not None) is used
+    assert bool(list(cache_dir.rglob("manifest.json"))) is used
+    assert ("not using" in caplog_warnings.text) is not used

@@ -93,6 +93,26 @@ def is_plain_dir(path: Path) -> bool:
         return False
 
 
+def distrust(path: Path) -> str | None:
+    """Why a cache directory is not to be trusted, or None: it may be written by someone else.
+    Trusted: owned by this user or root, or a deliberately shared one (setgid, of a group of
+    this process: docs/deployment.md); and not writable by all without the sticky bit. As ssh
+    and git's ``safe.directory`` do: whoever created ``/tmp/aioov`` first decides what it serves."""
+    if not hasattr(os, "geteuid"):
+        return None  # Windows: ACLs, not modes
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # not there yet: this process creates it
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        return f"{path} is writable by every user"
+    me = os.geteuid()
+    shared = bool(st.st_mode & stat.S_ISGID) and st.st_gid in {os.getegid(), *os.getgroups()}
+    if st.st_uid not in (me, 0) and not shared:
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    return None
+
+
 def is_plain_file(path: Path) -> bool:
     """A regular file, not a symlink, FIFO, socket or device."""
     try:
