@@ -15,7 +15,9 @@ never escape: they are counted, logged once, and the model is compiled without t
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +87,11 @@ class Pipeline:
 
     def run(self, request: CompileRequest, token: CancelToken, *, defer_if_busy: bool = False) -> Result:
         store = self.store(request.config.cache_dir) if request.caches else None
+        if store is not None and _descriptors_scarce():
+            # Each compile through the cache holds a lock file open until its entry is published,
+            # and a builder's pipes: near the limit the cache would make compiles fail.
+            self.events.failed("fds", "aioov cache: few file descriptors left (ulimit -n); compiling without the cache")
+            store = None
         if store is not None and not request.config.cache_hmac_key:
             problem = distrust(store.root) or distrust(store.base)
             if problem is not None:  # MACs would make it safe: entries then prove who wrote them
@@ -127,6 +134,10 @@ class Pipeline:
             stats, digest = self._identify(source, store, auth.key_of(config.cache_hmac_key), token,
                                            None if defer_if_busy else config.cache_lock_timeout, before_hashing)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # the process's limit, not the model: uncached
+                self.events.failed("fds", "aioov cache: %s; compiling without the cache", exc)
+                self.events.count(misses=1)
+                return self._result(request, early.take(token), None)
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
         self.devices.require(request.device, request.spec)
         key_inputs = request.key_inputs(digest)
@@ -313,6 +324,24 @@ class Pipeline:
 
 def _always() -> bool:
     return True
+
+
+#: file descriptors a compile through the cache may need besides the compile's own: its key
+#: and hash locks, a builder's pipes, the entry's files
+FD_HEADROOM = 48
+
+
+def _descriptors_scarce() -> bool:
+    """Whether this process is near its limit of open files (Linux; elsewhere never)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft > 1 << 16:
+            return False
+        return soft - len(os.listdir("/proc/self/fd")) < FD_HEADROOM
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 def _wait_for(lock: KeyLock, timeout: float, token: CancelToken) -> bool:

@@ -352,3 +352,25 @@ async def test_a_cache_directory_someone_else_controls_is_not_used(tmp_path: Pat
     assert (compiled.get_property("CACHE_KEY") is not None) is used
     assert bool(list(cache_dir.rglob("manifest.json"))) is used
     assert ("not using" in caplog_warnings.text) is not used
+
+
+_FEW_FILES = """
+import resource, sys, anyio, aioov
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        results = await core.compile_all(sys.argv[3:], "CPU")
+        await core.wait_exports()
+    print(sum(r.ok for r in results), [str(r.error)[:120] for r in results if not r.ok][:3])
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files through Linux's /proc")
+@pytest.mark.parametrize("limit", [32, 96])
+def test_a_low_open_file_limit_never_makes_a_compile_fail(tmp_path: Path, cache_dir: Path, limit: int) -> None:
+    """Near ``ulimit -n`` the cache steps aside (each compile through it holds a lock file and a
+    builder's pipes): every model compiles, as it does without a cache."""
+    paths = [str(_model(tmp_path / f"m{seed}.onnx", seed=seed)) for seed in range(30)]
+    proc = run_python(_FEW_FILES, str(cache_dir), str(limit), *paths, timeout=300)
+    assert proc.stdout.split()[0] == "30", proc.stdout
