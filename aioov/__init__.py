@@ -5,7 +5,8 @@
     outputs = await compiled.infer({"input": array})
 """
 
-from . import props
+# _install first: it checks the onnxruntime install before anything imports onnxruntime
+from . import _install, props  # noqa: F401
 from ._bulk import BulkProgress, CompileResult
 from ._cache.stats import CacheStats
 from ._cache.store import CacheInfo, CacheStore, EntryInfo
