@@ -5,6 +5,8 @@
     outputs = await compiled.infer({"input": array})
 """
 
+import logging as _logging
+
 # _install first: it checks the onnxruntime install before anything imports onnxruntime
 from . import _install, props  # noqa: F401
 from ._bulk import BulkProgress, CompileResult
@@ -68,3 +70,8 @@ for _name in __all__:
         except (AttributeError, TypeError):
             pass
 del _name, _obj
+
+# A library's logger has a handler that drops records, so that an application that configured no
+# logging gets no bare lines from Python's last-resort handler (under uvicorn, or over a progress
+# bar); configure logging (``logging.basicConfig()``, a server's log config) to see aioov's.
+_logging.getLogger("aioov").addHandler(_logging.NullHandler())

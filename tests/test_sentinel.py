@@ -95,7 +95,8 @@ def test_the_next_process_says_what_happened(cache_dir: Path, text_line_path: Pa
                            json.dumps(CONFIG)], capture_output=True, text=True, timeout=120, env=child_env())
     assert (dies.returncode, dies.stdout.split("\n")[0]) == (-signal.SIGSEGV, "from cache"), dies.stderr
     code = """
-import json, sys, anyio, aioov
+import json, logging, sys, anyio, aioov
+logging.basicConfig()  # aioov's logger has a NullHandler: an application configures its log
 async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
         compiled = await core.compile_model(sys.argv[2], "CPU", json.loads(sys.argv[3]))

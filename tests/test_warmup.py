@@ -7,6 +7,7 @@ inputs cannot be made up is compiled anyway, unwarmed, with a warning naming the
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,60 @@ async def test_warmup_values_make_a_model_with_a_sample_rate_warm_up(tmp_path: P
     finally:
         ort.InferenceSession.run = real  # type: ignore[method-assign]
     assert compiled.get_property("WARMED_UP") and seen == [16000]
+
+
+def _sample_rate_model(path: Path) -> Path:
+    """A VAD's shape (silero's ``sr``): ``y = Reshape(x, [sr / 16000, -1])`` (allowzero), so a
+    rate made up as 0 asks for ``[0, -1]``, which onnxruntime refuses; 16000 gives ``[1, -1]``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", "B"])
+    nodes = [helper.make_node("Div", ["sr", "rate"], ["per_second"]),
+             helper.make_node("Unsqueeze", ["per_second", "axis0"], ["rows"]),
+             helper.make_node("Concat", ["rows", "rest"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)]
+    constants = [helper.make_tensor("rate", TensorProto.INT64, [], [16000]),
+                 helper.make_tensor("axis0", TensorProto.INT64, [1], [0]),
+                 helper.make_tensor("rest", TensorProto.INT64, [1], [-1])]
+    return _save(helper.make_graph(nodes, "rate", [x, sr], [y], constants), path)
+
+
+async def test_a_warmup_that_needs_values_says_which_once_per_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#43.7: silero's warm-up failed in every worker, ``sr`` made up as 0. The warning names
+    the inputs made up, WARMUP_VALUES and WARMUP_SHAPES, once per model and process (later
+    compiles log it at DEBUG); with WARMUP_VALUES the model warms up."""
+    path = _sample_rate_model(tmp_path / "vad.onnx")
+    caplog.set_level(logging.DEBUG, logger="aioov")
+    async with aioov.Core() as core:
+        for _ in range(2):
+            assert (await core.compile_model(path, "CPU", {"WARMUP": 1})).get_property("WARMED_UP") is False
+        warmed = await core.compile_model(path, "CPU", {"WARMUP": 1, "WARMUP_VALUES": {"sr": 16000}})
+        assert warmed.get_property("WARMED_UP") is True
+        assert (await warmed.infer({"x": np.ones((1, 4), np.float32), "sr": 16000}))["y"].shape == (1, 4)
+    said = [r for r in caplog.records if "was not warmed up" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    message = said[0].getMessage()
+    assert str(path) in message and "sr = 0" in message and "x[1, 512] random" in message
+    assert 'WARMUP_VALUES={"sr": ...}' in message and "WARMUP_SHAPES" in message
+    assert "Reshape" in message  # and what onnxruntime said
+
+
+def test_warnings_go_through_logging_and_never_print_bare(tmp_path: Path) -> None:
+    """The ``aioov`` logger has a NullHandler: a process that configured no logging prints no
+    bare line (Python's last-resort handler), one that did gets the warning once per model."""
+    path = _sample_rate_model(tmp_path / "vad.onnx")
+    code = """
+import logging, sys, anyio, aioov
+if sys.argv[2] == "configured":
+    logging.basicConfig(format="%(levelname)s %(name)s %(message)s")
+async def main():
+    async with aioov.Core() as core:
+        for _ in range(3):
+            await core.compile_model(sys.argv[1], "CPU", {"WARMUP": 1})
+anyio.run(main)
+"""
+    assert "warm" not in run_python(code, str(path), "bare").stderr
+    configured = run_python(code, str(path), "configured").stderr
+    assert configured.count("WARNING aioov aioov: ") == 1 and "WARMUP_VALUES" in configured
