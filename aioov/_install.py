@@ -23,10 +23,11 @@ DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnx
 def installed(path: Iterable[str] | None = None) -> dict[str, str]:
     """The onnxruntime distributions installed (on ``path``, default ``sys.path``): name → version.
     Looked up by name (a few ms), not by listing every distribution (tens of ms)."""
-    paths = {"path": list(path)} if path is not None else {}
     found: dict[str, str] = {}
     for name in DISTRIBUTIONS:
-        dist = next(iter(importlib.metadata.distributions(name=name, **paths)), None)
+        dists = (importlib.metadata.distributions(name=name, path=list(path)) if path is not None
+                 else importlib.metadata.distributions(name=name))
+        dist = next(iter(dists), None)
         if dist is not None:
             found[name] = dist.version
     return found
