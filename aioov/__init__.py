@@ -3,6 +3,8 @@
     core = aioov.Core(cache_dir="~/.cache/aioov")
     compiled = await core.compile_model("model.onnx", "CPU")
     outputs = await compiled.infer({"input": array})
+
+Code that is not async uses ``aioov.SyncCore``, whose methods block.
 """
 
 import logging as _logging
@@ -27,6 +29,7 @@ from ._errors import (
 )
 from ._model import Model
 from ._properties import CacheHitMode, CacheVerify, ExportMode, PerformanceHint
+from ._sync import SyncCompiledModel, SyncCompileResult, SyncCore, SyncInferRequest
 from ._version import __version__
 
 __all__ = (
@@ -58,6 +61,10 @@ __all__ = (
     "PerformanceHint",
     "Port",
     "PropertyError",
+    "SyncCompileResult",
+    "SyncCompiledModel",
+    "SyncCore",
+    "SyncInferRequest",
     "__version__",
     "props",
 )

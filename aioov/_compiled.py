@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import os
 import types
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, overload
@@ -15,7 +16,7 @@ import anyio.lowlevel
 import numpy as np
 import onnxruntime as ort
 
-from ._concurrency import wait_future
+from ._concurrency import on_event_loop, wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
 from ._ortoptions import run_options
 from ._port import Port
@@ -27,6 +28,17 @@ _T = TypeVar("_T")
 
 #: writes a compiled model's blob to a directory (``Core.export_model`` bound to its source)
 ExportFunction = Callable[["str | os.PathLike[str]"], Awaitable[object]]
+
+
+def warn_if_blocking_a_loop(call: str, instead: str, stacklevel: int = 2) -> None:
+    """A ``RuntimeWarning`` when a blocking ``call`` is made on an event loop's thread (asyncio
+    or trio), which it stalls until it returns; ``instead``: what to do there. Python shows a
+    warning once per call site. ``stacklevel``: as ``warnings.warn``'s, counted from the function
+    that calls this one (2: its caller)."""
+    if on_event_loop():
+        warnings.warn(f"{call} blocks the event loop whose thread called it, until it returns; {instead}",
+                      RuntimeWarning, stacklevel=stacklevel + 1)
+
 
 class RunGuard(Protocol):
     """What a model loaded from the cache runs through (``_cache/sentinel.ShapeGuard``): a
@@ -196,6 +208,15 @@ class CompiledModel:
                 await wait_future(self._upgrade)
         self._swap()
 
+    def _wait_full_speed_blocking(self) -> None:
+        """``wait_full_speed``, blocking the calling thread (no event loop needed)."""
+        upgrade = self._upgrade
+        if upgrade is not None and not upgrade.done():
+            if self._expedite is not None:
+                self._expedite()
+            concurrent.futures.wait([upgrade])
+        self._swap()
+
     def _swap(self) -> None:
         """Between inferences: take the full-speed session once it exists. Inferences running
         on the instant one finish there; it is released with the last of them."""
@@ -285,7 +306,13 @@ class CompiledModel:
         return {port.name: port.check(value) for port, value in zip(self._inputs, inputs)}
 
     def infer_sync(self, inputs: InferInputs) -> InferResults:
-        """Blocking inference, for code that is not async."""
+        """Blocking inference, for code that is not async. On an event loop's thread it stalls
+        the loop while the model runs: a ``RuntimeWarning`` says so (``await infer`` there)."""
+        warn_if_blocking_a_loop("CompiledModel.infer_sync", "await compiled.infer(inputs) instead")
+        return self._infer_blocking(inputs)
+
+    def _infer_blocking(self, inputs: InferInputs) -> InferResults:
+        """``infer_sync`` without its warning (``SyncCompiledModel.infer`` gives its own)."""
         feed = self._feed(inputs)
         self._swap()
         try:
