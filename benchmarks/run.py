@@ -645,6 +645,8 @@ def scenario_workers(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 2, 4
                     name = f"W={workers}{suffix}, {label}"
                     s.add(f"{name}: all ready", r["ready"])
                     s.add(f"{name}: PSS MB", r["pss_mb"])
+                    s.add(f"{name}: CPU-s until ready", r["cpu_ready"])
+                    s.add(f"{name}: CPU-s in all", r["cpu_total"])
                     if label == "cold cache":
                         s.add(f"{name}: compiles", r["compiles"])
                         s.add(f"{name}: exports", r["exports"])
@@ -662,6 +664,9 @@ def scenario_workers(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 2, 4
         s.ratios[f"{w}: cold / W=1 cold"] = ratio(f"{w}, cold cache: all ready", "W=1, cold cache: all ready")
         s.ratios[f"{w}: warm / no cache"] = ratio(f"{w}, warm cache: all ready", f"{w}, no cache: all ready")
         s.ratios[f"{w}: warm PSS / no cache PSS"] = ratio(f"{w}, warm cache: PSS MB", f"{w}, no cache: PSS MB")
+        for mode in ("cold", "warm"):  # on a machine of many cores, CPU-seconds say what the wall time hides
+            s.ratios[f"{w}: {mode} CPU-s / no cache"] = ratio(f"{w}, {mode} cache: CPU-s in all",
+                                                             f"{w}, no cache: CPU-s in all")
     s.ratios["W=1: cold / no cache"] = ratio("W=1, cold cache: all ready", "W=1, no cache: all ready")
     models = len(s.notes["models"])
     for w in configs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -86,12 +87,33 @@ def _pss_mb(pid: int) -> float:
     return 0.0
 
 
+def _reaped_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+def _cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root`` and every live process below it (workers and their builders),
+    with the children each has reaped (builders that are done): utime + stime + cutime + cstime."""
+    total, todo, tick = 0.0, [root], os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15]) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+        todo.extend(_children(pid))
+    return total
 
 
 def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, str] | None = None,
@@ -102,6 +124,7 @@ def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, 
     if cache_dir is not None:
         env["AIOOV_CACHE_DIR"] = str(cache_dir)
     started = time.perf_counter()
+    cpu_before = _reaped_cpu()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "examples.asgi_app:app", "--workers", str(workers),
          "--port", str(_free_port()), "--log-level", "info"],
@@ -127,6 +150,7 @@ def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, 
             raise RuntimeError(f"{workers} workers not ready after {timeout} s:\n{''.join(lines[-40:])}")
         pids = _children(proc.pid) if workers > 1 else [proc.pid]
         pss = sum(_pss_mb(pid) for pid in pids)
+        cpu_ready = _cpu_seconds(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -142,6 +166,9 @@ def serve(folder: Path, workers: int, cache_dir: Path | None, config: dict[str, 
     return {
         "ready": max(ready_at),
         "pss_mb": pss,
+        # until every worker is ready, and until uvicorn stopped (exports finished or abandoned)
+        "cpu_ready": cpu_ready,
+        "cpu_total": _reaped_cpu() - cpu_before,
         "compiles": sum(s["compiles"] for s in stats),
         "exports": sum(s["exports"] for s in stats),
         "hits": sum(s["hits"] for s in stats),
