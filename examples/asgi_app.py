@@ -62,13 +62,18 @@ async def infer(request: Request) -> JSONResponse:
     compiled = request.app.state.models.get(request.path_params["name"])
     if compiled is None:
         return JSONResponse({"error": "no such model"}, status_code=404)
-    body = await request.json()
     try:
-        outputs = await compiled.infer({name: np.asarray(value, dtype=compiled.input(name).dtype)
-                                        for name, value in body.items()})
-    except (aioov.InferenceError, KeyError, ValueError, TypeError) as exc:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "the body must be JSON: {input name: nested lists}"}, status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": "the body must be a JSON object: {input name: nested lists}"}, status_code=400)
+    try:
+        # Lists as they came: aioov converts them to each input's type where no value changes
+        outputs = await compiled.infer(body)
+    except aioov.InferenceError as exc:  # wrong names, shapes or types, or onnxruntime failed on them
         return JSONResponse({"error": str(exc)}, status_code=422)
-    return JSONResponse({name: value.tolist() for name, value in outputs.items()})
+    return JSONResponse({name: np.asarray(value).tolist() for name, value in outputs.items()})
 
 
 app = Starlette(

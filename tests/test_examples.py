@@ -92,3 +92,103 @@ def test_ahead_of_time_warmup_script(tmp_path: Path) -> None:
     assert "verified 2 entries: 0 bad" in runs[1].stdout
     stats = dict(line.split(":", 1) for line in runs[1].stdout.splitlines() if ":" in line)
     assert int(stats["entries"].split()[0]) == 2, runs[1].stdout  # "entries:   2 (1.2 MB)", however aligned
+
+
+def _dockerfile_steps() -> list[tuple[str, list[str] | str]]:
+    """examples/Dockerfile as (instruction, arguments): the JSON form for CMD, text for the others."""
+    steps: list[tuple[str, list[str] | str]] = []
+    for line in (EXAMPLES / "Dockerfile").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, rest = line.strip().partition(" ")
+            steps.append((instruction, json.loads(rest) if rest.startswith("[") else rest))
+    return steps
+
+
+def test_the_dockerfile_builds_from_the_repository_and_serves_from_its_cache(tmp_path: Path) -> None:
+    """examples/Dockerfile's steps, performed in a venv with every absolute path moved under a
+    folder standing for the image's root: the image installs aioov from the repository, warms
+    its cache while it is built, and its command serves the models from that cache."""
+    import shutil
+    import socket
+    import time
+    import urllib.request
+
+    root = tmp_path / "image"
+    context = tmp_path / "context"  # the repository's files, and the models to serve
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in tracked.split():
+        if (ROOT / name).is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, context / name)
+    (context / "models").mkdir()
+    for seed in range(2):
+        onnx.save(bert_like(2, 64, 4, vocab=300, seed=seed), context / "models" / f"m{seed}.onnx")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)  # the image's Python sees what the image installed, nothing else
+
+    def here(text: str) -> str:  # an absolute path of the image, under ``root``
+        return " ".join(str(root) + word if word.startswith("/") else word for word in text.split(" "))
+
+    steps = _dockerfile_steps()
+    assert steps[0][0] == "FROM" and "python" in str(steps[0][1])
+    command: list[str] = []
+    for instruction, args in steps[1:]:
+        if instruction == "COPY":
+            source, target = str(args).split()
+            assert source == "."  # the build context
+            shutil.copytree(context, root / target.lstrip("/"))
+        elif instruction == "RUN":
+            run = subprocess.run(here(str(args).replace('"', "")), shell=True, env=env, timeout=900,
+                                 capture_output=True, text=True)
+            assert run.returncode == 0, f"RUN {args}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+        elif instruction == "ENV":
+            env.update(pair.split("=", 1) for pair in here(str(args)).split())
+        elif instruction == "CMD":
+            command = [here(word) for word in args]
+    assert (root / "src" / "examples" / "asgi_app.py").exists()  # installed from the repository
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = command.index("--host")
+    command[host + 1] = "127.0.0.1"
+    command[command.index("--workers") + 1] = "2"
+    server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=5) as response:
+                    listed = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the image's command did not serve"
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(60)
+        assert server.stderr is not None
+        server.stderr.close()
+    assert sorted(listed["models"]) == ["m0", "m1"] and listed["failed"] == {}
+    assert all(m["from_cache"] for m in listed["models"].values())  # warmed while the image was built
+
+
+def test_the_asgi_app_answers_bad_requests_with_a_4xx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.testclient import TestClient
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(bert_like(2, 64, 4, vocab=300, seed=0), folder / "bert.onnx")
+    monkeypatch.setenv("MODELS_DIR", str(folder))
+    monkeypatch.syspath_prepend(str(ROOT))
+    from examples.asgi_app import app
+
+    with TestClient(app) as client:
+        url = "/models/bert/infer"
+        assert client.post(url, content=b"{not json").status_code == 400
+        assert client.post(url, json=[1, 2]).status_code == 400
+        assert client.post(url, json={"nope": [[1]]}).status_code == 422
+        assert client.post(url, json={"input_ids": [[0.5, 1.5]]}).status_code == 422  # no silent casts
+        assert client.post(url, json={"input_ids": [[1, 2, 3]]}).status_code == 200
