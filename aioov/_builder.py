@@ -59,10 +59,12 @@ def _faults(variant: str) -> set[str]:
 
 
 def _options(job: dict[str, Any], level: str | None) -> Any:
-    """Session options as the serving process would make them, on one thread."""
+    """Session options as the serving process would make them, on one thread, without its
+    ``ORT_SESSION_OPTIONS`` (they change how a session runs, not what a blob holds)."""
     from ._ortoptions import session_options
 
-    options = session_options(level or job["opt_level"], job["session_config"])
+    options = session_options(level or job["opt_level"], job["session_config"], custom_ops=job.get("custom_ops", ()),
+                              free_dimensions=job.get("free_dimensions"))
     options.intra_op_num_threads = 1  # measured: 2 threads wrote BERT-base's blob no sooner
     options.inter_op_num_threads = 1
     return options

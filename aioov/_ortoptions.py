@@ -4,12 +4,18 @@ as a hit will load it. Only onnxruntime here: no event loop, no cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import onnxruntime as ort
 
-__all__ = ("OPT_LEVELS", "SESSION_DEFAULTS", "quiet_run", "run_options", "session_options")
+__all__ = (
+    "MODELLED_ATTRIBUTES", "OPT_LEVELS", "RUN_ATTRIBUTES", "SESSION_DEFAULTS", "configure_run", "load_custom_ops",
+    "quiet_run", "run_options", "session_attributes", "session_options",
+)
 
 OPT_LEVELS = {
     "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -36,13 +42,77 @@ OPT_LEVELS = {
 SESSION_DEFAULTS = {"session.force_spinning_stop": "1", "session.intra_op.spin_duration_us": "2000"}
 
 
-def session_options(level: str, session_config: Mapping[str, str]) -> ort.SessionOptions:
+#: ``SessionOptions`` attributes that aioov sets from properties of its own (or, for the
+#: optimized model's path, for its cache): ``ORT_SESSION_OPTIONS`` may not name them
+MODELLED_ATTRIBUTES = {
+    "graph_optimization_level": "ORT_GRAPH_OPTIMIZATION_LEVEL",
+    "intra_op_num_threads": "INFERENCE_NUM_THREADS",
+    "use_per_session_threads": "ORT_SHARED_THREAD_POOL",
+    "optimized_model_filepath": "CACHE_DIR (the cache writes optimized models itself)",
+}
+
+
+#: custom-op libraries, each registered once on a ``SessionOptions`` kept for the process's
+#: life: onnxruntime unloads a library with the last ``SessionOptions`` that registered it, and
+#: onnxruntime-extensions loaded again after that crashed the process (SIGSEGV, measured)
+_LIBRARIES: dict[str, ort.SessionOptions] = {}
+_libraries_lock = threading.Lock()
+
+
+def _renew_lock() -> None:
+    """In a forked child: a lock another thread of the parent held would stay held for ever."""
+    global _libraries_lock
+    _libraries_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock)
+
+
+def load_custom_ops(path: str) -> None:
+    """Load the custom-op library ``path`` for the rest of the process (at most once); raises
+    onnxruntime's error when it does not load."""
+    with _libraries_lock:
+        if path not in _LIBRARIES:
+            options = ort.SessionOptions()
+            options.register_custom_ops_library(path)
+            _LIBRARIES[path] = options
+
+
+@cache
+def session_attributes() -> frozenset[str]:
+    """The settable attributes of this onnxruntime's ``SessionOptions``."""
+    return frozenset(name for name, attr in vars(ort.SessionOptions).items()
+                     if isinstance(attr, property) and attr.fset is not None and not name.startswith("_"))
+
+
+def session_options(
+    level: str,
+    session_config: Mapping[str, str],
+    *,
+    custom_ops: Sequence[str] = (),
+    free_dimensions: Mapping[str, int] | None = None,
+    attributes: Mapping[str, bool | int | str] | None = None,
+) -> ort.SessionOptions:
     """What every session of a compile gets, threads aside: the builder process makes its
-    sessions with this too, so that it checks a blob exactly as a hit will load it."""
+    sessions with this too, so that it checks a blob exactly as a hit will load it.
+
+    ``custom_ops`` (libraries to register) and ``free_dimensions`` (dimensions fixed by name)
+    shape the graph: the builder gets them too. ``attributes`` (``ORT_SESSION_OPTIONS``:
+    profiling, execution mode, logging...) only change how sessions run: the builder does
+    without them (it would write profiles of its own checks)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     for name, value in {**SESSION_DEFAULTS, **session_config}.items():
         options.add_session_config_entry(name, value)
+    for library in custom_ops:
+        load_custom_ops(library)  # never unloaded: this session's options may go before it
+        options.register_custom_ops_library(library)
+    for dimension, size in (free_dimensions or {}).items():
+        options.add_free_dimension_override_by_name(dimension, size)
+    for attribute, setting in (attributes or {}).items():
+        enum = getattr(type(getattr(options, attribute)), "__members__", None)  # kept by name: ORT_PARALLEL
+        setattr(options, attribute, enum[setting] if enum is not None else setting)
     options.graph_optimization_level = OPT_LEVELS[level]
     return options
 
@@ -55,6 +125,31 @@ def run_options() -> ort.RunOptions:
     options = ort.RunOptions()
     options.log_severity_level = 4
     return options
+
+
+#: ``RunOptions`` attributes a mapping given as ``infer(run_options=...)`` may set
+RUN_ATTRIBUTES = ("log_severity_level", "log_verbosity_level", "logid", "only_execute_path_to_fetches")
+
+
+def configure_run(options: ort.RunOptions, settings: Mapping[str, Any]) -> None:
+    """Apply ``settings``: ``RunOptions`` attributes by name, and run config entries by their
+    dotted keys (``add_run_config_entry``). ValueError or TypeError for what does not fit;
+    ``terminate`` is aioov's (a cancelled ``infer`` sets it)."""
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"expected an onnxruntime.RunOptions or a mapping, got {type(settings).__name__}")
+    for name, value in settings.items():
+        if not isinstance(name, str):
+            raise TypeError(f"a run option's name must be a string, got {name!r}")
+        if "." in name:
+            options.add_run_config_entry(name, str(value))
+        elif name in RUN_ATTRIBUTES:
+            expected = type(getattr(options, name))
+            if type(value) is not expected:  # noqa: E721 - pybind11 refuses a bool for an int, and the reverse
+                raise TypeError(f"{name} must be a {expected.__name__}, got {value!r}")
+            setattr(options, name, value)
+        else:
+            raise ValueError(f"RunOptions has no setting {name!r}; it has {', '.join(RUN_ATTRIBUTES)} and run "
+                             "config entries by their dotted keys")
 
 
 def quiet_run(session: ort.InferenceSession) -> Callable[[dict[str, Any]], list[Any]]:

@@ -103,7 +103,9 @@ class Pipeline:
             if source.path is not None and source.model is None:
                 check_model_file(source.path)
             self.devices.require(request.device, request.spec)
-            return self._result(request, self.sessions.compile(request, token), None)
+            result = self._result(request, self.sessions.compile(request, token), None)
+            result.not_cached = request.uncached
+            return result
         presence = self.presence(store)
         presence.enter()  # other processes loading from this cache see this one meanwhile
         try:

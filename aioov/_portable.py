@@ -76,4 +76,5 @@ def import_dir(pipeline: Pipeline, request: CompileRequest, path: Path) -> Resul
 
 
 def _portable(request: CompileRequest) -> bool:
-    return request.device.blob is not None and request.device.caches(request.providers[0][1])
+    return (request.device.blob is not None and request.own_providers
+            and request.device.caches(request.providers[0][1]))

@@ -272,6 +272,145 @@ def _session_config(value: object) -> dict[str, str]:
     return entries
 
 
+def _session_options(value: object) -> dict[str, bool | int | str]:
+    """``{"execution_mode": "PARALLEL", "enable_profiling": True}`` (or its JSON): attributes of
+    ``onnxruntime.SessionOptions`` that aioov does not model, each checked by setting it on a
+    ``SessionOptions`` (enums are kept by name, ``ORT_PARALLEL``)."""
+    import onnxruntime as ort
+
+    from ._ortoptions import MODELLED_ATTRIBUTES, session_attributes
+
+    value = _from_json(value, "a mapping of SessionOptions attribute names to values")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of SessionOptions attribute names to values, got {type(value).__name__}")
+    known = session_attributes()
+    options = ort.SessionOptions()
+    out: dict[str, bool | int | str] = {}
+    for name, item in sorted(value.items()):
+        if name in MODELLED_ATTRIBUTES:
+            raise ValueError(f"{name} is set by aioov's {MODELLED_ATTRIBUTES[name]}")
+        if name not in known:
+            raise ValueError(f"SessionOptions has no attribute {name!r}; it has {', '.join(sorted(known))}")
+        default = getattr(options, name)
+        members = getattr(type(default), "__members__", None)
+        parsed: bool | int | str
+        if members is not None:  # an onnxruntime enum: ExecutionMode, ExecutionOrder
+            text = str(getattr(item, "name", item)).upper()
+            match = [m for m in (text, f"ORT_{text}") if m in members]
+            if not match:
+                raise ValueError(f"{name} must be one of {', '.join(members)}, got {item!r}")
+            parsed = match[0]
+            item = members[parsed]
+        elif isinstance(default, bool):
+            try:
+                parsed = item = _bool(item)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        elif isinstance(default, int):
+            if isinstance(item, bool) or not re.fullmatch(r"\s*-?\d+\s*", str(item)):
+                raise ValueError(f"{name} must be an integer, got {item!r}")
+            parsed = item = int(item)
+        else:
+            parsed = item = str(item)
+        try:
+            setattr(options, name, item)
+        except Exception as exc:  # onnxruntime says TypeError, or its own Fail
+            raise ValueError(f"onnxruntime refuses {name}={item!r}: {exc}") from None
+        out[str(name)] = parsed
+    return out
+
+
+def _free_dimensions(value: object) -> dict[str, int]:
+    """``{"batch": 1}`` (or its JSON): free dimensions fixed by name, as
+    ``SessionOptions.add_free_dimension_override_by_name`` does."""
+    value = _from_json(value, "a mapping of dimension names to sizes")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of dimension names to sizes, got {type(value).__name__}")
+    size = _int(1, 1 << 31)
+    out: dict[str, int] = {}
+    for name, item in sorted(value.items()):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a dimension name must be a non-empty string, got {name!r}")
+        try:
+            out[name] = size(item)
+        except ValueError as exc:
+            raise ValueError(f"the size of {name!r} {exc}") from None
+    return out
+
+
+def _libraries(value: object) -> tuple[str, ...]:
+    """Custom-op shared libraries (a path, or a list of them, or its JSON), each loaded into
+    onnxruntime here (for the process's life), so that one that does not load is a
+    PropertyError now."""
+    from ._ortoptions import load_custom_ops
+
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = _from_json(value, "a path or a JSON list of paths")
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
+        raise ValueError("expected a path to a custom-op library, or a list of them")
+    paths = tuple(os.path.abspath(os.path.expanduser(os.fspath(v))) for v in value)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"no custom-op library at {path}")
+        try:
+            load_custom_ops(path)
+        except Exception as exc:  # onnxruntime's Fail
+            raise ValueError(f"onnxruntime cannot load the custom-op library {path}: {exc}") from None
+    return tuple(dict.fromkeys(paths))
+
+
+_LIBRARY_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def library_digests(paths: tuple[str, ...]) -> list[str] | None:
+    """How custom-op libraries enter the cache key: by content (blake3), so that another build
+    of a library makes another key and a copy of it at another path the same; None for none."""
+    if not paths:
+        return None
+    import blake3
+
+    digests = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamp = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+            if stamp not in _LIBRARY_DIGESTS:
+                with open(path, "rb") as f:
+                    _LIBRARY_DIGESTS[stamp] = blake3.blake3(f.read()).hexdigest()
+            digests.append(_LIBRARY_DIGESTS[stamp])
+        except OSError:  # gone since it was set: the compile fails to register it, uncached
+            digests.append(f"unreadable:{path}")
+    return digests
+
+
+def _providers(value: object) -> tuple[tuple[str, dict[str, str]], ...]:
+    """``["DmlExecutionProvider", ["CPUExecutionProvider", {...}]]`` (or its JSON): execution
+    providers by name, each with its options, all of them in this onnxruntime build."""
+    import onnxruntime as ort
+
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = _from_json(value, "a JSON list of execution providers")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of execution provider names or (name, options) pairs, got {value!r}")
+    available = ort.get_available_providers()
+    out: list[tuple[str, dict[str, str]]] = []
+    for item in value:
+        name, options = (item, {}) if not isinstance(item, (list, tuple)) or len(item) != 2 else item
+        if not isinstance(name, str) or not isinstance(options, Mapping):
+            raise ValueError(f"expected an execution provider name or a (name, options) pair, got {item!r}")
+        if name not in available:
+            raise ValueError(f"execution provider {name!r} is not in this onnxruntime build; "
+                             f"available: {', '.join(available)}")
+        if any(name == seen for seen, _ in out):
+            raise ValueError(f"execution provider {name!r} is listed twice")
+        out.append((name, _str_map(options)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Property:
     name: str
@@ -279,6 +418,8 @@ class Property:
     scope: str  # "core": Core-wide only; "compile": Core default or per compile; "ro": read-only
     in_key: bool = False
     doc: str = ""
+    #: how an ``in_key`` value enters the key (default: as shown); None from it: left out
+    key: Callable[[Any], Any] | None = None
 
 
 PROPERTIES: dict[str, Property] = {
@@ -313,6 +454,14 @@ PROPERTIES: dict[str, Property] = {
                  doc="entries for SessionOptions.add_session_config_entry"),
         Property("ORT_PROVIDER_OPTIONS", _str_map, "compile", in_key=True,
                  doc="options of the device's execution provider"),
+        Property("ORT_PROVIDERS", _providers, "compile",
+                 doc="execution providers by name, or (name, options) pairs, instead of the device's"),
+        Property("ORT_SESSION_OPTIONS", _session_options, "compile",
+                 doc="SessionOptions attributes aioov does not model (execution_mode, enable_profiling...)"),
+        Property("ORT_FREE_DIMENSION_OVERRIDES", _free_dimensions, "compile", in_key=True,
+                 key=lambda dims: dims or None, doc="free dimensions fixed by name ({'batch': 1})"),
+        Property("ORT_CUSTOM_OPS_LIBRARIES", _libraries, "compile", in_key=True, key=library_digests,
+                 doc="custom-op shared libraries registered on every session (onnxruntime-extensions...)"),
         Property("WARMUP", _int(0, 1000), "compile",
                  doc="inferences run on made-up inputs before compile_model returns (0 = none)"),
         Property("WARMUP_SHAPES", _shapes, "compile", doc="shapes of the warm-up inputs, by input name"),
@@ -357,6 +506,10 @@ DEFAULTS: dict[str, Any] = {
     "ORT_SHARED_THREAD_POOL": False,
     "ORT_SESSION_CONFIG": {},
     "ORT_PROVIDER_OPTIONS": {},
+    "ORT_PROVIDERS": (),
+    "ORT_SESSION_OPTIONS": {},
+    "ORT_FREE_DIMENSION_OVERRIDES": {},
+    "ORT_CUSTOM_OPS_LIBRARIES": (),
     "WARMUP": 0,
     "WARMUP_SHAPES": {},
     "WARMUP_VALUES": {},
@@ -389,6 +542,10 @@ class CompileConfig:
     ort_shared_thread_pool: bool = DEFAULTS["ORT_SHARED_THREAD_POOL"]
     ort_session_config: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ort_provider_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ort_providers: tuple[tuple[str, Mapping[str, str]], ...] = ()
+    ort_session_options: Mapping[str, bool | int | str] = dataclasses.field(default_factory=dict)
+    ort_free_dimension_overrides: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    ort_custom_ops_libraries: tuple[str, ...] = ()
     warmup: int = DEFAULTS["WARMUP"]
     warmup_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     warmup_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -404,8 +561,17 @@ class CompileConfig:
         return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def key_props(self) -> dict[str, Any]:
-        """The properties that shape the compiled blob (``in_key``), in readable form."""
-        return {name: public_value(getattr(self, name.lower())) for name, p in PROPERTIES.items() if p.in_key}
+        """The properties that shape the compiled blob (``in_key``), in readable form. Those
+        with a ``key`` of their own enter the key only when set: the keys of compiles that do
+        not use them stay what they were before they existed."""
+        out = {}
+        for name, p in PROPERTIES.items():
+            if p.in_key:
+                value = public_value(getattr(self, name.lower()))
+                value = p.key(value) if p.key is not None else value
+                if value is not None:
+                    out[name] = value
+        return out
 
     def with_hints(self) -> CompileConfig:
         """``PERFORMANCE_HINT=THROUGHPUT``: many single-threaded requests in parallel."""

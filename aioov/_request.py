@@ -79,6 +79,8 @@ class CompileRequest:
     config: CompileConfig
     #: CACHE_MAX_SIZE, a Core-wide property: the writer prunes down to it after publishing
     max_cache_size: int = 0
+    #: the providers are the device's own (False: ``ORT_PROVIDERS`` named others: not cached)
+    own_providers: bool = True
 
     @classmethod
     def resolve(
@@ -89,12 +91,30 @@ class CompileRequest:
         background, see ``DeviceRegistry.resolve``) and read raw sources (blocking)."""
         device, spec = devices.resolve(device_name, wait=wait)
         providers = device.providers(spec.index, config.ort_provider_options)
-        return cls(source.read(), device, spec, providers, config.with_hints(), max_cache_size)
+        own = True
+        if config.ort_providers:
+            # A provider the device uses keeps the device's options (device_id...), the user's on
+            # top; the list is the user's. The device's blob format knows only its own list.
+            options = dict(providers)
+            own = [name for name, _ in config.ort_providers] == [name for name, _ in providers]
+            providers = [(name, {**options.get(name, {}), **opts}) for name, opts in config.ort_providers]
+        return cls(source.read(), device, spec, providers, config.with_hints(), max_cache_size, own)
 
     @property
     def caches(self) -> bool:
         """Whether this compile goes through the cache at all."""
-        return self.config.cache_dir is not None and self.device.caches(self.providers[0][1])
+        return (self.config.cache_dir is not None and self.own_providers
+                and self.device.caches(self.providers[0][1]))
+
+    @property
+    def uncached(self) -> str | None:
+        """Why a compile with a cache directory goes without the cache, for NOT_CACHED_REASON
+        (None: it does not, or for reasons of the moment that the compile logs)."""
+        if self.config.cache_dir is None or self.own_providers:
+            return None
+        own = [name for name, _ in self.device.providers(self.spec.index, {})]
+        return (f"ORT_PROVIDERS {[name for name, _ in self.providers]} are not device {self.spec}'s own ({own}): "
+                "aioov caches compiles only on the providers of its devices")
 
     def key_inputs(self, digest: str) -> dict[str, Any]:
         """Everything that shapes the compiled blob, in readable form (also saved in the manifest)."""

@@ -50,7 +50,10 @@ class SessionFactory:
             return self._device_slots[name]
 
     def options(self, config: CompileConfig) -> ort.SessionOptions:
-        options = session_options(config.ort_graph_optimization_level, config.ort_session_config)
+        options = session_options(
+            config.ort_graph_optimization_level, config.ort_session_config, custom_ops=config.ort_custom_ops_libraries,
+            free_dimensions=config.ort_free_dimension_overrides, attributes=config.ort_session_options,
+        )
         if config.ort_shared_thread_pool:
             _ortenv.enable_shared_pool(config.inference_num_threads)
         _ortenv.apply(options, config.inference_num_threads)
