@@ -5,11 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import threading
 import types
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeAlias, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -18,11 +19,14 @@ import onnxruntime as ort
 
 from ._concurrency import on_event_loop, wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
-from ._ortoptions import run_options
+from ._ortoptions import configure_run, run_options
 from ._port import Port
 from ._properties import public_value
 
-__all__ = ("CacheOrigin", "CompiledModel", "InferRequest", "InferResults", "ModelMetadata", "Port", "InferInputs")
+__all__ = (
+    "CacheOrigin", "CompiledModel", "InferRequest", "InferResults", "ModelMetadata", "Port", "InferInputs",
+    "OutputKeys", "RunOptionsLike",
+)
 
 _T = TypeVar("_T")
 
@@ -54,11 +58,17 @@ class RunGuard(Protocol):
 #: what ``infer`` accepts: a mapping by input name, a sequence in input order,
 #: or one array for a single-input model
 InferInputs = Mapping[str, Any] | Sequence[Any] | np.ndarray
+#: what ``infer(outputs=...)`` accepts: the outputs to return, by name, index or ``Port``
+OutputKeys = Sequence[str | int | Port] | str | Port
+#: what ``infer(run_options=...)`` accepts: an ``onnxruntime.RunOptions``, or a mapping of its
+#: attributes and run config entries (``{"logid": "req-7", "memory.enable_memory_arena_shrinkage": "cpu:0"}``)
+RunOptionsLike: TypeAlias = "ort.RunOptions | Mapping[str, Any]"
 
 
 class InferResults(dict[str, np.ndarray]):
-    """What ``infer`` returns: a ``dict`` of the outputs by name, in model order, that also
-    answers by index and by ``Port``, like OpenVINO's ``OVDict``::
+    """What ``infer`` returns: a ``dict`` of the outputs by name, in model order (those asked
+    for with ``outputs=``, in the order asked), that also answers by index and by ``Port``,
+    like OpenVINO's ``OVDict``::
 
         results = await compiled.infer(inputs)
         results["logits"]                  # by name
@@ -178,7 +188,6 @@ class CompiledModel:
         self._outputs = [Port.from_node_arg(a) for a in session.get_outputs()]
         self._by_name = {p.name: p for p in self._inputs}
         self._metadata: ModelMetadata | None = None
-        self._run_options = run_options()  # onnxruntime prints no error of its own: aioov raises it
         self._streams = max(1, int(self._properties.get("NUM_STREAMS", 1)))
         self._limiters: dict[type, anyio.CapacityLimiter] = {}  # one per async backend (asyncio, trio)
 
@@ -305,21 +314,56 @@ class CompiledModel:
             raise InferenceError(f"the model takes {len(self._inputs)} input(s), got {len(inputs)}")
         return {port.name: port.check(value) for port, value in zip(self._inputs, inputs)}
 
-    def infer_sync(self, inputs: InferInputs) -> InferResults:
-        """Blocking inference, for code that is not async. On an event loop's thread it stalls
-        the loop while the model runs: a ``RuntimeWarning`` says so (``await infer`` there)."""
-        warn_if_blocking_a_loop("CompiledModel.infer_sync", "await compiled.infer(inputs) instead")
-        return self._infer_blocking(inputs)
+    def _fetches(self, outputs: OutputKeys | None) -> tuple[list[Port], list[str] | None]:
+        """The outputs to return and their names (None: all of them); ``InferenceError`` for
+        an output the model does not have, none at all, or one named twice."""
+        if outputs is None:
+            return self._outputs, None
+        keys = [outputs] if isinstance(outputs, (str, Port)) else list(outputs)
+        ports = [self.output(key.name if isinstance(key, Port) else key) for key in keys]
+        names = [port.name for port in ports]
+        if not names:
+            raise InferenceError("outputs=[] asks for no output; leave it out to compute them all")
+        if len(set(names)) < len(names):
+            raise InferenceError(f"outputs={names} names an output twice")
+        return ports, names
 
-    def _infer_blocking(self, inputs: InferInputs) -> InferResults:
+    @staticmethod
+    def _run_options_of(given: RunOptionsLike | None) -> ort.RunOptions:
+        """This run's options: the caller's own ``RunOptions`` as they are, or new ones (one per
+        run: a cancelled ``infer`` terminates its run alone) with a mapping's settings."""
+        if isinstance(given, ort.RunOptions):
+            return given
+        options = run_options()  # onnxruntime prints no error of its own: aioov raises it
+        if given is not None:
+            try:
+                configure_run(options, given)
+            except (TypeError, ValueError) as exc:
+                raise PropertyError(f"bad run_options: {exc}") from None
+        return options
+
+    def infer_sync(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
+        """Blocking inference, for code that is not async. On an event loop's thread it stalls
+        the loop while the model runs: a ``RuntimeWarning`` says so (``await infer`` there).
+        ``outputs`` and ``run_options``: as ``infer``'s."""
+        warn_if_blocking_a_loop("CompiledModel.infer_sync", "await compiled.infer(inputs) instead")
+        return self._infer_blocking(inputs, outputs=outputs, run_options=run_options)
+
+    def _infer_blocking(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
         """``infer_sync`` without its warning (``SyncCompiledModel.infer`` gives its own)."""
         feed = self._feed(inputs)
+        ports, names = self._fetches(outputs)
+        options = self._run_options_of(run_options)
         self._swap()
         try:
-            results = self._run(self._session, feed)
+            results = self._run(self._session, feed, names, options)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
-        return InferResults(self._outputs, results)
+        return InferResults(ports, results)
 
     def _limiter(self) -> anyio.CapacityLimiter:
         """``NUM_STREAMS`` at once, under whichever async library calls: a model compiled under
@@ -330,29 +374,79 @@ class CompiledModel:
             limiter = self._limiters[backend] = anyio.CapacityLimiter(self._streams)
         return limiter
 
-    async def infer(self, inputs: InferInputs) -> InferResults:
+    async def infer(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
         """Run the model on ``inputs`` in a worker thread; outputs by name, in model order, also
         by index and by ``Port`` (``InferResults``). ``InferenceError`` when the inputs do not
-        match the model or ONNX Runtime fails running them."""
+        match the model or ONNX Runtime fails running them.
+
+        ``outputs``: return only these outputs (names, indices or ``Port``s), in the order
+        given (onnxruntime 1.31 still runs every node: its ``only_execute_path_to_fetches`` run
+        option pruned no branch, measured). ``run_options``: an ``onnxruntime.RunOptions``
+        used as it is (give each concurrent call its own), or a mapping of its attributes and
+        run config entries (``{"logid": "req-7"}``; ``PropertyError`` for what it does not have).
+
+        Cancelling the caller stops the run: its ``RunOptions.terminate`` is set, onnxruntime
+        stops at its next node, and the cancellation goes on once the run ended (the worker
+        thread is free when ``infer`` is gone)."""
         feed = self._feed(inputs)  # validate on the caller's side: cheap, and errors stay local
+        ports, names = self._fetches(outputs)
+        options = self._run_options_of(run_options)
         self._swap()
         session = self._session
         try:
-            results = await anyio.to_thread.run_sync(self._run, session, feed, limiter=self._limiter())
+            results = await self._run_in_thread(session, feed, names, options)
         except ORT_ERRORS as exc:
             raise_infer_error(exc)
-        return InferResults(self._outputs, results)
+        return InferResults(ports, results)
 
-    async def __call__(self, inputs: InferInputs) -> InferResults:
+    async def _run_in_thread(
+        self, session: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str] | None,
+        options: ort.RunOptions,
+    ) -> list[Any]:
+        """``_run`` in a worker thread, terminated when the caller is cancelled."""
+        flight = _Flight(options)
+
+        def work() -> list[Any] | None:
+            if not flight.begin():
+                return None  # cancelled before a thread took it: never run
+            try:
+                return self._run(session, feed, names, options)
+            finally:
+                flight.end()
+
+        # Abandoned on cancel, so that the cancellation is seen at once; the caller waits for
+        # the terminated run to end all the same. (Under asyncio the stream is free again from
+        # the cancellation on, while the run stops at its next node; under trio from its end.
+        # Holding it outside with a second limiter for the thread cost ~20 us a call.)
+        try:
+            results = await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._limiter())
+        except anyio.get_cancelled_exc_class():
+            if flight.stop():
+                with anyio.CancelScope(shield=True):
+                    while flight.running:  # polled: a future to wait for cost ~10 us a call
+                        await anyio.sleep(FLIGHT_POLL)
+                flight.restore()
+            raise
+        assert results is not None
+        return results
+
+    async def __call__(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
         """``await compiled(inputs)``: the same as ``await compiled.infer(inputs)``."""
-        return await self.infer(inputs)
+        return await self.infer(inputs, outputs=outputs, run_options=run_options)
 
-    def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[Any]:
+    def _run(
+        self, session: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str] | None,
+        options: ort.RunOptions,
+    ) -> list[Any]:
         """``session.run``; a model loaded from the cache runs new input shapes under its guard."""
         guard = self._guard
         run = guard.begin(feed) if guard is not None else None
         try:
-            return session.run(None, feed, self._run_options)  # type: ignore[no-any-return]
+            return session.run(names, feed, options)  # type: ignore[no-any-return]
         finally:
             if run is not None:
                 guard.end(run)  # type: ignore[union-attr]
@@ -388,8 +482,11 @@ class InferRequest:
         """The last inference's outputs (empty before the first)."""
         return self._results if self._results is not None else InferResults(self._compiled.outputs, ())
 
-    async def infer(self, inputs: InferInputs) -> InferResults:
-        self._results = await self._compiled.infer(inputs)
+    async def infer(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
+        """``CompiledModel.infer``, its results kept on the request."""
+        self._results = await self._compiled.infer(inputs, outputs=outputs, run_options=run_options)
         return self._results
 
     def get_output_tensor(self, key: int | str | Port = 0) -> np.ndarray:
@@ -399,6 +496,54 @@ class InferRequest:
         if self._results is None:
             raise InferenceError(f"no inference has run on this request yet: no output {name!r} to get")
         return self._results[name]
+
+
+#: seconds between looks at a terminated run, until it ended (onnxruntime stops at its next node)
+FLIGHT_POLL = 0.002
+
+
+class _Flight:
+    """One run on its way to a worker thread: ``stop`` (the caller was cancelled) sets its
+    ``terminate`` if it runs, or makes sure it never will if no thread took it yet."""
+
+    def __init__(self, options: ort.RunOptions) -> None:
+        self._options = options
+        self._lock = threading.Lock()
+        self._state = "queued"  # then "running" and "ended", or "dropped" when stopped before it ran
+        self._terminated = False
+
+    def begin(self) -> bool:
+        """In the worker thread: whether to run (False: the caller is gone already)."""
+        with self._lock:
+            if self._state == "dropped":
+                return False
+            self._state = "running"
+            return True
+
+    def end(self) -> None:
+        """In the worker thread, once the run returned or raised."""
+        self._state = "ended"
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def stop(self) -> bool:
+        """Whether a run is under way, told to terminate: wait while it is ``running`` then."""
+        with self._lock:
+            if self._state == "queued":
+                self._state = "dropped"
+                return False
+            if self._state != "running":
+                return False
+            if not self._options.terminate:  # the caller's own RunOptions may be set already
+                self._options.terminate = self._terminated = True
+            return True
+
+    def restore(self) -> None:
+        """The run ended: a caller's own ``RunOptions`` can serve its next run again."""
+        if self._terminated:
+            self._options.terminate = False
 
 
 def _port(ports: Sequence[Port], key: int | str, kind: str) -> Port:
