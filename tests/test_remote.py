@@ -9,8 +9,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,122 @@ def serve(command: list[str], port: int, what: str) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP server on loopback that accepts connections and never answers: a hung endpoint."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept()[0])  # and never a byte back
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        server.close()
+        for conn in accepted:
+            conn.close()
+
+
+class Relay:
+    """A TCP relay on loopback to a real server (moto's), that answers some requests slowly:
+    once a request for which ``slow(first bytes)`` is true passes on a connection, what comes
+    back on that connection is relayed a byte every ``delay`` seconds (well inside any read
+    timeout), until ``give_up`` seconds have passed: then the connection is dropped. ``sent``
+    counts the bytes relayed back to the client."""
+
+    def __init__(self, upstream: str, slow: Callable[[bytes], bool], *, delay: float = 1.0,
+                 give_up: float = 40.0) -> None:
+        self.upstream = int(upstream.rsplit(":", 1)[1])
+        self.slow, self.delay, self.give_up = slow, delay, give_up
+        self.sent = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._socks: list[socket.socket] = []
+        self._closed = threading.Event()
+        self.port = int(self._server.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client = self._server.accept()[0]
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+                self._socks += [client, upstream]
+                slow = threading.Event()
+                threading.Thread(target=self._up, args=(client, upstream, slow), daemon=True).start()
+                threading.Thread(target=self._down, args=(upstream, client, slow), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, slow: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(1 << 16):
+                if self.slow(data):
+                    slow.set()
+                upstream.sendall(data)
+        self._drop(client, upstream)
+
+    def _down(self, upstream: socket.socket, client: socket.socket, slow: threading.Event) -> None:
+        started: float | None = None
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(1 << 16):
+                if not slow.is_set():
+                    client.sendall(data)
+                    self.sent += len(data)
+                    continue
+                for i in range(len(data)):
+                    started = started or time.monotonic()
+                    if time.monotonic() - started > self.give_up or self._closed.wait(self.delay):
+                        raise OSError("gave up")
+                    client.sendall(data[i:i + 1])
+                    self.sent += 1
+        self._drop(client, upstream)
+
+    @staticmethod
+    def _drop(*socks: socket.socket) -> None:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._drop(self._server, *self._socks)
+        self._server.close()
+        for sock in self._socks:
+            sock.close()
+
+
+@contextlib.contextmanager
+def relay(upstream: str, slow: Callable[[bytes], bool], **kwargs: float) -> Iterator[Relay]:
+    server = Relay(upstream, slow, **kwargs)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def requests_for(name: str) -> Callable[[bytes], bool]:
+    """``slow`` for a ``Relay``: GET requests for objects named ``name``."""
+    def slow(data: bytes) -> bool:
+        line = data.split(b"\r\n", 1)[0]
+        return line.startswith(b"GET ") and any(f"/{name}{end}".encode() in line for end in " ?")
+
+    return slow
+
+
+@pytest.fixture(autouse=True)
+def _fresh_breakers() -> None:
+    """Each test starts with every remote trusted: a breaker opened by another test (the same
+    Redis URL, say) is that test's business."""
+    from aioov._cache import remote
+
+    remote._BREAKERS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +325,7 @@ async def test_a_host_that_loses_the_upload_race_leaves_the_winners_entry_whole(
     winner, loser = RemoteStore(bucket), RemoteStore(bucket)
     assert winner.upload(key, entry) is True
     won = _remote_objects(bucket, key)
-    monkeypatch.setattr(loser, "head", lambda key: None)  # it looked before the winner named its upload
+    monkeypatch.setattr(loser, "_head", lambda key: None)  # it looked before the winner named its upload
     assert loser.upload(key, entry) is False
     assert _remote_objects(bucket, key) == won  # its own upload deleted, the winner's untouched
     store = aioov.CacheStore(tmp_path / "fresh")
@@ -339,3 +456,206 @@ async def test_a_cancelled_compile_stops_waiting_for_another_hosts_lock(
             assert time.monotonic() - started < 5
     finally:
         holder.delete(f"aioov:lock:{key}")
+
+
+# -- #41.2: a slow or silent remote never holds a compile up --------------------------------
+TIMED_HOST = """
+import json, logging, sys, time, anyio, aioov
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+async def main():
+    cache_dir, *paths = sys.argv[1:]
+    times = []
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        for path in paths:
+            started = time.monotonic()
+            await core.compile_model(path, "CPU")
+            times.append(time.monotonic() - started)
+        await core.wait_exports()
+    print(json.dumps({"times": times, "uploads": core.cache_stats.uploads}))
+anyio.run(main)
+"""
+
+
+def run_timed_host(tmp_path: Path, models: list[Path], env: dict[str, str]) -> tuple[dict[str, list[float]], str]:
+    """One host compiling ``models`` one after the other, in a process of its own (a hung remote
+    would keep it from exiting: it is killed after a minute)."""
+    proc = subprocess.Popen([sys.executable, "-c", TIMED_HOST, str(tmp_path / "host"), *map(str, models)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(**env))
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the host was still compiling after 60 s: {err[-2000:]}")
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_a_silent_endpoint_costs_one_deadline_then_is_left_alone(models: list[Path], bucket: str,
+                                                                  tmp_path: Path) -> None:
+    """#41.2: an endpoint that accepts and never answers added ~90 s to every cold model."""
+    from aioov._cache.remote import DEADLINE_BASE
+
+    with silent_server() as port:
+        report, err = run_timed_host(tmp_path, models, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                                                        "AIOOV_CACHE_REMOTE_URL": bucket})
+    first, *others = report["times"]
+    assert first < DEADLINE_BASE + 10, report
+    assert all(t < 5 for t in others), report  # the breaker: not tried again for each model
+    assert err.count("unusable") == 1, err
+
+
+def test_a_trickling_endpoint_cannot_hold_a_compile(models: list[Path], bucket: str, s3_endpoint: str,
+                                                    tmp_path: Path) -> None:
+    """#41.2: a byte every second (inside every read timeout) held ``compile_model`` without end."""
+    from aioov._cache.remote import DEADLINE_BASE
+
+    with relay(s3_endpoint, lambda data: True) as slow:
+        report, err = run_timed_host(tmp_path, models, {"AWS_ENDPOINT_URL": slow.url,
+                                                        "AIOOV_CACHE_REMOTE_URL": bucket})
+    first, *others = report["times"]
+    assert first < DEADLINE_BASE + 10, report
+    assert all(t < 5 for t in others), report
+    assert "too slow" in err and err.count("unusable") == 1, err
+
+
+async def test_a_download_that_trickles_is_cut_at_its_deadline(
+    models: list[Path], bucket: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog_warnings: pytest.LogCaptureFixture,
+) -> None:
+    """The entry's files come a byte a second: the download is stopped at its deadline (a
+    blocking read cannot watch a clock: its connection is shut under it) and the model compiled."""
+    from aioov._cache import remote
+
+    async with aioov.Core(cache_dir=tmp_path / "a", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        await core.compile_model(models[0], "CPU")
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    monkeypatch.setattr(remote, "DEADLINE_BASE", 3.0, raising=False)
+    with relay(s3_endpoint, requests_for("weights.bin"), give_up=20) as slow:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", slow.url)
+        remote._REMOTES.clear()
+        async with aioov.Core(cache_dir=tmp_path / "b", properties={"CACHE_REMOTE_URL": bucket}) as core:
+            started = time.monotonic()
+            compiled = await core.compile_model(models[0], "CPU")
+            elapsed = time.monotonic() - started
+            stats = core.cache_stats
+    assert compiled.get_property("LOADED_FROM_CACHE") is False and stats.compiles == 1
+    assert elapsed < 3.0 + 5, elapsed
+    assert "too slow" in caplog_warnings.text
+
+
+async def test_a_silent_redis_costs_one_timeout_then_is_left_alone(
+    models: list[Path], bucket: str, tmp_path: Path, caplog_warnings: pytest.LogCaptureFixture
+) -> None:
+    """#41.2: a Redis that never answers added 10.7 s to every compile."""
+    with silent_server() as port:
+        props = {"CACHE_REMOTE_URL": bucket, "CACHE_REMOTE_LOCK_URL": f"redis://127.0.0.1:{port}/0"}
+        times = []
+        async with aioov.Core(cache_dir=tmp_path / "host", properties=props) as core:
+            for model in models:
+                started = time.monotonic()
+                await core.compile_model(model, "CPU")
+                times.append(time.monotonic() - started)
+            await core.wait_exports()
+            uploads = core.cache_stats.uploads
+    assert times[0] < 9 and all(t < 3 for t in times[1:]), times
+    assert uploads == len(models)  # the bucket is still shared
+    assert caplog_warnings.text.count("unusable") == 1
+
+
+def test_a_breaker_lets_one_caller_try_again_after_its_cooldown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioov._cache import remote
+
+    monkeypatch.setattr(remote, "BREAKER_COOLDOWN", 0.3)
+    breaker = remote.Breaker()
+    assert breaker.allow() and breaker.allow()  # healthy: every caller
+    breaker.failed()
+    assert breaker.open and not breaker.allow()
+    time.sleep(0.35)
+    assert breaker.allow()  # one caller tries again...
+    assert not breaker.allow()  # ...the others keep away until it knows
+    breaker.succeeded()
+    assert not breaker.open and breaker.allow() and breaker.allow()
+    breaker.failed()
+    time.sleep(0.35)
+    assert breaker.allow()
+    breaker.failed()  # the retry failed too: another cooldown
+    assert not breaker.allow()
+
+
+# -- #41.3: remote entries are bounded and repaired -----------------------------------------
+def _s3_object(bucket: str, key: str, name: str) -> tuple[str, str]:
+    """(bucket name, object key) of file ``name`` of the upload the entry's HEAD names."""
+    bucket_name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    upload = boto3.client("s3").get_object(Bucket=bucket_name, Key=f"{prefix}/v1/{key}/HEAD")["Body"].read()
+    return bucket_name, f"{prefix}/v1/{key}/{upload.decode()}/{name}"
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "weights.bin"])
+async def test_a_remote_object_larger_than_its_bound_is_not_downloaded(
+    name: str, models: list[Path], bucket: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#41.3: a remote manifest is read up to the local 1 MiB cap (a 400 MB one cost 2.5 GB of
+    memory), a file up to the size its manifest records (it was downloaded whole, then refused)."""
+    from aioov._cache.remote import RemoteError, RemoteStore
+
+    key, entry = await _published_entry(models[0], tmp_path / "local")
+    assert RemoteStore(bucket).upload(key, entry)
+    bucket_name, object_key = _s3_object(bucket, key, name)
+    boto3.client("s3").put_object(Bucket=bucket_name, Key=object_key, Body=b"{" * (48 << 20))
+    store = aioov.CacheStore(tmp_path / "fresh")
+    store.ensure()
+    with relay(s3_endpoint, lambda data: False) as counting:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", counting.url)
+        with pytest.raises(RemoteError, match="larger than|its manifest records"):
+            RemoteStore(bucket).fetch(key, store)
+        time.sleep(0.5)  # what the relay still had to send
+        assert counting.sent < 24 << 20  # socket buffers at most, never the object
+    assert store.lookup(key) is None and not list(store.tmp.iterdir())
+
+
+async def test_a_damaged_remote_entry_is_replaced_by_the_host_that_rejected_it(
+    models: list[Path], bucket: str, tmp_path: Path, caplog_warnings: pytest.LogCaptureFixture
+) -> None:
+    """#41.3: a damaged object made every host download, reject and recompile the model for
+    good. The first host to reject it uploads its own entry in its place."""
+    props = {"CACHE_REMOTE_URL": bucket}
+    async with aioov.Core(cache_dir=tmp_path / "a", properties=props) as core:
+        key = (await core.compile_model(models[1], "CPU")).get_property("CACHE_KEY")
+        await core.wait_exports()
+    bucket_name, weights_key = _s3_object(bucket, key, "weights.bin")
+    s3 = boto3.client("s3")
+    weights = bytearray(s3.get_object(Bucket=bucket_name, Key=weights_key)["Body"].read())
+    weights[len(weights) // 2] ^= 0xFF
+    s3.put_object(Bucket=bucket_name, Key=weights_key, Body=bytes(weights))
+    damaged = _remote_objects(bucket, key)
+    async with aioov.Core(cache_dir=tmp_path / "b", properties=props) as core:
+        assert (await core.compile_model(models[1], "CPU")).get_property("LOADED_FROM_CACHE") is False
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    assert "checksum mismatch" in caplog_warnings.text
+    repaired = _remote_objects(bucket, key)
+    assert "HEAD" in repaired and not set(damaged) - {"HEAD"} & set(repaired)  # the bad upload is gone
+    async with aioov.Core(cache_dir=tmp_path / "c", properties=props) as core:
+        compiled = await core.compile_model(models[1], "CPU")
+        stats = core.cache_stats
+    assert compiled.get_property("LOADED_FROM_CACHE") is True and (stats.remote_hits, stats.compiles) == (1, 0)
+
+
+async def test_an_entry_signed_with_another_key_is_not_replaced(
+    models: list[Path], bucket: str, tmp_path: Path
+) -> None:
+    """During a key rotation hosts with different keys would replace each other's entries for
+    ever: an entry signed under a key this host does not hold is not damaged, only not its own."""
+    async with aioov.Core(cache_dir=tmp_path / "a", properties={"CACHE_REMOTE_URL": bucket,
+                                                                 "CACHE_HMAC_KEY": "old secret"}) as core:
+        key = (await core.compile_model(models[0], "CPU")).get_property("CACHE_KEY")
+        await core.wait_exports()
+    before = _remote_objects(bucket, key)
+    async with aioov.Core(cache_dir=tmp_path / "b", properties={"CACHE_REMOTE_URL": bucket,
+                                                                 "CACHE_HMAC_KEY": "new secret"}) as core:
+        assert (await core.compile_model(models[0], "CPU")).get_property("LOADED_FROM_CACHE") is False
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 0
+    assert _remote_objects(bucket, key) == before

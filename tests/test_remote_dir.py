@@ -92,3 +92,51 @@ async def test_an_upload_never_holds_up_the_compile(model: Path, tmp_path: Path,
         release.set()
         assert await core.wait_exports(60)
         assert uploaded.is_set() and core.cache_stats.uploads == 1
+
+
+# -- #41.3: shared entries are bounded and repaired -----------------------------------------
+async def test_a_damaged_shared_entry_is_replaced_by_the_host_that_rejected_it(model: Path, tmp_path: Path,
+                                                                               caplog_warnings) -> None:
+    shared = {"CACHE_REMOTE_URL": (tmp_path / "shared").as_uri()}
+    async with aioov.Core(cache_dir=tmp_path / "a", properties=shared) as core:
+        await core.compile_model(model, "CPU")
+        await core.wait_exports()
+    (entry,) = list((tmp_path / "shared" / "v1").iterdir())
+    weights = entry / "weights.bin"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    async with aioov.Core(cache_dir=tmp_path / "b", properties=shared) as core:
+        assert (await core.compile_model(model, "CPU")).get_property("LOADED_FROM_CACHE") is False
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1  # it did not find "an entry there already"
+    assert "checksum mismatch" in caplog_warnings.text
+    assert [p.name for p in (tmp_path / "shared" / "v1").iterdir()] == [entry.name]  # nothing left aside
+    async with aioov.Core(cache_dir=tmp_path / "c", properties=shared) as core:
+        compiled = await core.compile_model(model, "CPU")
+        assert (core.cache_stats.remote_hits, core.cache_stats.compiles) == (1, 0)
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "weights.bin"])
+async def test_a_shared_file_larger_than_its_bound_is_not_copied(name: str, model: Path, tmp_path: Path) -> None:
+    """A manifest past the local 1 MiB cap, a file past the size its manifest records: refused
+    before they are read (they were read, or copied, whole)."""
+    from aioov._cache.remote import DirectoryRemote, RemoteError
+
+    shared = (tmp_path / "shared").as_uri()
+    async with aioov.Core(cache_dir=tmp_path / "a", properties={"CACHE_REMOTE_URL": shared}) as core:
+        await core.compile_model(model, "CPU")
+        await core.wait_exports()
+    (entry,) = list((tmp_path / "shared" / "v1").iterdir())
+    if name == "manifest.json":
+        manifest = json.loads((entry / name).read_text())
+        (entry / name).write_text(json.dumps({**manifest, "padding": " " * (2 << 20)}))  # valid, but 2 MiB
+    else:
+        with open(entry / name, "ab") as f:
+            f.truncate(64 << 20)
+    store = aioov.CacheStore(tmp_path / "fresh")
+    store.ensure()
+    with pytest.raises(RemoteError, match="larger than|its manifest records"):
+        DirectoryRemote(shared).fetch(entry.name, store)
+    assert store.lookup(entry.name) is None and not list(store.tmp.iterdir())

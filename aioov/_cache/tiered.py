@@ -3,21 +3,30 @@
 A compile that misses locally (holding the local key lock) asks its ``RemoteLink`` for the
 entry. The link downloads it into the local store when a host has uploaded it; otherwise it
 takes the hosts' lock (when a lock URL is set), looks once more, and from then on remembers
-that what this host publishes must be uploaded. Every remote failure is counted, warned about
-once, and leaves the local path to carry on: the remote tier never makes a compile fail.
+that what this host publishes must be uploaded. An entry this host rejected (damaged,
+truncated, too large) is remembered too: the upload replaces it, once this host has a good one.
+
+Every remote failure is counted, warned about once, and leaves the local path to carry on: the
+remote tier never makes a compile fail. A tier or lock service that failed is then left alone
+for a while (``remote.Breaker``): a silent endpoint costs one deadline per cooldown, not one
+per compile.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 from .._errors import Cancelled, EntryError, RemoteError
-from .remote import RemoteLock, RemoteTier, remote_for
+from . import remote as tier
+from .remote import RemoteEntryError, RemoteLock, RemoteTier, breaker_for, remote_for
 from .stats import CacheEvents
 from .store import CacheStore
 
 __all__ = ("RemoteLink", "RemoteSettings")
+
+logger = logging.getLogger("aioov.cache")
 
 
 @dataclass(frozen=True)
@@ -38,55 +47,105 @@ class RemoteLink:
         self._events = events
         self._remote: RemoteTier | None = None  # set once this host must upload what it compiles
         self._lock: RemoteLock | None = None
+        self._bad: str | None = None  # the remote entry this host rejected
+        self._repair = False  # ...which its upload replaces
 
     def fetch_or_claim(self, key: str, cancel: threading.Event) -> bool:
         """True when the entry is now in the local store (downloaded and verified)."""
         settings = self._settings
+        if not self._allowed(settings.url):
+            return False
         try:
             remote = remote_for(settings.url)
-            if self._fetch(remote, key):
-                return True
-        except (RemoteError, ValueError, EntryError, OSError) as exc:
+        except (RemoteError, ValueError) as exc:
             self._failed(settings.url, exc)
             return False
+        found = self._look(remote, key)
+        if found is not False:
+            return bool(found)
         self._remote = remote  # whatever happens with the lock, what this host compiles is shared
-        if settings.lock_url:
+        if settings.lock_url and self._allowed(settings.lock_url):
             try:
                 lock = RemoteLock(settings.lock_url, key, settings.lock_ttl)
-                if lock.acquire(settings.lock_timeout, cancel=cancel):
-                    self._lock = lock
-                    # Another host may have uploaded while we waited for its lock.
-                    return self._fetch(remote, key)
-                if cancel.is_set():
-                    raise Cancelled()
-            except (RemoteError, EntryError, OSError) as exc:
+                acquired = lock.acquire(settings.lock_timeout, cancel=cancel)
+            except (RemoteError, OSError) as exc:
                 self._failed(settings.lock_url, exc)
+                return False
+            breaker_for(settings.lock_url).succeeded()
+            if acquired:
+                self._lock = lock
+                # Another host may have uploaded (or repaired) while we waited for its lock.
+                return self._look(remote, key) is True
+            if cancel.is_set():
+                raise Cancelled()
         return False
 
     def share(self, key: str) -> None:
-        """Upload the published local entry, when this host claimed it; then give the hosts'
-        lock back (other hosts waiting for it find the entry uploaded)."""
+        """Upload the published local entry, when this host claimed it (replacing the remote
+        entry it rejected); then give the hosts' lock back (other hosts waiting for it find
+        the entry uploaded)."""
+        remote = self._remote
         try:
-            if self._remote is not None and self._remote.upload(key, self._store.entry_path(key)):
+            if remote is None or not self._allowed(remote.url):
+                return
+            replace = self._bad if self._repair else None
+            entry = self._store.entry_path(key)
+            # (``replace`` only when there is one: a RemoteTier written before it keeps working)
+            uploaded = remote.upload(key, entry) if replace is None else remote.upload(key, entry, replace=replace)
+        except RemoteError as exc:
+            assert remote is not None
+            breaker_for(remote.url).failed()
+            self._events.failed(f"upload:{remote.url}", "aioov cache: upload to %s failed: %s", remote.url, exc)
+        except OSError as exc:  # the local entry went away (pruned, cleared): nothing to share
+            assert remote is not None
+            self._events.failed(f"upload:{remote.url}", "aioov cache: upload to %s failed: %s", remote.url, exc)
+        else:
+            breaker_for(remote.url).succeeded()
+            if uploaded:
                 self._events.count(uploads=1)
-        except (RemoteError, OSError) as exc:
-            assert self._remote is not None
-            self._events.failed(f"upload:{self._remote.url}", "aioov cache: upload to %s failed: %s",
-                                self._remote.url, exc)
+                if replace is not None:
+                    logger.info("aioov cache: replaced the damaged remote entry %s at %s", key[:16], remote.url)
         finally:
             self.release()
 
     def release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        lock, self._lock = self._lock, None
+        if lock is not None and self._settings.lock_url and not breaker_for(self._settings.lock_url).open:
+            lock.release()  # (an unreachable Redis is not waited for: the lease expires by itself)
 
-    def _fetch(self, remote: RemoteTier, key: str) -> bool:
-        if remote.fetch(key, self._store, mac_key=self._settings.mac_key):
+    def _look(self, remote: RemoteTier, key: str) -> bool | None:
+        """Fetch: True when the entry is now local, False when the remote has none this host
+        can use (absent, or rejected: then remembered for repair), None when it failed."""
+        try:
+            mac_key = self._settings.mac_key
+            fetched = (remote.fetch(key, self._store, mac_key=mac_key) if self._bad is None
+                       else remote.fetch(key, self._store, mac_key=mac_key, bad=self._bad))
+        except RemoteEntryError as exc:
+            breaker_for(remote.url).succeeded()  # it answered: the entry is bad, not the tier
+            self._bad, self._repair = exc.bad, exc.repair and exc.bad is not None
+            self._events.failed(
+                f"entry:{remote.url}:{key}", "aioov cache: remote entry %s at %s rejected (%s); compiling it%s",
+                key[:16], remote.url, exc, " and replacing it" if self._repair else "")
+            return False
+        except RemoteError as exc:
+            self._failed(remote.url, exc)
+            return None
+        except (EntryError, OSError) as exc:  # the local cache's trouble (a full disk...), not the tier's
+            self._events.failed(f"fetch:{remote.url}", "aioov cache: could not store an entry from %s: %s",
+                                remote.url, exc)
+            return None
+        breaker_for(remote.url).succeeded()
+        if fetched:
             self._events.count(remote_hits=1)
+        return fetched
+
+    def _allowed(self, url: str) -> bool:
+        if breaker_for(url).allow():
             return True
+        logger.debug("aioov cache: %s failed recently; not tried for this compile", url)
         return False
 
     def _failed(self, url: str, exc: Exception) -> None:
-        self._events.failed(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only",
-                            url, exc)
+        breaker_for(url).failed()
+        self._events.failed(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only, "
+                            "trying it again in %.0f s", url, exc, tier.BREAKER_COOLDOWN)
