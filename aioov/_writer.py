@@ -360,15 +360,30 @@ class EntryWriter:
             self._uncacheable(request.source, exc)
 
     def _prune_if_needed(self, store: CacheStore, limit: int) -> None:
-        if not limit:
-            return
+        """``CACHE_MAX_SIZE`` (#45): the cache's summary says in O(1) whether it passed the limit
+        (or wants its journal compacted); only then does the export worker walk it and prune
+        the least recently used entries to 90 % of the limit, never on a compile's path, one
+        process per cache at a time."""
         try:
-            removed = store.prune(max_size=limit)
+            if not store.claim_upkeep(limit or None):
+                return
         except Exception as exc:  # the entry is published: a failed prune is the cache's, not the compile's
             self._events.failed(f"prune:{store.root}", "aioov cache: pruning %s failed: %s", store.root, exc)
             return
-        if removed:
-            logger.info("aioov cache: pruned %d entries to stay under %d bytes", len(removed), limit)
+
+        def upkeep(token: CancelToken) -> None:
+            try:
+                removed = store.upkeep(limit or None, cancel=lambda: token.cancelled)
+            except Cancelled:
+                return
+            except Exception as exc:
+                self._events.failed(f"prune:{store.root}", "aioov cache: pruning %s failed: %s", store.root, exc)
+                return
+            if removed:
+                self._events.count(pruned=len(removed))
+                logger.info("aioov cache: pruned %d entries to stay under %d bytes", len(removed), limit)
+
+        self._exporter.submit(upkeep, on_drop=lambda: None)
 
     def _uncacheable(self, source: Source, exc: BlobError) -> None:
         self._events.count(errors=1)

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ __all__ = ("default_cache_dir", "main", "printable")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: seconds between two progress lines of ``cache verify``/``prune``/``ls --scan``/``stats --scan``
+PROGRESS_SECONDS = 5.0
 
 # What a terminal would act on rather than show: C0 controls, DEL and C1 controls (ESC starts
 # ANSI/OSC sequences; OSC 0 retitles the window, a newline fakes a table row), bidirectional
@@ -422,34 +424,69 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _cache_stats(store: CacheStore, args: argparse.Namespace) -> int:
-    info = store.scan()
-    stats: dict[str, Any] = {
-        "cache_dir": str(store.root),
-        "entries": len(info.entries),
-        "bytes": info.size,
-        "broken": sum(e.problem is not None for e in info.entries),
-        "not_cacheable": sum(e.not_cacheable is not None for e in info.entries),
-        "incomplete": len(info.incomplete),
-        "oldest_use": min((e.last_used for e in info.entries), default=0),
-        "newest_use": max((e.last_used for e in info.entries), default=0),
-    }
+    """From the cache's summary (O(1), #45); ``--scan`` reads every entry (and rebuilds it)."""
+    kept = store.bookkeeping()
+    stats: dict[str, Any] = {"cache_dir": str(store.root)}
+    if args.scan:
+        info = store.scan(_progress("stats", "read"))
+        broken = sum(e.problem is not None for e in info.entries)
+        with contextlib.suppress(OSError):
+            store.refresh(broken=broken)
+        stats.update(entries=len(info.entries), bytes=info.size, broken=broken,
+                     not_cacheable=sum(e.not_cacheable is not None for e in info.entries), checked=time.time(),
+                     oldest_use=min((e.last_used for e in info.entries), default=0),
+                     newest_use=max((e.last_used for e in info.entries), default=0))
+    else:
+        totals = store.totals()
+        stats.update(entries=totals.entries, bytes=totals.bytes, broken=totals.broken, not_cacheable=totals.markers,
+                     checked=totals.checked or None, oldest_use=None, newest_use=None)
+    stats.update(incomplete=kept.temp_dirs, bookkeeping=kept.as_dict())
     if args.json:
         print(json.dumps(stats, indent=1))
-    else:
-        _print_fields([
-            ("cache dir", stats["cache_dir"]),
-            ("entries", f"{stats['entries']} ({human_size(info.size)})"),
-            ("broken", str(stats["broken"])),
-            ("not cacheable", f"{_count(stats['not_cacheable'], 'model')} (markers)"),
-            ("incomplete", _count(stats["incomplete"], "temp dir")),
-            ("last used", f"{_when(stats['oldest_use'])} .. {_when(stats['newest_use'])}"),
-        ])
+        return EXIT_OK
+    said = "? (aioov cache verify checks every entry)" if stats["broken"] is None else str(stats["broken"])
+    if stats["broken"] is not None and not args.scan:
+        said += f" (at the last check, {_when(stats['checked'])})"
+    fields = [
+        ("cache dir", stats["cache_dir"]),
+        ("entries", f"{stats['entries']} ({human_size(stats['bytes'])})"),
+        ("broken", said),
+        ("not cacheable", f"{_count(stats['not_cacheable'], 'model')} (markers)"),
+        ("incomplete", _count(stats["incomplete"], "temp dir")),
+        ("bookkeeping", f"{_count(kept.key_locks, 'key lock')}, {_count(kept.hash_locks, 'hash lock')}, "
+                        f"{_count(kept.index_records, 'index record')}, {_count(kept.size_markers, 'size marker')}, "
+                        f"{_count(kept.run_folders, 'run folder')}"),
+    ]
+    if args.scan:
+        fields.append(("last used", f"{_when(stats['oldest_use'])} .. {_when(stats['newest_use'])}"))
+    _print_fields(fields)
     return EXIT_OK
 
 
+def _progress(action: str, verb: str) -> Callable[[int, int], None]:
+    """A progress callback for long runs over the entries: a line on stderr every
+    ``PROGRESS_SECONDS`` (a run shorter than that prints none)."""
+    last = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= PROGRESS_SECONDS:
+            last = time.monotonic()
+            print(f"aioov cache {action}: {done:,} of {total:,} entries {verb} ({done / max(total, 1):.0%})",
+                  file=sys.stderr, flush=True)
+
+    return report
+
+
 def _cache_ls(store: CacheStore, args: argparse.Namespace) -> int:
-    entries = sorted(store.scan().entries, key=lambda e: e.last_used, reverse=True)
-    crashed = {e.key: store.sentinels.crashed(e.key) for e in entries}
+    """From the cache's summary (#45); ``--scan`` reads every entry, and shows what is wrong."""
+    entries = store.scan(_progress("ls", "read")).entries if args.scan else store.listing()
+    entries.sort(key=lambda e: e.last_used, reverse=True)
+    try:
+        runs = set(os.listdir(store.sentinels.root))  # only these keys can have crash records
+    except OSError:
+        runs = set()
+    crashed = {e.key: store.sentinels.crashed(e.key) if e.key in runs else {} for e in entries}
     if args.json:
         print(json.dumps([{**_entry_json(e), "crashed": crashed[e.key]} for e in entries], indent=1))
         return EXIT_OK
@@ -470,8 +507,11 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
     bad: list[dict[str, str]] = []
     foreign: list[str] = []
     checked = 0
-    for key in list(store.keys()):
+    keys = list(store.keys())
+    progress = _progress("verify", "checked")
+    for key in keys:
         checked += 1
+        progress(checked, len(keys))
         lock = store.lock(key)
         try:
             lock.acquire(30, shared=True)  # an entry being pruned is not "bad"
@@ -496,6 +536,8 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
                 (store.index.root / item["key"].removeprefix("index/")).unlink(missing_ok=True)
             else:
                 store.quarantine(item["key"], item["problem"])
+        with contextlib.suppress(OSError):  # the summary, made anew from the entries (#45)
+            store.refresh(broken=sum(not item["key"].startswith("index/") for item in bad))
     if args.json:
         print(json.dumps({"checked": checked, "bad": bad, "removed": not args.dry_run, "foreign": foreign},
                          indent=1))
@@ -522,7 +564,8 @@ def _cache_prune(store: CacheStore, args: argparse.Namespace) -> int:
         print("aioov cache prune: give --max-size and/or --older-than", file=sys.stderr)
         return EXIT_USAGE
     with _reported_here("could not prune entry"):
-        removed = store.prune(max_size=args.max_size, older_than=args.older_than, dry_run=args.dry_run)
+        removed = store.prune(max_size=args.max_size, older_than=args.older_than, dry_run=args.dry_run,
+                              progress=_progress("prune", "read"))
     leftovers = [] if args.dry_run else store.clean_tmp()
     failed = [{**_entry_json(e), "error": why} for e, why in removed.failed]
     _say_failed("prune", failed)
@@ -661,8 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", parents=[common], help="inspect and manage the cache").add_subparsers(
         dest="action", required=True, metavar="ACTION")
-    cache.add_parser("stats", parents=[common_below], help="entries, size, leftovers")
-    cache.add_parser("ls", parents=[common_below], help="list entries, most recently used first")
+    p = cache.add_parser("stats", parents=[common_below], help="entries, size, leftovers")
+    p.add_argument("--scan", action="store_true",
+                   help="read every entry (slow on a large cache) instead of the cache's summary")
+    p = cache.add_parser("ls", parents=[common_below], help="list entries, most recently used first")
+    p.add_argument("--scan", action="store_true",
+                   help="read every entry's manifest (slow on a large cache): also shows what is wrong with it")
     p = cache.add_parser("verify", parents=[common_below], help="check every entry's checksums; remove bad ones")
     p.add_argument("--dry-run", action="store_true", help="report only")
     p.add_argument("--delete-foreign", action="store_true",

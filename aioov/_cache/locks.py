@@ -11,8 +11,20 @@ threads of one process exclude each other too.
 The lock is best-effort coordination, not what makes the cache correct:
 entries appear by atomic rename, so even with no locking at all (NFS without
 lock support, a timeout) the worst case is two processes compiling the same
-model. Lock files are never deleted: unlinking a lock file another process
-has open would let a third lock a fresh inode and break exclusion.
+model.
+
+**Lock files are removed with their entry** (#45). Unlinking a lock file that
+another process has open used to be unsafe: that process would lock the
+unlinked inode while a third created and locked a fresh file at the path, and
+both would think they held the key. So every acquirer now checks, once its
+``flock`` is granted, that the path still names the inode it locked (``fstat``
+of its descriptor against ``stat`` of the path); when it does not, the lock it
+got belongs to a file nobody else will ever open, and it opens the path again.
+A process may unlink a lock file only while it holds it exclusively
+(``release(discard=True)``): an acquirer that opened the old file before the
+unlink gets its lock only after the release, sees the mismatch and retries on
+the new file. An aioov from before this check, sharing the cache during an
+upgrade, can be fooled that way: it then compiles a model twice, never more.
 
 On POSIX the locks are ``fcntl.flock`` calls, made here; portalocker, which makes that
 same call there, is used where there is no ``fcntl`` (Windows: ``msvcrt``/``LockFileEx``).
@@ -23,6 +35,7 @@ small model's warm start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -109,9 +122,13 @@ def unlock_fd(fd: int) -> None:
 class KeyLock:
     """One key's lock file. ``acquire`` polls, so it can time out and be cancelled."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, transient: bool = False) -> None:
         self.path = path
+        #: removed by whoever releases it exclusively: a lock needed only while it is held
+        #: (a model file being hashed), never the lock of an entry
+        self.transient = transient
         self._fd: int | None = None
+        self._shared = False
 
     @property
     def held(self) -> bool:
@@ -121,20 +138,28 @@ class KeyLock:
         """Take the lock if it is free now; never waits."""
         if self._fd is not None:
             raise RuntimeError("lock already held by this KeyLock")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        try:
-            if not lock_fd(fd, shared=shared):
+        for _ in range(_REOPENS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+            try:
+                if not lock_fd(fd, shared=shared):
+                    os.close(fd)
+                    return False
+                if not _still_named(fd, self.path):
+                    # The file was unlinked (or replaced) by a holder before we locked it: a
+                    # lock on it excludes nobody. Open the path again.
+                    unlock_fd(fd)
+                    os.close(fd)
+                    continue
+            except OSError as exc:
                 os.close(fd)
-                return False
-        except OSError as exc:
-            os.close(fd)
-            raise OSError(f"cannot lock {self.path}: {exc}") from exc
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        _HELD.add(self)
-        return True
+                raise OSError(f"cannot lock {self.path}: {exc}") from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self._shared = fd, shared
+            _HELD.add(self)
+            return True
+        raise OSError(f"cannot lock {self.path}: the file was replaced {_REOPENS} times while it was locked")
 
     def acquire(
         self,
@@ -158,10 +183,19 @@ class KeyLock:
                 time.sleep(min(delay, remaining))
             delay = min(delay * 2, _POLL_MAX)
 
-    def release(self) -> None:
+    def release(self, *, discard: bool = False) -> None:
+        """Unlock. ``discard`` (or a ``transient`` lock): held exclusively, the lock file is
+        unlinked first, while it is still locked (see the module's docstring: whoever opened
+        it meanwhile gets the lock of an unlinked file, sees it, and opens the path again)."""
         fd, self._fd = self._fd, None
         _HELD.discard(self)
-        if fd is not None:
+        if fd is None:
+            return
+        try:
+            if (discard or self.transient) and not self._shared and _still_named(fd, self.path):
+                with contextlib.suppress(OSError):  # Windows: an open file cannot be unlinked; it stays
+                    os.unlink(self.path)
+        finally:
             try:
                 unlock_fd(fd)
             finally:
@@ -175,6 +209,20 @@ class KeyLock:
     ) -> None:
         self.release()
 
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not unlinked, not replaced)."""
+    try:
+        mine, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (mine.st_ino, mine.st_dev) == (named.st_ino, named.st_dev)
+
+
+#: times a lock file may be found unlinked under a fresh lock before ``try_acquire`` gives up
+#: (each is a holder that removed it meanwhile: one or two in practice)
+_REOPENS = 100
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 #: the locks this process holds: a child forked meanwhile closes its copies of their files (a
 #: flock belongs to the open file, shared with the child: kept open there, a lock would outlive

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ("CacheInfo", "Entry", "EntryInfo", "Pruned")
+__all__ = ("Bookkeeping", "CacheInfo", "Entry", "EntryInfo", "Pruned")
 
 
 @dataclass
@@ -42,6 +42,8 @@ class EntryInfo:
     check: str | None = None
     #: how the blob was written ("plain", "prepacked", "basic"...)
     variant: str | None = None
+    #: the model's content digest (what its stat index records map its paths to)
+    model: str | None = None
 
 
 @dataclass
@@ -65,3 +67,29 @@ class Pruned(list[EntryInfo]):
     def __init__(self, removed: Iterable[EntryInfo] = (), failed: Iterable[tuple[EntryInfo, str]] = ()) -> None:
         super().__init__(removed)
         self.failed: list[tuple[EntryInfo, str]] = list(failed)
+        #: the bookkeeping files removed with the entries, or because their entry was gone
+        self.collected = Bookkeeping()
+
+
+@dataclass
+class Bookkeeping:
+    """Files the cache keeps beside its entries (``CacheStore.bookkeeping`` counts them,
+    ``CacheStore.collect`` says what it removed): per-key lock files, hash locks (held while a
+    model file is hashed), stat index records and size markers, crash-sentinel folders, and
+    temporary directories."""
+
+    key_locks: int = 0
+    hash_locks: int = 0
+    index_records: int = 0
+    size_markers: int = 0
+    run_folders: int = 0
+    temp_dirs: int = 0
+
+    @property
+    def files(self) -> int:
+        return (self.key_locks + self.hash_locks + self.index_records + self.size_markers + self.run_folders
+                + self.temp_dirs)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"key_locks": self.key_locks, "hash_locks": self.hash_locks, "index_records": self.index_records,
+                "size_markers": self.size_markers, "run_folders": self.run_folders, "temp_dirs": self.temp_dirs}

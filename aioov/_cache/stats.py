@@ -31,6 +31,7 @@ class CacheStats:
     errors: int = 0  # cache operations that failed (disk full, read-only...) and were skipped
     remote_hits: int = 0  # entries downloaded from the remote tier
     uploads: int = 0  # entries uploaded to the remote tier
+    pruned: int = 0  # entries removed to keep CACHE_MAX_SIZE
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

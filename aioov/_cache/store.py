@@ -12,9 +12,11 @@ Layout of a cache directory::
         │       └── manifest.json     written last: key inputs, sizes, xxh3-128 checksums
         ├── .index/<hash>.json        stat index: model file identity → content digest
         ├── .index/<bytes>.size       markers: a model of that size was hashed here (key.py)
-        ├── .locks/<key>.lock         per-key flock files (see locks.py)
+        ├── .locks/<key>.lock         per-key flock files, removed with their entry (locks.py)
+        ├── .locks/hash-<path>.lock   held while a model file is hashed, removed after (locks.py)
         ├── .locks/peers/             marks of the processes loading from the cache (peers.py)
         ├── .runs/                    crash sentinels: first runs at new input shapes (sentinel.py)
+        ├── .usage/                   the size and contents without a scan (usage.py)
         └── .tmp/<key>.<pid>.<rand>.incomplete/   entries being written
 
 An entry is written in ``.tmp``, fsynced, its manifest written last, then the
@@ -22,6 +24,11 @@ whole directory is renamed into place: readers see a complete entry or none.
 Anything wrong with an entry (missing or bad manifest, wrong sizes or
 checksums, another onnxruntime) gets it renamed out of the way and deleted;
 the caller recompiles. Symlinks inside the tree are never followed.
+
+Bookkeeping lives as long as its entry (#45): ``remove`` unlinks the entry's lock file,
+``prune``/``clear`` collect lock files, stat index records and size markers whose entry is
+gone (``collect``), and every rename into or out of the tree is a line in the usage journal,
+so that ``CACHE_MAX_SIZE`` and ``aioov cache stats`` know the size in O(1).
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._errors import CacheError, EntryError, LockTimeout
+from .._errors import CacheError, Cancelled, EntryError, LockTimeout
 from . import auth
 from .fsutil import (
     atomic_write_bytes,
@@ -56,12 +63,13 @@ from .fsutil import (
     rmtree,
 )
 from .key import StatIndex, path_digest
-from .layout import FORMAT_VERSION, MANIFEST, is_reserved, marker_reason
+from .layout import FORMAT_VERSION, MANIFEST, NOT_CACHEABLE, is_reserved
 from .locks import KeyLock
-from .records import CacheInfo, Entry, EntryInfo, Pruned
+from .records import Bookkeeping, CacheInfo, Entry, EntryInfo, Pruned
 from .sentinel import Sentinels
+from .usage import Journal, Row, Totals, Usage
 
-__all__ = ("CacheInfo", "CacheStore", "Entry", "EntryInfo", "Pruned")
+__all__ = ("Bookkeeping", "CacheInfo", "CacheStore", "Entry", "EntryInfo", "Pruned", "Totals")
 
 logger = logging.getLogger("aioov.cache")
 
@@ -73,6 +81,24 @@ _CACHEDIR_TAG = (
 )
 #: a temp dir is removed only when no writer holds its key's lock and it is at least this old
 TMP_MIN_AGE = 60.0
+#: past ``CACHE_MAX_SIZE``, entries are pruned down to this share of it, so that the walk it
+#: takes is paid once per tenth of the limit's worth of publishes, not on each (ccache's
+#: ``limit_multiple`` does the same)
+LOW_WATER = 0.9
+#: a size limit's summary is rebuilt from a walk at least this often (seconds), in case a line
+#: was lost (a process killed between its rename and its line)
+REBUILD_AFTER = 86400.0
+#: journal bytes after which a rebuild compacts it into a new catalog (``ls`` reads it all)
+COMPACT_BYTES = 8 << 20
+#: a stat index record or size marker younger than this is kept by ``collect`` (a compile may
+#: be under way for it, its entry not published yet)
+INDEX_GRACE = 600.0
+#: seconds ``prune``/``clear``/``verify`` wait for another process's rebuild to finish
+REBUILD_WAIT = 60.0
+#: entries between two calls of a progress callback
+PROGRESS_EVERY = 500
+#: seconds a process's claim on upkeep lasts (``claim_upkeep``)
+UPKEEP_CLAIM = 300.0
 
 
 _KEY = re.compile(r"[0-9a-f]{16,128}")
@@ -92,6 +118,8 @@ class CacheStore:
         self.locks = self.base / ".locks"
         self.index = StatIndex(self.base / ".index")
         self.sentinels = Sentinels(self.base / ".runs")
+        self.usage = Usage(self.base / ".usage")
+        self._upkeep_claim: tuple[int, float] | None = None
         #: called with (key, reason) whenever a broken entry is discarded
         self.on_discard: Callable[[str, str], object] | None = None
 
@@ -102,9 +130,11 @@ class CacheStore:
         an aioov cache (its CACHEDIR.TAG would make backup tools skip the user's files)."""
         if self._root_has_files() and not (self.is_cache() or is_plain_dir(self.base)):
             raise OSError(f"{self.root} is not empty and not an aioov cache; give a new or empty directory")
-        for path in (self.base, self.tmp, self.locks, self.index.root):
+        for path in (self.base, self.tmp, self.locks, self.index.root, self.usage.root):
             path.mkdir(parents=True, exist_ok=True)
         self.check_tree()
+        if not os.path.lexists(self.usage.root / "summary.json") and not any(True for _ in self._entries()):
+            self.usage.create()  # a new cache: its summary is exact from the start
         tag = self.root / "CACHEDIR.TAG"
         if not os.path.lexists(tag):
             try:
@@ -128,7 +158,7 @@ class CacheStore:
     def check_tree(self) -> None:
         """Raise OSError when a directory of the tree is a symlink: entries would be written,
         served and deleted outside the cache. (``root`` itself may be a link.)"""
-        for path in (self.base, self.tmp, self.locks, self.index.root, self.sentinels.root):
+        for path in (self.base, self.tmp, self.locks, self.index.root, self.sentinels.root, self.usage.root):
             if os.path.islink(path):
                 raise OSError(f"{path} is a symlink; refusing to use this cache")
 
@@ -143,8 +173,9 @@ class CacheStore:
         return KeyLock(self.locks / f"{key}.lock")
 
     def hash_lock(self, path: str) -> KeyLock:
-        """The lock held while a model file is hashed for the stat index (by its path)."""
-        return KeyLock(self.locks / f"hash-{path_digest(path)}.lock")
+        """The lock held while a model file is hashed for the stat index (by its path); its
+        file is removed by the hasher that releases it (waiters then read the record)."""
+        return KeyLock(self.locks / f"hash-{path_digest(path)}.lock", transient=True)
 
     # -- read ---------------------------------------------------------------------
     def lookup(self, key: str, *, check_sizes: bool = True) -> Entry | None:
@@ -261,15 +292,18 @@ class CacheStore:
         worth caching" record of another aioov version), nothing wrong with it."""
         self._delete(key, "retired")
 
-    def _delete(self, key: str, why: str, *, strict: bool = False) -> bool:
+    def _delete(self, key: str, why: str, *, strict: bool = False, journal: Journal | None = None) -> bool:
         """Rename an entry out of the tree (atomic: readers see it or nothing), then delete it.
         False when it is gone already; when it cannot be moved, False too, or with ``strict``
-        a ``CacheError`` saying why."""
+        a ``CacheError`` saying why. The rename and its journal line go together (``usage``)."""
         aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.{why}"
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
             self.check_tree()
-            os.rename(self.entry_path(key), aside)
+            with contextlib.nullcontext(journal) if journal else self.usage.journal() as lines, lines.change():
+                os.rename(self.entry_path(key), aside)
+                size, marker = measure(aside)
+                lines.removed(key, size, marker)
         except FileNotFoundError:  # removed by another process meanwhile
             return False
         except OSError as exc:
@@ -310,7 +344,7 @@ class CacheStore:
         if mac_key is not None:
             manifest = auth.sign(manifest, tmp, mac_key)
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), durable=True)
-        return self._rename_into_place(key, tmp, abort)
+        return self._rename_into_place(key, tmp, abort, manifest)
 
     def adopt(self, key: str, tmp: Path, manifest: dict[str, Any], *, mac_key: bytes | None = None) -> bool:
         """Publish files that came from elsewhere (the remote tier) under their own manifest,
@@ -322,9 +356,10 @@ class CacheStore:
             raise EntryError(f"downloaded entry {key[:16]}: {problem}")
         for file in tmp.iterdir():
             fsync_file(file)
-        return self._rename_into_place(key, tmp, None)
+        return self._rename_into_place(key, tmp, None, manifest)
 
-    def _rename_into_place(self, key: str, tmp: Path, abort: Callable[[], bool] | None) -> bool:
+    def _rename_into_place(self, key: str, tmp: Path, abort: Callable[[], bool] | None,
+                           manifest: dict[str, Any]) -> bool:
         fsync_dir(tmp)
         final = self.entry_path(key)
         final.parent.mkdir(exist_ok=True)
@@ -333,13 +368,28 @@ class CacheStore:
         if abort is not None and abort():
             rmtree(tmp)
             return False
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if os.path.lexists(final):  # published meanwhile by a writer that had no lock
-                rmtree(tmp)
-                return False
-            raise
+        row = Row.of_manifest(manifest, measure(tmp)[0])
+        with self.usage.journal() as lines, lines.change():
+            for again in (False, True):
+                try:
+                    os.rename(tmp, final)
+                    lines.added(key, row)
+                    published = True
+                    break
+                except FileNotFoundError:
+                    if again or not os.path.lexists(tmp):
+                        raise
+                    final.parent.mkdir(exist_ok=True)  # its empty shard was removed (``clear``) meanwhile
+                    if not is_plain_dir(final.parent):
+                        raise
+                except OSError:
+                    if not os.path.lexists(final):
+                        raise
+                    published = False  # published meanwhile by a writer that had no lock
+                    break
+        if not published:
+            rmtree(tmp)
+            return False
         fsync_dir(final.parent)
         return True
 
@@ -369,21 +419,27 @@ class CacheStore:
                 rmtree(path)
                 removed.append(path)
             finally:
-                if lock is not None:
-                    lock.release()
+                if lock is not None:  # the lock of a key with no entry is bookkeeping of nothing
+                    lock.release(discard=not os.path.lexists(self.entry_path(prefix)))
         return removed
 
     def keys(self) -> Iterator[str]:
         """Keys of the entries present; stray names (``.DS_Store``, a symlinked shard) are skipped."""
+        for key, _entry in self._entries():
+            yield key
+
+    def _entries(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """(key, directory entry) of each entry present, in key order: one listing per shard."""
         self.check_tree()
-        for shard in children(self.base):
-            if not (len(shard.name) == 2 and is_plain_dir(shard)):
+        for shard in sorted(_scandir(self.base), key=lambda s: s.name):
+            if not (len(shard.name) == 2 and shard.is_dir(follow_symlinks=False)):
                 continue
-            for entry in children(shard):
-                if is_key(entry.name) and entry.name[:2] == shard.name:
-                    yield entry.name
+            for entry in sorted(_scandir(shard.path), key=lambda e: e.name):
+                if entry.name[:2] == shard.name and is_key(entry.name):
+                    yield entry.name, entry
 
     def info(self, key: str) -> EntryInfo:
+        """One entry as its manifest and files say (``problem``: what is wrong with it)."""
         path = self.entry_path(key)
         problem = None
         manifest: dict[str, Any] = {}
@@ -393,43 +449,106 @@ class CacheStore:
             problem = str(exc)
         except OSError as exc:
             problem = f"unreadable: {exc}"
-        size = 0
-        for file in children(path):
-            try:
-                size += file.lstat().st_size
-            except OSError:
-                pass
         try:
             last_used = path.lstat().st_mtime
         except OSError:
             last_used = 0.0
-        created, source = manifest.get("created"), manifest.get("source")
-        source_path = source.get("path") if isinstance(source, dict) else None
-        marker, build = manifest.get("not_cacheable"), manifest.get("build")
-        return EntryInfo(
-            key=key,
-            path=path,
-            size=size,
-            created=float(created) if isinstance(created, (int, float)) else 0.0,
-            last_used=last_used,
-            device=str(manifest.get("device", "?")),
-            source=source_path if isinstance(source_path, str) else None,
-            problem=problem,
-            not_cacheable=marker_reason(marker),
-            check=str(build.get("check")) if isinstance(build, dict) else None,
-            variant=str(build.get("variant")) if isinstance(build, dict) else None,
-        )
+        return _entry_info(key, path, Row.of_manifest(manifest, measure(path)[0]), last_used, problem)
 
-    def scan(self) -> CacheInfo:
+    def scan(self, progress: Callable[[int, int], object] | None = None) -> CacheInfo:
+        """Every entry read from its manifest and files (``info``), least recently used first;
+        ``progress(done, total)`` is called every ``PROGRESS_EVERY`` entries."""
         info = CacheInfo(self.root)
-        info.entries = sorted((self.info(k) for k in self.keys()), key=lambda e: e.last_used)
+        keys = list(self.keys())
+        for done, key in enumerate(keys, 1):
+            info.entries.append(self.info(key))
+            if progress is not None and (done % PROGRESS_EVERY == 0 or done == len(keys)):
+                progress(done, len(keys))
+        info.entries.sort(key=lambda e: e.last_used)
         info.incomplete = list(children(self.tmp))
         return info
 
-    def remove(self, key: str, *, wait: float = 0.0) -> bool:
+    # -- what the summary knows (usage.py) ---------------------------------------------------
+    def totals(self) -> Totals:
+        """The cache's size and entry count from its summary, in O(1); a cache that has none
+        yet (written by an earlier aioov) is walked once to make it. OSError where it cannot be read."""
+        if not is_plain_dir(self.base):
+            return Totals()  # nothing cached here yet
+        totals = self.usage.totals()
+        if totals is None:
+            self.refresh()
+            totals = self.usage.totals()
+        if totals is None:
+            raise OSError(f"cannot summarize {self.base}: {self.usage.root} cannot be written")
+        return totals
+
+    def listing(self) -> list[EntryInfo]:
+        """Every entry as the summary records it (no manifest read), with its last use, least
+        recently used first; ``problem`` is never set (``scan`` reads the manifests). A
+        recorded entry gone since is left out; one nobody recorded (a process killed between
+        its rename and its line) appears after the next rebuild (``refresh``, ``prune``)."""
+        if not is_plain_dir(self.base):
+            return []
+        rows = self.usage.rows()
+        if rows is None:
+            rows = self.refresh()
+        if rows is None:
+            return self.scan().entries
+        found = []
+        for key, row in rows.items():
+            path = self.entry_path(key)
+            try:
+                last_used = path.lstat().st_mtime
+            except OSError:
+                continue
+            found.append(_entry_info(key, path, row, last_used, None))
+        found.sort(key=lambda e: e.last_used)
+        return found
+
+    def refresh(self, *, wait: float = REBUILD_WAIT, broken: int | None = None) -> dict[str, Row] | None:
+        """Rebuild the summary from a walk of the entries (a manifest is read only for an entry
+        it has no row of; ``broken``: what a check of every entry just found); the rows it
+        committed, or None where another process's rebuild took longer than ``wait``."""
+        with self.usage.rebuilding(wait) as mine:
+            return self.usage.rebuild(self._walk, broken=lambda: broken) if mine else None
+
+    def _walk(self, known: Mapping[str, Row], last_used: dict[str, float] | None = None,
+              cancel: Callable[[], bool] | None = None) -> dict[str, Row]:
+        """The entries present, with their rows: ``known`` ones trusted, others read
+        (``info``); with ``last_used``, their directories' mtimes are noted there."""
+        present: dict[str, Row] = {}
+        for done, (key, entry) in enumerate(self._entries()):
+            if cancel is not None and done % PROGRESS_EVERY == 0 and cancel():
+                raise Cancelled()
+            if last_used is not None:
+                try:
+                    last_used[key] = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue  # gone meanwhile
+            row = known.get(key)
+            present[key] = row if row is not None else _row(self.info(key))
+        return present
+
+    def bookkeeping(self) -> Bookkeeping:
+        """How many bookkeeping files there are (listings only: cheap at any size)."""
+        found = Bookkeeping()
+        for entry in _scandir(self.locks):
+            if entry.name.startswith("hash-") and entry.name.endswith(".lock"):
+                found.hash_locks += 1
+            elif entry.name.endswith(".lock") and is_key(entry.name[:-5]):
+                found.key_locks += 1
+        for entry in _scandir(self.index.root):
+            found.index_records += entry.name.endswith(".json")
+            found.size_markers += entry.name.endswith(".size")
+        found.run_folders = sum(1 for _ in _scandir(self.sentinels.root))
+        found.temp_dirs = sum(1 for _ in _scandir(self.tmp))
+        return found
+
+    def remove(self, key: str, *, wait: float = 0.0, journal: Journal | None = None) -> bool:
         """Delete one entry unless a reader or writer holds its lock (for up to ``wait``
-        seconds). True if removed; False if it is in use or already gone. ``CacheError`` when
-        it cannot be removed: its lock cannot be opened, or it cannot be moved out of the tree."""
+        seconds), and its lock file with it. True if removed; False if it is in use or already
+        gone. ``CacheError`` when it cannot be removed: its lock cannot be opened, or it cannot
+        be moved out of the tree. ``journal``: a batch of removals (``prune``, ``clear``)."""
         self.entry_path(key)  # a key, not a path: CacheError otherwise
         lock = self.lock(key)
         try:
@@ -442,9 +561,11 @@ class CacheStore:
         except OSError as exc:
             raise CacheError(f"cannot remove entry {key[:16]}: {exc}") from exc
         try:
-            return self._delete(key, "pruned", strict=True)
+            return self._delete(key, "pruned", strict=True, journal=journal)
         finally:
-            lock.release()
+            # Held exclusively, with the entry gone: the lock file goes too (locks.py says why
+            # that is safe for whoever waits on it).
+            lock.release(discard=not os.path.lexists(self.entry_path(key)))
 
     def prune(
         self,
@@ -452,42 +573,270 @@ class CacheStore:
         max_size: int | None = None,
         older_than: float | None = None,
         dry_run: bool = False,
+        progress: Callable[[int, int], object] | None = None,
     ) -> Pruned:
         """Remove least-recently-used entries above ``max_size`` bytes and those unused
         for ``older_than`` seconds. Entries in use (locked) are skipped; those that cannot be
-        removed are logged and listed in the result's ``failed``."""
-        info = self.scan()
+        removed are logged and listed in the result's ``failed``. The scan rebuilds the
+        summary, and bookkeeping left by removed entries is collected (the result's
+        ``collected``). ``progress(done, total)``: as the entries are read (``scan``)."""
+        scans: list[CacheInfo] = []
+
+        def walk(known: Mapping[str, Row]) -> dict[str, Row]:
+            scans.append(self.scan(progress))
+            return {e.key: _row(e) for e in scans[-1].entries}
+
+        if not dry_run:  # a dry run writes nothing, the summary neither
+            with contextlib.suppress(OSError), self.usage.rebuilding(REBUILD_WAIT) as mine:
+                if mine:
+                    self.usage.rebuild(walk, broken=lambda: sum(e.problem is not None for e in scans[-1].entries))
+        info = scans[-1] if scans else self.scan(progress)
         total = info.size
         now = time.time()
         pruned = Pruned()
-        for entry in info.entries:  # oldest use first
-            too_old = older_than is not None and now - entry.last_used > older_than
-            too_big = max_size is not None and total > max_size
-            if not (too_old or too_big or entry.problem):
-                continue
-            try:
-                removed = dry_run or self.remove(entry.key)
-            except CacheError as exc:
-                logger.warning("aioov cache: could not prune entry %s: %s", entry.key[:16], exc)
-                pruned.failed.append((entry, str(exc)))
-                continue
-            if removed:
-                pruned.append(entry)
-                total -= entry.size
+        with self.usage.journal() as journal:
+            for entry in info.entries:  # oldest use first
+                too_old = older_than is not None and now - entry.last_used > older_than
+                too_big = max_size is not None and total > max_size
+                if not (too_old or too_big or entry.problem):
+                    continue
+                try:
+                    removed = dry_run or self.remove(entry.key, journal=journal)
+                except CacheError as exc:
+                    logger.warning("aioov cache: could not prune entry %s: %s", entry.key[:16], exc)
+                    pruned.failed.append((entry, str(exc)))
+                    continue
+                if removed:
+                    pruned.append(entry)
+                    total -= entry.size
+        if not dry_run:
+            pruned.collected = self.collect()
         return pruned
 
     def clear(self) -> int:
-        """Remove every entry (skipping those in use) and leftovers; returns entries removed."""
+        """Remove every entry (skipping those in use) and leftovers, and the bookkeeping of
+        entries (lock files, stat index, crash records): what is left is the cache's skeleton,
+        and what entries in use still hold. Returns the entries removed."""
         removed = 0
-        for key in list(self.keys()):
-            try:
-                gone = self.remove(key)
-            except CacheError as exc:
-                logger.warning("aioov cache: could not clear entry %s: %s", key[:16], exc)
-                continue
-            if gone:
-                self.sentinels.forget(key)  # a cleared cache starts over: crashed variants are tried again
-                removed += 1
+        with self.usage.journal() as journal:
+            for key in list(self.keys()):
+                try:
+                    gone = self.remove(key, journal=journal)
+                except CacheError as exc:
+                    logger.warning("aioov cache: could not clear entry %s: %s", key[:16], exc)
+                    continue
+                if gone:
+                    self.sentinels.forget(key)  # a cleared cache starts over: crashed variants are tried again
+                    removed += 1
         self.clean_tmp(min_age=0)
+        self.collect(everything=True)
+        for shard in _scandir(self.base):
+            if len(shard.name) == 2 and shard.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(shard.path)  # only an empty one (a publish that finds it gone makes it again)
+        with contextlib.suppress(OSError):
+            self.refresh()
         return removed
 
+    # -- the size limit (CACHE_MAX_SIZE) ----------------------------------------------------
+    def claim_upkeep(self, max_size: int | None) -> bool:
+        """Whether ``upkeep`` is due, from the summary in O(1) (a publish asks): the cache
+        passed ``max_size``, or has no summary yet (an earlier aioov wrote it), or its journal
+        wants compacting, or (with a limit) its last rebuild is a day old. True claims it for
+        this process: later calls say False until ``upkeep`` has run, or ``UPKEEP_CLAIM``
+        seconds have passed (an upkeep that failed is tried again then, not at each publish)."""
+        claim = self._upkeep_claim
+        if claim is not None and claim[0] == os.getpid() and time.monotonic() - claim[1] < UPKEEP_CLAIM:
+            return False
+        totals = self.usage.totals()
+        due = (totals is None or totals.offset + totals.pending > COMPACT_BYTES
+               or (max_size is not None and (totals.bytes > max_size or time.time() - totals.rebuilt > REBUILD_AFTER)))
+        if due:
+            self._upkeep_claim = (os.getpid(), time.monotonic())
+        return due
+
+    def upkeep(self, max_size: int | None, *, cancel: Callable[[], bool] | None = None) -> Pruned | None:
+        """What ``CACHE_MAX_SIZE`` runs when ``claim_upkeep`` says so, off a compile's path:
+        rebuild the summary from a walk (rows known, the directories' mtimes read, no
+        manifest but those of entries nobody recorded) and, past ``max_size``, remove the
+        least recently used entries (in use: skipped) down to ``LOW_WATER`` of it, with their
+        lock files and the stat index records of their paths. None where another process is
+        at it. Raises ``Cancelled`` when ``cancel()`` says so (checked as it goes)."""
+        with self.usage.rebuilding() as mine:
+            if not mine:
+                self._upkeep_claim = None
+                return None
+            last_used: dict[str, float] = {}
+            rows = self.usage.rebuild(lambda known: self._walk(known, last_used, cancel))
+            pruned = Pruned()
+            if rows is not None and max_size is not None:
+                self._evict(rows, last_used, max_size * LOW_WATER if sum(r.size for r in rows.values()) > max_size
+                            else None, pruned, cancel)
+        self._upkeep_claim = None
+        return pruned
+
+    def _evict(self, rows: dict[str, Row], last_used: dict[str, float], target: float | None, pruned: Pruned,
+               cancel: Callable[[], bool] | None) -> None:
+        """Remove the least recently used of ``rows`` until they hold ``target`` bytes."""
+        if target is None:
+            return
+        total, now = sum(row.size for row in rows.values()), time.time()
+        with self.usage.journal() as journal:
+            for key in sorted(rows, key=lambda k: last_used.get(k, now)):  # unknown: published during the walk
+                if total <= target:
+                    break
+                if cancel is not None and cancel():
+                    raise Cancelled()
+                try:
+                    if not self.remove(key, journal=journal):
+                        continue
+                except CacheError as exc:
+                    logger.warning("aioov cache: could not prune entry %s: %s", key[:16], exc)
+                    continue
+                total -= rows[key].size
+                pruned.append(_entry_info(key, self.entry_path(key), rows[key], last_used.get(key, now), None))
+        gone = {entry.key for entry in pruned}
+        left = {row.model for key, row in rows.items() if key not in gone}
+        for entry in pruned:
+            if entry.source and entry.model and entry.model not in left:
+                pruned.collected.index_records += self._forget_record(entry.source, entry.model)
+        pruned.collected.key_locks = sum(not os.path.lexists(self.lock(key).path) for key in gone)
+
+    def _forget_record(self, source: str, digest: str) -> bool:
+        """Remove the stat index record of ``source`` if it maps to ``digest``."""
+        record = self.index.root / f"{path_digest(source)}.json"
+        if _index_record(record)[0] != digest:
+            return False
+        with contextlib.suppress(OSError):
+            record.unlink()
+            return True
+        return False
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def collect(self, *, everything: bool = False) -> Bookkeeping:
+        """Remove bookkeeping that outlived its entry: lock files of keys with no entry and
+        hash locks, each taken exclusively first (one in use stays); stat index records of
+        models no entry was built from, and size markers of no record (younger than
+        ``INDEX_GRACE``: kept, their compile may be under way); empty crash-sentinel folders.
+        ``everything`` (``clear``): every index record and size marker, and the crash records
+        of keys with no entry. What was removed, counted."""
+        self.check_tree()
+        done = Bookkeeping()
+        for entry in _scandir(self.locks):
+            stem = entry.name[:-5] if entry.name.endswith(".lock") else ""
+            if not (is_key(stem) or stem.startswith("hash-")) or not entry.is_file(follow_symlinks=False):
+                continue
+            if is_key(stem) and os.path.lexists(self.entry_path(stem)):
+                continue
+            lock = KeyLock(Path(entry.path))
+            try:
+                if not lock.try_acquire():
+                    continue
+            except OSError:
+                continue
+            gone = not (is_key(stem) and os.path.lexists(self.entry_path(stem)))
+            lock.release(discard=gone)
+            if gone and is_key(stem):
+                done.key_locks += 1
+            elif gone:
+                done.hash_locks += 1
+        done.index_records, done.size_markers = self._collect_index(everything)
+        for entry in _scandir(self.sentinels.root):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if everything and is_key(entry.name) and not os.path.lexists(self.entry_path(entry.name)):
+                self.sentinels.forget(entry.name)
+            else:
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)  # only when empty: runs under way and crash records stay
+            done.run_folders += not os.path.lexists(entry.path)
+        return done
+
+    def _collect_index(self, everything: bool) -> tuple[int, int]:
+        in_use: set[str | None] = set()
+        if not everything:
+            rows = self.usage.rows()
+            if rows is None:
+                return 0, 0  # nothing says which models have entries: keep every record
+            in_use = {row.model for row in rows.values()}
+        now, records, markers = time.time(), 0, 0
+        kept_sizes: set[int] = set()
+        found_markers = []
+        for entry in _scandir(self.index.root):
+            if entry.name.endswith(".size"):
+                found_markers.append(entry)
+                continue
+            if not entry.name.endswith(".json"):
+                continue
+            if not everything:
+                digest, size = _index_record(Path(entry.path))
+                if digest in in_use or _younger(entry, now, INDEX_GRACE):
+                    if size is not None:
+                        kept_sizes.add(size)
+                    continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                records += 1
+        for entry in found_markers:
+            stem = entry.name[:-5]
+            if not everything and (not stem.isdigit() or int(stem) in kept_sizes or _younger(entry, now, INDEX_GRACE)):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                markers += 1
+        return records, markers
+
+
+def measure(path: Path) -> tuple[int, bool]:
+    """(bytes, is a not-cacheable marker) of an entry's directory: its files' sizes, leaving
+    out the verification stamp and other dot-files that readers write into it later."""
+    size, marker = 0, False
+    for entry in _scandir(str(path)):
+        if entry.name.startswith("."):
+            continue
+        try:
+            size += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+        marker = marker or entry.name == NOT_CACHEABLE
+    return size, marker
+
+
+def _scandir(path: str | Path) -> list[os.DirEntry[str]]:
+    """A directory's entries; nothing for a symlink, a non-directory or a missing one."""
+    if not is_plain_dir(Path(path)):
+        return []
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def _younger(entry: os.DirEntry[str], now: float, age: float) -> bool:
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime < age
+    except OSError:
+        return True  # gone or unreadable: not ours to judge
+
+
+def _index_record(path: Path) -> tuple[str | None, int | None]:
+    """(model digest, total size of its files) of a stat index record; (None, None) when it
+    cannot be read as one."""
+    try:
+        record = load_json(read_regular(path, 1 << 20))
+        files = record["files"]
+        return str(record["digest"]), sum(int(item["size"]) for item in files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+
+
+def _row(info: EntryInfo) -> Row:
+    return Row(info.size, info.created, info.device, info.source, info.not_cacheable, info.check, info.variant,
+               info.model)
+
+
+def _entry_info(key: str, path: Path, row: Row, last_used: float, problem: str | None) -> EntryInfo:
+    return EntryInfo(key=key, path=path, size=row.size, created=row.created, last_used=last_used, device=row.device,
+                     source=row.source, problem=problem, not_cacheable=row.not_cacheable, check=row.check,
+                     variant=row.variant, model=row.model)
