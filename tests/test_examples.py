@@ -144,7 +144,7 @@ def test_the_dockerfile_builds_from_the_repository_and_serves_from_its_cache(tmp
                                  capture_output=True, text=True)
             assert run.returncode == 0, f"RUN {args}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
         elif instruction == "ENV":
-            env.update(pair.split("=", 1) for pair in here(str(args)).split())
+            env.update((name, here(value)) for name, _, value in (pair.partition("=") for pair in str(args).split()))
         elif instruction == "CMD":
             command = [here(word) for word in args]
     assert (root / "src" / "examples" / "asgi_app.py").exists()  # installed from the repository
@@ -171,7 +171,7 @@ def test_the_dockerfile_builds_from_the_repository_and_serves_from_its_cache(tmp
         server.wait(60)
         assert server.stderr is not None
         server.stderr.close()
-    assert sorted(listed["models"]) == ["m0", "m1"] and listed["failed"] == {}
+    assert sorted(listed["models"]) == ["m0", "m1"] and listed["failed"] == {}, listed
     assert all(m["from_cache"] for m in listed["models"].values())  # warmed while the image was built
 
 
