@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import onnx
 import pytest
@@ -505,3 +506,24 @@ def test_a_builder_keeps_its_heap_while_it_writes_unless_the_application_tuned_m
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         assert f"{name}={ALLOCATOR_ENV[name]}".encode() in environ
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the serving process's allocator is left alone
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+async def test_a_builder_stopped_from_outside_is_not_blamed_on_the_model(
+    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
+) -> None:
+    """A service manager stopping the service signals every process of it, builders included:
+    that says nothing about the blob. Nothing is remembered, and the next compile caches it."""
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "hang:plain")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU", {"CACHE_PREPACK": "NEVER"})
+        builders = await anyio.to_thread.run_sync(_wait_for_builders)
+        assert builders
+        for pid in builders:
+            os.kill(pid, sig)
+        assert await core.wait_exports(60)
+    assert manifests(cache_dir) == []  # no not-cacheable marker
+    monkeypatch.delenv("AIOOV_BUILDER_FAULT")
+    await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NEVER")
+    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
