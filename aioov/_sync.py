@@ -38,7 +38,16 @@ from anyio.from_thread import BlockingPortal
 
 from ._bulk import BulkProgress, CompileResult
 from ._cache.stats import CacheStats
-from ._compiled import CompiledModel, InferInputs, InferResults, ModelMetadata, Port, warn_if_blocking_a_loop
+from ._compiled import (
+    CompiledModel,
+    InferInputs,
+    InferResults,
+    ModelMetadata,
+    OutputKeys,
+    Port,
+    RunOptionsLike,
+    warn_if_blocking_a_loop,
+)
 from ._concurrency import renew_in_children
 from ._core import CLOSE_TIMEOUT, Core, ModelSource
 from ._devices import DeviceRegistry
@@ -317,19 +326,23 @@ class SyncCompiledModel:
         """The async ``CompiledModel`` underneath (``await compiled_model.infer(...)`` on a loop)."""
         return self._compiled
 
-    def infer(self, inputs: InferInputs) -> InferResults:
+    def infer(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
         """Run the model on ``inputs``; outputs by name, in model order, also by index and by
         ``Port``. ``InferenceError`` when the inputs do not match the model or ONNX Runtime
-        fails running them."""
+        fails running them. ``outputs`` and ``run_options``: as ``CompiledModel.infer``'s."""
         warn_if_blocking_a_loop("SyncCompiledModel.infer", "await compiled.infer(inputs) on a Core's model instead")
         with self._streams:
-            return self._compiled._infer_blocking(inputs)
+            return self._compiled._infer_blocking(inputs, outputs=outputs, run_options=run_options)
 
-    def __call__(self, inputs: InferInputs) -> InferResults:
+    def __call__(
+        self, inputs: InferInputs, *, outputs: OutputKeys | None = None, run_options: RunOptionsLike | None = None,
+    ) -> InferResults:
         """``compiled(inputs)``: the same as ``compiled.infer(inputs)``, as in OpenVINO."""
         warn_if_blocking_a_loop("SyncCompiledModel.__call__", "await compiled(inputs) on a Core's model instead")
         with self._streams:
-            return self._compiled._infer_blocking(inputs)
+            return self._compiled._infer_blocking(inputs, outputs=outputs, run_options=run_options)
 
     def create_infer_request(self) -> SyncInferRequest:
         return SyncInferRequest(self)

@@ -171,3 +171,14 @@ core.close()
 print(os.waitstatus_to_exitcode(status))
 """
     assert run_python(code, str(cache_dir), str(mlp_path), timeout=120).stdout.strip() == "0"
+
+
+def test_a_sync_model_chooses_its_outputs_and_run_options(mlp_path: Path) -> None:
+    with aioov.SyncCore() as core:
+        compiled = core.compile_model(mlp_path, "CPU")
+        x = np.ones((2, 8), np.float32)
+        name = compiled.outputs[0].name
+        picked = compiled.infer(x, outputs=[name], run_options={"log_severity_level": 3})
+        assert list(picked) == [name]
+        with pytest.raises(aioov.InferenceError):
+            compiled(x, outputs=["nope"])
