@@ -96,7 +96,29 @@ def run_job(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = la
     except CheckFailed as exc:
         return {"ok": False, "stage": "check", "reason": str(exc) or first_line(exc.__cause__ or exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
-        return {"ok": False, "stage": "export", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+        room = _no_room(job)  # onnxruntime's write errors do not say why; the disk may
+        return {"ok": False, "stage": "export", "reason": f"{room}: {reason}" if room else reason}
+
+
+def _no_room(job: dict[str, Any]) -> str | None:
+    """Why the blob may not have fitted: the disk nearly full, or a file size limit at most a
+    few times the model's size (the parent tries again when there is room)."""
+    import shutil
+
+    try:
+        needed = 2 * os.path.getsize(job["model"])
+        free = shutil.disk_usage(job["tmp"]).free
+        if free < needed:
+            return f"no room on the disk ({free >> 20} MB free)"
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit < 4 * needed:
+            return f"no room under the file size limit ({limit >> 20} MB)"
+    except (OSError, ImportError, KeyError, TypeError):
+        pass
+    return None
 
 
 def build(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:

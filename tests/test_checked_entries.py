@@ -27,6 +27,7 @@ import aioov
 from aioov import _builds, _writer
 from aioov._cache.store import CacheStore
 from aioov._reference import compare
+from aioov.testing import bert_like
 
 from .helpers import builders_of as _builders_of
 from .helpers import child_env, compile_in_a_process, manifests, reference, run_python
@@ -527,3 +528,38 @@ async def test_a_builder_stopped_from_outside_is_not_blamed_on_the_model(
     monkeypatch.delenv("AIOOV_BUILDER_FAULT")
     await _compile_and_export(cache_dir, mlp_path, CACHE_PREPACK="NEVER")
     assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
+
+
+_FILE_SIZE_LIMIT = """
+import resource, sys, anyio, aioov
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        await core.compile_model(sys.argv[2], "CPU", {"CACHE_PREPACK": "ALWAYS"})
+        assert await core.wait_exports(120)
+anyio.run(main)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="a file size limit (RLIMIT_FSIZE) stands for a full disk")
+def test_a_variant_that_did_not_fit_is_tried_again_when_there_is_room(cache_dir: Path, tmp_path: Path) -> None:
+    """No room for the prepacked blob (here a file size limit between the two blobs' sizes;
+    a full disk or a quota says the same): the plain one is published. A day later, with room
+    on the disk, pruning removes that entry, and the next compile publishes the better one."""
+    model = tmp_path / "bert.onnx"
+    onnx.save(bert_like(layers=2, hidden=128, heads=4, vocab=1000), model)
+    run_python(_FILE_SIZE_LIMIT, str(cache_dir), str(model), str(3 << 20))  # plain: 2.1 MB, prepacked: 3.7 MB
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["variant"] == "plain"
+    assert any("no room under the file size limit" in f for f in manifest["build"]["failed"]), manifest["build"]
+    store = CacheStore(cache_dir)
+    (entry,) = store.scan().entries
+    assert entry.short_of_room is not None
+    assert store.prune() == []  # written just now: kept
+    manifest_path = entry.path / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["created"] -= 25 * 3600  # as a day passes
+    manifest_path.write_text(json.dumps(data))
+    assert [e.key for e in store.prune()] == [entry.key]
+    run_python(_FILE_SIZE_LIMIT, str(cache_dir), str(model), str(1 << 30))  # room again
+    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["prepacked"]

@@ -44,6 +44,10 @@ class EntryInfo:
     variant: str | None = None
     #: the model's content digest (what its stat index records map its paths to)
     model: str | None = None
+    #: why a better variant of its blob was not published for want of disk room (a full disk,
+    #: a quota, a file size limit): pruning removes such an entry after a while, where the disk
+    #: has room again, and the next compile tries the better variant again
+    short_of_room: str | None = None
 
 
 @dataclass

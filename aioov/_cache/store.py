@@ -34,9 +34,11 @@ so that ``CACHE_MAX_SIZE`` and ``aioov cache stats`` know the size in O(1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import re
 import time
 import uuid
@@ -453,7 +455,8 @@ class CacheStore:
             last_used = path.lstat().st_mtime
         except OSError:
             last_used = 0.0
-        return _entry_info(key, path, Row.of_manifest(manifest, measure(path)[0]), last_used, problem)
+        found = _entry_info(key, path, Row.of_manifest(manifest, measure(path)[0]), last_used, problem)
+        return dataclasses.replace(found, short_of_room=_short_of_room(manifest.get("build")))
 
     def scan(self, progress: Callable[[int, int], object] | None = None) -> CacheInfo:
         """Every entry read from its manifest and files (``info``), least recently used first;
@@ -598,7 +601,8 @@ class CacheStore:
             for entry in info.entries:  # oldest use first
                 too_old = older_than is not None and now - entry.last_used > older_than
                 too_big = max_size is not None and total > max_size
-                if not (too_old or too_big or entry.problem):
+                retry = entry.short_of_room is not None and self._room_again(entry, now)
+                if not (too_old or too_big or entry.problem or retry):
                     continue
                 try:
                     removed = dry_run or self.remove(entry.key, journal=journal)
@@ -612,6 +616,16 @@ class CacheStore:
         if not dry_run:
             pruned.collected = self.collect()
         return pruned
+
+    def _room_again(self, entry: EntryInfo, now: float) -> bool:
+        """Whether an entry whose better variant did not fit is worth building again: written
+        ``RETRY_AFTER`` ago, with room for twice it on the disk now."""
+        if now - entry.created < RETRY_AFTER:
+            return False
+        try:
+            return shutil.disk_usage(self.base).free > 2 * entry.size
+        except OSError:
+            return False
 
     def clear(self) -> int:
         """Remove every entry (skipping those in use) and leftovers, and the bookkeeping of
@@ -829,6 +843,24 @@ def _index_record(path: Path) -> tuple[str | None, int | None]:
         return str(record["digest"]), sum(int(item["size"]) for item in files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, None
+
+
+#: seconds after which an entry published without its better variant, for want of room, is
+#: pruned to let the next compile try again (where the disk has room by then)
+RETRY_AFTER = 24 * 3600.0
+#: what a builder's failure says when the disk, a quota or a file size limit had no room
+_NO_ROOM = ("no room on the disk", "no room under the file size limit", "[Errno 28]", "[Errno 27]", "[Errno 122]",
+            "No space left", "Disk quota exceeded", "File too large")
+
+
+def _short_of_room(build: object) -> str | None:
+    """The failure of a better variant, in a manifest's ``build`` record, that says the disk had
+    no room for it; None when there is none."""
+    if not isinstance(build, dict):
+        return None
+    said = [item for item in build.get("failed", []) if isinstance(item, str)]
+    said += [str(v) for k, v in build.items() if isinstance(v, str) and k not in ("check", "variant")]
+    return next((item for item in said if any(mark in item for mark in _NO_ROOM)), None)
 
 
 def _row(info: EntryInfo) -> Row:
