@@ -180,7 +180,7 @@ class Pipeline:
         try:
             # Another process may have published while we waited for its lock.
             loaded = self.reader.try_import(store, key, request, token, locked=True)
-            if isinstance(loaded, NotCacheable) and loaded.stale:  # decided by another aioov: decide again
+            if isinstance(loaded, NotCacheable) and loaded.stale:  # decided on other grounds: decide again
                 store.retire(key)
                 loaded = None
             if loaded is None and config.cache_remote_url:

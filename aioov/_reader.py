@@ -19,7 +19,7 @@ from typing import Any
 import onnxruntime as ort
 
 from ._cache import auth
-from ._cache.layout import NOT_CACHEABLE, NOT_WORTH
+from ._cache.layout import NOT_CACHEABLE, NOT_WORTH, TOO_BIG
 from ._cache.sentinel import ShapeGuard
 from ._cache.stamps import Identities, identities, stamp, stamped
 from ._cache.stats import CacheEvents
@@ -104,6 +104,10 @@ class EntryReader:
                 return None
             if marker.get("kind") == NOT_WORTH:
                 return NotCacheable(str(marker.get("reason")), worth=False, stale=marker.get("aioov") != __version__)
+            if marker.get("kind") == TOO_BIG:  # made again where the limit is higher, or none
+                limit = marker.get("limit")
+                grown = not request.max_cache_size or not isinstance(limit, int) or request.max_cache_size > limit
+                return NotCacheable(str(marker.get("reason")), stale=grown)
             return NotCacheable(str(marker.get("reason")))
         record = entry.manifest.get("build")
         if not isinstance(record, dict) or not isinstance(record.get("variant"), str):

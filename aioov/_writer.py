@@ -38,7 +38,7 @@ from ._cache import auth
 from ._cache.export import Exporter
 from ._cache.heartbeat import Heartbeats, Progress
 from ._cache.key import FileStat
-from ._cache.layout import NOT_CACHEABLE, NOT_WORTH
+from ._cache.layout import NOT_CACHEABLE, NOT_WORTH, TOO_BIG
 from ._cache.locks import KeyLock
 from ._cache.peers import Presence
 from ._cache.stats import CacheEvents
@@ -275,6 +275,16 @@ class EntryWriter:
             why = None if request.config.cache_always else not_worth(compiled, record.get("load_seconds"))
             if why is not None:
                 self._remember_not_worth(claim, request, why)
+                return
+            size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+            if request.max_cache_size and size > request.max_cache_size:
+                # It would be pruned at once, and written again by every start: write nothing
+                # that cannot be kept (a record, made again when the limit grows)
+                logger.warning("aioov cache: %s not cached: its entry (%d bytes) is larger than CACHE_MAX_SIZE",
+                               request.source.describe(), size)
+                self._publish_marker(claim, request, {
+                    "reason": f"its entry ({size} bytes) is larger than CACHE_MAX_SIZE ({request.max_cache_size})",
+                    "kind": TOO_BIG, "limit": request.max_cache_size})
                 return
             self._publish(claim, tmp, request, record, abort=lambda: token.cancelled, records=files)
         finally:

@@ -18,7 +18,7 @@ import pytest
 import aioov
 from aioov.testing import bert_like, mlp
 
-from .helpers import reference, run_python
+from .helpers import manifests, reference, run_python
 
 pytestmark = pytest.mark.anyio
 
@@ -621,3 +621,23 @@ async def test_a_compiled_model_does_not_keep_its_core_alive(mlp_path: Path, tmp
     assert (await compiled.infer(x))["y"].shape[0] == 2  # the model still serves
     with pytest.raises(aioov.AioovError, match="is gone"):
         await compiled.export_model(tmp_path / "again")
+
+
+async def test_an_entry_larger_than_the_size_limit_is_never_written_again(mlp_path: Path, cache_dir: Path) -> None:
+    """It would be pruned at once and written again by every start: a record says so instead,
+    and is made again once the limit grows."""
+    async def compile(limit: str | None) -> tuple[aioov.CompiledModel, aioov.CacheStats]:
+        props = {"CACHE_MAX_SIZE": limit} if limit else {}
+        async with aioov.Core(cache_dir=cache_dir, properties=props) as core:
+            compiled = await core.compile_model(mlp_path, "CPU")
+            await core.wait_exports()
+        return compiled, core.cache_stats
+
+    await compile("1K")  # smaller than the entry
+    (manifest,) = manifests(cache_dir)
+    assert manifest["not_cacheable"]["kind"] == "too-big"
+    again, stats = await compile("1K")
+    assert "larger than CACHE_MAX_SIZE" in str(again.get_property("NOT_CACHED_REASON")) and stats.exports == 0
+    await compile(None)  # no limit now: decided again, and cached
+    assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
+    assert (await compile(None))[0].get_property("LOADED_FROM_CACHE") is True

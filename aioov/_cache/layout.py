@@ -6,7 +6,7 @@ import, so that devices never depend on how the store works.
 
 from __future__ import annotations
 
-__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "NOT_WORTH", "STAMP",
+__all__ = ("BLOB_MODEL", "BLOB_WEIGHTS", "FORMAT_VERSION", "MANIFEST", "NOT_CACHEABLE", "NOT_WORTH", "STAMP", "TOO_BIG",
            "is_reserved", "marker_reason")
 
 #: bump when the meaning of a key or the entry layout changes (``CACHE_DIR/v<FORMAT_VERSION>``)
@@ -20,6 +20,8 @@ BLOB_WEIGHTS = "weights.bin"
 NOT_CACHEABLE = "not-cacheable.json"
 #: the ``kind`` of a marker saying that a hit would not load the model sooner than a compile
 NOT_WORTH = "not-worth"
+#: the ``kind`` of a marker saying that the model's entry is larger than ``CACHE_MAX_SIZE``
+TOO_BIG = "too-big"
 #: a verification stamp, written into an entry after it was published (``stamps.py``)
 STAMP = ".verified"
 
