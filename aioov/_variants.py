@@ -30,7 +30,8 @@ logger = logging.getLogger("aioov")
 #: the builder's checksums of its files
 Published = tuple[Path, dict[str, Any], dict[str, Any]]
 #: what a builder's report leaves in the manifest
-_RECORDED = ("check", "skipped", "checked", "left_out", "load_seconds", "instant_load_seconds", "export_seconds",
+_RECORDED = ("check", "skipped", "checked", "left_out", "load_seconds", "instant_load_seconds", "load_cpu_seconds",
+             "export_seconds",
              "check_seconds")
 
 

@@ -272,7 +272,7 @@ class EntryWriter:
         tmp, record, files = built
         try:
             compiled = timeout.seconds if isinstance(timeout, BuildClock) else None
-            why = None if request.config.cache_always else not_worth(compiled, record.get("load_seconds"))
+            why = None if request.config.cache_always else not_worth(compiled, record.get("load_cpu_seconds"))
             if why is not None:
                 self._remember_not_worth(claim, request, why)
                 return
@@ -414,10 +414,10 @@ WORTH_SECONDS = 0.02
 WORTH_SHARE = 0.2
 WORTH_ANYWAY = 0.1
 #: a hit's cost, as the builder's timed load predicts it: a fixed part (the manifest, checksums,
-#: locks, the session's setup) and a share of the load the builder timed (niced, beside its
-#: reference run, it takes about twice as long as a hit's)
+#: locks, the session's setup) and the CPU time of the load the builder timed (its wall time is
+#: no measure: a background builder runs only on CPU nothing else wants, and beside its checks)
 HIT_FLOOR = 0.035
-LOAD_SHARE = 0.5
+LOAD_SHARE = 1.0
 #: a compile beside which the builder may start at once: below this size, the compile's own
 #: time decides first whether the model is worth an export at all
 BESIDE_MIN_BYTES = 16 << 20
