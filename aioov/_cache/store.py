@@ -38,8 +38,8 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
