@@ -294,18 +294,22 @@ class CacheStore:
         worth caching" record of another aioov version), nothing wrong with it."""
         self._delete(key, "retired")
 
-    def _delete(self, key: str, why: str, *, strict: bool = False, journal: Journal | None = None) -> bool:
+    def _delete(self, key: str, why: str, *, strict: bool = False, journal: Journal | None = None,
+                size: tuple[int, bool] | None = None) -> bool:
         """Rename an entry out of the tree (atomic: readers see it or nothing), then delete it.
         False when it is gone already; when it cannot be moved, False too, or with ``strict``
-        a ``CacheError`` saying why. The rename and its journal line go together (``usage``)."""
+        a ``CacheError`` saying why. The rename and its journal line go together (``usage``).
+        ``journal``: a batch (whose caller checked the tree once); ``size``: (bytes, marker) as
+        the entry was recorded, where the caller knows them."""
         aside = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}.{why}"
         try:
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            self.check_tree()
+            if journal is None:
+                self.tmp.mkdir(parents=True, exist_ok=True)
+                self.check_tree()
             with contextlib.nullcontext(journal) if journal else self.usage.journal() as lines, lines.change():
                 os.rename(self.entry_path(key), aside)
-                size, marker = measure(aside)
-                lines.removed(key, size, marker)
+                bytes_, marker = size if size is not None else measure(aside)
+                lines.removed(key, bytes_, marker)
         except FileNotFoundError:  # removed by another process meanwhile
             return False
         except OSError as exc:
@@ -497,14 +501,15 @@ class CacheStore:
             rows = self.refresh()
         if rows is None:
             return self.scan().entries
-        found = []
-        for key, row in rows.items():
-            path = self.entry_path(key)
+        found, base = [], str(self.base)
+        shards: dict[str, Path] = {}
+        for key, row in rows.items():  # strings, and a Path made from its shard's: 100,000 of them
             try:
-                last_used = path.lstat().st_mtime
+                last_used = os.lstat(f"{base}/{key[:2]}/{key}").st_mtime
             except OSError:
                 continue
-            found.append(_entry_info(key, path, row, last_used, None))
+            shard = shards.get(key[:2]) or shards.setdefault(key[:2], self.base / key[:2])
+            found.append(_entry_info(key, shard / key, row, last_used, None))
         found.sort(key=lambda e: e.last_used)
         return found
 
@@ -535,23 +540,23 @@ class CacheStore:
     def bookkeeping(self) -> Bookkeeping:
         """How many bookkeeping files there are (listings only: cheap at any size)."""
         found = Bookkeeping()
-        for entry in _scandir(self.locks):
-            if entry.name.startswith("hash-") and entry.name.endswith(".lock"):
-                found.hash_locks += 1
-            elif entry.name.endswith(".lock") and is_key(entry.name[:-5]):
-                found.key_locks += 1
-        for entry in _scandir(self.index.root):
-            found.index_records += entry.name.endswith(".json")
-            found.size_markers += entry.name.endswith(".size")
-        found.run_folders = sum(1 for _ in _scandir(self.sentinels.root))
-        found.temp_dirs = sum(1 for _ in _scandir(self.tmp))
+        locks = [name for name in _listdir(self.locks) if name.endswith(".lock")]
+        found.hash_locks = sum(name.startswith("hash-") for name in locks)
+        found.key_locks = len(locks) - found.hash_locks
+        index = _listdir(self.index.root)
+        found.index_records = sum(name.endswith(".json") for name in index)
+        found.size_markers = sum(name.endswith(".size") for name in index)
+        found.run_folders = len(_listdir(self.sentinels.root))
+        found.temp_dirs = len(_listdir(self.tmp))
         return found
 
-    def remove(self, key: str, *, wait: float = 0.0, journal: Journal | None = None) -> bool:
+    def remove(self, key: str, *, wait: float = 0.0, journal: Journal | None = None,
+               size: tuple[int, bool] | None = None) -> bool:
         """Delete one entry unless a reader or writer holds its lock (for up to ``wait``
         seconds), and its lock file with it. True if removed; False if it is in use or already
         gone. ``CacheError`` when it cannot be removed: its lock cannot be opened, or it cannot
-        be moved out of the tree. ``journal``: a batch of removals (``prune``, ``clear``)."""
+        be moved out of the tree. ``journal``: a batch of removals (``prune``, ``clear``: see
+        ``batch``); ``size``: the entry's (bytes, marker) as recorded."""
         self.entry_path(key)  # a key, not a path: CacheError otherwise
         lock = self.lock(key)
         try:
@@ -564,7 +569,7 @@ class CacheStore:
         except OSError as exc:
             raise CacheError(f"cannot remove entry {key[:16]}: {exc}") from exc
         try:
-            return self._delete(key, "pruned", strict=True, journal=journal)
+            return self._delete(key, "pruned", strict=True, journal=journal, size=size)
         finally:
             # Held exclusively, with the entry gone: the lock file goes too (locks.py says why
             # that is safe for whoever waits on it).
@@ -597,7 +602,7 @@ class CacheStore:
         total = info.size
         now = time.time()
         pruned = Pruned()
-        with self.usage.journal() as journal:
+        with self.batch() as journal:
             for entry in info.entries:  # oldest use first
                 too_old = older_than is not None and now - entry.last_used > older_than
                 too_big = max_size is not None and total > max_size
@@ -605,7 +610,8 @@ class CacheStore:
                 if not (too_old or too_big or entry.problem or retry):
                     continue
                 try:
-                    removed = dry_run or self.remove(entry.key, journal=journal)
+                    removed = dry_run or self.remove(entry.key, journal=journal,
+                                                     size=(entry.size, entry.not_cacheable is not None))
                 except CacheError as exc:
                     logger.warning("aioov cache: could not prune entry %s: %s", entry.key[:16], exc)
                     pruned.failed.append((entry, str(exc)))
@@ -632,7 +638,7 @@ class CacheStore:
         entries (lock files, stat index, crash records): what is left is the cache's skeleton,
         and what entries in use still hold. Returns the entries removed."""
         removed = 0
-        with self.usage.journal() as journal:
+        with self.batch() as journal:
             for key in list(self.keys()):
                 try:
                     gone = self.remove(key, journal=journal)
@@ -651,6 +657,12 @@ class CacheStore:
         with contextlib.suppress(OSError):
             self.refresh()
         return removed
+
+    def batch(self) -> Journal:
+        """A journal for many removals in a row (``remove(journal=...)``), the tree checked once."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.check_tree()
+        return self.usage.journal()
 
     # -- the size limit (CACHE_MAX_SIZE) ----------------------------------------------------
     def claim_upkeep(self, max_size: int | None) -> bool:
@@ -695,14 +707,14 @@ class CacheStore:
         if target is None:
             return
         total, now = sum(row.size for row in rows.values()), time.time()
-        with self.usage.journal() as journal:
+        with self.batch() as journal:
             for key in sorted(rows, key=lambda k: last_used.get(k, now)):  # unknown: published during the walk
                 if total <= target:
                     break
                 if cancel is not None and cancel():
                     raise Cancelled()
                 try:
-                    if not self.remove(key, journal=journal):
+                    if not self.remove(key, journal=journal, size=(rows[key].size, rows[key].marker)):
                         continue
                 except CacheError as exc:
                     logger.warning("aioov cache: could not prune entry %s: %s", key[:16], exc)
@@ -814,6 +826,16 @@ def measure(path: Path) -> tuple[int, bool]:
             continue
         marker = marker or entry.name == NOT_CACHEABLE
     return size, marker
+
+
+def _listdir(path: Path) -> list[str]:
+    """A directory's names; nothing for a symlink, a non-directory or a missing one."""
+    if not is_plain_dir(path):
+        return []
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _scandir(path: str | Path) -> list[os.DirEntry[str]]:
