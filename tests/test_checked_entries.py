@@ -201,14 +201,18 @@ async def test_aclose_abandoning_an_export_leaves_no_builder_and_no_entry(
 
 _DIES_WHILE_EXPORTING = """
 import os, sys, time, anyio, aioov
+def child_builder(p):  # a process may end between listdir and open
+    try:
+        return (b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
+                and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid()))
+    except OSError:
+        return False
 async def main():
     core = aioov.Core(cache_dir=sys.argv[1])
     await core.compile_model(sys.argv[2], "CPU")
     while core.pending_exports:
         await anyio.sleep(0.05)
-        if any(p.isdigit() and b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
-               and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
-               for p in os.listdir("/proc")):
+        if any(p.isdigit() and child_builder(p) for p in os.listdir("/proc")):
             break
     print("exporting", flush=True)
     time.sleep(60)

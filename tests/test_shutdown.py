@@ -189,10 +189,16 @@ async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
         await core.compile_model(sys.argv[2], "CPU")
         me = os.getpid()
+
+        def builder(p):  # a process may end between listdir and open
+            try:
+                return (b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
+                        and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(me))
+            except OSError:
+                return False
+
         for _ in range(600):
-            builders = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                        and b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
-                        and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(me)]
+            builders = [int(p) for p in os.listdir("/proc") if p.isdigit() and builder(p)]
             if builders:
                 break
             await anyio.sleep(0.05)

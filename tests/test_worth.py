@@ -20,14 +20,18 @@ from .helpers import aioov_command, child_env, manifests
 
 _COMPILE = """
 import json, os, sys, anyio, aioov
+def child_builder(p, me):  # a process may end between listdir and open
+    try:
+        return (b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
+                and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me)
+    except OSError:
+        return False
 async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
         compiled = await core.compile_model(sys.argv[2], "CPU", json.loads(sys.argv[3]))
         await core.wait_exports()
         me = str(os.getpid())
-        builders = [p for p in os.listdir("/proc") if p.isdigit()
-                    and b"aioov._builder" in open(f"/proc/{p}/cmdline", "rb").read()
-                    and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+        builders = [p for p in os.listdir("/proc") if p.isdigit() and child_builder(p, me)]
         stats = core.cache_stats
     print(json.dumps({"from_cache": compiled.get_property("LOADED_FROM_CACHE"),
                       "reason": compiled.get_property("NOT_CACHED_REASON"),
