@@ -215,10 +215,7 @@ class Usage:
             totals = self._read_summary()
             if totals is None:
                 return None
-            tail = _read_lines(self._journal(totals.gen), totals.offset)
-            totals.pending = len(tail)
-            for sign, size, marker, _key, _row in _records(tail, rows=False):
-                totals.add(sign, size, marker)
+            totals.pending = len(self._add_tail(totals))
         finally:
             lock.release()
         if totals.pending > FOLD_BYTES:
@@ -234,13 +231,17 @@ class Usage:
             totals = self._read_summary()
             if totals is None:
                 return
-            tail = _read_lines(self._journal(totals.gen), totals.offset)
-            for sign, size, marker, _key, _row in _records(tail, rows=False):
-                totals.add(sign, size, marker)
-            totals.offset += len(tail)
+            totals.offset += len(self._add_tail(totals))
             self._write_summary(totals)
         finally:
             lock.release()
+
+    def _add_tail(self, totals: Totals) -> bytes:
+        """Add the journal's lines after the summary to ``totals``; the lines read."""
+        tail = _read_lines(self._journal(totals.gen), totals.offset)
+        for sign, size, marker, _key, _row in _records(tail, rows=False):
+            totals.add(sign, size, marker)
+        return tail
 
     # -- changes ----------------------------------------------------------------------------
     def journal(self) -> Journal:
