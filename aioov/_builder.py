@@ -27,7 +27,6 @@ beside steps 3 and 4 (``_Settle``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import sys
@@ -38,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ._buildjob import PARENT_ENV, BuildJob, BuildReply
 from ._priority import lower_this_thread
 
 __all__ = ("build", "main", "run_job")
@@ -48,8 +48,6 @@ __all__ = ("build", "main", "run_job")
 #: "crashwide": the blob crashes when an input's last dimension is 16 or more
 #: (what a real prepacked OCR recognizer did at text-line widths of 15 and above)
 FAULT_ENV = "AIOOV_BUILDER_FAULT"
-#: the pid of the process that started the builder (set by ``_builds``)
-PARENT_ENV = "AIOOV_BUILDER_PARENT"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,13 +56,13 @@ def _faults(variant: str) -> set[str]:
     return {kind for kind, _, v in (item.partition(":") for item in spec.split(",")) if v == variant}
 
 
-def _options(job: dict[str, Any], level: str | None) -> Any:
+def _options(job: BuildJob, level: str | None) -> Any:
     """Session options as the serving process would make them, on one thread, without its
     ``ORT_SESSION_OPTIONS`` (they change how a session runs, not what a blob holds)."""
     from ._ortoptions import session_options
 
-    options = session_options(level or job["opt_level"], job["session_config"], custom_ops=job.get("custom_ops", ()),
-                              free_dimensions=job.get("free_dimensions"))
+    options = session_options(level or job.opt_level, job.session_config, custom_ops=job.custom_ops,
+                              free_dimensions=job.free_dimensions)
     options.intra_op_num_threads = 1  # measured: 2 threads wrote BERT-base's blob no sooner
     options.inter_op_num_threads = 1
     return options
@@ -86,7 +84,7 @@ class CheckFailed(Exception):
     """The blob was written, and loading or running it failed: the blob's fault."""
 
 
-def run_job(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+def run_job(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> BuildReply:
     """``build``'s report, or the failure: ``"stage": "check"`` when the blob itself failed
     (remembered by the parent), ``"export"`` when writing it did (the disk, the source: not)."""
     from ._reference import first_line
@@ -94,21 +92,21 @@ def run_job(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = la
     try:
         return build(job, progress)
     except CheckFailed as exc:
-        return {"ok": False, "stage": "check", "reason": str(exc) or first_line(exc.__cause__ or exc)}
+        return BuildReply(False, str(exc) or first_line(exc.__cause__ or exc), "check")
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         reason = f"{type(exc).__name__}: {first_line(exc)}"
         room = _no_room(job)  # onnxruntime's write errors do not say why; the disk may
-        return {"ok": False, "stage": "export", "reason": f"{room}: {reason}" if room else reason}
+        return BuildReply(False, f"{room}: {reason}" if room else reason, "export")
 
 
-def _no_room(job: dict[str, Any]) -> str | None:
+def _no_room(job: BuildJob) -> str | None:
     """Why the blob may not have fitted: the disk nearly full, or a file size limit at most a
     few times the model's size (the parent tries again when there is room)."""
     import shutil
 
     try:
-        needed = 2 * os.path.getsize(job["model"])
-        free = shutil.disk_usage(job["tmp"]).free
+        needed = 2 * os.path.getsize(job.model)
+        free = shutil.disk_usage(job.tmp).free
         if free < needed:
             return f"no room on the disk ({free >> 20} MB free)"
         import resource
@@ -121,22 +119,22 @@ def _no_room(job: dict[str, Any]) -> str | None:
     return None
 
 
-def build(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> BuildReply:
     """Write the blob of ``job`` into its directory and check it; the report. ``progress`` hears
     when the first session exists (a parent waiting for it times the build from that compile)."""
     from ._devices import blob_format
     from ._errors import ORT_ERRORS, BlobError
     from ._reference import first_line, reference_run
 
-    blob, variant, tmp = blob_format(job["blob"]), job["variant"], Path(job["tmp"])
-    providers = [(name, dict(opts)) for name, opts in job["providers"]]
+    blob, variant, tmp = blob_format(job.blob), job.variant, Path(job.tmp)
+    providers = [(name, dict(opts)) for name, opts in job.providers]
     faults = _faults(variant)
     started = time.perf_counter()
     options = _options(job, blob.export_level(variant))
-    export_providers = blob.configure_export(options, providers, tmp, job["key"], variant)
+    export_providers = blob.configure_export(options, providers, tmp, job.key, variant)
     with _Settle(tmp) as settle:
         try:
-            source = _session(job["model"], options, export_providers)
+            source = _session(job.model, options, export_providers)
         except ORT_ERRORS as exc:
             if _loads(job, providers):
                 raise  # writing the blob failed (the disk, a size limit): worth trying again later
@@ -145,13 +143,13 @@ def build(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lamb
             raise CheckFailed(f"{providers[0][0]} cannot load the model to write its blob: {first_line(exc)}") from exc
         if "slow" in faults:
             time.sleep(0.3)
-        progress({"progress": "compiled", "seconds": time.perf_counter() - started})
+        progress(time.perf_counter() - started)
         if "slow" in faults:
             time.sleep(1.5)
         try:
             blob.finalize(tmp, [arg.name for arg in source.get_inputs()])
         except BlobError as exc:
-            return {"ok": False, "stage": "check", "reason": str(exc)}
+            return BuildReply(False, str(exc), "check")
         if "mismatch" in faults:
             _sabotage(tmp / blob.model_file)
         exported = time.perf_counter()
@@ -160,27 +158,29 @@ def build(job: dict[str, Any], progress: Callable[[dict[str, Any]], None] = lamb
         # check of BERT-base's blob in ~0.2 s less on 2 cores, and no later when only one is idle).
         with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
             hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
-            runs, skipped, left_out = reference_run(source, job.get("shapes"), job.get("values"),
-                                                    job.get("check_shapes") or ())
+            runs, skipped, left_out = reference_run(source, job.shapes, job.values, job.check_shapes)
             del source
             problem, loads = _check(job, blob, providers, faults, runs, hit)
         if problem:
             settle.abandon()
-            return {"ok": False, "stage": "check", "reason": problem}
-    return {
-        "ok": True,
-        "check": "ran and matched" if runs is not None else "load only",
-        "skipped": skipped,
-        "checked": [label for label, _, _ in runs or ()],
-        "left_out": left_out[:20],
-        **loads,
-        "export_seconds": round(exported - started, 3),
-        "check_seconds": round(time.perf_counter() - exported, 3),
-        "files": settle.records,
-    }
+            return BuildReply(False, problem, "check")
+    return BuildReply(
+        True,
+        check="ran and matched" if runs is not None else "load only",
+        skipped=skipped,
+        checked=[label for label, _, _ in runs or ()],
+        left_out=left_out[:20],
+        load_seconds=loads.get("load_seconds"),
+        load_cpu_seconds=loads.get("load_cpu_seconds"),
+        instant_load_seconds=loads.get("instant_load_seconds"),
+        instant_load_cpu_seconds=loads.get("instant_load_cpu_seconds"),
+        export_seconds=round(exported - started, 3),
+        check_seconds=round(time.perf_counter() - exported, 3),
+        files=settle.records,
+    )
 
 
-def _check(job: dict[str, Any], blob: Any, providers: list[tuple[str, dict[str, str]]], faults: set[str],
+def _check(job: BuildJob, blob: Any, providers: list[tuple[str, dict[str, str]]], faults: set[str],
            runs: Any, hit: Future[Any]) -> tuple[str | None, dict[str, float]]:
     """Run the blob loaded as instant hits will load it (for formats that have them) on the
     first of ``runs``, then ``hit`` (being loaded as hits will load it) on every one, and compare with the
@@ -223,7 +223,7 @@ def _timed(load: Any, *args: Any, **kwargs: Any) -> tuple[Any, tuple[float, floa
     return load(*args, **kwargs), (time.perf_counter() - started, time.thread_time() - cpu)
 
 
-def _load_hit(job: dict[str, Any], blob: Any, providers: list[tuple[str, dict[str, str]]], faults: set[str],
+def _load_hit(job: BuildJob, blob: Any, providers: list[tuple[str, dict[str, str]]], faults: set[str],
               *, instant: bool) -> Any:
     """A session of the blob, loaded as a hit (an instant one) will load it; CheckFailed if it cannot be."""
     from ._errors import ORT_ERRORS
@@ -231,11 +231,11 @@ def _load_hit(job: dict[str, Any], blob: Any, providers: list[tuple[str, dict[st
     options = _options(job, None)
     if instant:
         blob.configure_instant(options)
-    import_providers = blob.configure_import(options, providers, Path(job["tmp"]), None, job["variant"])
+    import_providers = blob.configure_import(options, providers, Path(job.tmp), None, job.variant)
     if "hang" in faults:
         time.sleep(3600)
     try:
-        hit = _session(str(Path(job["tmp"]) / blob.model_file), options, import_providers)
+        hit = _session(str(Path(job.tmp) / blob.model_file), options, import_providers)
     except ORT_ERRORS as exc:
         raise CheckFailed() from exc
     if "crash" in faults:
@@ -311,12 +311,12 @@ class _Settle:
             return []
 
 
-def _loads(job: dict[str, Any], providers: list[tuple[str, dict[str, str]]]) -> bool:
+def _loads(job: BuildJob, providers: list[tuple[str, dict[str, str]]]) -> bool:
     """Whether the source loads on ``providers`` when nothing is written."""
     from ._errors import ORT_ERRORS
 
     try:
-        _session(job["model"], _options(job, None), providers)
+        _session(job.model, _options(job, None), providers)
     except ORT_ERRORS:
         return False
     return True
@@ -401,12 +401,16 @@ def main() -> None:
 
     threading.Thread(target=read_stdin, daemon=True).start()
     while True:
-        job = json.loads(jobs.get())
-        if job.get("background"):
+        try:
+            job = BuildJob.from_line(jobs.get())
+        except (ValueError, TypeError) as exc:
+            replies.write(BuildReply(False, f"cannot read the job: {exc}", "export").to_line())
+            continue
+        if job.background:
             lower_this_thread()  # for good: the parent starts another builder for awaited jobs
-        report = run_job(job, lambda note: print(json.dumps(note), file=replies))
+        reply = run_job(job, lambda seconds: print(BuildReply.progress_line(seconds), end="", file=replies))
         _release_memory()
-        replies.write(json.dumps(report) + "\n")
+        replies.write(reply.to_line())
 
 
 def _release_memory() -> None:

@@ -22,11 +22,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
-from ._builder import PARENT_ENV
-from ._cache.heartbeat import cpu_seconds
+from ._buildjob import PARENT_ENV, BuildJob, BuildReply
 from ._concurrency import CancelToken, renew_in_children
 from ._errors import Cancelled
 
@@ -122,7 +121,8 @@ class BuildReport:
     transient: bool = False
     #: give up this export (a time limit or a kill: the next variant would meet the same)
     stop: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
+    #: the builder's own reply (None: it gave none)
+    reply: BuildReply | None = None
 
 
 #: how a builder starts: isolated (``-I``: no working directory, no ``PYTHON*`` variables, no
@@ -188,11 +188,11 @@ class _Process:
                 self.replies.put(line)
         self.replies.put(None)
 
-    def run(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
+    def run(self, job: BuildJob, timeout: Timeout, token: CancelToken | None) -> BuildReport:
         assert self.popen.stdin is not None
-        self.niced = self.niced or bool(job.get("background"))
+        self.niced = self.niced or job.background
         try:
-            self.popen.stdin.write(json.dumps(job) + "\n")
+            self.popen.stdin.write(job.to_line())
             self.popen.stdin.flush()
         except OSError:
             return self._died()
@@ -222,15 +222,14 @@ class _Process:
                 continue
             if line is None:
                 return self._died()
-            report = json.loads(line)
-            if "progress" in report:  # the builder's first session exists
+            reply = BuildReply.from_line(line)
+            if reply is None:  # the builder's first session exists
                 if isinstance(timeout, BuildClock) and timeout.follows_builder:
                     timeout.compiled()
                 continue
             # An exception while writing the blob (a full disk, a source it cannot save)
             # says nothing about the blob: try the next variant, but remember nothing.
-            return BuildReport(bool(report.pop("ok")), report.pop("reason", None),
-                               transient=report.get("stage") == "export", details=report)
+            return BuildReport(reply.ok, reply.reason, transient=reply.stage == "export", reply=reply)
 
     def _died(self) -> BuildReport:
         self.close()
@@ -298,15 +297,15 @@ class Builders:
         self._lock = threading.Lock()
         self._idle = None
 
-    def build(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
+    def build(self, job: BuildJob, timeout: Timeout, token: CancelToken | None) -> BuildReport:
         """Run ``job`` in a builder; raises Cancelled when ``token`` is cancelled meanwhile."""
         try:
             return self._build(job, timeout, token)
         except OSError as exc:  # no interpreter to start, no processes left, ...
             return BuildReport(False, f"cannot start a builder process: {exc}", transient=True, stop=True)
 
-    def _build(self, job: dict[str, Any], timeout: Timeout, token: CancelToken | None) -> BuildReport:
-        if not self._take(KEPT_WAIT if not job.get("background") else 0.0, token):
+    def _build(self, job: BuildJob, timeout: Timeout, token: CancelToken | None) -> BuildReport:
+        if not self._take(KEPT_WAIT if not job.background else 0.0, token):
             process = _Process()  # the kept one is busy: a one-off
             try:
                 return process.run(job, timeout, token)
@@ -315,7 +314,7 @@ class Builders:
         try:
             if self._idle is not None:
                 self._idle.cancel()
-            if self._kept is not None and self._kept.niced and not job.get("background"):
+            if self._kept is not None and self._kept.niced and not job.background:
                 self._kept.close()  # lowered for good: this job is awaited
                 self._kept = None
             if self._kept is None or not self._kept.alive():
@@ -357,3 +356,13 @@ class Builders:
                     self._kept = None
             finally:
                 self._lock.release()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a process has used (Linux's /proc); None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

@@ -24,8 +24,7 @@ import anyio
 
 from . import _bulk, _ortenv, _portable
 from ._bulk import BulkProgress, CompileResult, Planned
-from ._cache.export import ABANDON_WAIT, Exporter
-from ._cache.stats import CacheStats
+from ._cache.cache import ABANDON_WAIT, CacheStats, Exporter
 from ._compiled import CacheOrigin, CompiledModel, ExportFunction
 from ._concurrency import on_event_loop
 from ._devices import DeviceRegistry

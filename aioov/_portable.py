@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ._cache.key import cache_key
+from ._cache.cache import Cache, cache_key
 from ._cache.store import CacheStore
 from ._errors import ORT_ERRORS, BlobError, CacheError
 from ._model import read_any
@@ -36,7 +36,7 @@ def export_to_dir(pipeline: Pipeline, request: CompileRequest, dest: Path) -> Pa
     store = CacheStore(dest.parent / f".{dest.name}.aioov-export")
     try:
         store.ensure()
-        pipeline.writer.export_to(store, key, request, request.manifest(key_inputs))
+        pipeline.writer.export_to(Cache(store, pipeline.events), key, request, request.manifest(key_inputs))
         os.rename(store.entry_path(key), dest)
     except (OSError, BlobError) as exc:
         raise CacheError(f"cannot write {dest}: {exc}") from exc

@@ -8,6 +8,7 @@ through the cache reader, the writer and the session factory: nothing below asks
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
+from ._cache.cache import Rules, cache_key
 from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
 from ._model import Model, check_model_file, read_any
@@ -22,7 +24,7 @@ from ._properties import CompileConfig
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._cache.sentinel import ShapeGuard
+    from ._cache.cache import ShapeGuard
 
 __all__ = ("CompileRequest", "Pending", "Result", "Source")
 
@@ -115,6 +117,20 @@ class CompileRequest:
         own = [name for name, _ in self.device.providers(self.spec.index, {})]
         return (f"ORT_PROVIDERS {[name for name, _ in self.providers]} are not device {self.spec}'s own ({own}): "
                 "aioov caches compiles only on the providers of its devices")
+
+    @functools.cached_property
+    def rules(self) -> Rules:
+        """What this compile's properties ask of the cache."""
+        config = self.config
+        return Rules(config.cache_verify.value, config.cache_hmac_key, self.max_cache_size, config.cache_lock_timeout,
+                     config.cache_remote_url, config.cache_remote_lock_url, config.cache_remote_lock_ttl,
+                     self.source.describe())
+
+    def entry_key(self, digest: str) -> tuple[str, dict[str, Any]]:
+        """The cache key of this compile of the model whose content is ``digest``, and the
+        manifest its entry will carry."""
+        inputs = self.key_inputs(digest)
+        return cache_key(inputs), self.manifest(inputs)
 
     def key_inputs(self, digest: str) -> dict[str, Any]:
         """Everything that shapes the compiled blob, in readable form (also saved in the manifest)."""

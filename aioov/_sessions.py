@@ -15,7 +15,7 @@ from typing import Any
 import onnxruntime as ort
 
 from . import _ortenv
-from ._cache.stats import CacheEvents
+from ._cache.cache import CacheEvents
 from ._concurrency import CancelToken, renew_in_children
 from ._devices import ProviderList
 from ._errors import ORT_ERRORS, Cancelled, DeviceNotFoundError, raise_compile_error

@@ -37,7 +37,7 @@ import numpy as np
 from anyio.from_thread import BlockingPortal
 
 from ._bulk import BulkProgress, CompileResult
-from ._cache.stats import CacheStats
+from ._cache.cache import CacheStats
 from ._compiled import (
     CompiledModel,
     InferInputs,

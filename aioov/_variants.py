@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._buildjob import BuildJob, BuildReply
 from ._builds import Builders, BuildReport, Timeout
-from ._cache.store import CacheStore
+from ._cache.cache import Cache
 from ._concurrency import CancelToken
 from ._properties import PrepackMode
 from ._request import CompileRequest
@@ -29,17 +30,13 @@ logger = logging.getLogger("aioov")
 #: a checked blob in a temporary directory of the store, the manifest's ``build`` record, and
 #: the builder's checksums of its files
 Published = tuple[Path, dict[str, Any], dict[str, Any]]
-#: what a builder's report leaves in the manifest
-_RECORDED = ("check", "skipped", "checked", "left_out", "load_seconds", "instant_load_seconds", "load_cpu_seconds",
-             "export_seconds",
-             "check_seconds")
 
 
 @dataclass(frozen=True)
 class Job:
     """One entry to build: where, of what, and how long a builder may take for a variant."""
 
-    store: CacheStore
+    cache: Cache
     key: str
     request: CompileRequest
     timeout: Timeout
@@ -62,7 +59,7 @@ def build_entry(builders: Builders, job: Job) -> Published | Failed:
     request = job.request
     blob = request.device.blob
     assert blob is not None
-    crashed = job.store.sentinels.crashed(job.key)
+    crashed = job.cache.crashed(job.key)
     failures = [f"{variant}: {how}" for variant, how in crashed.items()]
     remember = True  # every variant failed its check: publish a marker
     prepack = request.config.cache_prepack
@@ -90,19 +87,19 @@ def build_entry(builders: Builders, job: Job) -> Published | Failed:
 def _faster(attempt: _Attempt, built: _Built, faster: str) -> _Built:
     """``built``, or ``faster``'s blob where it passes and its hit loads much sooner. The one
     not chosen is discarded."""
-    why = _faster_pays(built.report.details, None)
+    why = _faster_pays(built.report.reply, None)
     if why is None:
         try:
             other = attempt(faster)
         except BaseException:
-            built.discard(attempt.store)
+            built.discard(attempt.cache)
             raise
-        why = (_faster_pays(built.report.details, other.report.details) if other.tmp is not None
+        why = (_faster_pays(built.report.reply, other.report.reply) if other.tmp is not None
                else f"failed: {other.report.reason}")
         if other.tmp is not None and why is None:
-            built.discard(attempt.store)
+            built.discard(attempt.cache)
             return other
-        other.discard(attempt.store)
+        other.discard(attempt.cache)
     built.notes[faster] = why
     return built
 
@@ -113,14 +110,14 @@ FASTER_SHARE = 0.25
 FASTER_SECONDS = 0.05
 
 
-def _faster_pays(first: dict[str, Any], faster: dict[str, Any] | None) -> str | None:
+def _faster_pays(first: BuildReply | None, faster: BuildReply | None) -> str | None:
     """None where the faster variant's hit loads enough sooner than the first's; else why it
     is not published. ``faster`` None: whether it is worth building, from the first's loads
     with and without repacking weights: the most prepacking can save, of which transformers
     saved a quarter to a half (``benchmarks/prepack.py``), so twice the thresholds."""
-    load = first.get("load_seconds")
-    bound = first.get("instant_load_seconds") if faster is None else (faster or {}).get("load_seconds")
-    if not isinstance(load, (int, float)) or not isinstance(bound, (int, float)):
+    load = first.load_seconds if first is not None else None
+    bound = (first.instant_load_seconds if first is not None else None) if faster is None else faster.load_seconds
+    if load is None or bound is None:
         return "not tried: the loads were not timed"
     saved, factor = load - bound, 2 if faster is None else 1
     if saved >= factor * FASTER_SECONDS and saved >= factor * FASTER_SHARE * load:
@@ -141,12 +138,13 @@ class _Built:
 
     def result(self) -> tuple[Path, dict[str, Any], dict[str, Any]]:
         assert self.tmp is not None
-        record = {"variant": self.variant, **{k: self.report.details.get(k) for k in _RECORDED}, **self.notes}
-        return self.tmp, record, self.report.details.get("files") or {}
+        reply = self.report.reply
+        assert reply is not None  # it passed
+        return self.tmp, {"variant": self.variant, **reply.record(), **self.notes}, reply.files
 
-    def discard(self, store: CacheStore) -> None:
+    def discard(self, cache: Cache) -> None:
         if self.tmp is not None:
-            store.discard(self.tmp)
+            cache.discard(self.tmp)
 
 
 class _Attempt:
@@ -154,20 +152,20 @@ class _Attempt:
 
     def __init__(self, builders: Builders, job: Job, model: str) -> None:
         self.builders, self.job, self.model = builders, job, model
-        self.store = job.store
+        self.cache = job.cache
 
     def __call__(self, variant: str) -> _Built:
         job = self.job
-        tmp = self.store.new_tmp(job.key)
+        tmp = self.cache.new_tmp(job.key)
         try:
             report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant,
                                               background=job.background), job.timeout, job.token)
         except BaseException:
-            self.store.discard(tmp)
+            self.cache.discard(tmp)
             raise
         if report.ok:
             return _Built(variant, report, tmp)
-        self.store.discard(tmp)
+        self.cache.discard(tmp)
         logger.info("aioov cache: the %s blob of %s failed: %s", variant, job.request.source.describe(), report.reason)
         return _Built(variant, report, None)
 
@@ -183,38 +181,37 @@ class _SourceFile:
         model = self._job.request.source.ort_input
         if not isinstance(model, bytes):
             return model
-        self._dir = self._job.store.new_tmp(self._job.key)
+        self._dir = self._job.cache.new_tmp(self._job.key)
         try:
             (self._dir / "source.onnx").write_bytes(model)
         except BaseException:
-            self._job.store.discard(self._dir)
+            self._job.cache.discard(self._dir)
             raise
         return str(self._dir / "source.onnx")
 
     def __exit__(self, *exc_info: object) -> None:
         if self._dir is not None:
-            self._job.store.discard(self._dir)
+            self._job.cache.discard(self._dir)
 
 
-def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> dict[str, Any]:
+def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> BuildJob:
     """What a builder needs to write and check one variant of ``request``'s blob."""
     blob = request.device.blob
     assert blob is not None
     config = request.config
-    return {
-        "model": model,
-        "tmp": str(tmp),
-        "key": key,
-        "blob": blob.kind,
-        "variant": variant,
-        "providers": blob.builder_providers(request.providers),
-        "opt_level": config.ort_graph_optimization_level,
-        "session_config": dict(config.ort_session_config),
-        # what shapes the graph (ORT_SESSION_OPTIONS only changes how it runs: not here)
-        "custom_ops": list(config.ort_custom_ops_libraries),
-        "free_dimensions": dict(config.ort_free_dimension_overrides),
-        "shapes": {k: list(v) for k, v in (config.warmup_shapes or {}).items()},
-        "values": dict(config.warmup_values),
-        "check_shapes": [{k: list(v) for k, v in shapes.items()} for shapes in config.check_shapes],
-        "background": background,
-    }
+    return BuildJob(
+        model=model,
+        tmp=str(tmp),
+        key=key,
+        blob=blob.kind,
+        variant=variant,
+        providers=blob.builder_providers(request.providers),
+        opt_level=config.ort_graph_optimization_level,
+        session_config=dict(config.ort_session_config),
+        custom_ops=list(config.ort_custom_ops_libraries),
+        free_dimensions=dict(config.ort_free_dimension_overrides),
+        shapes={k: list(v) for k, v in (config.warmup_shapes or {}).items()},
+        values=dict(config.warmup_values),
+        check_shapes=[{k: list(v) for k, v in shapes.items()} for shapes in config.check_shapes],
+        background=background,
+    )

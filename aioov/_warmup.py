@@ -22,7 +22,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ._cache.sentinel import ShapeGuard
+from ._cache.cache import ShapeGuard
 from ._compiled import Port
 from ._errors import ORT_ERRORS, first_line
 from ._inputs import DIM_LADDER, Unsynthesizable, first_run, synthesize

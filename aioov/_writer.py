@@ -22,28 +22,17 @@ itself (TensorRT, OpenVINO) are written in-process, unchecked. Failing here only
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
 from ._builds import BuildClock, Builders, Timeout
-from ._cache import auth
-from ._cache.export import Exporter
-from ._cache.heartbeat import Heartbeats, Progress
-from ._cache.key import FileStat
-from ._cache.layout import NOT_CACHEABLE, NOT_WORTH, TOO_BIG
-from ._cache.locks import KeyLock
-from ._cache.peers import Presence
-from ._cache.stats import CacheEvents
-from ._cache.store import CacheStore
-from ._cache.tiered import RemoteLink
+from ._cache.cache import NOT_WORTH, TOO_BIG, Cache, CacheEvents, Claim, Exporter, SourceChanged
 from ._concurrency import CancelToken, renew_in_children
 from ._early import EarlyCompile
 from ._errors import BlobError, Cancelled
@@ -51,47 +40,10 @@ from ._properties import ExportMode
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
 from ._variants import Failed, Job, Published, build_entry
-from ._version import __version__
 
-__all__ = ("Claim", "EntryWriter")
+__all__ = ("EntryWriter",)
 
 logger = logging.getLogger("aioov")
-
-
-@dataclass
-class Claim:
-    """A key this job compiles for everyone: the locks it holds until the entry is published
-    (or given up), and what the entry will say about itself."""
-
-    store: CacheStore
-    key: str
-    lock: KeyLock
-    manifest: dict[str, Any]
-    stats: list[FileStat] | None  # the source files as hashed; an export re-checks them
-    remote: RemoteLink | None = None
-    #: this process's mark among the cache's users; asks whether others are loading now
-    peers: Presence | None = None
-    #: where signs of life go while the work on the entry progresses (``_cache/heartbeat``)
-    beats: Heartbeats | None = None
-
-    def source_changed(self) -> bool:
-        """Whether the source files are no longer those that were hashed for the key."""
-        return self.stats is not None and [FileStat.of(s.path) for s in self.stats] != self.stats
-
-    def beat(self, progress: Progress | None) -> None:
-        """Show waiters that the work goes on while ``progress()`` is true (None: it waits)."""
-        if self.beats is not None:
-            self.beats.set(self, self.lock.path, progress)
-
-    def release(self) -> None:
-        self.beat(None)
-        if self.remote is not None:
-            self.remote.release()
-        self.lock.release()
-
-
-def _always() -> bool:
-    return True
 
 
 class EntryWriter:
@@ -100,7 +52,6 @@ class EntryWriter:
         self._events = events
         self._exporter = exporter
         self._builders = Builders()
-        self.beats = Heartbeats()
         self._renew_in_child()
         renew_in_children(self)
 
@@ -163,7 +114,7 @@ class EntryWriter:
         blob = request.device.blob
         if blob is None or not blob.background:
             return False  # written by the compile itself, before returning, anyway
-        return request.config.cache_export is ExportMode.SYNC or (claim.peers is not None and claim.peers.others())
+        return request.config.cache_export is ExportMode.SYNC or claim.others()
 
     def publish_now(self, claim: Claim, request: CompileRequest, token: CancelToken) -> None:
         """Have a builder write, check and publish the entry now, at the caller's priority; the
@@ -179,11 +130,12 @@ class EntryWriter:
         if token.cancelled:
             raise Cancelled()
 
-    def export_to(self, store: CacheStore, key: str, request: CompileRequest, manifest: dict[str, Any]) -> None:
+    def export_to(self, cache: Cache, key: str, request: CompileRequest, manifest: dict[str, Any]) -> None:
         """Write and publish an entry with no lock and no cache around it (``export_model``);
         raises OSError or BlobError."""
         blob = request.device.blob
         assert blob is not None
+        store = cache.store
         if not blob.background:
             tmp = store.new_tmp(key)
             _stage_source(request, tmp)
@@ -191,7 +143,7 @@ class EntryWriter:
             blob.finalize(tmp, [i.name for i in session.get_inputs()])
             store.publish(key, tmp, {**manifest, "build": _UNCHECKED})
             return
-        built = self._build(store, key, request, None, BuildClock(follows_builder=True), background=False)
+        built = self._build(cache, key, request, None, BuildClock(follows_builder=True), background=False)
         if not isinstance(built, tuple):
             raise BlobError("; ".join(built.reasons) if built else "the builder did not finish; try again")
         tmp, record, files = built
@@ -203,17 +155,17 @@ class EntryWriter:
     def _compile_and_export(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
         """Formats written by the compile itself (TensorRT, OpenVINO): one session that also
         saves the blob, published before returning."""
-        store = claim.store
+        cache = claim.cache
         try:
-            tmp = store.new_tmp(claim.key)
+            tmp = cache.new_tmp(claim.key)
         except OSError as exc:
-            self._events.unwritable(store.root, exc)
+            self._events.unwritable(cache.root, exc)
             return self._sessions.compile(request, token)
         try:
             try:
                 _stage_source(request, tmp)
             except OSError as exc:
-                self._events.unwritable(store.root, exc)
+                self._events.unwritable(cache.root, exc)
                 return self._sessions.compile(request, token)
             except BlobError as exc:
                 self._uncacheable(request.source, exc)
@@ -222,7 +174,7 @@ class EntryWriter:
             self._publish(claim, tmp, request, _UNCHECKED, [i.name for i in session.get_inputs()])
             return session
         finally:
-            store.discard(tmp)
+            cache.discard(tmp)
 
     def _export_job(self, claim: Claim, request: CompileRequest, timing: BuildClock) -> Callable[[CancelToken], None]:
         def export(token: CancelToken) -> None:
@@ -253,7 +205,7 @@ class EntryWriter:
         except Cancelled:
             pass
         except OSError as exc:
-            self._events.unwritable(claim.store.root, exc)
+            self._events.unwritable(claim.cache.root, exc)
         except Exception:  # an export must never take the process (or the compile) down
             self._events.count(errors=1)
             logger.exception("aioov cache: exporting %s failed", request.source.describe())
@@ -262,8 +214,8 @@ class EntryWriter:
         self, claim: Claim, request: CompileRequest, token: CancelToken, timeout: Timeout, *, background: bool
     ) -> None:
         """Build the entry in a builder and publish it, or a not-cacheable marker."""
-        store = claim.store
-        built = self._build(store, claim.key, request, token, timeout, background=background)
+        cache = claim.cache
+        built = self._build(cache, claim.key, request, token, timeout, background=background)
         if built is None:
             return
         if isinstance(built, Failed):
@@ -282,21 +234,21 @@ class EntryWriter:
                 # that cannot be kept (a record, made again when the limit grows)
                 logger.warning("aioov cache: %s not cached: its entry (%d bytes) is larger than CACHE_MAX_SIZE",
                                request.source.describe(), size)
-                self._publish_marker(claim, request, {
+                self._mark(claim, request, {
                     "reason": f"its entry ({size} bytes) is larger than CACHE_MAX_SIZE ({request.max_cache_size})",
                     "kind": TOO_BIG, "limit": request.max_cache_size})
                 return
-            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled, records=files)
+            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled, checksums=files)
         finally:
-            store.discard(tmp)
+            cache.discard(tmp)
 
     def _build(
-        self, store: CacheStore, key: str, request: CompileRequest, token: CancelToken | None, timeout: Timeout,
+        self, cache: Cache, key: str, request: CompileRequest, token: CancelToken | None, timeout: Timeout,
         *, background: bool,
     ) -> Published | Failed | None:
         """``build_entry``'s blob, or why every variant failed for good; None when it is worth
         trying later (counted, and said once)."""
-        built = build_entry(self._builders, Job(store, key, request, timeout, token, background))
+        built = build_entry(self._builders, Job(cache, key, request, timeout, token, background))
         if not isinstance(built, Failed) or built.remember:
             return built
         self._events.count(errors=1)
@@ -306,30 +258,25 @@ class EntryWriter:
     def _remember_uncacheable(self, claim: Claim, request: CompileRequest, failures: list[str]) -> None:
         """Publish a marker in place of an entry: later compiles neither retry nor pay for the export."""
         self._events.count(errors=1)
-        if claim.source_changed():
-            return  # what failed may not be what the key names
-        logger.warning("aioov cache: %s cannot be cached on %s (%s); remembered under its key",
-                       request.source.describe(), request.spec, "; ".join(failures))
-        self._publish_marker(claim, request, {"reason": "; ".join(failures)})
+        if self._mark(claim, request, {"reason": "; ".join(failures)}):
+            logger.warning("aioov cache: %s cannot be cached on %s (%s); remembered under its key",
+                           request.source.describe(), request.spec, "; ".join(failures))
 
     def _remember_not_worth(self, claim: Claim, request: CompileRequest, why: str) -> None:
         """Publish a "not worth caching" record in place of an entry: every process compiles
         the model at once, with no builder, no export and no wait (until aioov changes)."""
-        if claim.source_changed():
-            return
-        logger.info("aioov cache: %s not cached: %s", request.source.describe(), why)
-        self._publish_marker(claim, request, {"reason": why, "kind": NOT_WORTH})
+        if self._mark(claim, request, {"reason": why, "kind": NOT_WORTH}):
+            logger.info("aioov cache: %s not cached: %s", request.source.describe(), why)
 
-    def _publish_marker(self, claim: Claim, request: CompileRequest, marker: dict[str, Any]) -> None:
-        store = claim.store
-        tmp = store.new_tmp(claim.key)
+    @staticmethod
+    def _mark(claim: Claim, request: CompileRequest, marker: dict[str, Any]) -> bool:
+        """Publish ``marker``; False when the source changed (what was judged may not be what
+        the key names: nothing is remembered)."""
         try:
-            marker = {**marker, "onnxruntime": ort.__version__, "aioov": __version__}
-            (tmp / NOT_CACHEABLE).write_text(json.dumps(marker), encoding="utf-8")
-            store.publish(claim.key, tmp, {**claim.manifest, "not_cacheable": marker},
-                          mac_key=auth.key_of(request.config.cache_hmac_key))
-        finally:
-            store.discard(tmp)
+            claim.mark(marker, request.rules, onnxruntime=ort.__version__)
+        except SourceChanged:
+            return False
+        return True
 
     def _publish(
         self,
@@ -339,61 +286,22 @@ class EntryWriter:
         record: dict[str, Any],
         input_names: list[str] | None = None,
         abort: Callable[[], bool] | None = None,
-        records: dict[str, Any] | None = None,
+        checksums: dict[str, Any] | None = None,
     ) -> None:
-        """Check the blob written in ``tmp`` (``input_names``: finalize it here first),
-        publish it (``records``: the builder's checksums), share it. Failing only means "not cached"."""
+        """Publish the blob written in ``tmp`` (``input_names``: finalize it here first) and
+        hand what is left (upload, prune) to the export worker. Failing only means "not cached"."""
         assert request.device.blob is not None
-        store = claim.store
         try:
-            if claim.source_changed():
-                # What was compiled may not be what was hashed: the key would lie.
-                logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())
-                return
             if input_names is not None:
                 request.device.blob.finalize(tmp, input_names)
-            if store.publish(claim.key, tmp, {**claim.manifest, "build": record}, abort=abort,
-                             mac_key=auth.key_of(request.config.cache_hmac_key), records=records):
-                self._events.count(exports=1)
-                # Local waiters and readers need not wait for the upload: the entry is here.
-                claim.lock.release()
-                if claim.remote is not None:
-                    # Nor does the caller (an awaited entry publishes on its path): the upload
-                    # runs in the export worker and gives the hosts' lock back when done.
-                    remote, claim.remote = claim.remote, None
-                    key = claim.key
-                    self._exporter.submit(lambda _token: remote.share(key), on_drop=remote.release)
-                self._prune_if_needed(store, request.max_cache_size)
+            for chore in claim.publish(tmp, record, request.rules, abort=abort, checksums=checksums):
+                self._exporter.submit(chore.run, on_drop=chore.drop)
+        except SourceChanged:
+            logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())
         except OSError as exc:
-            self._events.unwritable(store.root, exc)
+            self._events.unwritable(claim.cache.root, exc)
         except BlobError as exc:
             self._uncacheable(request.source, exc)
-
-    def _prune_if_needed(self, store: CacheStore, limit: int) -> None:
-        """``CACHE_MAX_SIZE`` (#45): the cache's summary says in O(1) whether it passed the limit
-        (or wants its journal compacted); only then does the export worker walk it and prune
-        the least recently used entries to 90 % of the limit, never on a compile's path, one
-        process per cache at a time."""
-        try:
-            if not store.claim_upkeep(limit or None):
-                return
-        except Exception as exc:  # the entry is published: a failed prune is the cache's, not the compile's
-            self._events.failed(f"prune:{store.root}", "aioov cache: pruning %s failed: %s", store.root, exc)
-            return
-
-        def upkeep(token: CancelToken) -> None:
-            try:
-                removed = store.upkeep(limit or None, cancel=lambda: token.cancelled)
-            except Cancelled:
-                return
-            except Exception as exc:
-                self._events.failed(f"prune:{store.root}", "aioov cache: pruning %s failed: %s", store.root, exc)
-                return
-            if removed:
-                self._events.count(pruned=len(removed))
-                logger.info("aioov cache: pruned %d entries to stay under %d bytes", len(removed), limit)
-
-        self._exporter.submit(upkeep, on_drop=lambda: None)
 
     def _uncacheable(self, source: Source, exc: BlobError) -> None:
         self._events.count(errors=1)

@@ -15,7 +15,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "aioov"
 MAX_PARAMS = 7
 #: what the cache package may import from the rest of aioov: it never knows devices or compiles
-CACHE_MAY_IMPORT = ("aioov._cache", "aioov._errors", "aioov._concurrency", "aioov._priority")
+CACHE_MAY_IMPORT = ("aioov._cache", "aioov._errors", "aioov._concurrency", "aioov._priority", "aioov._version")
+#: the compile path: from a Core's call to a session. It talks to the cache through one door
+COMPILE_PATH = ("aioov._core", "aioov._sync", "aioov._jobs", "aioov._bulk", "aioov._pipeline", "aioov._early",
+                "aioov._reader", "aioov._writer", "aioov._variants", "aioov._builds", "aioov._request",
+                "aioov._sessions", "aioov._warmup", "aioov._compiled")
+CACHE_FACE = "aioov._cache.cache"
 
 
 def _modules() -> dict[str, Path]:
@@ -63,6 +68,23 @@ def _closure(name: str) -> set[str]:
             seen.add(module)
             stack.extend(GRAPH[module])
     return seen
+
+
+def test_the_compile_path_talks_to_the_cache_through_its_face_only() -> None:
+    """Locks, stamps, sentinels, MACs, the stat index and the remote tier are the cache's
+    business: a compile asks ``Cache`` (look up, claim, publish, mark) and nothing below it."""
+    for name in COMPILE_PATH:
+        inside = sorted(m for m in GRAPH[name] if m.startswith("aioov._cache") and m != CACHE_FACE)
+        assert inside == [], f"{name} imports {inside}: ask {CACHE_FACE} instead"
+
+
+def test_the_builder_and_its_parent_share_only_the_protocol() -> None:
+    """A builder process and the serving side meet in ``_buildjob`` (typed, versioned job and
+    reply): neither imports the other's module."""
+    assert "aioov._buildjob" in GRAPH["aioov._builder"] and "aioov._buildjob" in GRAPH["aioov._builds"]
+    serving = {name for name in MODULES if name != "aioov._builder" and "aioov._builder" in GRAPH[name]}
+    assert serving == set()
+    assert not {"aioov._builds", "aioov._variants"} & _closure("aioov._builder")
 
 
 def test_the_builder_process_imports_none_of_the_async_api() -> None:

@@ -451,6 +451,8 @@ def test_a_builder_that_crashes_leaves_no_core_file(cache_dir: Path, mlp_path: P
 def test_a_builder_turns_core_files_off(tmp_path: Path) -> None:
     import resource
 
+    from aioov._buildjob import BuildJob, BuildReply
+
     if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
         pytest.skip("core files are off for good here (hard limit 0): nothing to turn off")
     # started as the serving process would, by one that allows core files
@@ -462,12 +464,12 @@ def test_a_builder_turns_core_files_off(tmp_path: Path) -> None:
     assert builder.stdin is not None and builder.stdout is not None
     try:
         # a job for a model that does not exist: its reply says the builder is serving jobs
-        job = {"model": str(tmp_path / "missing.onnx"), "tmp": str(tmp_path), "key": "k", "blob": "ort-optimized",
-               "variant": "plain", "providers": [["CPUExecutionProvider", {}]], "opt_level": "ALL",
-               "session_config": {}, "shapes": {}, "background": False}
-        builder.stdin.write(json.dumps(job) + "\n")
+        job = BuildJob(model=str(tmp_path / "missing.onnx"), tmp=str(tmp_path), key="k", blob="ort-optimized",
+                       variant="plain", providers=[("CPUExecutionProvider", {})])
+        builder.stdin.write(job.to_line())
         builder.stdin.flush()
-        assert json.loads(builder.stdout.readline())["ok"] is False
+        reply = BuildReply.from_line(builder.stdout.readline())
+        assert reply is not None and reply.ok is False
         (line,) = [line for line in Path(f"/proc/{builder.pid}/limits").read_text().splitlines()
                    if line.startswith("Max core file size")]
         assert line.split()[4] == "0"  # the soft limit; the hard one is left as it was
@@ -475,6 +477,17 @@ def test_a_builder_turns_core_files_off(tmp_path: Path) -> None:
         builder.stdin.close()  # a builder exits when its stdin closes
         builder.wait(30)
         builder.stdout.close()
+
+
+def _builder_environ(pid: int) -> list[bytes]:
+    """A builder's environment, once it is its own: between fork and exec /proc shows the
+    parent's, or nothing at all."""
+    deadline = time.monotonic() + 30
+    while True:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if any(item.startswith(b"AIOOV_BUILDER_PARENT=") for item in environ) or time.monotonic() > deadline:
+            return environ
+        time.sleep(0.01)
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads a process's environment in Linux's /proc")
@@ -486,7 +499,7 @@ def test_a_builder_keeps_numpy_on_one_thread(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     builder = _Process()
     try:
-        environ = Path(f"/proc/{builder.popen.pid}/environ").read_bytes().split(b"\0")
+        environ = _builder_environ(builder.popen.pid)
     finally:
         builder.close()
     for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -504,7 +517,7 @@ def test_a_builder_keeps_its_heap_while_it_writes_unless_the_application_tuned_m
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     builder = _Process()
     try:
-        environ = Path(f"/proc/{builder.popen.pid}/environ").read_bytes().split(b"\0")
+        environ = _builder_environ(builder.popen.pid)
     finally:
         builder.close()
     assert b"MALLOC_TOP_PAD_=12345" in environ

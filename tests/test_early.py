@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import aioov
-from aioov import _pipeline
+from aioov._cache import cache as _face  # where the model is hashed: patched to watch it
 from aioov._cache.locks import KeyLock
 from aioov._cache.peers import Presence
 from aioov._sessions import SessionFactory
@@ -38,7 +38,7 @@ class _HashWatch:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, wait: bool = False) -> None:
         self.began = threading.Event()
         self.compiling_while_hashed: list[bool] = []
-        real_compile, real_digest = SessionFactory.compile, _pipeline.digest_files
+        real_compile, real_digest = SessionFactory.compile, _face.digest_files
 
         def compile(factory: SessionFactory, *args: Any, **kwargs: Any) -> Any:
             self.began.set()
@@ -49,7 +49,7 @@ class _HashWatch:
             return real_digest(paths)
 
         monkeypatch.setattr(SessionFactory, "compile", compile)
-        monkeypatch.setattr(_pipeline, "digest_files", digest)
+        monkeypatch.setattr(_face, "digest_files", digest)
 
 
 async def test_a_new_model_begins_compiling_while_it_is_hashed(
@@ -162,13 +162,13 @@ async def test_others_arriving_while_it_is_hashed_get_the_entry_at_once(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other = Presence(cache_dir / "v1" / ".locks" / "peers")
-    real_digest = _pipeline.digest_files
+    real_digest = _face.digest_files
 
     def digest(paths: Any) -> str:
         other.enter()  # another worker starts loading from the cache: it will wait for this model
         return real_digest(paths)
 
-    monkeypatch.setattr(_pipeline, "digest_files", digest)
+    monkeypatch.setattr(_face, "digest_files", digest)
     watch = _HashWatch(monkeypatch)
     try:
         async with aioov.Core(cache_dir=cache_dir) as core:

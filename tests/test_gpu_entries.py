@@ -72,7 +72,7 @@ def test_the_builder_job_of_a_gpu_compile_names_only_the_cpu(mlp_path: Path) -> 
 
     request = CompileRequest(Source(str(mlp_path)), CUDA, DeviceSpec("GPU"), CUDA.providers(None, {}), CompileConfig())
     job = _job(request, str(mlp_path), Path("tmp"), "k" * 64, "basic", background=True)
-    assert job["providers"] == [CPU_FALLBACK] and job["blob"] == "ort-basic-graph"
+    assert job.providers == [CPU_FALLBACK] and job.blob == "ort-basic-graph"
 
 
 async def test_gpu_entries_are_checked_published_and_hit(bert_path: Path, cache_dir: Path, ids: np.ndarray) -> None:
@@ -141,8 +141,8 @@ def test_a_model_the_builders_cpu_cannot_load_fails_its_check(tmp_path: Path) ->
     (tmp_path / "entry").mkdir()
     request = CompileRequest(Source(str(model)), CUDA, DeviceSpec("GPU"), CUDA.providers(None, {}), CompileConfig())
     report = run_job(_job(request, str(model), tmp_path / "entry", "k" * 64, "basic", background=False))
-    assert report["ok"] is False and report["stage"] == "check"
-    assert "CPUExecutionProvider cannot load the model" in report["reason"] and "ComplexMul" in report["reason"]
+    assert report.ok is False and report.stage == "check" and report.reason is not None
+    assert "CPUExecutionProvider cannot load the model" in report.reason and "ComplexMul" in report.reason
 
 
 async def test_sessions_on_one_gpu_are_built_at_most_parallel_builds_at_a_time(

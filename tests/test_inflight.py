@@ -128,7 +128,7 @@ async def test_different_keys_never_wait_for_each_other(
 
             shutil.rmtree(entry)
         # Someone else (another file description: as good as another process) compiles bert.
-        holder = core._pipeline.store(str(cache_dir)).lock(key)  # type: ignore[union-attr]
+        holder = core._pipeline.cache(str(cache_dir)).store.lock(key)  # type: ignore[union-attr]
         assert holder.try_acquire()
         try:
             other = await core.compile_model(mlp_path, "CPU")  # not blocked by bert's lock

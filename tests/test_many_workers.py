@@ -217,7 +217,7 @@ seen = []
 real = _builds._Process.run
 def run(self, job, timeout, token):
     report = real(self, job, timeout, token)
-    seen.append((bool(job["background"]), os.getpriority(os.PRIO_PROCESS, self.popen.pid)))
+    seen.append((job.background, os.getpriority(os.PRIO_PROCESS, self.popen.pid)))
     return report
 _builds._Process.run = run
 async def main():
@@ -278,7 +278,7 @@ async def test_a_model_being_hashed_elsewhere_is_deferred_in_a_bulk_load(
 async def test_a_compile_waiting_for_a_hash_reads_the_record_instead_of_hashing(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aioov import _pipeline
+    from aioov._cache import cache as _face
     from aioov._cache.key import FileStat, digest_files
 
     hashed: list[str] = []
@@ -287,7 +287,7 @@ async def test_a_compile_waiting_for_a_hash_reads_the_record_instead_of_hashing(
         hashed.extend(map(str, paths))
         return digest_files(paths)
 
-    monkeypatch.setattr(_pipeline, "digest_files", counting)
+    monkeypatch.setattr(_face, "digest_files", counting)
     store = CacheStore(cache_dir)
     store.ensure()
     elsewhere = store.hash_lock(str(mlp_path))

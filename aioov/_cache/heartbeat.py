@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .._concurrency import renew_in_children
 
-__all__ = ("EVERY", "STALLED_AFTER", "Heartbeats", "cpu_seconds", "stalled")
+__all__ = ("EVERY", "STALLED_AFTER", "Heartbeats", "stalled")
 
 #: seconds between two signs of life
 EVERY = 0.5
@@ -82,13 +82,3 @@ def stalled(path: Path, since: float) -> bool:
     except OSError:
         return False  # gone: the lock is free, the next look takes it
     return time.time() - last > STALLED_AFTER
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """CPU seconds a process has used (Linux's /proc); None where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
