@@ -63,7 +63,7 @@ def _options(job: BuildJob, level: str | None) -> Any:
 
     options = session_options(level or job.opt_level, job.session_config, custom_ops=job.custom_ops,
                               free_dimensions=job.free_dimensions)
-    options.intra_op_num_threads = 1  # measured: 2 threads wrote BERT-base's blob no sooner
+    options.intra_op_num_threads = 1  # writing a blob is serial work: more threads only compete
     options.inter_op_num_threads = 1
     return options
 
@@ -154,8 +154,7 @@ def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> 
             _sabotage(tmp / blob.model_file)
         exported = time.perf_counter()
         settle.written()
-        # Loading the blob needs nothing from the source's run: both at once (measured: the
-        # check of BERT-base's blob in ~0.2 s less on 2 cores, and no later when only one is idle).
+        # Loading the blob needs nothing from the source's run: both at once.
         with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
             hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
             runs, skipped, left_out = reference_run(source, job.shapes, job.values, job.check_shapes)

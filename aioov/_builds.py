@@ -90,16 +90,15 @@ _POLL = 0.05
 #: seconds a kept builder may stay idle before it is closed
 IDLE_CLOSE = 2.0
 #: seconds an awaited job waits for the kept builder before it starts a one-off: starting one
-#: costs ~0.4 s of CPU, which the compiles of other processes need on a cold start (measured:
-#: 12 one-offs were a quarter of the CPU time of 4 workers starting on 12 models)
+#: costs an interpreter's and onnxruntime's imports in CPU, which the compiles of other
+#: processes need on a cold start
 KEPT_WAIT = 5.0
 #: the interpreter that runs builders, where ``sys.executable`` is not a Python (embedded
 #: interpreters such as uWSGI's report their own binary)
 PYTHON_ENV = "AIOOV_BUILDER_PYTHON"
 #: a builder's numpy on one thread. Its sessions run on one thread already, and numpy only
 #: makes up and compares small arrays; OpenBLAS's pool (numpy's wheels) spins its threads
-#: at import. Measured here (2 cores, 6 runs each): a builder's imports took 0.17 CPU-s
-#: instead of 0.27, CPU that the compiles of a cold start need
+#: at import, on CPU that the compiles of a cold start need
 ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 #: glibc's allocator in a builder: blocks under 32 MB from the heap, which is kept (not trimmed,
 #: grown 256 MB at a time) while a job runs, so that onnxruntime's many short-lived copies of

@@ -383,7 +383,7 @@ class CompiledModel:
 
         ``outputs``: return only these outputs (names, indices or ``Port``s), in the order
         given (onnxruntime 1.31 still runs every node: its ``only_execute_path_to_fetches`` run
-        option pruned no branch, measured). ``run_options``: an ``onnxruntime.RunOptions``
+        option prunes no branch). ``run_options``: an ``onnxruntime.RunOptions``
         used as it is (give each concurrent call its own), or a mapping of its attributes and
         run config entries (``{"logid": "req-7"}``; ``PropertyError`` for what it does not have).
 

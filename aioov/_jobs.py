@@ -222,9 +222,9 @@ class CompileJobs:
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
-        """A bulk load is running: background work waits until it is over. Measured on 2 cores
-        (12 cached models, ``CACHE_HIT_MODE=INSTANT``): full-speed loads started beside the
-        instant hits made the whole folder ready later than with ``FULL`` hits."""
+        """A bulk load is running: background work waits until it is over (full-speed loads
+        started beside instant hits compete with them for the same cores, and the whole folder
+        is ready later)."""
         with self._background_lock:
             self._busy += 1
         try:

@@ -54,9 +54,8 @@ def apply(options: Any, threads: int = 0) -> None:
         options.intra_op_num_threads = threads
 
 
-#: The first onnxruntime whose ``InferenceSession`` releases the GIL while it builds.
-#: Measured: 1.25.0 to 1.30.0 stalled every other Python thread 45-52 ms per 40 MB model
-#: built; 1.31.0, 1.31.1 and 1.32.0 let a 1 ms ticker keep ticking (max gap 3-5 ms).
+#: The first onnxruntime whose ``InferenceSession`` releases the GIL while it builds: before
+#: it, every other Python thread (the event loop's too) stalls for the length of each build.
 RELEASES_GIL_FROM = (1, 31)
 _warned = False
 

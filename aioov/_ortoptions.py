@@ -29,16 +29,13 @@ OPT_LEVELS = {
 
 
 #: session config entries aioov sets unless ``ORT_SESSION_CONFIG`` names them; not in the
-#: cache key (they change no graph). Measured on 2 cores (docs/performance.md):
+#: cache key (they change no graph). The ``spinning`` and ``poolstart`` benchmarks measure both:
 #:
-#: - Idle intra-op threads stop spinning when a Run ends: two models served in turns by one
-#:   process ran 1.2–2× slower with onnxruntime's default (each session's idle threads spun
-#:   against the other's run); one session alone ran as fast either way.
+#: - Idle intra-op threads stop spinning when a Run ends: with onnxruntime's default, each
+#:   session's idle threads spin against the other sessions' runs in the same process.
 #: - An idle thread spins at most 2 ms before it sleeps (onnxruntime's default is 2^20 spins,
-#:   ~55 ms here). Every new session's pool threads spin that long as they start, beside the
-#:   build: 12 cached models loaded in one process took 1.70 CPU-s instead of 1.01 (the
-#:   ``poolstart`` benchmark), which workers starting on the same cores pay for in wall time.
-#:   Gaps inside a run are far shorter: inference ran as fast either way.
+#:   far longer). Every new session's pool threads spin that long as they start, on CPU that
+#:   workers starting together need. Gaps inside a run are far shorter: inference is as fast.
 SESSION_DEFAULTS = {"session.force_spinning_stop": "1", "session.intra_op.spin_duration_us": "2000"}
 
 

@@ -184,7 +184,7 @@ class Device:
         return self._probed is not None
 
     def prepare(self) -> None:
-        """Start probing in the background (for a GPU: initializing CUDA, ~0.4 s) and reading
+        """Start probing in the background (for a GPU: initializing CUDA, a noticeable part of a start) and reading
         the hardware facts of the key, so that both overlap reading and hashing the model;
         ``available`` then waits for the probe."""
         with self._prepare_lock:  # not the probe's lock: a probe under way must not block this

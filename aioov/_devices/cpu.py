@@ -73,15 +73,15 @@ class OrtOptimizedBlob(BlobFormat):
         return providers
 
     def configure_instant(self, options: Any) -> None:
-        # The weights as saved, without repacking them for the matrix kernels: 0.04 s instead
-        # of 0.38 s for the 435 MB model here, its inference ~16 % slower until the full
-        # session (same file, prepacked) replaces it.
+        # The weights as saved, without repacking them for the matrix kernels: most of a
+        # transformer's load is that repacking; inference is slower until the full session
+        # (same file, prepacked) replaces it.
         options.add_session_config_entry("session.disable_prepacking", "1")
 
     def finalize(self, tmp: Path, input_names: list[str]) -> None:
         path = tmp / BLOB_MODEL
         try:
-            scan = scan_file(path)  # the graph's inputs without importing onnx (0.14-0.21 s of a builder's start)
+            scan = scan_file(path)  # the graph's inputs without importing onnx (a large part of a builder's start)
         except ScanError as exc:
             raise BlobError(f"onnxruntime wrote an optimized model that does not read back: {exc}") from exc
         initializers, wanted = set(scan.initializers), set(input_names)

@@ -225,9 +225,8 @@ class CUDADevice(_NvidiaDevice):
     provider = "CUDAExecutionProvider"
     kind = "CUDA"
     blob = CUDAGraphBlob()
-    # Sessions on one GPU built in threads (an H100, onnxruntime-gpu 1.31.1): 4 BERT-base hits
-    # at once 0.61 s against 1.01 s one after another, no errors in any round; 8 plain sessions
-    # at once gained more, for 8x the transient memory. microsoft/onnxruntime#26610 reported
+    # Sessions on one GPU built in threads overlap well (the gpu benchmark scenario), but each
+    # holds its transient memory while it builds, and microsoft/onnxruntime#26610 reported
     # crashes building CUDA sessions in threads: bounded, not unlimited.
     parallel_builds = 4
 

@@ -104,8 +104,8 @@ class OpenVINODevice(Device):
     provider = "OpenVINOExecutionProvider"
     blob = OpenVINOCacheBlob()
     #: OpenVINO device types whose compile a cached blob skips. Not CPU: there the provider's
-    #: session time is onnxruntime's and the ONNX conversion, and a hit was measured slower
-    #: than a compile (benchmarks, scenario ovep; docs/devices.md)
+    #: session time is onnxruntime's and the ONNX conversion, and a hit is slower than a compile
+    #: (benchmarks, scenario ovep; docs/devices.md)
     cached_device_types: ClassVar[tuple[str, ...]] = ("GPU", "NPU")
 
     def caches(self, options: Mapping[str, str]) -> bool:
