@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import onnxruntime as ort
 
-from ._cache.cache import Cache, CacheEvents, CacheStats, Claim, Exporter, FileStat, NotCacheable, Stalled
+from ._cache.cache import Cache, CacheEvents, CacheStats, Exporter, FileStat, NotCacheable, Stalled
 from ._concurrency import CancelToken, renew_in_children
 from ._devices import DeviceRegistry
 from ._early import EarlyCompile
@@ -160,12 +160,10 @@ class Pipeline:
             self.events.count(hits=1)
             return _result(request, found, key)
         self.events.count(misses=1)
-        if self.writer.awaited(claim, request):
-            # Others began loading from the cache meanwhile and will wait for this entry: the
-            # builder's compile serves them and this process (one compile), not an early one.
-            early.drop()
-            return self._publish_then_load(cache, claim, request, token)
-        return _result(request, self.writer.compile(claim, request, token, early, bulk=defer_if_busy), key)
+        session = self.writer.write(claim, request, token, early, bulk=defer_if_busy)
+        if session is None:  # published for others waiting: loaded as they will load it
+            return self._load_published(cache, claim.key, request, token)
+        return _result(request, session, key)
 
     def _identify(
         self, request: CompileRequest, cache: Cache, token: CancelToken, defer_if_busy: bool,
@@ -184,17 +182,15 @@ class Pipeline:
         return cache.identify(source.path, _external_files, request.rules, wait=wait, cancel=token.event,
                               before_hashing=before_hashing)
 
-    def _publish_then_load(self, cache: Cache, claim: Claim, request: CompileRequest, token: CancelToken) -> Result:
-        """Others wait for this entry: a builder writes and publishes it now, and this process
-        loads it as they will (a hit's load, not a second compile). When nothing could be
-        published, a compile without the cache."""
-        self.writer.publish_now(claim, request, token)
-        found = self.reader.load(cache, claim.key, request, token)
+    def _load_published(self, cache: Cache, key: str, request: CompileRequest, token: CancelToken) -> Result:
+        """The entry a builder just published for this call (a hit's load, not a second
+        compile); when nothing could be published, a compile without the cache."""
+        found = self.reader.load(cache, key, request, token)
         if isinstance(found, Loaded):
             self.events.count(compiles=1)  # the builder's, for this call
-            return Result(found.session, str(request.spec), request.config, False, claim.key,
+            return Result(found.session, str(request.spec), request.config, False, key,
                           pending=found.pending, guard=found.guard)
-        result = _result(request, self.sessions.compile(request, token), claim.key)
+        result = _result(request, self.sessions.compile(request, token), key)
         if isinstance(found, NotCacheable):
             result.not_cached = found.describe()
         return result

@@ -62,6 +62,20 @@ class EntryWriter:
     def shutdown(self) -> None:
         self._builders.close()
 
+    def write(self, claim: Claim, request: CompileRequest, token: CancelToken, early: EarlyCompile, *,
+              bulk: bool = False) -> ort.InferenceSession | None:
+        """The entry for ``claim``, and the caller's session: compiled here while a builder
+        writes the entry in the background (``compile``), or None when somebody waits for the
+        entry: then a builder writes and publishes it now, and the caller loads it like any hit
+        (``publish_now``). Takes over ``claim``."""
+        if not self.awaited(claim, request):
+            return self.compile(claim, request, token, early, bulk=bulk)
+        # Others began loading from the cache meanwhile and will wait for this entry: the
+        # builder's compile serves them and this process (one compile), not an early one.
+        early.drop()
+        self.publish_now(claim, request, token)
+        return None
+
     def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, early: EarlyCompile, *,
                 bulk: bool = False) -> ort.InferenceSession:
         """The caller's session; the entry is written by a builder in the background (or, for
