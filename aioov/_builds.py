@@ -100,13 +100,6 @@ PYTHON_ENV = "AIOOV_BUILDER_PYTHON"
 #: makes up and compares small arrays; OpenBLAS's pool (numpy's wheels) spins its threads
 #: at import, on CPU that the compiles of a cold start need
 ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-#: glibc's allocator in a builder: blocks under 32 MB from the heap, which is kept (not trimmed,
-#: grown 256 MB at a time) while a job runs, so that onnxruntime's many short-lived copies of
-#: initializers while it serializes them reuse memory instead of faulting in fresh pages.
-#: Measured here (BERT-base, 2 cores): 220k page faults instead of 341k, and its export
-#: 0.96 s instead of 1.93 s (medians of 6, alternating). ``_builder`` trims the heap between jobs
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
-                 "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
 @dataclass(frozen=True)
@@ -163,8 +156,6 @@ class _Process:
         env["AIOOV_BUILDER_SYS_PATH"] = json.dumps(_import_paths(own_interpreter=not other))
         env[PARENT_ENV] = str(os.getpid())
         env.update(ONE_THREAD_ENV)
-        for name, value in ALLOCATOR_ENV.items():
-            env.setdefault(name, value)  # an application's own allocator settings are passed on
         flags = ["-I"] + (["-S"] if sys.flags.no_site else [])
         self.popen = subprocess.Popen(
             [other or sys.executable, *flags, "-c", _BOOT],

@@ -507,25 +507,6 @@ def test_a_builder_keeps_numpy_on_one_thread(monkeypatch: pytest.MonkeyPatch) ->
     assert os.environ["OPENBLAS_NUM_THREADS"] == "8"  # the application's own is left alone
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads a process's environment in Linux's /proc")
-def test_a_builder_keeps_its_heap_while_it_writes_unless_the_application_tuned_malloc(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov._builds import ALLOCATOR_ENV, _Process
-
-    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")  # the application's own choice wins
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    builder = _Process()
-    try:
-        environ = _builder_environ(builder.popen.pid)
-    finally:
-        builder.close()
-    assert b"MALLOC_TOP_PAD_=12345" in environ
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        assert f"{name}={ALLOCATOR_ENV[name]}".encode() in environ
-    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the serving process's allocator is left alone
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 async def test_a_builder_stopped_from_outside_is_not_blamed_on_the_model(
