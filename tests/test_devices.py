@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -20,6 +22,35 @@ from aioov.testing import mlp, save_with_external_data
 from .helpers import reference, run_python
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """``nvidia_smi(gpus)``: an ``nvidia-smi`` first on PATH that lists ``gpus`` as the real one
+    does (``--format=csv,noheader``); ``nvidia_smi(None)``: no nvidia-smi on PATH at all."""
+    from aioov._devices import nvidia
+
+    folder, empty = tmp_path / "smi", tmp_path / "no-smi"
+    folder.mkdir()
+    empty.mkdir()
+    path = os.environ.get("PATH", "")
+
+    def lists(gpus: tuple[dict[str, str], ...] | None) -> None:
+        if gpus is None:
+            monkeypatch.setenv("PATH", str(empty))
+        else:
+            fields = ("index", "uuid", "name", "compute_capability", "driver")
+            rows = [", ".join(gpu.get(f, {"index": str(i), "uuid": f"GPU-{i:04}", "driver": "580"}.get(f, ""))
+                              for f in fields) for i, gpu in enumerate(gpus)]
+            (folder / "gpus.csv").write_text("".join(f"{row}\n" for row in rows))
+            smi = folder / "nvidia-smi"
+            smi.write_text(f"#!/bin/sh\nexec cat '{folder / 'gpus.csv'}'\n")
+            smi.chmod(0o755)
+            monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{path}")
+        nvidia.nvidia_gpus.cache_clear()  # it asks nvidia-smi once per process
+
+    yield lists
+    nvidia.nvidia_gpus.cache_clear()
 
 
 class NowhereDevice(Device):
@@ -230,13 +261,13 @@ def test_cpu_finalize_does_not_import_onnx_when_nothing_is_dropped(tmp_path: Pat
     assert run_python(code, str(tmp_path)).stdout.strip() == "False"
 
 
-def test_tensorrt_key_includes_the_gpu_and_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov._devices import DeviceSpec, nvidia
+def test_tensorrt_key_includes_the_gpu_and_tensorrt(nvidia_smi: Callable[..., None]) -> None:
+    from aioov._devices import DeviceSpec
 
     trt = TensorRTDevice()
     keys = []
     for name in ("NVIDIA H100", "NVIDIA L4"):
-        monkeypatch.setattr(nvidia, "nvidia_gpus", lambda name=name: ({"name": name, "compute_capability": "9.0"},))
+        nvidia_smi(({"name": name, "compute_capability": "9.0"},))
         inputs = _key_inputs("d", trt, DeviceSpec("TENSORRT", 0), trt.providers(0, {}))
         assert inputs["blob"] == "trt-ep-context"
         assert {"tensorrt", "cuda", "gpu"} <= set(inputs["hardware"])
@@ -345,6 +376,7 @@ def test_openvino_key_includes_the_openvino_version(monkeypatch: pytest.MonkeyPa
     ov = OpenVINODevice()
     keys = []
     for version in ("2025.4.1", "2026.0.0"):
+        # why: the key must differ across OpenVINO releases, and only one is installed here (if any)
         monkeypatch.setattr(openvino, "openvino_version", lambda version=version: version)
         inputs = _key_inputs("d", ov, DeviceSpec("OPENVINO"), ov.providers(None, {}))
         assert inputs["blob"] == "ov-cache-dir" and inputs["hardware"]["openvino"] == version
@@ -593,10 +625,12 @@ TWO_GPUS = (
 )
 
 
-def test_the_gpu_in_a_key_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gpu_in_a_key_follows_cuda_visible_devices(
+    monkeypatch: pytest.MonkeyPatch, nvidia_smi: Callable[..., None]
+) -> None:
     from aioov._devices import nvidia
 
-    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: TWO_GPUS)
+    nvidia_smi(TWO_GPUS)
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert nvidia.gpu_identity(0)["name"] == "NVIDIA H100"  # CUDA's device 0 is nvidia-smi's 1
@@ -607,11 +641,13 @@ def test_the_gpu_in_a_key_follows_cuda_visible_devices(monkeypatch: pytest.Monke
     assert nvidia.gpu_identity(2) == {"name": "unknown"}
 
 
-def test_mixed_gpus_in_cuda_order_are_keyed_by_all_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_gpus_in_cuda_order_are_keyed_by_all_of_them(
+    monkeypatch: pytest.MonkeyPatch, nvidia_smi: Callable[..., None]
+) -> None:
     """Without PCI_BUS_ID order CUDA numbers the fastest GPU first: the key may not guess."""
     from aioov._devices import nvidia
 
-    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: TWO_GPUS)
+    nvidia_smi(TWO_GPUS)
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     first, second = nvidia.gpu_identity(0), nvidia.gpu_identity(1)
@@ -638,14 +674,12 @@ async def test_a_device_onnxruntime_falls_back_from_is_not_found(mlp_path: Path)
             await core.compile_model(mlp_path, "GPU.7")
 
 
-def test_full_device_name_names_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov._devices import nvidia
-
-    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: TWO_GPUS[1:])
+def test_full_device_name_names_the_gpu(monkeypatch: pytest.MonkeyPatch, nvidia_smi: Callable[..., None]) -> None:
+    nvidia_smi(TWO_GPUS[1:])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert CUDADevice().full_name() == "NVIDIA H100 (CUDA)"
     assert TensorRTDevice().full_name() == "NVIDIA H100 (TensorRT)"
-    monkeypatch.setattr(nvidia, "nvidia_gpus", lambda: ())
+    nvidia_smi(None)
     assert CUDADevice().full_name() == "GPU"  # no nvidia-smi: nothing made up
 
 
@@ -678,11 +712,13 @@ def test_tensorrt_without_its_runtime_is_refused_before_any_probe_session(monkey
             raise OSError(f"{name}: cannot open shared object file")
         return object()  # libcuda "loads"
 
+    # why: the case is a driver's libcuda present, TensorRT's runtime absent: this machine may have either
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     nvidia.tensorrt_missing.cache_clear()
     nvidia.nvidia_driver_missing.cache_clear()
     from aioov._devices import base
 
+    # why: nothing public tells whether a probe session was built (its error log is onnxruntime's)
     monkeypatch.setattr(base, "probe_session", lambda providers: pytest.fail("probed"))
     try:
         device = TensorRTDevice()
