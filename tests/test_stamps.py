@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import anyio
 import pytest
 
 import aioov
@@ -28,14 +29,17 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(path.name)
         return real(path, record)
 
+    # why: nothing public tells which files a hit hashed (a stamp spares it, and the result is the same)
     monkeypatch.setattr(store_module, "checksum_matches", counted)
     return seen
 
 
-@pytest.fixture
-def settled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stamp files however recently they were written (the test's entries are seconds old)."""
-    monkeypatch.setattr(stamps, "SETTLE", 0.0)
+async def settled(model: Path, cache_dir: Path) -> Path:
+    """The entry ``published`` makes of ``model``, once its files are ``SETTLE`` seconds old
+    (files written more recently are not stamped)."""
+    entry, _ = await published(model, cache_dir)
+    await anyio.sleep(stamps.SETTLE + 0.1)
+    return entry
 
 
 async def hit(model: Path, cache_dir: Path) -> aioov.CacheStats:
@@ -47,9 +51,9 @@ async def hit(model: Path, cache_dir: Path) -> aioov.CacheStats:
 
 
 async def test_an_entry_verified_once_is_not_hashed_again_while_its_files_are_unchanged(
-    bert_path: Path, cache_dir: Path, hashed: list[str], settled: None
+    bert_path: Path, cache_dir: Path, hashed: list[str]
 ) -> None:
-    entry, _ = await published(bert_path, cache_dir)
+    entry = await settled(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     assert sorted(hashed) == ["model.onnx", "weights.bin"] and (entry / stamps.STAMP).is_file()
     hashed.clear()
@@ -58,9 +62,9 @@ async def test_an_entry_verified_once_is_not_hashed_again_while_its_files_are_un
 
 
 async def test_a_file_rewritten_after_its_stamp_is_verified_again_even_with_its_mtime_put_back(
-    bert_path: Path, cache_dir: Path, hashed: list[str], settled: None
+    bert_path: Path, cache_dir: Path, hashed: list[str]
 ) -> None:
-    entry, _ = await published(bert_path, cache_dir)
+    entry = await settled(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     weights = entry / "weights.bin"
     before = weights.stat()
@@ -74,6 +78,7 @@ async def test_a_file_rewritten_after_its_stamp_is_verified_again_even_with_its_
 async def test_files_written_moments_ago_are_not_stamped(
     bert_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # why: the real window (SETTLE, 2 s) is outlasted between the publish and the hit on a slow machine
     monkeypatch.setattr(stamps, "SETTLE", 3600.0)  # "moments": however slow this machine is
     entry, _ = await published(bert_path, cache_dir)
     await hit(bert_path, cache_dir)  # verified, but a rewrite inside one timestamp tick could hide
@@ -81,9 +86,9 @@ async def test_files_written_moments_ago_are_not_stamped(
 
 
 async def test_an_expired_stamp_means_verifying_again_and_renewing_it(
-    bert_path: Path, cache_dir: Path, hashed: list[str], settled: None
+    bert_path: Path, cache_dir: Path, hashed: list[str]
 ) -> None:
-    entry, _ = await published(bert_path, cache_dir)
+    entry = await settled(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     stamp_file = entry / stamps.STAMP
     data = json.loads(stamp_file.read_text())
@@ -106,12 +111,13 @@ async def test_a_malformed_stamp_is_ignored(
     assert "weights.bin" in hashed and stats.hits == 1 and stats.corrupt == 0
 
 
-async def test_cache_verify_reads_no_stamp(bert_path: Path, cache_dir: Path, settled: None) -> None:
+async def test_cache_verify_reads_no_stamp(bert_path: Path, cache_dir: Path) -> None:
     """Bits a disk flips under an unchanged inode are what a stamp cannot see; ``cache verify``
     (``CacheStore.check``) always hashes."""
-    entry, _ = await published(bert_path, cache_dir)
+    entry = await settled(bert_path, cache_dir)
     await hit(bert_path, cache_dir)
     corrupt_weights(entry)
+    await anyio.sleep(stamps.SETTLE + 0.1)  # settled again: the stamp below is written
     key = entry.name
     store = store_module.CacheStore(cache_dir)
     looked_up = store.lookup(key, check_sizes=True)
@@ -123,13 +129,14 @@ async def test_cache_verify_reads_no_stamp(bert_path: Path, cache_dir: Path, set
 
 
 async def test_authenticated_caches_check_macs_on_every_load_and_leave_no_stamp(
-    bert_path: Path, cache_dir: Path, settled: None
+    bert_path: Path, cache_dir: Path
 ) -> None:
     config = {"CACHE_HMAC_KEY": "k" * 32}
     async with aioov.Core(cache_dir=cache_dir) as core:
         await core.compile_model(bert_path, "CPU", config)
         await core.wait_exports()
     (entry,) = entries(cache_dir)
+    await anyio.sleep(stamps.SETTLE + 0.1)  # settled: only the MAC keeps a stamp away
     async with aioov.Core(cache_dir=cache_dir) as core:
         compiled = await core.compile_model(bert_path, "CPU", config)
         assert compiled.get_property("LOADED_FROM_CACHE")
