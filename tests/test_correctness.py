@@ -89,6 +89,7 @@ async def test_an_export_does_not_publish_a_model_that_changed_while_it_compiled
         _save(path, seed=3)  # the file changes after the builder compiled it, before publish
         return report
 
+    # why: the window between the builder's compile and the publish has no public hook; a timed edit would race
     monkeypatch.setattr(Builders, "build", build_then_replace)
     async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_EXPORT": export}) as core:
         compiled = await core.compile_model(path, "CPU")
@@ -132,13 +133,14 @@ async def test_a_transient_load_failure_keeps_the_entry(
             raise RuntimeException("Failed to allocate memory for requested buffer of size 1073741824")
         return original(self, model, *args, **kwargs)
 
+    # why: no public way to make onnxruntime fail an allocation while loading one entry only
     monkeypatch.setattr(SessionFactory, "open", out_of_memory)
     async with aioov.Core(cache_dir=cache_dir) as core:
         compiled = await core.compile_model(path, "CPU")
         assert compiled.get_property("LOADED_FROM_CACHE") is False  # compiled instead...
         np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], reference(path, {"x": X})[0], rtol=1e-5)
     assert _entries(cache_dir) == [entry]  # ...and the entry is still there
-    monkeypatch.setattr(SessionFactory, "open", original)
+    monkeypatch.undo()  # onnxruntime loads entries again
     async with aioov.Core(cache_dir=cache_dir) as core:
         assert (await core.compile_model(path, "CPU")).get_property("LOADED_FROM_CACHE") is True
 
@@ -161,6 +163,7 @@ async def test_a_filesystem_that_refuses_locks_still_compiles_and_hits(
         def no_locks(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOLCK, "No locks available")
 
+        # why: an NFS mount without a lock daemon (flock gives ENOLCK) cannot be mounted in a test
         monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     else:  # pragma: no cover - Windows
         import portalocker
@@ -168,6 +171,7 @@ async def test_a_filesystem_that_refuses_locks_still_compiles_and_hits(
         def no_portalocks(*args: object, **kwargs: object) -> None:
             raise portalocker.LockException(OSError(errno.ENOLCK, "No locks available"))
 
+        # why: as above, a share whose locks fail, on Windows
         monkeypatch.setattr(portalocker, "lock", no_portalocks)
     async with aioov.Core(cache_dir=cache_dir) as core:
         hit = await core.compile_model(path, "CPU")
@@ -223,6 +227,7 @@ async def test_the_key_lock_is_released_before_the_upload(
         assert finish.wait(30)
         return original(self, key, entry)
 
+    # why: the lock is probed from inside the upload; a directory remote has no slow link to catch it in
     monkeypatch.setattr(DirectoryRemote, "upload", slow_upload)
     remote = (tmp_path / "remote").as_uri()
     async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_REMOTE_URL": remote}) as core:
