@@ -148,5 +148,7 @@ def held_compiles(monkeypatch: pytest.MonkeyPatch) -> HeldCompiles:
         assert held.release.wait(30), "the test never released the compiles"
         return original(self, *args, **kwargs)
 
+    # why: a compile from source cannot be held in its thread from outside (the builder's fault
+    # switch slows builders, not the caller's compile)
     monkeypatch.setattr(SessionFactory, "compile", compile)
     return held

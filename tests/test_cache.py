@@ -429,6 +429,7 @@ async def test_checksums_run_once_per_entry_and_core_while_the_files_are_unchang
         checked.append(names)
         return original(self, entry, names)
 
+    # why: nothing public counts checksum runs (a hit is a hit, checked or not)
     monkeypatch.setattr(CacheStore, "verify", counting)
     async with aioov.Core(cache_dir=cache_dir) as core:
         await core.compile_model(bert_path, "CPU")
@@ -512,6 +513,7 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
     """Files over 64 KiB get parts (instead of 64 MiB), so that test models have several."""
     from aioov._cache import fsutil
 
+    # why: real parts are 64 MiB: a model with several would be hundreds of MB to build and hash here
     monkeypatch.setattr(fsutil, "CHECKSUM_PART", 64 << 10)
     return 64 << 10
 
@@ -581,6 +583,7 @@ async def test_the_builder_checksums_the_blob_so_the_publisher_does_not_read_it_
         read_here.append(path.name)
         return checksum_record(path)
 
+    # why: nothing public tells whether the publisher read the blob again (the manifest is the same)
     monkeypatch.setattr(store_module, "checksum_record", counted)
     entry, manifest = await published(bert_path, cache_dir)
     assert read_here == []  # the builder's records, taken as they are...

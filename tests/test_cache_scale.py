@@ -90,6 +90,7 @@ def test_a_lock_taken_on_a_removed_file_is_taken_again_on_the_file_at_the_path(
         opened.append(name)
         return stale if len(opened) == 1 else real_open(name, flags, mode)  # type: ignore[arg-type]
 
+    # why: the waiter's open landing between the holder's open and unlink is a race no test can time
     monkeypatch.setattr(locks.os, "open", opening)
     waiter = KeyLock(path)
     assert waiter.try_acquire()
@@ -172,6 +173,7 @@ async def test_lock_files_and_index_records_go_with_their_entry(mlps: list[Path]
     store = CacheStore(cache_dir)
     kept = store.bookkeeping()
     assert (kept.key_locks, kept.hash_locks, kept.index_records) == (4, 0, 4)  # hash locks go once hashed
+    (store.index.root / "4096.size").touch()  # a size marker, as earlier aioov versions left them
     age_bookkeeping(store)
     pruned = store.prune(max_size=0)
     assert len(pruned) == 4
@@ -270,6 +272,7 @@ async def test_a_process_waiting_on_the_lock_of_an_entry_being_pruned_compiles_i
             time.sleep(0.01)
         return real_delete(self, *args, **kwargs)  # type: ignore[arg-type]
 
+    # why: prune holds the key's lock for moments only; the other process must come inside them
     monkeypatch.setattr(CacheStore, "_delete", delete_once_the_other_waits)
     removed: list[bool] = []
     pruner = threading.Thread(target=lambda: removed.append(store.remove(key)))
@@ -385,6 +388,7 @@ async def test_cache_max_size_walks_the_cache_only_once_it_passes_the_limit(
     walks: list[str] = []
     for name in ("scan", "_walk"):
         real = getattr(CacheStore, name)
+        # why: nothing public counts walks of the cache (the outcome is the same, only slower)
         monkeypatch.setattr(CacheStore, name, lambda self, *a, _real=real, _name=name, **k: (
             walks.append(_name), _real(self, *a, **k))[1])
     paths = []
@@ -460,6 +464,7 @@ async def test_stats_and_ls_answer_from_the_summary(mlps: list[Path], cache_dir:
     kept = stats["bookkeeping"]  # type: ignore[index]
     assert (stats["entries"], kept["key_locks"], kept["index_records"]) == (4, 4, 4)  # type: ignore[index]
     assert aioov_json("stats", "--scan")["bytes"] == stats["bytes"]  # type: ignore[index]
+    # why: stats and ls print the same whether they read the summary or each entry
     monkeypatch.setattr(CacheStore, "info", lambda self, key: pytest.fail("stats read an entry"))
     assert main(["cache", "stats", "--cache-dir", str(cache_dir)]) == 0
     assert main(["cache", "ls", "--cache-dir", str(cache_dir)]) == 0
@@ -474,7 +479,9 @@ async def test_verify_and_prune_report_progress_on_long_runs(mlps: list[Path], c
     from aioov import cli
     from aioov._cache import store as store_module
 
+    # why: a run long enough for progress lines (seconds of entries) is too big to make here
     monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)  # every step is "long"
+    # why: as above: progress is reported every so many entries, more than a test makes
     monkeypatch.setattr(store_module, "PROGRESS_EVERY", 1)
     assert cli.main(["cache", "verify", "--cache-dir", str(cache_dir)]) == 0
     assert "aioov cache verify: 4 of 4 entries checked (100%)" in capsys.readouterr().err

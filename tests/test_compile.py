@@ -342,14 +342,18 @@ def test_onnxruntime_builds_that_hold_the_gil_are_recognised(version: str, holds
 async def test_compiling_on_an_onnxruntime_that_holds_the_gil_says_so_once(
     mlp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog_warnings: pytest.LogCaptureFixture
 ) -> None:
+    # why: only one onnxruntime is installed here; the warning depends on its version
     monkeypatch.setattr(ort, "__version__", "1.24.1")
+    # why: the warning is once per process, and this process may have said it already
     monkeypatch.setattr(_ortenv, "_warned", False)
     async with aioov.Core() as core:
         assert "GIL" not in caplog_warnings.text  # a Core that compiles nothing (aioov devices) is quiet
         await core.compile_model(mlp_path, "CPU")
         await core.compile_model(mlp_path, "CPU", {"NUM_STREAMS": 2})
     assert caplog_warnings.text.count("holds the GIL") == 1
+    # why: as above, a newer onnxruntime than the one installed
     monkeypatch.setattr(ort, "__version__", "1.31.1")
+    # why: as above, a fresh process's warn-once flag
     monkeypatch.setattr(_ortenv, "_warned", False)
     caplog_warnings.clear()
     async with aioov.Core() as core:

@@ -167,6 +167,7 @@ async def test_sessions_on_one_gpu_are_built_at_most_parallel_builds_at_a_time(
             with lock:
                 running[0] -= 1
 
+    # why: nothing public tells how many session builds overlap inside onnxruntime
     monkeypatch.setattr(_sessions.ort, "InferenceSession", counting)
 
     class TwoAtATime(StandInGPU):
@@ -194,6 +195,7 @@ async def test_devices_without_a_limit_build_as_many_as_the_core_compiles(
         meet.wait()  # BrokenBarrierError (a failed compile) unless all three are in here at once
         return real(*args, **kwargs)
 
+    # why: as above: the builds must be seen to meet inside onnxruntime
     monkeypatch.setattr(_sessions.ort, "InferenceSession", meeting)
 
     class Unlimited(StandInGPU):
@@ -241,6 +243,7 @@ async def test_the_device_is_probed_while_the_model_is_hashed(
         device.go_on.set()  # a probe that blocked the compile would only end 10 s later, after this
         return real(self, *args, **kwargs)
 
+    # why: nothing public says when the model's hashing began, to order the probe against it
     monkeypatch.setattr(_pipeline.Pipeline, "_identify", identify)
     async with aioov.Core(cache_dir=cache_dir, devices=DeviceRegistry([CPUDevice(), device])) as core:
         compiled = await core.compile_model(bert_path, "GPU")

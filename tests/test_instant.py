@@ -50,6 +50,7 @@ def held_upgrades(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
         return original(self, held)
 
+    # why: the full-speed load follows the instant one at once; nothing public holds it back
     monkeypatch.setattr(CompileJobs, "background", background)
     return release
 
@@ -150,6 +151,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         order.append("instant" if instant else "full")
         return original(self, *args, **kwargs)
 
+    # why: nothing public records the order of the instant and full-speed loads
     monkeypatch.setattr(EntryReader, "open_blob", open_blob)
     return order
 
@@ -231,6 +233,8 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
         seen.order.append("instant done")
         return loaded
 
+    # why: the interleaving of the instant and full-speed loads (and an instant load that fails)
+    # cannot be ordered or caused from outside; nothing public records it either
     monkeypatch.setattr(EntryReader, "open_blob", open_blob)
     return seen
 
@@ -313,7 +317,9 @@ async def test_a_warmed_up_instant_hit_warms_its_full_speed_session_too(
         warmed.append(_prepacking_disabled(session))
         return warm_up(session, *args)
 
+    # why: nothing public tells which session (instant or full-speed) a warm-up ran on
     monkeypatch.setattr(aioov._pipeline, "warm_up", recording)
+    # why: as above, for the warm-up of the full-speed session that replaces an instant one
     monkeypatch.setattr(aioov._reader, "warm_up", recording)
     async with aioov.Core(cache_dir=cache_dir) as core:
         await _cached(core, bert_path)

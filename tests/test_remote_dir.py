@@ -83,6 +83,7 @@ async def test_an_upload_never_holds_up_the_compile(model: Path, tmp_path: Path,
         uploaded.set()
         return done
 
+    # why: a slow link to a directory remote cannot be made here; only the upload is held back
     monkeypatch.setattr(remote, "upload", slow_upload)
     async with aioov.Core(cache_dir=tmp_path / "host", properties={"CACHE_REMOTE_URL": shared}) as core:
         await core.compile_model(model, "CPU", {"CACHE_EXPORT": "SYNC"})

@@ -40,6 +40,7 @@ def count_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, tuple[int, ...
         calls.append({name: np.asarray(value).shape for name, value in feed.items()})
         return original(self, output_names, feed, *args, **kwargs)
 
+    # why: nothing public records the feeds a warm-up ran (only WARMED_UP and warmup_seconds)
     monkeypatch.setattr(ort.InferenceSession, "run", run)
     return calls
 
