@@ -18,17 +18,15 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Callable
 
 import onnxruntime as ort
 
 from ._cache.cache import Cache, CacheEvents, CacheStats, Exporter, FileStat, NotCacheable, Stalled
 from ._concurrency import CancelToken, renew_in_children
 from ._devices import DeviceRegistry
-from ._early import EarlyCompile
-from ._errors import Cancelled, LockBusy, LockTimeout, ModelReadError
+from ._errors import Cancelled, LockTimeout, ModelReadError
 from ._model import check_model_file
-from ._properties import CompileConfig, ExportMode
+from ._properties import CompileConfig
 from ._reader import EntryReader, Loaded
 from ._request import CompileRequest, Result, Source
 from ._sessions import SessionFactory
@@ -85,62 +83,43 @@ class Pipeline:
             return result
         cache.presence.enter()  # other processes loading from this cache see this one meanwhile
         try:
-            early = EarlyCompile(self.sessions, request)
-            with early:  # dropped unless taken: the cache had the model, or this failed
-                return self._run_cached(request, cache, token, defer_if_busy, early)
+            return self._run_cached(request, cache, token, defer_if_busy)
         finally:
             cache.presence.leave()
 
-    def _run_cached(
-        self, request: CompileRequest, cache: Cache, token: CancelToken, defer_if_busy: bool, early: EarlyCompile
-    ) -> Result:
+    def _run_cached(self, request: CompileRequest, cache: Cache, token: CancelToken, defer_if_busy: bool) -> Result:
         source, rules = request.source, request.rules
-
-        def before_hashing(stats: list[FileStat]) -> None:
-            """Compile at once where a miss is all but certain (``_early``)."""
-            if not defer_if_busy and _may_begin_early(request, cache, stats):
-                self.devices.require(request.device, request.spec)
-                early.begin()
-
         try:
-            stats, digest = self._identify(request, cache, token, defer_if_busy, before_hashing)
+            stats, digest = self._identify(request, cache, token, defer_if_busy)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):  # the process's limit, not the model: uncached
                 self.events.failed("fds", "aioov cache: %s; compiling without the cache", exc)
-                self.events.count(misses=1)
-                return _result(request, early.take(token), None)
+                return self._compile(request, token, None)
             raise ModelReadError(f"cannot read {source.describe()}: {exc}") from exc
         self.devices.require(request.device, request.spec)
         key, manifest = request.entry_key(digest)
 
         found = self.reader.load(cache, key, request, token)
         if isinstance(found, NotCacheable) and not found.stale:
-            return self._not_cacheable(request, found, key, token, early)
+            return self._not_cacheable(request, found, key, token)
         if isinstance(found, Loaded):
             self.events.count(hits=1)
             return _result(request, found, key)
 
         try:
-            claim = cache.claim(key, rules, manifest=manifest, stats=stats, cancel=token.event,
-                                defer=defer_if_busy or early.started)
-        except LockBusy:
-            if defer_if_busy:
-                raise
-            self.events.count(misses=1)  # another process compiles it too: ours is under way
-            return _result(request, early.take(token), key)
+            claim = cache.claim(key, rules, manifest=manifest, stats=stats, cancel=token.event, defer=defer_if_busy)
         except Stalled:
             # Its holder shows no progress (a stopped, hung or starved builder): do not wait
             # longer than compiling the model here takes.
-            self.events.count(misses=1)
             logger.info("aioov cache: %s is being cached by a process that shows no progress; "
                         "compiling it here", source.describe())
-            return _result(request, early.take(token), key)
+            return self._compile(request, token, key)
         except Cancelled:
             raise
         except (LockTimeout, OSError) as exc:
-            self.events.count(misses=1, lock_timeouts=1 if isinstance(exc, LockTimeout) else 0)
+            self.events.count(lock_timeouts=1 if isinstance(exc, LockTimeout) else 0)
             self.events.failed(f"lock:{cache.root}", "aioov cache: %s; compiling without the cache", exc)
-            return _result(request, early.take(token), key)
+            return self._compile(request, token, key)
         try:
             # Another process may have published while we waited for its lock.
             found = self.reader.load(cache, key, request, token, locked=True)
@@ -154,20 +133,19 @@ class Pipeline:
             raise
         if isinstance(found, NotCacheable):
             claim.release()
-            return self._not_cacheable(request, found, key, token, early)
+            return self._not_cacheable(request, found, key, token)
         if found is not None:
             claim.release()
             self.events.count(hits=1)
             return _result(request, found, key)
         self.events.count(misses=1)
-        session = self.writer.write(claim, request, token, early, bulk=defer_if_busy)
+        session = self.writer.write(claim, request, token)
         if session is None:  # published for others waiting: loaded as they will load it
             return self._load_published(cache, claim.key, request, token)
         return _result(request, session, key)
 
     def _identify(
-        self, request: CompileRequest, cache: Cache, token: CancelToken, defer_if_busy: bool,
-        before_hashing: Callable[[list[FileStat]], None],
+        self, request: CompileRequest, cache: Cache, token: CancelToken, defer_if_busy: bool
     ) -> tuple[list[FileStat] | None, str]:
         """(file stats, content digest) of the model: a ``Model`` knows its own, a file's comes
         from the cache (its stat index, or its hash)."""
@@ -179,8 +157,7 @@ class Pipeline:
             return stats, digest
         assert source.path is not None
         wait = None if defer_if_busy else request.config.cache_lock_timeout
-        return cache.identify(source.path, _external_files, request.rules, wait=wait, cancel=token.event,
-                              before_hashing=before_hashing)
+        return cache.identify(source.path, _external_files, request.rules, wait=wait, cancel=token.event)
 
     def _load_published(self, cache: Cache, key: str, request: CompileRequest, token: CancelToken) -> Result:
         """The entry a builder just published for this call (a hit's load, not a second
@@ -195,13 +172,16 @@ class Pipeline:
             result.not_cached = found.describe()
         return result
 
-    def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken,
-                       early: EarlyCompile) -> Result:
+    def _not_cacheable(self, request: CompileRequest, marker: NotCacheable, key: str, token: CancelToken) -> Result:
         """A compile without export: this model's blobs failed their checks here before."""
-        self.events.count(misses=1)
-        result = _result(request, early.take(token), key)
+        result = self._compile(request, token, key)
         result.not_cached = marker.describe()
         return result
+
+    def _compile(self, request: CompileRequest, token: CancelToken, key: str | None) -> Result:
+        """A compile without the cache (a miss that is not written)."""
+        self.events.count(misses=1)
+        return _result(request, self.sessions.compile(request, token), key)
 
     def cache(self, cache_dir: str | None) -> Cache | None:
         """The cache at ``cache_dir``, opened on first use, and again if the directory
@@ -226,15 +206,3 @@ def _result(request: CompileRequest, session: ort.InferenceSession | Loaded, key
 def _external_files(path: str) -> list[str]:
     """The external-data files a model file names (raises ModelReadError for a bad file)."""
     return check_model_file(path)[1]
-
-
-def _may_begin_early(request: CompileRequest, cache: Cache, stats: list[FileStat]) -> bool:
-    """Whether a compile may begin before the model's hash says it is a miss: a format
-    written in the background (a miss's compile is the caller's session), no second tier
-    (where entries come from other hosts), no ``SYNC`` export (the builder compiles for the
-    caller), no model of this size hashed for this cache before, and no other process loading
-    from it (workers starting together each compile a model once: they wait for its lock)."""
-    blob, config = request.device.blob, request.config
-    return (blob is not None and blob.background and config.cache_export is not ExportMode.SYNC
-            and not config.cache_remote_url and cache.new_size(stats)
-            and not cache.presence.others())

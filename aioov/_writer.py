@@ -5,10 +5,9 @@ once the entry is published or given up. Formats that a second session can write
 are written and checked in a builder process (``_builds``, ``_builder``), never here:
 
 - alone (the default, ``CACHE_EXPORT=ASYNC`` with no other process loading from the cache),
-  ``compile`` builds the caller's session and a builder, run from the ``Exporter``'s thread at
-  nice 10, writes the entry: beside the compile when nothing else compiles or exports in this
-  process (a session build leaves a core idle), else afterwards. The first compile costs about
-  what an uncached one does;
+  ``compile`` builds the caller's session, and then a builder, run from the ``Exporter``'s
+  thread at the lowest priority, writes the entry. The first compile costs what an uncached
+  one does;
 - awaited (``CACHE_EXPORT=SYNC``, or other processes loading from the cache now, who will
   wait for this key: ``_cache/peers.py``), ``publish_now`` has a builder write, check and
   publish the entry at once, and the pipeline loads it like any hit: one compile in all, in
@@ -23,8 +22,6 @@ itself (TensorRT, OpenVINO) are written in-process, unchecked. Failing here only
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,8 +30,7 @@ import onnxruntime as ort
 
 from ._builds import BuildClock, Builders, Timeout
 from ._cache.cache import NOT_WORTH, TOO_BIG, Cache, CacheEvents, Claim, Exporter, SourceChanged
-from ._concurrency import CancelToken, renew_in_children
-from ._early import EarlyCompile
+from ._concurrency import CancelToken
 from ._errors import BlobError, Cancelled
 from ._properties import ExportMode
 from ._request import CompileRequest, Source
@@ -52,74 +48,48 @@ class EntryWriter:
         self._events = events
         self._exporter = exporter
         self._builders = Builders()
-        self._renew_in_child()
-        renew_in_children(self)
-
-    def _renew_in_child(self) -> None:
-        self._lock = threading.Lock()
-        self._compiling = 0  # compiles of ``compile`` in flight
 
     def shutdown(self) -> None:
         self._builders.close()
 
-    def write(self, claim: Claim, request: CompileRequest, token: CancelToken, early: EarlyCompile, *,
-              bulk: bool = False) -> ort.InferenceSession | None:
-        """The entry for ``claim``, and the caller's session: compiled here while a builder
-        writes the entry in the background (``compile``), or None when somebody waits for the
+    def write(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession | None:
+        """The entry for ``claim``, and the caller's session: compiled here, the entry written by
+        a builder after it in the background (``compile``); or None when somebody waits for the
         entry: then a builder writes and publishes it now, and the caller loads it like any hit
         (``publish_now``). Takes over ``claim``."""
         if not self.awaited(claim, request):
-            return self.compile(claim, request, token, early, bulk=bulk)
-        # Others began loading from the cache meanwhile and will wait for this entry: the
-        # builder's compile serves them and this process (one compile), not an early one.
-        early.drop()
+            return self.compile(claim, request, token)
+        # Others are loading from the cache and will wait for this entry: the builder's compile
+        # serves them and this process (one compile in all).
         self.publish_now(claim, request, token)
         return None
 
-    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken, early: EarlyCompile, *,
-                bulk: bool = False) -> ort.InferenceSession:
-        """The caller's session; the entry is written by a builder in the background (or, for
-        formats whose provider writes it, by this compile). Takes over ``claim``: its locks are
-        released once the entry is published or given up. ``bulk``: one of many compiles;
-        ``early``: the caller's compile, which may have begun while its model was hashed."""
+    def compile(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession:
+        """The caller's session; the entry is written by a builder in the background once it
+        exists (or, for formats whose provider writes it, by this compile). Takes over
+        ``claim``: its locks are released once the entry is published or given up."""
         blob = request.device.blob
         assert blob is not None
         if not blob.background:
-            assert not early.started  # only background formats begin early
             try:
                 return self._compile_and_export(claim, request, token)
             finally:
                 claim.release()
         timing = BuildClock()
-        with self._lock:
-            # Not for a small model: its compile alone may say that it is not worth caching.
-            beside = (not bulk and not self._compiling and not self._exporter.pending and _CORES > 1
-                      and (request.config.cache_always or _size(claim) >= BESIDE_MIN_BYTES))
-            self._compiling += 1
-        # Nothing else compiles or exports here: the builder writes the entry beside this
-        # compile, on a core that a session build leaves idle (measured, BERT-base on 2 cores:
-        # entry published 1.9 s sooner, for a compile ~0.15 s slower). Else after it.
-        export = (self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
-                  if beside else None)
         try:
-            session = early.take(token)
+            session = self._sessions.compile(request, token)
         except BaseException:
-            if export is not None:
-                export.cancel()  # the job releases the claim
-            else:
-                claim.release()
+            claim.release()
             raise
         finally:
             timing.compiled()
-            with self._lock:
-                self._compiling -= 1
-        if export is None:
-            claim.beat(None)  # queued: waiters need not wait for exports ahead of it
-            why = None if request.config.cache_always else not_worth(timing.seconds, None)
-            if why is not None:
-                self._exporter.submit(self._not_worth_job(claim, request, why), on_drop=claim.release)
-            else:
-                self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
+        claim.beat(None)  # queued: waiters need not wait for exports ahead of it
+        # A compile too short for any hit to save much is not worth a builder at all.
+        why = None if request.config.cache_always else not_worth(timing.seconds, None)
+        if why is not None:
+            self._exporter.submit(self._not_worth_job(claim, request, why), on_drop=claim.release)
+        else:
+            self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
         return session
 
     def awaited(self, claim: Claim, request: CompileRequest) -> bool:
@@ -340,9 +310,6 @@ WORTH_ANYWAY = 0.1
 #: no measure: a background builder runs only on CPU nothing else wants, and beside its checks)
 HIT_FLOOR = 0.035
 LOAD_SHARE = 1.0
-#: a compile beside which the builder may start at once: below this size, the compile's own
-#: time decides first whether the model is worth an export at all
-BESIDE_MIN_BYTES = 16 << 20
 
 
 def not_worth(compile_seconds: float | None, load_seconds: object) -> str | None:
@@ -361,11 +328,6 @@ def not_worth(compile_seconds: float | None, load_seconds: object) -> str | None
     return f"a hit would load it in about {hit:.3f} s, its compile takes {compile_seconds:.3f} s"
 
 
-def _size(claim: Claim) -> int:
-    return sum(s.size for s in claim.stats) if claim.stats else 0
-
-
 #: what the manifest of an entry written by the compile itself says about its check
 _UNCHECKED: dict[str, Any] = {"variant": "default", "check": "none"}
-_CORES = os.cpu_count() or 1
 

@@ -102,14 +102,6 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
         build = json.loads((Path(entry_blob(cache)).parent / "manifest.json").read_text())["build"]
         s.add("  builder: export session (manifest)", build["export_seconds"])
         s.add("  builder: check (manifest)", build["check_seconds"])
-        after = work("aioov_compile", model=path, cache_dir=str(tmp / f"after-{repeat}"), wait_export=True,
-                     builder_after=True)
-        s.add("aioov first, builder after the compile", after["seconds"])
-        s.add("  ... the entry is published after", after["export_done"])
-        late = work("aioov_compile", model=path, cache_dir=str(tmp / f"late-{repeat}"), wait_export=True,
-                    hash_first=True)
-        s.add("aioov first, hashed before compiling", late["seconds"])
-        s.add("  ... its entry is published after", late["export_done"])
         sync = work("aioov_compile", model=path, cache_dir=str(tmp / f"sync-{repeat}"), config={"CACHE_EXPORT": "SYNC"})
         s.add("aioov first (cache, SYNC export)", sync["seconds"])
         for verify in ("FULL", "SIZE"):
@@ -126,7 +118,7 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
             f.stat().st_size for f in Path(entry_blob(cache)).parent.iterdir())
         s.notes["blob_bytes"]["plain"] = sum(f.stat().st_size for f in Path(entry_blob(noprepack)).parent.iterdir())
         if repeat < repeats - 1:
-            for d in (cache, noprepack, tmp / f"sync-{repeat}", tmp / f"after-{repeat}", tmp / f"late-{repeat}"):
+            for d in (cache, noprepack, tmp / f"sync-{repeat}"):
                 shutil.rmtree(d, ignore_errors=True)
     plain, uncached = s.med("onnxruntime cold"), s.med("aioov uncached")
     s.ratios = {
@@ -134,10 +126,6 @@ def scenario_compile(size: str, repeats: int, tmp: Path) -> Scenario:
         "first / uncached": s.med("aioov first (cache, async export)") / uncached,
         "SYNC first / uncached": s.med("aioov first (cache, SYNC export)") / uncached,
         "entry published / uncached": s.med("  background export finished after") / uncached,
-        "builder after: first / uncached": s.med("aioov first, builder after the compile") / uncached,
-        "builder after: entry published / uncached": s.med("  ... the entry is published after") / uncached,
-        "hashed first: first / uncached": s.med("aioov first, hashed before compiling") / uncached,
-        "hashed first: entry published / uncached": s.med("  ... its entry is published after") / uncached,
         "warm FULL / onnxruntime cold": s.med("aioov warm hit (verify FULL)") / plain,
         "warm SIZE / onnxruntime cold": s.med("aioov warm hit (verify SIZE)") / plain,
         "warm no-prepack / onnxruntime cold": s.med("aioov warm hit, CACHE_PREPACK=NO") / plain,
@@ -169,7 +157,7 @@ def _first_rotation(s: Scenario, path: str, modes: dict[str, dict[str, Any] | No
     """Run ``modes`` (the worker's options; None: no cache) and onnxruntime alone writing the
     blob in fresh processes whose order rotates each repeat, the disk synced before each
     (``run_dir(repeat, index)``: the run's cache directory), and add their ratios to ``s``:
-    each cached mode's against "uncached", and "early (default)"'s entry against the floor."""
+    each cached mode's against "uncached", and "aioov"'s entry against the floor."""
     names = [*modes, FLOOR]
     for repeat in range(repeats):
         for index, name in enumerate(names[repeat % len(names):] + names[:repeat % len(names)]):
@@ -189,30 +177,24 @@ def _first_rotation(s: Scenario, path: str, modes: dict[str, dict[str, Any] | No
         s.ratios[f"{name}: first / uncached"] = s.med(f"{name}: compile") / uncached
         s.ratios[f"{name}: entry published / uncached"] = s.med(f"{name}: entry published") / uncached
     s.ratios[f"{FLOOR} / uncached"] = s.med(FLOOR) / uncached
-    s.ratios["early (default): entry published / onnxruntime alone"] = (
-        s.med("early (default): entry published") / s.med(FLOOR))
+    s.ratios["aioov: entry published / onnxruntime alone"] = s.med("aioov: entry published") / s.med(FLOOR)
 
 
 def scenario_first(size: str, repeats: int, tmp: Path) -> Scenario:
     """#18: a first compile with a cache against an uncached one, in fresh processes whose order
-    rotates each repeat (a sequential table drifts with the machine): aioov as it is (the
-    compile begun while the model is hashed, the builder beside it), hashed before compiling
-    (before the early compile), and the builder after the compile (as on one core). Each
-    waits for its entry; the disk is synced between runs, and the entries kept until the end
+    rotates each repeat (a sequential table drifts with the machine); the cached one waits for
+    its entry; the disk is synced between runs, and the entries kept until the end
     (deleting 738 MB just before the next run's export changed how long that export took).
     In the same rotation, onnxruntime alone writing the blob (the builder's export session in
     a process of its own): the floor under "entry published"."""
     s = Scenario("first", f"first compile with a cache and its entry, {size}, alternating (seconds)")
-    modes: dict[str, dict[str, Any] | None] = {
-        "uncached": None, "early (default)": {}, "hashed first": {"hash_first": True},
-        "builder after": {"builder_after": True},
-    }
+    modes: dict[str, dict[str, Any] | None] = {"uncached": None, "aioov": {}}
     _first_rotation(s, str(model(size)), modes, repeats, lambda repeat, index: tmp / f"first-{repeat}-{index}")
     for entry in tmp.glob("first-*"):
         shutil.rmtree(entry, ignore_errors=True)
-    s.target("first compile with cache <= 1.1x uncached", s.ratios["early (default): first / uncached"], 1.1, "lower")
+    s.target("first compile with cache <= 1.1x uncached", s.ratios["aioov: first / uncached"], 1.1, "lower")
     s.target("entry published (checked) within 3x uncached",
-             s.ratios["early (default): entry published / uncached"], 3.0, "lower")
+             s.ratios["aioov: entry published / uncached"], 3.0, "lower")
     return s
 
 
@@ -229,10 +211,10 @@ def scenario_firstfresh(size: str, repeats: int, tmp: Path) -> Scenario:
         shutil.rmtree(out, ignore_errors=True)
         return out
 
-    _first_rotation(s, str(model(size)), {"uncached": None, "early (default)": {}}, repeats, emptied)
+    _first_rotation(s, str(model(size)), {"uncached": None, "aioov": {}}, repeats, emptied)
     shutil.rmtree(out, ignore_errors=True)
     s.target("entry published (checked) within 3x uncached, free memory",
-             s.ratios["early (default): entry published / uncached"], 3.0, "lower")
+             s.ratios["aioov: entry published / uncached"], 3.0, "lower")
     return s
 
 

@@ -56,18 +56,9 @@ def ovep_session(model: str, cache_dir: str | None = None) -> dict[str, Any]:
 
 async def aioov_compile(model: str, cache_dir: str | None, config: dict[str, Any] | None = None,
                         wait_export: bool = False, device: str = "CPU",
-                        openvino_cpu_cache: bool = False, builder_after: bool = False,
-                        hash_first: bool = False) -> dict[str, Any]:
+                        openvino_cpu_cache: bool = False) -> dict[str, Any]:
     import aioov
 
-    if builder_after:  # the builder of a lone compile after it, as on one core (_writer: beside it otherwise)
-        import aioov._writer
-
-        aioov._writer._CORES = 1
-    if hash_first:  # no early compile: the model hashed before its compile begins (_early)
-        import aioov._pipeline
-
-        aioov._pipeline._may_begin_early = lambda *args: False
     if openvino_cpu_cache:  # what OPENVINO on CPU would cost if aioov cached it (it does not)
         from aioov._devices.openvino import OpenVINODevice
 

@@ -17,7 +17,7 @@ MAX_PARAMS = 7
 #: what the cache package may import from the rest of aioov: it never knows devices or compiles
 CACHE_MAY_IMPORT = ("aioov._cache", "aioov._errors", "aioov._concurrency", "aioov._priority", "aioov._version")
 #: the compile path: from a Core's call to a session. It talks to the cache through one door
-COMPILE_PATH = ("aioov._core", "aioov._sync", "aioov._jobs", "aioov._bulk", "aioov._pipeline", "aioov._early",
+COMPILE_PATH = ("aioov._core", "aioov._sync", "aioov._jobs", "aioov._bulk", "aioov._pipeline",
                 "aioov._reader", "aioov._writer", "aioov._variants", "aioov._builds", "aioov._request",
                 "aioov._sessions", "aioov._warmup", "aioov._compiled")
 CACHE_FACE = "aioov._cache.cache"

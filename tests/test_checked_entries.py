@@ -24,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import aioov
-from aioov import _builds, _writer
+from aioov import _builds
 from aioov._cache.store import CacheStore
 from aioov._reference import compare
 from aioov.testing import bert_like
@@ -238,53 +238,6 @@ def test_a_killed_application_leaves_no_builder_behind(cache_dir: Path, mlp_path
         if app.stdout is not None:
             app.stdout.close()
     assert manifests(cache_dir) == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
-async def test_a_lone_compile_has_its_entry_written_beside_it(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from aioov._sessions import SessionFactory
-
-    monkeypatch.setattr(_writer, "_CORES", 2)  # a session build leaves the other core idle
-    original, builders_at_compile = SessionFactory.compile, []
-
-    def compile(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        builders_at_compile.append(_wait_for_builders())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SessionFactory, "compile", compile)
-    compiled = await _compile_and_export(cache_dir, mlp_path)
-    assert [bool(b) for b in builders_at_compile] == [True]
-    assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
-    y = (await compiled.infer({"x": _x()}))["y"]
-    np.testing.assert_allclose(y, reference(mlp_path, {"x": _x()})[0], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
-async def test_a_compile_that_fails_stops_the_builder_beside_it(
-    cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from aioov._sessions import SessionFactory
-
-    monkeypatch.setattr(_writer, "_CORES", 2)
-    original = SessionFactory.compile
-
-    def failing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        assert _wait_for_builders()
-        raise MemoryError("no memory for the caller's session")
-
-    monkeypatch.setattr(SessionFactory, "compile", failing)
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        with pytest.raises(MemoryError):
-            await core.compile_model(mlp_path, "CPU")
-        assert await core.wait_exports(60)
-        assert all(_gone(pid, 30) for pid in _builders_of(os.getpid()))
-        assert manifests(cache_dir) == []  # neither an entry nor a marker
-        monkeypatch.setattr(SessionFactory, "compile", original)
-        await core.compile_model(mlp_path, "CPU")  # the key's lock was given back
-        assert await core.wait_exports(120)
-    assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
 
 
 async def test_an_entry_written_without_a_check_is_replaced(cache_dir: Path, mlp_path: Path) -> None:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import aioov
-from aioov import _writer
 
 from .helpers import HeldCompiles
 
@@ -79,13 +78,8 @@ async def test_cancelling_one_caller_does_not_cancel_the_others(
 
 
 async def test_when_every_caller_leaves_the_job_is_cancelled(
-    mlp_path: Path, cache_dir: Path, gate: threading.Event, monkeypatch: pytest.MonkeyPatch
+    mlp_path: Path, cache_dir: Path, gate: threading.Event
 ) -> None:
-    # A builder beside the held compile may publish this small model's entry before the caller
-    # leaves (seen in 0.2 s on a fast machine): this test is about the job, so the builder
-    # comes after the compile, as on one core.
-    # why: a one-core machine cannot be made here: the count is os.cpu_count() at import (affinity leaves it)
-    monkeypatch.setattr(_writer, "_CORES", 1)
     async with aioov.Core(cache_dir=cache_dir) as core:
         with anyio.move_on_after(0.2):
             await core.compile_model(mlp_path, "CPU")

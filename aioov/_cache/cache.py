@@ -202,10 +202,10 @@ class Cache:
 
     def identify(
         self, path: str, files_of: Callable[[str], list[str]], rules: Rules, *, wait: float | None,
-        cancel: threading.Event, before_hashing: Callable[[list[FileStat]], None] = lambda stats: None,
+        cancel: threading.Event,
     ) -> tuple[list[FileStat], str]:
         """(file stats, content digest) of the model at ``path`` and its ``files_of(path)``,
-        from the stat index when it can; else ``before_hashing(stats)`` and the files hashed.
+        from the stat index when it can; else the files are hashed.
 
         Hashed once per cache: workers starting together would otherwise all read the same
         gigabytes at once. A process finding the file's hash lock held waits for the record
@@ -231,7 +231,6 @@ class Cache:
                 pass  # no coordination here: hash it anyway
             files = [path, *files_of(path)]
             stats = [FileStat.of(p) for p in files]
-            before_hashing(stats)
             digest = digest_files(files)
             if [FileStat.of(s.path) for s in stats] != stats:
                 raise ModelReadError(f"{path} changed while it was being hashed")
@@ -246,10 +245,6 @@ class Cache:
             self.store.index.store(stats, digest, rules.mac_key)
         except OSError:
             pass
-
-    def new_size(self, stats: list[FileStat]) -> bool:
-        """Whether this cache never hashed a model of this size: a miss is all but certain."""
-        return not self.store.index.seen_size(stats)
 
     # -- hits ----------------------------------------------------------------------------------
 

@@ -74,8 +74,7 @@ def path_digest(path: str) -> str:
 
 
 class StatIndex:
-    """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest; and
-    ``<bytes>.size``: a model of that size was hashed here.
+    """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest.
 
     Racy like git's index: a file rewritten with the same size inside one
     mtime tick keeps its old digest. Nanosecond mtimes make that a non-issue
@@ -113,20 +112,6 @@ class StatIndex:
         if mac_key is not None:
             record["mac"] = _record_mac(record, mac_key)
         atomic_write_bytes(self._file(stats[0].path), json.dumps(record).encode())
-        try:  # the size marker: see seen_size
-            os.close(os.open(self._size_marker(stats), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666))
-        except FileExistsError:
-            pass
-
-    def seen_size(self, stats: Sequence[FileStat]) -> bool:
-        """Whether a model of this size (its external files included) was hashed for this
-        cache: its content may then be cached under another path or file identity (a copy, a
-        container's new inodes). A marker without content, never read: a forged or deleted
-        one only makes a compile wait for its hash (``_early``)."""
-        return os.path.lexists(self._size_marker(stats))
-
-    def _size_marker(self, stats: Sequence[FileStat]) -> Path:
-        return self.root / f"{sum(s.size for s in stats)}{_SIZE_SUFFIX}"
 
     def records(self) -> list[Path]:
         return [p for p in children(self.root) if p.suffix == ".json"]
@@ -142,9 +127,6 @@ class StatIndex:
 
 #: a stat index record lists a model and its external files: small
 _MAX_RECORD_BYTES = 1 << 20
-#: the name of a size marker: ``<bytes>.size``
-_SIZE_SUFFIX = ".size"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def _record_mac(record: dict[str, Any], key: bytes) -> str:
