@@ -20,13 +20,11 @@ or gives up leaves no builder behind. For each job:
    on the same inputs, and compare every output within ``TOLERANCE``; the report says how long
    each load took (the parent decides from them whether a faster variant pays).
 
-Threads fsync the blob's files while step 1 writes them and checksum them for the manifest
-beside steps 3 and 4 (``_Settle``).
+The serving process fsyncs and checksums the files when it publishes the entry.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import sys
@@ -75,9 +73,6 @@ def _session(model: str, options: Any, providers: list[tuple[str, dict[str, str]
                                 provider_options=[opts for _, opts in providers])
 
 
-#: bytes a blob file grows by between two fsyncs while it is written, and seconds between looks
-FOLLOW_STEP = 64 << 20
-FOLLOW_POLL = 0.05
 
 
 class CheckFailed(Exception):
@@ -132,37 +127,34 @@ def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> 
     started = time.perf_counter()
     options = _options(job, blob.export_level(variant))
     export_providers = blob.configure_export(options, providers, tmp, job.key, variant)
-    with _Settle(tmp) as settle:
-        try:
-            source = _session(job.model, options, export_providers)
-        except ORT_ERRORS as exc:
-            if _loads(job, providers):
-                raise  # writing the blob failed (the disk, a size limit): worth trying again later
-            # The builder's providers cannot load the model at all: a GPU entry's CPU builder and a
-            # model with CUDA-only ops (com.microsoft ComplexMul, GroupNorm...). Remembered.
-            raise CheckFailed(f"{providers[0][0]} cannot load the model to write its blob: {first_line(exc)}") from exc
-        if "slow" in faults:
-            time.sleep(0.3)
-        progress(time.perf_counter() - started)
-        if "slow" in faults:
-            time.sleep(1.5)
-        try:
-            blob.finalize(tmp, [arg.name for arg in source.get_inputs()])
-        except BlobError as exc:
-            return BuildReply(False, str(exc), "check")
-        if "mismatch" in faults:
-            _sabotage(tmp / blob.model_file)
-        exported = time.perf_counter()
-        settle.written()
-        # Loading the blob needs nothing from the source's run: both at once.
-        with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
-            hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
-            runs, skipped, left_out = reference_run(source, job.shapes, job.values, job.check_shapes)
-            del source
-            problem, loads = _check(job, blob, providers, faults, runs, hit)
-        if problem:
-            settle.abandon()
-            return BuildReply(False, problem, "check")
+    try:
+        source = _session(job.model, options, export_providers)
+    except ORT_ERRORS as exc:
+        if _loads(job, providers):
+            raise  # writing the blob failed (the disk, a size limit): worth trying again later
+        # The builder's providers cannot load the model at all: a GPU entry's CPU builder and a
+        # model with CUDA-only ops (com.microsoft ComplexMul, GroupNorm...). Remembered.
+        raise CheckFailed(f"{providers[0][0]} cannot load the model to write its blob: {first_line(exc)}") from exc
+    if "slow" in faults:
+        time.sleep(0.3)
+    progress(time.perf_counter() - started)
+    if "slow" in faults:
+        time.sleep(1.5)
+    try:
+        blob.finalize(tmp, [arg.name for arg in source.get_inputs()])
+    except BlobError as exc:
+        return BuildReply(False, str(exc), "check")
+    if "mismatch" in faults:
+        _sabotage(tmp / blob.model_file)
+    exported = time.perf_counter()
+    # Loading the blob needs nothing from the source's run: both at once.
+    with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
+        hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
+        runs, skipped, left_out = reference_run(source, job.shapes, job.values, job.check_shapes)
+        del source
+        problem, loads = _check(job, blob, providers, faults, runs, hit)
+    if problem:
+        return BuildReply(False, problem, "check")
     return BuildReply(
         True,
         check="ran and matched" if runs is not None else "load only",
@@ -175,7 +167,6 @@ def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> 
         instant_load_cpu_seconds=loads.get("instant_load_cpu_seconds"),
         export_seconds=round(exported - started, 3),
         check_seconds=round(time.perf_counter() - exported, 3),
-        files=settle.records,
     )
 
 
@@ -240,74 +231,6 @@ def _load_hit(job: BuildJob, blob: Any, providers: list[tuple[str, dict[str, str
     if "crash" in faults:
         _crash()
     return hit
-
-
-class _Settle:
-    """Make a blob durable and checksum it for the manifest, beside the work that needs no
-    wait for either. While onnxruntime writes the blob, a thread fsyncs its files each
-    ``FOLLOW_STEP`` bytes they grow, so the disk writes back during the export instead of after
-    it (BERT-base's 738 MB took ~1 s to fsync once written, and the check, which runs beside
-    that, ended 0.4-0.5 s after its own work for it). Once ``written``, the files are fsynced
-    and checksummed beside the check. ``records``: a manifest's ``files``."""
-
-    def __init__(self, tmp: Path) -> None:
-        self._tmp = tmp
-        self._written = threading.Event()
-        self._abandoned = False
-        self.records: dict[str, dict[str, Any]] = {}  # missing files: the parent checksums them
-        self._threads = [threading.Thread(target=self._sync, daemon=True)]
-
-    def __enter__(self) -> _Settle:
-        self._threads[0].start()
-        return self
-
-    def written(self) -> None:
-        """The blob is complete: fsync the rest of it, and checksum it."""
-        self._written.set()
-        checksum = threading.Thread(target=self._checksum, daemon=True)
-        self._threads.append(checksum)
-        checksum.start()
-
-    def abandon(self) -> None:
-        """The blob will be thrown away: skip what is left to fsync."""
-        self._abandoned = True
-        self._written.set()
-
-    def __exit__(self, exc_type: object, *exc_info: object) -> None:
-        if exc_type is not None or not self._written.is_set():
-            self.abandon()  # a failure: nothing of it will be published
-        for thread in self._threads:
-            thread.join()
-
-    def _sync(self) -> None:
-        from ._cache.fsutil import fsync_file
-
-        synced: dict[Path, int] = {}
-        while not self._written.wait(FOLLOW_POLL):
-            for file in self._files():
-                with contextlib.suppress(OSError):
-                    size = file.stat().st_size
-                    if size - synced.get(file, 0) >= FOLLOW_STEP:
-                        fsync_file(file)
-                        synced[file] = size
-        for file in self._files():
-            if self._abandoned:
-                return
-            with contextlib.suppress(OSError):
-                fsync_file(file)
-
-    def _checksum(self) -> None:
-        from ._cache.fsutil import checksum_record
-
-        for file in self._files():
-            with contextlib.suppress(OSError):
-                self.records[file.name] = checksum_record(file)
-
-    def _files(self) -> list[Path]:
-        try:
-            return sorted(self._tmp.iterdir())
-        except OSError:
-            return []
 
 
 def _loads(job: BuildJob, providers: list[tuple[str, dict[str, str]]]) -> bool:

@@ -82,8 +82,6 @@ class BuildReply:
     instant_load_cpu_seconds: float | None = None
     export_seconds: float | None = None
     check_seconds: float | None = None
-    #: the blob's files' checksums, for the manifest
-    files: dict[str, Any] = field(default_factory=dict)
 
     def to_line(self) -> str:
         return json.dumps(asdict(self)) + "\n"

@@ -27,9 +27,8 @@ __all__ = ("FASTER_SECONDS", "FASTER_SHARE", "Failed", "Job", "Published", "buil
 
 logger = logging.getLogger("aioov")
 
-#: a checked blob in a temporary directory of the store, the manifest's ``build`` record, and
-#: the builder's checksums of its files
-Published = tuple[Path, dict[str, Any], dict[str, Any]]
+#: a checked blob in a temporary directory of the store, and the manifest's ``build`` record
+Published = tuple[Path, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ def build_entry(builders: Builders, job: Job) -> Published | Failed:
             if built.tmp is not None:
                 if variant == variants[0] and faster is not None and faster not in crashed:
                     built = _faster(attempt, built, faster)
-                tmp, record, files = built.result()
+                tmp, record = built.result()
                 earlier = {"failed": failures[len(crashed):]} if len(failures) > len(crashed) else {}
-                return tmp, {**record, **earlier, **({"crashed": crashed} if crashed else {})}, files
+                return tmp, {**record, **earlier, **({"crashed": crashed} if crashed else {})}
             failures.append(f"{variant}: {built.report.reason}")
             remember = remember and not built.report.transient
             if built.report.stop:
@@ -136,11 +135,11 @@ class _Built:
     #: what the manifest's record says beside the report (why a faster variant was not chosen)
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def result(self) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    def result(self) -> Published:
         assert self.tmp is not None
         reply = self.report.reply
         assert reply is not None  # it passed
-        return self.tmp, {"variant": self.variant, **reply.record(), **self.notes}, reply.files
+        return self.tmp, {"variant": self.variant, **reply.record(), **self.notes}
 
     def discard(self, cache: Cache) -> None:
         if self.tmp is not None:

@@ -130,9 +130,9 @@ class EntryWriter:
         built = self._build(cache, key, request, None, BuildClock(follows_builder=True), background=False)
         if not isinstance(built, tuple):
             raise BlobError("; ".join(built.reasons) if built else "the builder did not finish; try again")
-        tmp, record, files = built
+        tmp, record = built
         try:
-            store.publish(key, tmp, {**manifest, "build": record}, records=files)
+            store.publish(key, tmp, {**manifest, "build": record})
         finally:
             store.discard(tmp)
 
@@ -205,7 +205,7 @@ class EntryWriter:
         if isinstance(built, Failed):
             self._remember_uncacheable(claim, request, built.reasons)
             return
-        tmp, record, files = built
+        tmp, record = built
         try:
             compiled = timeout.seconds if isinstance(timeout, BuildClock) else None
             why = None if request.config.cache_always else not_worth(compiled, record.get("load_cpu_seconds"))
@@ -222,7 +222,7 @@ class EntryWriter:
                     "reason": f"its entry ({size} bytes) is larger than CACHE_MAX_SIZE ({request.max_cache_size})",
                     "kind": TOO_BIG, "limit": request.max_cache_size})
                 return
-            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled, checksums=files)
+            self._publish(claim, tmp, request, record, abort=lambda: token.cancelled)
         finally:
             cache.discard(tmp)
 
@@ -270,7 +270,6 @@ class EntryWriter:
         record: dict[str, Any],
         input_names: list[str] | None = None,
         abort: Callable[[], bool] | None = None,
-        checksums: dict[str, Any] | None = None,
     ) -> None:
         """Publish the blob written in ``tmp`` (``input_names``: finalize it here first) and
         hand what is left (upload, prune) to the export worker. Failing only means "not cached"."""
@@ -278,7 +277,7 @@ class EntryWriter:
         try:
             if input_names is not None:
                 request.device.blob.finalize(tmp, input_names)
-            for chore in claim.publish(tmp, record, request.rules, abort=abort, checksums=checksums):
+            for chore in claim.publish(tmp, record, request.rules, abort=abort):
                 self._exporter.submit(chore.run, on_drop=chore.drop)
         except SourceChanged:
             logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())

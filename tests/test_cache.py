@@ -492,30 +492,7 @@ async def test_import_model_on_a_device_that_cannot_import(tmp_path: Path) -> No
             await core.import_model(tmp_path / "blob", "CPU")
 
 
-# -- checksums in parts -----------------------------------------------------------------------
-
-
-def test_parts_are_xxh3_of_each_slice(tmp_path: Path) -> None:
-    import xxhash
-
-    from aioov._cache.fsutil import checksum_parts
-
-    data = os.urandom(10_000)
-    (tmp_path / "f").write_bytes(data)
-    assert checksum_parts(tmp_path / "f", 3000) == [
-        xxhash.xxh3_128(data[i : i + 3000]).hexdigest() for i in range(0, 10_000, 3000)]
-    (tmp_path / "empty").write_bytes(b"")
-    assert checksum_parts(tmp_path / "empty", 3000) == []
-
-
-@pytest.fixture
-def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Files over 64 KiB get parts (instead of 64 MiB), so that test models have several."""
-    from aioov._cache import fsutil
-
-    # why: real parts are 64 MiB: a model with several would be hundreds of MB to build and hash here
-    monkeypatch.setattr(fsutil, "CHECKSUM_PART", 64 << 10)
-    return 64 << 10
+# -- checksums ------------------------------------------------------------------------------
 
 
 async def published(model: Path, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -527,80 +504,38 @@ async def published(model: Path, cache_dir: Path) -> tuple[Path, dict[str, Any]]
     return entry, json.loads((entry / "manifest.json").read_text())
 
 
-async def test_big_files_are_checked_in_parts_and_a_flip_in_any_part_is_caught(
-    bert_path: Path, cache_dir: Path, small_parts: int
+async def test_every_file_of_an_entry_has_its_checksum_and_a_flip_is_caught(
+    bert_path: Path, cache_dir: Path
 ) -> None:
-    entry, manifest = await published(bert_path, cache_dir)
-    record = manifest["files"]["weights.bin"]
-    parts = record["xxh3_128_parts"]
-    assert parts["part"] == small_parts and len(parts["digests"]) == -(-record["size"] // small_parts) > 2
-    assert isinstance(record["xxh3_128"], str)  # the whole file's too, for readers of earlier versions
-    weights = entry / "weights.bin"
-    raw = bytearray(weights.read_bytes())
-    raw[-5] ^= 0xFF  # in the last part
-    weights.write_bytes(bytes(raw))
-    async with aioov.Core(cache_dir=cache_dir) as core:
-        again = await core.compile_model(bert_path, "CPU")
-        assert again.get_property("LOADED_FROM_CACHE") is False and core.cache_stats.corrupt == 1
-
-
-async def test_entries_without_parts_are_checked_whole(bert_path: Path, cache_dir: Path) -> None:
+    from aioov._cache.fsutil import checksum_record
     from aioov._cache.store import CacheStore
 
     entry, manifest = await published(bert_path, cache_dir)
-    assert "xxh3_128_parts" not in manifest["files"]["weights.bin"]  # under 64 MiB
+    assert manifest["files"] == {f.name: checksum_record(f) for f in entry.iterdir() if f.name != "manifest.json"}
     store = CacheStore(cache_dir)
     assert store.check(entry.name) is None
     corrupt_weights(entry)
     assert store.check(entry.name) == "weights.bin checksum mismatch"
 
 
-@pytest.mark.parametrize("parts", [
-    {"part": 0, "digests": []}, {"part": 1 << 30, "digests": ["a", "b"]}, {"part": True, "digests": ["a"]},
-    {"part": 65536, "digests": "abc"}, ["a"],
-], ids=["zero", "too-many", "bool", "not-a-list", "not-a-record"])
-async def test_a_malformed_parts_record_is_a_bad_entry(
-    bert_path: Path, cache_dir: Path, parts: object
+async def test_a_manifest_from_a_version_that_also_recorded_parts_is_still_read(
+    bert_path: Path, cache_dir: Path
 ) -> None:
-    from aioov._cache.store import CacheStore
-
+    """aioov before #39 recorded the digests of 64 MiB parts beside the whole file's: ignored."""
     entry, manifest = await published(bert_path, cache_dir)
-    manifest["files"]["weights.bin"]["xxh3_128_parts"] = parts
+    manifest["files"]["weights.bin"]["xxh3_128_parts"] = {"part": 64 << 20, "digests": ["0" * 32]}
     (entry / "manifest.json").write_text(json.dumps(manifest))
-    assert "bad file record" in (CacheStore(cache_dir).check(entry.name) or "")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        again = await core.compile_model(bert_path, "CPU")
+    assert again.get_property("LOADED_FROM_CACHE") is True
 
 
-async def test_the_builder_checksums_the_blob_so_the_publisher_does_not_read_it_again(
-    bert_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from aioov._cache import store as store_module
-    from aioov._cache.fsutil import checksum_record
-    from aioov._cache.store import CacheStore
-
-    read_here: list[str] = []
-
-    def counted(path: Path) -> dict[str, Any]:
-        read_here.append(path.name)
-        return checksum_record(path)
-
-    # why: nothing public tells whether the publisher read the blob again (the manifest is the same)
-    monkeypatch.setattr(store_module, "checksum_record", counted)
-    entry, manifest = await published(bert_path, cache_dir)
-    assert read_here == []  # the builder's records, taken as they are...
-    assert manifest["files"] == {f.name: checksum_record(f) for f in entry.iterdir() if f.name != "manifest.json"}
-    assert CacheStore(cache_dir).check(entry.name) is None  # ...are the files' own
-
-
-def test_a_writer_record_is_taken_only_when_it_fits_the_file(tmp_path: Path, small_parts: int) -> None:
+def test_a_writer_record_is_taken_only_when_it_fits_the_file(tmp_path: Path) -> None:
     from aioov._cache.fsutil import checksum_record, reusable_record
 
-    small, big = tmp_path / "small", tmp_path / "big"
+    small = tmp_path / "small"
     small.write_bytes(b"x" * 1000)
-    big.write_bytes(os.urandom(3 * small_parts + 1))
     assert reusable_record(small, checksum_record(small)) == checksum_record(small)
-    assert reusable_record(big, checksum_record(big)) == checksum_record(big)
-    whole_only = {k: v for k, v in checksum_record(big).items() if k != "xxh3_128_parts"}
-    assert reusable_record(big, whole_only) is None  # a writer that split files otherwise
     assert reusable_record(small, {**checksum_record(small), "size": 999}) is None  # another file
     for junk in (None, "abc", {"size": 1000}, {"size": 1000, "xxh3_128": 5}):
         assert reusable_record(small, junk) is None

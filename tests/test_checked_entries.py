@@ -326,49 +326,6 @@ async def test_a_builder_that_cannot_run_leaves_no_marker(
     assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
 
 
-def test_a_blob_is_fsynced_while_it_is_written_and_checksummed_once_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from aioov import _builder
-    from aioov._cache import fsutil
-
-    synced: list[tuple[str, int]] = []
-    real_fsync = fsutil.fsync_file
-
-    def fsync_file(path: Path) -> None:
-        synced.append((path.name, path.stat().st_size))
-        real_fsync(path)
-
-    monkeypatch.setattr(fsutil, "fsync_file", fsync_file)
-    monkeypatch.setattr(_builder, "FOLLOW_STEP", 4096)
-    weights = tmp_path / "weights.bin"
-    weights.write_bytes(b"w" * 8192)  # written so far
-    with _builder._Settle(tmp_path) as settle:
-        deadline = time.monotonic() + 60
-        while not synced and time.monotonic() < deadline:  # the writer is still busy
-            time.sleep(0.01)
-        assert synced == [("weights.bin", 8192)]
-        with open(weights, "ab") as f:
-            f.write(b"w" * 100)
-        (tmp_path / "model.onnx").write_bytes(b"m" * 10)
-        settle.written()
-    # the rest, once written; and checksums of the complete files for the manifest
-    assert synced[1:] == [("model.onnx", 10), ("weights.bin", 8292)]
-    assert settle.records["weights.bin"] == fsutil.checksum_record(weights)
-    assert settle.records["model.onnx"]["size"] == 10
-
-
-def test_a_blob_thrown_away_is_not_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from aioov import _builder
-    from aioov._cache import fsutil
-
-    synced: list[Path] = []
-    monkeypatch.setattr(fsutil, "fsync_file", synced.append)
-    with _builder._Settle(tmp_path):
-        (tmp_path / "model.onnx").write_bytes(b"m" * 10)  # a failed export leaves without written()
-    assert synced == []
-
-
 _CRASHES_A_BUILDER = """
 import resource, sys, anyio, aioov
 hard = resource.getrlimit(resource.RLIMIT_CORE)[1]

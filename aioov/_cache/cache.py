@@ -501,11 +501,10 @@ class Claim:
         self.cache.beats.set(self, self.lock.path, progress)
 
     def publish(
-        self, tmp: Path, record: dict[str, Any], rules: Rules, *, abort: Callable[[], bool] | None = None,
-        checksums: dict[str, Any] | None = None,
+        self, tmp: Path, record: dict[str, Any], rules: Rules, *, abort: Callable[[], bool] | None = None
     ) -> list[Chore]:
-        """Publish the entry written in ``tmp`` (``record``: how it was checked; ``checksums``:
-        its files', as the builder took them) and give the local lock back: waiters need not
+        """Publish the entry written in ``tmp`` (``record``: how it was checked) and give the
+        local lock back: waiters need not
         wait for the upload. What is left to do, off the caller's path: the upload (which then
         gives the hosts' lock back) and a prune past ``CACHE_MAX_SIZE``. Raises SourceChanged
         (nothing published: the key would lie) and OSError."""
@@ -513,7 +512,7 @@ class Claim:
             raise SourceChanged(self.key)
         cache = self.cache
         if not cache.store.publish(self.key, tmp, {**self.manifest, "build": record}, abort=abort,
-                                   mac_key=rules.mac_key, records=checksums):
+                                   mac_key=rules.mac_key):
             return []
         cache.events.count(exports=1)
         self.lock.release()

@@ -59,7 +59,6 @@ from .fsutil import (
     is_plain_file,
     load_json,
     newest_mtime,
-    parts_record_ok,
     read_regular,
     reusable_record,
     rmtree,
@@ -225,7 +224,6 @@ class CacheStore:
                 or not isinstance(meta, dict)
                 or not isinstance(meta.get("size"), int)
                 or not isinstance(meta.get("xxh3_128"), str)
-                or not parts_record_ok(meta)
             ):
                 raise EntryError(f"manifest has a bad file record {name!r}")
             file = path / name
