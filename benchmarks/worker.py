@@ -256,7 +256,7 @@ async def export_burst(models: list[str], cache_dir: str, builder: str) -> dict[
     from aioov import _builds
 
     if builder == "one-off":
-        def build(self: Any, job: dict[str, Any], timeout: float, token: Any) -> Any:
+        def build(self: Any, job: Any, timeout: float, token: Any) -> Any:
             process = _builds._Process()
             try:
                 return process.run(job, timeout, token)
@@ -264,7 +264,8 @@ async def export_burst(models: list[str], cache_dir: str, builder: str) -> dict[
                 process.close()
 
         _builds.Builders.build = build  # type: ignore[method-assign]
-    async with aioov.Core(cache_dir=cache_dir) as core:
+    # Every model exported, even those a first compile would judge not worth caching.
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_ALWAYS": True}) as core:
         core.get_available_devices()
         started = time.perf_counter()
         results = await core.compile_all(models, "CPU")
