@@ -298,9 +298,11 @@ def test_ctrl_c_during_warmup_prints_one_line_and_exits_130(tmp_path: Path, cach
     import signal
 
     paths = make_models(tmp_path / "many", 8, hidden=128)
-    # Its own process group, which the test signals as a terminal's Ctrl-C would: builders too
+    # Its own process group, which the test signals as a terminal's Ctrl-C would: builders too.
+    # Slow builders keep it busy however fast this machine compiles the models.
     proc = subprocess.Popen([*aioov_command(), "warmup", *map(str, paths), "-j", "1", "--cache-dir", str(cache_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(AIOOV_BUILDER_FAULT="slow:plain", AIOOV_CACHE_ALWAYS="1"),
                             start_new_session=True)
     try:
         ready, _, _ = select.select([proc.stderr], [], [], 120)
