@@ -10,7 +10,7 @@ application) instead of misreading it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = ("PARENT_ENV", "VERSION", "BuildJob", "BuildReply")
@@ -56,9 +56,8 @@ class BuildJob:
         data = json.loads(line)
         if not isinstance(data, dict) or data.pop("version", None) != VERSION:
             raise ValueError(f"a build job of another aioov (protocol {VERSION} expected)")
-        names = {f.name for f in fields(cls)}
-        job = cls(**{k: v for k, v in data.items() if k in names})
-        return _replace(job, providers=[(name, dict(opts)) for name, opts in job.providers])
+        job = cls(**_known(cls, data))
+        return replace(job, providers=[(name, dict(opts)) for name, opts in job.providers])
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,7 @@ class BuildReply:
         data = json.loads(line)
         if "progress" in data:
             return None
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**_known(cls, data))
 
     @staticmethod
     def progress_line(seconds: float) -> str:
@@ -108,7 +106,7 @@ _RECORDED = ("check", "skipped", "checked", "left_out", "load_seconds", "instant
              "export_seconds", "check_seconds")
 
 
-def _replace(job: BuildJob, **changes: Any) -> BuildJob:
-    from dataclasses import replace
-
-    return replace(job, **changes)
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``cls`` in ``data`` (a newer peer may add fields this side ignores)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

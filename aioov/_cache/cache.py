@@ -254,13 +254,7 @@ class Cache:
         marker's decision; or None (compile, and cache)."""
         if not os.path.lexists(self.store.entry_path(key)):
             return None  # the common miss: no lock file is created, no manifest read
-        lock = self.store.lock(key)
-        if not locked:
-            try:
-                # Shared: prune skips entries being read. Held only until the session exists.
-                lock.acquire(min(5.0, rules.lock_timeout), shared=True)
-            except (LockTimeout, OSError):
-                pass  # read-only dir, or a long prune: read without the lock
+        lock = self.store.lock(key) if locked else self._shared(key, rules)
         found: Found | NotCacheable | None = None
         try:
             try:
@@ -315,15 +309,21 @@ class Cache:
     @contextmanager
     def reading(self, key: str, rules: Rules, cancel: threading.Event) -> Iterator[Path]:
         """The entry's directory, held shared (prune skips it) for a second load of a hit."""
+        lock = self._shared(key, rules, cancel)
+        try:
+            yield self.store.entry_path(key)
+        finally:
+            lock.release()
+
+    def _shared(self, key: str, rules: Rules, cancel: threading.Event | None = None) -> KeyLock:
+        """The key's lock, taken shared where it can be (prune skips entries being read; held
+        only until the session exists); without it on a read-only directory or a long prune."""
         lock = self.store.lock(key)
         try:
             lock.acquire(min(5.0, rules.lock_timeout), shared=True, cancel=cancel)
         except (LockTimeout, OSError):
             pass
-        try:
-            yield self.store.entry_path(key)
-        finally:
-            lock.release()
+        return lock
 
     def scratch(self, key: str) -> Path:
         """A directory to write in while importing: in the cache (same filesystem, swept after a
