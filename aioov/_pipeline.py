@@ -109,10 +109,10 @@ class Pipeline:
         try:
             claim = cache.claim(key, rules, manifest=manifest, stats=stats, cancel=token.event, defer=defer_if_busy)
         except Stalled:
-            # Its holder shows no progress (a stopped, hung or starved builder): do not wait
-            # longer than compiling the model here takes.
-            logger.info("aioov cache: %s is being cached by a process that shows no progress; "
-                        "compiling it here", source.describe())
+            # Its holder shows no progress (a stopped, hung or starved builder), or its entry is
+            # not there after as long as compiling the model takes: compile it here.
+            logger.info("aioov cache: %s is being cached by another process; compiling it here "
+                        "rather than wait longer", source.describe())
             return self._compile(request, token, key)
         except Cancelled:
             raise

@@ -4,14 +4,13 @@ The writer works for a job that holds the key's lock (a ``Claim``) and gives the
 once the entry is published or given up. Formats that a second session can write (CPU's)
 are written and checked in a builder process (``_builds``, ``_builder``), never here:
 
-- alone (the default, ``CACHE_EXPORT=ASYNC`` with no other process loading from the cache),
-  ``compile`` builds the caller's session, and then a builder, run from the ``Exporter``'s
-  thread at the lowest priority, writes the entry. The first compile costs what an uncached
-  one does;
-- awaited (``CACHE_EXPORT=SYNC``, or other processes loading from the cache now, who will
-  wait for this key: ``_cache/peers.py``), ``publish_now`` has a builder write, check and
-  publish the entry at once, and the pipeline loads it like any hit: one compile in all, in
-  the builder, and the waiters get the entry one compile sooner.
+- by default (``CACHE_EXPORT=ASYNC``), ``compile`` builds the caller's session, and then a
+  builder, run from the ``Exporter``'s thread at the lowest priority, writes the entry. The
+  first compile costs what an uncached one does. Other processes that want the key meanwhile
+  wait for the entry no longer than this compile took (``Claim.compiled``), then compile it
+  themselves: a cold cache never makes a start slower than no cache;
+- awaited (``CACHE_EXPORT=SYNC``), ``publish_now`` has a builder write, check and publish the
+  entry at once, and the pipeline loads it like any hit: one compile in all, in the builder.
 
 Variants are tried in the format's order; when none loads and computes what the source does,
 a not-cacheable marker is published under the key instead. Formats written by the compile
@@ -54,13 +53,11 @@ class EntryWriter:
 
     def write(self, claim: Claim, request: CompileRequest, token: CancelToken) -> ort.InferenceSession | None:
         """The entry for ``claim``, and the caller's session: compiled here, the entry written by
-        a builder after it in the background (``compile``); or None when somebody waits for the
-        entry: then a builder writes and publishes it now, and the caller loads it like any hit
-        (``publish_now``). Takes over ``claim``."""
-        if not self.awaited(claim, request):
+        a builder after it in the background (``compile``); or None when the caller waits for
+        the entry (``CACHE_EXPORT=SYNC``): then a builder writes and publishes it now, and the
+        caller loads it like any hit (``publish_now``). Takes over ``claim``."""
+        if not self.awaited(request):
             return self.compile(claim, request, token)
-        # Others are loading from the cache and will wait for this entry: the builder's compile
-        # serves them and this process (one compile in all).
         self.publish_now(claim, request, token)
         return None
 
@@ -86,19 +83,26 @@ class EntryWriter:
         claim.beat(None)  # queued: waiters need not wait for exports ahead of it
         # A compile too short for any hit to save much is not worth a builder at all.
         why = None if request.config.cache_always else not_worth(timing.seconds, None)
-        if why is not None:
+        if why is not None and claim.others():  # they may be waiting for it: tell them now
+            try:
+                self._guarded(claim, request, lambda: self._remember_not_worth(claim, request, why))
+            finally:
+                claim.release()
+        elif why is not None:
             self._exporter.submit(self._not_worth_job(claim, request, why), on_drop=claim.release)
         else:
+            assert timing.seconds is not None
+            claim.compiled(timing.seconds)
             self._exporter.submit(self._export_job(claim, request, timing), on_drop=claim.release)
         return session
 
-    def awaited(self, claim: Claim, request: CompileRequest) -> bool:
-        """Whether somebody waits for this entry: ``CACHE_EXPORT=SYNC``, or other processes
-        loading from the cache now (they will want this key too). Then ``publish_now``."""
+    @staticmethod
+    def awaited(request: CompileRequest) -> bool:
+        """Whether the caller waits for this entry (``CACHE_EXPORT=SYNC``): then ``publish_now``."""
         blob = request.device.blob
         if blob is None or not blob.background:
             return False  # written by the compile itself, before returning, anyway
-        return request.config.cache_export is ExportMode.SYNC or claim.others()
+        return request.config.cache_export is ExportMode.SYNC
 
     def publish_now(self, claim: Claim, request: CompileRequest, token: CancelToken) -> None:
         """Have a builder write, check and publish the entry now, at the caller's priority; the

@@ -77,13 +77,17 @@ async def test_aclose_timeout_abandons_what_is_left(mlp_path: Path, cache_dir: P
     assert list((cache_dir / "v1" / ".tmp").iterdir()) == []
 
 
-async def test_a_second_core_waits_for_the_first_ones_export(
+async def test_a_second_core_waits_for_the_first_ones_entry_no_longer_than_its_compile(
     mlp_path: Path, cache_dir: Path, slow_builder: None
 ) -> None:
-    """The key lock is held until the entry is published, so another compiler waits for
-    the entry instead of compiling again."""
+    """The key lock is held until the entry is published; another compiler waits for it, but
+    no longer than the first one's compile took (the builder writing the entry takes longer):
+    then it compiles the model itself, and the entry is still written once."""
     async with aioov.Core(cache_dir=cache_dir) as first, aioov.Core(cache_dir=cache_dir) as second:
         await first.compile_model(mlp_path, "CPU")  # its export's builder is still at work
         compiled = await second.compile_model(mlp_path, "CPU")
-        assert compiled.get_property("LOADED_FROM_CACHE") is True
-        assert second.cache_stats.compiles == 0 and second.cache_stats.lock_waits == 1
+        assert compiled.get_property("LOADED_FROM_CACHE") is False
+        assert second.cache_stats.lock_waits == 1 and second.cache_stats.lock_timeouts == 0
+        assert await first.wait_exports(120) and await second.wait_exports(120)
+        assert (first.cache_stats.exports, second.cache_stats.exports) == (1, 0)
+    assert len(entries(cache_dir)) == 1

@@ -1,9 +1,10 @@
 """Many workers, one cold start: what a process does when others load from the same cache.
 
-A process alone keeps the fast first compile (the entry is written afterwards, in the
-background). When other processes are loading from the cache at the same time, they will
-wait for the entry: a builder writes, checks and publishes it at once, and the process loads
-it as they will, before ``compile_model`` returns. One compile in all, in the builder.
+The first compile of a model costs what an uncached one does, whoever else is loading: the
+entry is written afterwards, in the background. A worker that needs a model another process
+is caching waits for its entry no longer than that process's compile took, and compiles it
+itself after: a cold cache never makes a start slower than no cache. A model not worth
+caching is recorded as such before ``compile_model`` returns, so that nobody waits for it.
 """
 
 from __future__ import annotations
@@ -127,22 +128,82 @@ async def test_alone_the_entry_is_written_after_compile_model_returns(cache_dir:
     assert compiled.session._model_path == str(mlp_path)  # compiled here, from the source
 
 
-async def test_with_others_loading_the_entry_is_published_before_compile_model_returns(
+async def test_with_others_loading_the_caller_compiles_and_the_entry_follows(
     cache_dir: Path, mlp_path: Path, peer: subprocess.Popen[str]
 ) -> None:
     async with aioov.Core(cache_dir=cache_dir) as core:
         compiled = await core.compile_model(mlp_path, "CPU")
-        assert core.pending_exports == 0
-        (manifest,) = manifests(cache_dir)  # there already, for the others to load
-        assert core.cache_stats.compiles == 1 and core.cache_stats.exports == 1
+        assert core.pending_exports == 1  # nobody waits for a builder: it comes after
+        assert compiled.session._model_path == str(mlp_path)  # compiled here, from the source
+        assert await core.wait_exports(120)
+    (manifest,) = manifests(cache_dir)
     assert manifest["build"]["check"] == "ran and matched"
-    assert manifest["build"]["variant"] in ("plain", "prepacked")  # prepacked where its timed loads say it pays
-    # This process loaded the checked entry, as the others will: it compiled nothing itself.
-    store = CacheStore(cache_dir)
-    (key,) = store.keys()
-    assert compiled.session._model_path == str(store.entry_path(key) / "model.onnx")
-    assert not compiled.get_property("LOADED_FROM_CACHE")  # it was not there to be loaded
     await _computes_the_source(compiled, mlp_path)
+
+
+async def test_with_others_loading_a_model_not_worth_caching_is_recorded_at_once(
+    cache_dir: Path, mlp_path: Path, peer: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIOOV_CACHE_ALWAYS")  # the rule on: a tiny MLP compiles in milliseconds
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "CPU")
+        assert core.pending_exports == 0
+        (marker,) = manifests(cache_dir)  # there already: the others compile it without waiting
+        assert marker["not_cacheable"]["kind"] == "not-worth"
+    await _computes_the_source(compiled, mlp_path)
+
+
+def _key_of(model: Path, tmp_path: Path) -> str:
+    """The cache key a compile of ``model`` on CPU uses (keys name content, not the cache)."""
+    import anyio
+
+    async def compile_once() -> None:
+        async with aioov.Core(cache_dir=tmp_path / "keys") as core:
+            await core.compile_model(model, "CPU")
+
+    anyio.run(compile_once)
+    (key,) = CacheStore(tmp_path / "keys").keys()
+    return key
+
+
+@pytest.mark.parametrize("said", [True, False])
+def test_a_waiter_compiles_by_itself_once_it_has_waited_as_long_as_the_holders_compile(
+    cache_dir: Path, tmp_path: Path, mlp_path: Path, said: bool
+) -> None:
+    """Another process holds the model's lock and shows progress (its builder is writing the
+    entry). Once it has said how long its own compile took, a worker waits no longer than
+    that: it compiles the model itself, long before the lock's timeout. Until then it waits."""
+    from aioov._cache import heartbeat
+
+    key = _key_of(mlp_path, tmp_path)
+    store = CacheStore(cache_dir)
+    store.ensure()
+    holder = store.lock(key)
+    assert holder.try_acquire()
+    beats = heartbeat.Heartbeats()
+    beats.set(holder, holder.path, lambda: True)  # alive and working, all along
+    if said:
+        heartbeat.compiled(holder, 0.2)
+    code = """
+import json, sys, anyio, aioov
+async def main():
+    async with aioov.Core(cache_dir=sys.argv[1]) as core:
+        compiled = await core.compile_model(sys.argv[2], "CPU", {"CACHE_LOCK_TIMEOUT": float(sys.argv[3])})
+        stats = core.cache_stats
+        print(json.dumps([compiled.get_property("LOADED_FROM_CACHE"), stats.lock_waits, stats.lock_timeouts]))
+anyio.run(main)
+"""
+    try:
+        timeout = 90 if said else 3  # said: it never comes to the timeout
+        proc = subprocess.run([sys.executable, "-c", code, str(cache_dir), str(mlp_path), str(timeout)],
+                              capture_output=True, text=True, timeout=120, env=child_env())
+        assert proc.returncode == 0, proc.stderr
+        from_cache, waits, timeouts = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        beats.set(holder, holder.path, None)
+        holder.release()
+    assert (from_cache, waits) == (False, 1)
+    assert timeouts == (0 if said else 1)
 
 
 async def test_when_no_variant_passes_the_caller_compiles_and_the_marker_is_published(

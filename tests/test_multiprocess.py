@@ -28,7 +28,7 @@ async def main():
             want = ort.InferenceSession(r.model).run(None, {"input_ids": ids})[0]
             correct.append(bool(np.allclose(got, want, rtol=1e-4, atol=1e-4)))
         await core.wait_exports()
-        print(json.dumps({"compiles": core.cache_stats.compiles,
+        print(json.dumps({"compiles": core.cache_stats.compiles, "exports": core.cache_stats.exports,
                           "from_cache": [r.from_cache for r in results], "correct": correct}))
 anyio.run(main)
 """
@@ -46,7 +46,9 @@ def start(code: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_four_processes_three_models_compile_each_model_once(three_models: list[str], tmp_path: Path) -> None:
+def test_four_processes_three_models_write_each_entry_once(three_models: list[str], tmp_path: Path) -> None:
+    """Workers starting together: one process writes each model's entry; the others load it
+    or, rather than wait longer than compiling it takes, compile it themselves."""
     cache_dir = tmp_path / "cache"
     start_at = str(time.time() + 2.0)
     procs = [start(WORKER, str(cache_dir), start_at, *three_models) for _ in range(4)]
@@ -55,10 +57,10 @@ def test_four_processes_three_models_compile_each_model_once(three_models: list[
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err
         reports.append(json.loads(out.strip().splitlines()[-1]))
-    assert sum(r["compiles"] for r in reports) == 3
-    # every model is compiled by one process and loaded from the cache by the three others
-    for model in range(3):
-        assert sorted(r["from_cache"][model] for r in reports) == [False, True, True, True]
+    assert sum(r["exports"] for r in reports) == 3
+    assert 3 <= sum(r["compiles"] for r in reports) <= 12
+    for model in range(3):  # compiled by the process that wrote its entry, at least
+        assert False in [r["from_cache"][model] for r in reports]
     assert all(all(r["correct"]) for r in reports)
     assert len(list((cache_dir / "v1").glob("??/*"))) == 3
 

@@ -139,7 +139,8 @@ class SourceChanged(Exception):
 
 
 class Stalled(Exception):
-    """The key's lock is held by a process that shows no progress: compile without waiting."""
+    """The key's lock is held by a process that shows no progress, or that compiled the model
+    in less time than this wait has lasted: compile without waiting longer."""
 
 
 class Cache:
@@ -340,8 +341,9 @@ class Cache:
         cancel: threading.Event, defer: bool = False,
     ) -> Claim:
         """The key's exclusive lock, for this compile to write its entry. Waits while another
-        process holds it and shows progress; raises ``Stalled`` when it shows none (then do
-        not wait longer than compiling here takes), ``LockBusy`` at once with ``defer``,
+        process holds it and shows progress; raises ``Stalled`` when it shows none, or once
+        this wait has lasted as long as the holder's compile of the model (then compile here:
+        waiting longer would be slower), ``LockBusy`` at once with ``defer``,
         ``LockTimeout`` after ``CACHE_LOCK_TIMEOUT``, ``Cancelled``, OSError."""
         lock = self.store.lock(key)
         if not lock.try_acquire():
@@ -350,6 +352,7 @@ class Cache:
             self.events.count(lock_waits=1)
             if not _wait_for(lock, rules.lock_timeout, cancel):
                 raise Stalled(key)
+        lock.note("")  # what an earlier holder said of its compile is not this one's
         claim = Claim(self, key, lock, manifest, stats)
         claim.beat(_always)  # looking again, downloading, compiling: this process works on it
         return claim
@@ -500,6 +503,11 @@ class Claim:
         """Show waiters that the work goes on while ``progress()`` is true (None: it waits)."""
         self.cache.beats.set(self, self.lock.path, progress)
 
+    def compiled(self, seconds: float) -> None:
+        """Tell waiters that this process compiled the model in ``seconds``: they wait no longer
+        than that for the entry, and compile it themselves after."""
+        heartbeat.compiled(self.lock, seconds)
+
     def publish(
         self, tmp: Path, record: dict[str, Any], rules: Rules, *, abort: Callable[[], bool] | None = None
     ) -> list[Chore]:
@@ -570,17 +578,22 @@ def _descriptors_scarce() -> bool:
         return False
 
 
+#: seconds between a waiter's looks at the holder's signs (a small model compiles in 0.1 s)
+_LOOK = 0.1
+
+
 def _wait_for(lock: KeyLock, timeout: float, cancel: threading.Event) -> bool:
     """Take ``lock``, held by another process, waiting up to ``timeout`` seconds (LockTimeout);
-    False as soon as its holder shows no sign of progress (``heartbeat``)."""
+    False as soon as its holder shows no sign of progress, or this wait has lasted as long as
+    the holder's compile (``heartbeat``)."""
     since, deadline = time.time(), time.monotonic() + timeout
     while True:
         try:
-            lock.acquire(max(0.0, min(heartbeat.EVERY, deadline - time.monotonic())), cancel=cancel)
+            lock.acquire(max(0.0, min(_LOOK, deadline - time.monotonic())), cancel=cancel)
             return True
         except LockTimeout:
             if time.monotonic() >= deadline:
                 raise
-            if heartbeat.stalled(lock.path, since):
+            if heartbeat.stalled(lock.path, since) or heartbeat.overdue(lock.path, since):
                 return False
 

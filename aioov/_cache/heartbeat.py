@@ -7,10 +7,16 @@ last look. A builder that is stopped, hung in a sleep or starved of CPU (backgro
 run on idle CPU only) gives no sign; neither does an export still queued behind others. A
 waiter that sees no sign for ``STALLED_AFTER`` seconds compiles the model itself rather than
 wait longer than that compile would take (``_pipeline``).
+
+Once the holder's own compile is over, it writes how long it took into the lock file
+(``compiled``): a waiter that has waited that long compiles the model itself too (``overdue``).
+Compiling takes it no longer than that; the entry, written by a builder after that compile,
+would take longer, so a waiter is never much slower than a process with no cache.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -18,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._concurrency import renew_in_children
+from .locks import KeyLock, read_note
 
-__all__ = ("EVERY", "STALLED_AFTER", "Heartbeats", "stalled")
+__all__ = ("EVERY", "STALLED_AFTER", "Heartbeats", "compiled", "overdue", "stalled")
 
 #: seconds between two signs of life
 EVERY = 0.5
@@ -82,3 +89,24 @@ def stalled(path: Path, since: float) -> bool:
     except OSError:
         return False  # gone: the lock is free, the next look takes it
     return time.time() - last > STALLED_AFTER
+
+
+def compiled(lock: KeyLock, seconds: float) -> None:
+    """Tell waiters on ``lock`` (held exclusively) that its holder's compile took ``seconds``."""
+    lock.note(json.dumps({"compile_seconds": round(seconds, 4)}))
+
+
+def overdue(path: Path, since: float) -> bool:
+    """Whether a waiter that began waiting at ``since`` (``time.time()``) has waited as long as
+    the holder's compile of the model took (once the holder said so): then compiling it takes
+    the waiter no longer than waiting on."""
+    note = read_note(path)
+    if note is None:
+        return False
+    try:
+        seconds = json.loads(note)["compile_seconds"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return False
+    return time.time() - since > seconds

@@ -46,7 +46,7 @@ from types import TracebackType
 
 from .._errors import Cancelled, LockTimeout
 
-__all__ = ("KeyLock", "lock_fd", "unlock_fd")
+__all__ = ("KeyLock", "lock_fd", "read_note", "unlock_fd")
 
 _POLL_START = 0.005
 _POLL_MAX = 0.1
@@ -183,6 +183,19 @@ class KeyLock:
                 time.sleep(min(delay, remaining))
             delay = min(delay * 2, _POLL_MAX)
 
+    def note(self, text: str) -> None:
+        """Write ``text`` into the lock file, held exclusively, for waiters to read
+        (``read_note``); never raises."""
+        fd = self._fd
+        if fd is None or self._shared:
+            return
+        data = text.encode("utf-8")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except (OSError, AttributeError):  # Windows has no pwrite; a waiter then goes by heartbeats
+            pass
+
     def release(self, *, discard: bool = False) -> None:
         """Unlock. ``discard`` (or a ``transient`` lock): held exclusively, the lock file is
         unlinked first, while it is still locked (see the module's docstring: whoever opened
@@ -208,6 +221,19 @@ class KeyLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def read_note(path: Path) -> str | None:
+    """What the holder of the lock at ``path`` wrote into it (``KeyLock.note``), if anything."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        try:
+            data = os.read(fd, 256)
+        finally:
+            os.close(fd)
+    except OSError:  # gone, or locked bytes (Windows)
+        return None
+    return data.decode("utf-8", "replace") or None
 
 
 def _still_named(fd: int, path: Path) -> bool:
