@@ -129,20 +129,40 @@ main()
 
 
 def _import_paths(own_interpreter: bool) -> dict[str, Any]:
-    """The application's import paths, less the one its start put first (its working directory
-    or script's folder: a ``json.py`` there must not run in the builder), and with aioov's own
-    folder last. Another interpreter (``AIOOV_BUILDER_PYTHON``) keeps its own paths and gets
-    aioov's folder only."""
+    """The application's import paths, less its working directory and its script's folder
+    (a ``json.py`` there must not run in the builder; they are found by value, wherever the
+    application's start or its own code put them), unless the modules a builder needs were
+    imported from there, and with aioov's own folder last. Another interpreter
+    (``AIOOV_BUILDER_PYTHON``) keeps its own paths and gets aioov's folder only."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not own_interpreter:
         return {"replace": False, "path": [package_parent]}
-    paths = list(sys.path)
-    if paths and not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)):
-        paths = paths[1:]
-    paths = [p for p in paths if p not in ("", ".")]
+    foreign = {_real(os.curdir)}
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main:
+        foreign.add(_real(os.path.dirname(main)))
+    needed = {_real(root) for root in _builder_roots()}
+    paths = [p for p in sys.path if p not in ("", ".") and (_real(p) not in foreign or _real(p) in needed)]
     if package_parent not in paths:
         paths.append(package_parent)
     return {"replace": True, "path": paths}
+
+
+def _real(path: str) -> str:
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return path
+
+
+def _builder_roots() -> list[str]:
+    """The import paths this process found the third-party packages a builder imports in."""
+    roots = []
+    for name in ("aioov", "onnxruntime", "numpy", "onnx"):
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file:  # a package's __init__.py: its root is the folder above the package's
+            roots.append(os.path.dirname(os.path.dirname(file)))
+    return roots
 
 
 _OUTSIDE_SIGNALS = {int(getattr(signal, name)) for name in ("SIGKILL", "SIGTERM", "SIGHUP", "SIGINT")

@@ -232,32 +232,49 @@ def test_background_work_runs_idle_and_never_above_its_parent(cache_dir: Path, m
     assert report["oom"] == 1000  # the kernel's OOM killer takes the builder, not the application
 
 
+#: a module planted in the working directory: it notes which process imported it, then hands
+#: over to the real module (so that an application that imports it too still works)
 _IMPORTS_FROM_CWD = """
-import pathlib
-pathlib.Path(__file__).with_suffix(".ran").write_text("imported")
+import importlib, os, pathlib, sys
+here = pathlib.Path(__file__)
+here.with_name(f"{here.stem}.{os.getpid()}.ran").write_text("imported")
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != here.parent.resolve()]
+del sys.modules[__name__]
+sys.modules[__name__] = importlib.import_module(__name__)
 """
 
 _APP = """
-import sys, anyio, aioov
+import os, sys, anyio, aioov
+sys.path.insert(0, os.getcwd())  # what gunicorn does (--chdir)
+sys.path.insert(0, sys.argv[3])  # and what applications do: their own folder first
 async def main():
     async with aioov.Core(cache_dir=sys.argv[1]) as core:
         await core.compile_model(sys.argv[2], "CPU")
         assert await core.wait_exports(120)
+    print(os.getpid())
 anyio.run(main)
 """
 
 
+@pytest.mark.parametrize("start", ["script", "module"])
 def test_the_builder_imports_nothing_from_the_working_directory(cache_dir: Path, mlp_path: Path,
-                                                                tmp_path: Path) -> None:
+                                                                tmp_path: Path, start: str) -> None:
+    """Started as ``python app.py`` or ``python -m app``, with the working directory on the
+    application's path (as gunicorn puts it) behind what the application put first, the
+    builder never runs a ``json.py`` planted in the working directory."""
     work = tmp_path / "work"
     work.mkdir()
     for name in ("json", "numpy", "onnxruntime", "sitecustomize"):
         (work / f"{name}.py").write_text(_IMPORTS_FROM_CWD)
-    app = tmp_path / "app" / "app.py"
-    app.parent.mkdir()
+    app = (tmp_path / "app" / "app.py") if start == "script" else work / "app.py"
+    app.parent.mkdir(exist_ok=True)
     app.write_text(_APP)
-    proc = subprocess.run([sys.executable, str(app), str(cache_dir), str(mlp_path)], cwd=work,
+    command = [str(app)] if start == "script" else ["-m", "app"]
+    extra = tmp_path / "extra"
+    proc = subprocess.run([sys.executable, *command, str(cache_dir), str(mlp_path), str(extra)], cwd=work,
                           capture_output=True, text=True, timeout=120, env=child_env())
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in work.glob("*.ran")) == []
+    parent = proc.stdout.strip().splitlines()[-1]
+    importers = {p.name.split(".")[1] for p in work.glob("*.ran")}
+    assert importers <= {parent}  # the application's own imports, where it put the folder on its path
     assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
