@@ -118,9 +118,17 @@ def check_runs(
     why (``run`` failed there: the model does not take them; or too large to make up).
     First ``first_run``'s (``shapes``: WARMUP_SHAPES), then each of ``extra`` (CHECK_SHAPES),
     then free dimensions small (1), large (``large_dim``, halved while one run would take
-    more than ``CHECK_RUN_SECONDS``) and with a batch of 2. Raises what ``first_run`` raises:
-    without its inputs there is nothing to compare."""
-    feed, result = first_run(inputs, run, shapes, values, CHECK_BYTES)
+    more than ``CHECK_RUN_SECONDS``) and with a batch of 2. Shapes too large to make up are
+    left out, ``shapes`` included (the first run then takes the model's own). Raises what
+    ``first_run`` raises: without its inputs there is nothing to compare."""
+    left_out: list[str] = []
+    try:
+        feed, result = first_run(inputs, run, shapes, values, CHECK_BYTES)
+    except Unsynthesizable as exc:
+        if not shapes:
+            raise
+        left_out.append(f"WARMUP_SHAPES: {exc}")
+        feed, result = first_run(inputs, run, None, values, CHECK_BYTES)
     seconds = []
     for _ in range(2):  # the faster of two: the builder loads the blob beside these runs
         started = time.perf_counter()
@@ -135,7 +143,6 @@ def check_runs(
         (None, medium, 2),
     ]
     seen = {_signature(feed)}
-    left_out: list[str] = []
     for given, size, batch in candidates:
         try:
             candidate = synthesize(inputs, given, default_dim=size, batch=batch, values=values, max_bytes=CHECK_BYTES)

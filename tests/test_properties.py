@@ -10,6 +10,8 @@ import pytest
 import aioov
 from aioov._properties import PROPERTIES, parse_size
 
+from .helpers import manifests
+
 pytestmark = pytest.mark.anyio
 
 
@@ -162,3 +164,7 @@ async def test_huge_warmup_shapes_neither_fail_the_compile_nor_stop_the_cache(ca
             assert compiled.warmup_seconds is None
         await core.wait_exports()
         assert core.cache_stats.exports == 1
+    (manifest,) = manifests(cache_dir)
+    assert manifest["build"]["check"] == "ran and matched"  # at the model's own shapes
+    assert len(manifest["build"]["checked"]) >= 2
+    assert any(reason.startswith("WARMUP_SHAPES: ") for reason in manifest["build"]["left_out"])
