@@ -27,7 +27,7 @@ from typing import Any
 
 from . import ROOT, child_env
 from .models import model
-from .workers import host_cores, model_folder, serve
+from .workers import REAL, host_cores, model_folder, serve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -567,19 +567,22 @@ def scenario_shared(repeats: int, tmp: Path, processes: int = 4, models: int = 8
     return s
 
 
-def scenario_startcpu(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 4)) -> Scenario:
+def scenario_startcpu(repeats: int, tmp: Path, counts: tuple[int, ...] = (1, 4), small: bool = False) -> Scenario:
     """Where the CPU of a start goes: W processes doing what the ASGI example's start does
     (``compile_all`` of the workers scenario's 12 models, ``WARMUP`` 1), started together
     without uvicorn, with no cache, a cold shared cache and a warm one. Per start: until all are
     ready, the CPU seconds of the processes and of their builders. Where W >= cores the start is
-    bound by CPU: no coordination makes it shorter than its CPU seconds over the cores."""
-    s = Scenario("startcpu", "W processes start on 11 real models + bert-base: seconds, and CPU seconds")
-    paths = [str(p) for p in sorted(model_folder(tmp).iterdir())]
+    bound by CPU: no coordination makes it shorter than its CPU seconds over the cores.
+    ``small`` (the ``startsmall`` scenario): the 11 small real models only, 4 processes."""
+    name = "startsmall" if small else "startcpu"
+    what = "11 real models" if small else "11 real models + bert-base"
+    s = Scenario(name, f"W processes start on {what}: seconds, and CPU seconds")
+    paths = [str(p) for p in sorted(model_folder(tmp).iterdir())][:len(REAL) if small else None]
     cores = host_cores()
     s.notes.update(cores=cores, models=[Path(p).name for p in paths])
     for repeat in range(repeats):
         for workers in counts:
-            cache = tmp / f"startcpu-{workers}-{repeat}"
+            cache = tmp / f"{name}-{workers}-{repeat}"
             for label, cache_dir in (("no cache", None), ("cold cache", cache), ("warm cache", cache)):
                 reports, start_at = start_together(paths, workers, cache_dir, tmp, {"WARMUP": 1})
                 name = f"W={workers}, {label}"
@@ -852,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     all_scenarios = ["compile", "first", "firstfresh", "infer", "openvino", "shared", "bulk", "export", "ovep",
-                     "warmup", "instant", "gpu", "workers", "startcpu", "spinning", "poolstart"]
+                     "warmup", "instant", "gpu", "workers", "startcpu", "startsmall", "spinning", "poolstart"]
     parser.add_argument("--scenario", action="append", choices=all_scenarios)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="bert-base", choices=["bert-base", "bert-medium", "bert-small"])
@@ -887,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario_workers(args.repeats, tmp))
         if "startcpu" in chosen:
             scenarios.append(scenario_startcpu(args.repeats, tmp))
+        if "startsmall" in chosen:
+            scenarios.append(scenario_startcpu(args.repeats, tmp, counts=(4,), small=True))
         if "bulk" in chosen:
             scenarios.append(scenario_bulk(args.repeats, tmp))
         if "export" in chosen:
