@@ -2,12 +2,11 @@
 
 Every process (every ``Core``) with compiles in flight on a cache holds an exclusive flock on
 a file of its own in ``.locks/peers/``; the kernel drops it when the process exits, even from
-SIGKILL, and the next look removes the file. A process about to compile a model for the cache
-asks whether anyone else is loading: workers starting together (``uvicorn --workers 4``) will
-then wait for this model's entry, so a builder writes and publishes it at once and the process
-loads it like they will (``_writer.EntryWriter.publish_now``): one compile in all, no wait for a
-background export. A process alone keeps the faster first compile. It is a hint: any failure
-reads as "nobody".
+SIGKILL, and the next look removes the file. A process that finds a model not worth caching
+asks whether anyone else is loading: workers starting together (``uvicorn --workers 4``) may
+be waiting for this model's entry, so the "not worth caching" record is written at once, and
+they compile the model without waiting longer (``_writer.EntryWriter.compile``). It is a hint:
+any failure reads as "nobody".
 """
 
 from __future__ import annotations
