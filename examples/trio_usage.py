@@ -20,12 +20,13 @@ async def main(folder: Path) -> None:
     path = folder / "mlp.onnx"
     onnx.save(mlp(), path)
     async with aioov.Core(cache_dir=folder / "cache") as core:
-        async with trio.open_nursery() as nursery:  # four identical compiles share one job
+        async with trio.open_nursery() as nursery:  # identical compiles in flight share one job
             for _ in range(4):
                 nursery.start_soon(core.compile_model, path, "CPU")
+        await core.wait_exports()  # the entry, written in the background
         compiled = await core.compile_model(path, "CPU")
         outputs = await compiled.infer({"x": np.ones((2, 8), np.float32)})
-        print("compiles:", core.cache_stats.compiles, "output shape:", outputs["y"].shape)
+        print("from cache:", compiled.get_property("LOADED_FROM_CACHE"), "output shape:", outputs["y"].shape)
 
 
 if __name__ == "__main__":

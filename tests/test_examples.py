@@ -50,7 +50,7 @@ def test_shared_cache_workers_compile_each_model_once() -> None:
 
 
 def test_trio_usage() -> None:
-    assert "compiles: 1 output shape: (2, 4)" in run_example("trio_usage.py").stdout
+    assert "from cache: True output shape: (2, 4)" in run_example("trio_usage.py").stdout
 
 
 def test_asgi_app_loads_models_in_its_lifespan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
