@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from aioov._install import installed
 
 from .helpers import ROOT
@@ -56,3 +58,27 @@ def test_a_broken_onnxruntime_module_says_how_to_repair_it(tmp_path: Path) -> No
     proc = _import_aioov(tmp_path)
     assert proc.returncode == 1
     assert "ImportError: onnxruntime cannot be imported" in proc.stderr and "Reinstall one distribution" in proc.stderr
+
+
+@pytest.mark.parametrize("platform", [("linux", "x86_64"), ("win32", "AMD64"), ("linux", "aarch64"),
+                                      ("darwin", "arm64"), ("darwin", "x86_64"), ("win32", "ARM64")])
+def test_every_platform_gets_exactly_one_onnxruntime_with_or_without_the_cuda_extra(platform: tuple[str, str]) -> None:
+    """pyproject.toml's markers: one distribution per platform (onnxruntime-gpu where its wheels
+    have CUDA: Linux and Windows on x86-64, which Windows calls AMD64), and the ``cuda`` extra
+    adds only that one's CUDA libraries."""
+    import tomllib
+    from packaging.markers import Marker
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = {"sys_platform": platform[0], "platform_machine": platform[1]}
+
+    def chosen(requirements: list[str]) -> set[str]:
+        reqs = [Requirement(r) for r in requirements]
+        return {r.name for r in reqs if r.name.startswith("onnxruntime") and r.name != "onnxruntime-extensions"
+                and (r.marker is None or Marker(str(r.marker)).evaluate(env))}
+
+    base = chosen(project["dependencies"])
+    assert len(base) == 1
+    assert chosen(project["optional-dependencies"]["cuda"]) <= base
+    assert (base == {"onnxruntime-gpu"}) == (platform in {("linux", "x86_64"), ("win32", "AMD64")})
