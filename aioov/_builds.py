@@ -36,8 +36,8 @@ BUILD_TIMEOUT = 300.0
 
 
 class BuildClock:
-    """A build's time limit: ``max(BUILD_TIMEOUT, 30 x a compile's time)``, that compile's time
-    so far while it runs. The compile is the caller's, beside a background build
+    """A build's time limit: ``max(BUILD_TIMEOUT, 30 x a compile's time)``; while the builder's
+    own compile runs, 30 x the CPU time it used so far. The compile is the caller's, beside a background build
     (``compiled()`` is called when it ends), or, for a build somebody waits for
     (``follows_builder``), the builder's own first session, which the builder reports: a model
     whose build needs longer than ``BUILD_TIMEOUT`` is cached either way."""
@@ -78,8 +78,12 @@ class BuildClock:
         return self._seconds
 
     def limit(self) -> float:
-        taken = self._seconds if self._seconds is not None else time.perf_counter() - self._started
-        return max(BUILD_TIMEOUT, 30 * taken)
+        if self._seconds is not None:
+            return max(BUILD_TIMEOUT, 30 * self._seconds)
+        # The compile runs still (the builder's own, not reported yet): 30 x the CPU time its
+        # builder used so far. A builder that never started, or hangs, uses none: the floor.
+        cpu = cpu_seconds(self._pid) if self._pid is not None else None
+        return max(BUILD_TIMEOUT, 30 * (cpu or 0.0))
 
 
 #: seconds a job may take: a number, or a clock

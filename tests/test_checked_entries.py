@@ -184,6 +184,25 @@ async def test_an_awaited_build_gets_thirty_times_its_own_compile(
     assert [m["build"]["variant"] for m in manifests(cache_dir)] == ["plain"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a builder's CPU time in Linux's /proc")
+async def test_an_awaited_build_whose_builder_never_starts_ends_at_the_floor(
+    cache_dir: Path, mlp_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the builder says its compile is done, the limit grows with the CPU time it uses,
+    not with the time passing: a builder that never starts is given up at the floor, and the
+    caller compiles the model itself."""
+    python = tmp_path / "python"  # a builder's interpreter that never starts
+    python.write_text("#!/bin/sh\nexec sleep 3600\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("AIOOV_BUILDER_PYTHON", str(python))
+    monkeypatch.setattr(_builds, "BUILD_TIMEOUT", 2.0)  # the floor (300 s) cannot be waited for in a test
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        with anyio.fail_after(60):  # it used to wait for ever
+            compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_EXPORT": "SYNC", "CACHE_PREPACK": "NEVER"})
+    assert compiled.get_property("LOADED_FROM_CACHE") is False
+    assert manifests(cache_dir) == []  # nothing learnt about the model: tried again next time
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through Linux's /proc")
 async def test_aclose_abandoning_an_export_leaves_no_builder_and_no_entry(
     cache_dir: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch
