@@ -22,12 +22,13 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 
@@ -45,7 +46,7 @@ __all__ = ("default_cache_dir", "main", "printable")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-#: seconds between two progress lines of ``cache verify``/``prune``/``ls --scan``/``stats --scan``
+#: seconds between two progress lines of ``cache verify``/``prune``/``clear``/``ls --scan``/``stats --scan``
 PROGRESS_SECONDS = 5.0
 
 # What a terminal would act on rather than show: C0 controls, DEL and C1 controls (ESC starts
@@ -184,12 +185,18 @@ def _models_in(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 class _Bar:
-    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal). On a
+    terminal, aioov's log clears the bar's line before a record and draws it again after
+    (``_LogHandler``, #43.7): a warning written after the bar's text would share its line."""
 
     def __init__(self, labels: list[str], quiet: bool) -> None:
         self.labels = labels
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
+        #: the bar is drawn from the event loop's thread; log records come from any thread
+        self.lock = threading.RLock()
+        #: the bar as the terminal shows it now, the cursor at its end; "" when none is open
+        self.line = ""
 
     def __call__(self, event: BulkProgress) -> None:
         if self.quiet:
@@ -197,14 +204,35 @@ class _Bar:
         result = event.current
         status = "cached" if result.from_cache else ("FAILED" if result.error else "compiled")
         name = printable(self.labels[result.index])
-        if self.tty:
-            filled = int(30 * event.done / max(1, event.total))
-            bar = "#" * filled + "-" * (30 - filled)
-            end = "\n" if event.done == event.total else ""
-            sys.stderr.write(f"\r[{bar}] {event.done}/{event.total} {status:8} {name[-40:]:40}{end}")
-        else:
-            sys.stderr.write(f"[{event.done}/{event.total}] {status} {name} ({result.seconds:.2f}s)\n")
-        sys.stderr.flush()
+        with self.lock:
+            if self.tty:
+                filled = int(30 * event.done / max(1, event.total))
+                bar = "#" * filled + "-" * (30 - filled)
+                line = f"[{bar}] {event.done}/{event.total} {status:8} {name[-40:]:40}"
+                last = event.done == event.total
+                sys.stderr.write(f"\r{line}" + ("\n" if last else ""))
+                self.line = "" if last else line
+            else:
+                sys.stderr.write(f"[{event.done}/{event.total}] {status} {name} ({result.seconds:.2f}s)\n")
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        """Blank the bar's line (spaces: no escape sequence), the cursor at its start."""
+        if self.line:
+            sys.stderr.write("\r" + " " * len(self.line) + "\r")
+
+    def redraw(self) -> None:
+        if self.line:
+            sys.stderr.write(f"\r{self.line}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        """End a bar left open (the warm-up interrupted): what follows starts a line."""
+        with self.lock:
+            if self.line:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+                self.line = ""
 
 
 # -- logging ----------------------------------------------------------------------------------
@@ -215,6 +243,31 @@ class _LogFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return f"{record.levelname.lower()}: {printable(record.message)}"
+
+
+if TYPE_CHECKING:
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:
+    _StreamHandler = logging.StreamHandler  # generic only from Python 3.11
+
+
+class _LogHandler(_StreamHandler):
+    """aioov's log on stderr; while a progress bar is drawn there (``bar``), each record gets a
+    line of its own, the bar drawn again below it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.bar: _Bar | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bar = self.bar
+        if bar is None:
+            super().emit(record)
+            return
+        with bar.lock:
+            bar.clear()
+            super().emit(record)
+            bar.redraw()
 
 
 class _Warnings(logging.Handler):
@@ -244,7 +297,7 @@ class _Warnings(logging.Handler):
         return None
 
 
-_log_handler: logging.Handler | None = None
+_log_handler: _LogHandler | None = None
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -255,7 +308,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logger = logging.getLogger("aioov")
     if _log_handler is not None:  # main() called again in one process
         logger.removeHandler(_log_handler)
-    _log_handler = logging.StreamHandler(sys.stderr)
+    _log_handler = _LogHandler()
     _log_handler.setFormatter(_LogFormatter())
     logger.addHandler(_log_handler)
     logger.setLevel(level)
@@ -342,15 +395,19 @@ async def _warmup(args: argparse.Namespace) -> int:
     warnings = _Warnings()
     logger = logging.getLogger("aioov")
     logger.addHandler(warnings)
+    bar = _Bar(labels, args.json or args.quiet)
+    if _log_handler is not None:
+        _log_handler.bar = bar
     try:
         async with Core(cache_dir=args.cache_dir, max_concurrent_compiles=args.max_concurrency) as core:
-            results = await core.compile_all(
-                models, args.device, config, progress=_Bar(labels, args.json or args.quiet)
-            )
+            results = await core.compile_all(models, args.device, config, progress=bar)
             await core.wait_exports()  # then each model's entry is in the cache, or never will be
             stats = core.cache_stats
     finally:
         logger.removeHandler(warnings)
+        if _log_handler is not None:
+            _log_handler.bar = None
+        bar.close()
     elapsed = time.perf_counter() - started
     outcomes = [_outcome(r, labels[r.index], store, warnings, models) for r in results]
     failures = [o for o in outcomes if o.result.error is not None]
@@ -529,8 +586,11 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
     if mac_key is not None:  # a forged stat index record could map a model to another's entry
         for record in store.index.records():
             checked += 1
-            if not any(store.index.check(record, k) for k in mac_keys):
-                bad.append({"key": f"index/{record.name}", "problem": "stat index record is not signed with the key"})
+            problem = store.index.judge(record, mac_keys)
+            if problem == auth.NOT_MINE and not args.delete_foreign:
+                foreign.append(f"index/{record.name}")  # as for entries: another key's (a rotation)
+            elif problem:
+                bad.append({"key": f"index/{record.name}", "problem": problem})
     if not args.dry_run:
         for item in bad:
             if item["key"].startswith("index/"):
@@ -546,9 +606,13 @@ def _cache_verify(store: CacheStore, args: argparse.Namespace) -> int:
         for item in bad:
             action = "found" if args.dry_run else "removed"
             print(f"{action} bad entry {printable(item['key'][:16])}: {printable(item['problem'])}")
-        if foreign:
-            print(f"left {_count(len(foreign), 'entry', 'entries')} signed with another key or forged "
+        records = sum(key.startswith("index/") for key in foreign)
+        if len(foreign) > records:
+            print(f"left {_count(len(foreign) - records, 'entry', 'entries')} signed with another key or forged "
                   "(never served; --delete-foreign removes them)")
+        if records:
+            print(f"left {_count(records, 'stat index record')} signed with another key "
+                  "or forged (never used; --delete-foreign removes them)")
         print(f"verified {_count(checked, 'entry', 'entries')}: {len(bad)} bad")
     return EXIT_FAILED if bad or foreign else EXIT_OK
 
@@ -566,7 +630,8 @@ def _cache_prune(store: CacheStore, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with _reported_here("could not prune entry"):
         removed = store.prune(max_size=args.max_size, older_than=args.older_than, dry_run=args.dry_run,
-                              progress=_progress("prune", "read"))
+                              progress=_progress("prune", "read"),
+                              removing=None if args.dry_run else _progress("prune", "removed"))
     leftovers = [] if args.dry_run else store.clean_tmp()
     failed = [{**_entry_json(e), "error": why} for e, why in removed.failed]
     _say_failed("prune", failed)
@@ -587,7 +652,7 @@ def _cache_clear(store: CacheStore, args: argparse.Namespace) -> int:
         print("aioov cache clear: this deletes every entry; add --yes to confirm", file=sys.stderr)
         return EXIT_USAGE
     with _reported_here("could not clear entry"):
-        removed = store.clear()
+        removed = store.clear(_progress("clear", "removed"))
     failed: list[dict[str, Any]] = []
     for key in list(store.keys()):  # left behind: in use (skipped), or not removable: learn why
         try:

@@ -183,6 +183,49 @@ async def test_lock_files_and_index_records_go_with_their_entry(mlps: list[Path]
 
 
 @pytest.mark.anyio
+async def test_index_records_of_deleted_or_changed_model_files_go_at_the_next_collection(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """#41.13: a service started from fresh temporary copies of a model, deleted after, left a
+    stat index record per copy for as long as the model had an entry (``prune``, ``collect``:
+    the digest is in use). A record whose files are gone or changed goes at the next
+    collection, young or not (no lookup can use it); the record of a file still there,
+    unchanged, stays, and so does one whose path a process is hashing now."""
+    kept = tmp_path / "kept.onnx"
+    onnx.save(mlp(seed=1), kept)
+    copies = [tmp_path / f"start{n}" / "model.onnx" for n in range(12)]
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        for path in [kept, *copies]:
+            path.parent.mkdir(exist_ok=True)
+            onnx.save(mlp(seed=1), path)  # the same model: one entry, a record per path
+            await core.compile_model(path, "CPU")
+        await core.wait_exports()
+    store = CacheStore(cache_dir)
+    assert (store.totals().entries, store.bookkeeping().index_records) == (1, 13)
+    for path in copies[:9]:
+        path.unlink()
+    os.utime(copies[9], (HOUR_AGO, HOUR_AGO))  # still there, but not the file its record describes
+    hashing = store.hash_lock(str(copies[10]))  # a process hashing this path now writes its record
+    assert hashing.try_acquire()
+    copies[10].unlink()
+
+    proc = subprocess.run([*aioov_command(), "cache", "prune", "--older-than", "30d", "--cache-dir", str(cache_dir)],
+                          capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 0 entries" in proc.stdout
+    stats = json.loads(subprocess.run([*aioov_command(), "cache", "stats", "--json", "--cache-dir", str(cache_dir)],
+                                      capture_output=True, text=True, env=child_env(), check=True).stdout)
+    assert stats["bookkeeping"]["index_records"] == 3  # kept.onnx, the copy being hashed, the last copy
+
+    hashing.release()
+    copies[11].unlink()
+    assert store.collect().index_records == 2
+    assert store.bookkeeping().index_records == 1
+    assert store.index.lookup(str(kept)) is not None  # the file still there: its record serves on
+    assert store.totals().entries == 1
+
+
+@pytest.mark.anyio
 async def test_rewrites_of_one_path_and_copies_under_many_paths_leave_nothing_after_prune(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -487,6 +530,30 @@ async def test_verify_and_prune_report_progress_on_long_runs(mlps: list[Path], c
     assert "aioov cache verify: 4 of 4 entries checked (100%)" in capsys.readouterr().err
     assert cli.main(["cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir)]) == 0
     assert "aioov cache prune: 2 of 4 entries read (50%)" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_prune_and_clear_report_progress_as_they_remove(mlps: list[Path], cache_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             aioov_logger) -> None:  # type: ignore[no-untyped-def]
+    """Removing 100,000 entries takes minutes: ``prune`` reports it as it did its reading, and
+    ``clear`` too, rather than going silent."""
+    await compile_all(cache_dir, mlps)
+    from aioov import cli
+    from aioov._cache import store as store_module
+
+    # why: a run long enough for progress lines (seconds of entries) is too big to make here
+    monkeypatch.setattr(cli, "PROGRESS_SECONDS", 0.0)  # every step is "long"
+    # why: as above: progress is reported every so many entries, more than a test makes
+    monkeypatch.setattr(store_module, "PROGRESS_EVERY", 1)
+    assert cli.main(["cache", "prune", "--max-size", "0", "--cache-dir", str(cache_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "aioov cache prune: 4 of 4 entries read (100%)" in err
+    assert "aioov cache prune: 2 of 4 entries removed (50%)" in err
+    await compile_all(cache_dir, mlps[:2])
+    assert cli.main(["cache", "clear", "--yes", "--cache-dir", str(cache_dir)]) == 0
+    assert "aioov cache clear: 1 of 2 entries removed (50%)" in capsys.readouterr().err
 
 
 def test_a_journal_line_is_one_short_write() -> None:

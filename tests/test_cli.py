@@ -489,3 +489,78 @@ def test_printable_escapes_what_a_terminal_would_act_on() -> None:
     assert printable("r\u202egnp.onnx") == "r\\u202egnp.onnx"  # a bidi override
     assert printable("bad\udcff.onnx") == "bad\\xff.onnx"  # an undecodable byte of a file name
     assert printable("modèle ünïcode.onnx") == "modèle ünïcode.onnx"
+
+
+# -- #43.7: the progress bar and the log share the terminal -------------------------------------
+
+
+def on_a_terminal(*args: str, timeout: float = 180) -> tuple[int, str]:
+    """Run ``aioov`` with its stdout and stderr on a pseudo-terminal, as from a user's shell:
+    its exit code, and all it wrote (the terminal's ``\\r\\n`` line ends)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*aioov_command(), *args], stdin=slave, stdout=slave, stderr=slave, env=child_env())
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process writing to it is gone
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break  # exited, and all it wrote has been read
+        return proc.wait(timeout=10), out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def screen(output: str) -> list[str]:
+    """The lines a terminal shows for ``output``: a ``\\r`` goes back to the line's start, and
+    what follows writes over what was there."""
+    lines = []
+    for line in output.replace("\r\n", "\n").split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return lines
+
+
+def test_a_warning_during_warmup_clears_the_progress_bar_first(tmp_path: Path, cache_dir: Path) -> None:
+    """A warning logged while the bar is on the screen used to be written after the bar's
+    text, on its line (``[#####-----] 1/2 compiled a.onnx   warning: aioov: ...``). It gets a
+    line of its own, and the bar is drawn again below it."""
+    from onnx import TensorProto, helper
+
+    from aioov.testing import mlp
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(mlp(), folder / "a.onnx")
+    strings = helper.make_graph(  # no input of strings can be made up: warming it up logs a warning
+        [helper.make_node("Identity", ["text"], ["same"])], "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["n"])],
+    )
+    onnx.save(helper.make_model(strings, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              folder / "b.onnx")
+    code, output = on_a_terminal("warmup", str(folder), "--warmup", "1", "-j", "1", "--cache-dir", str(cache_dir))
+    assert code == 0, output
+    lines = screen(output)
+    warnings = [line for line in lines if "warning: aioov" in line]
+    assert len(warnings) == 1, output
+    assert warnings[0].startswith("warning: aioov: ") and "'text' is a tensor of strings" in warnings[0], output
+    below = lines[lines.index(warnings[0]) + 1]
+    assert below.startswith("[") and "2/2 compiled b.onnx" in below, output  # the bar, drawn again
+    assert not any("1/2" in line for line in lines), output  # its line before the warning: cleared

@@ -187,6 +187,10 @@ async def test_a_forged_stat_index_record_does_not_serve_another_model_under_a_k
     proc = run_python(code, "cache", "verify", "--cache-dir", str(cache_dir), check=False,
                       env={"AIOOV_CACHE_HMAC_KEY": "secret"})
     assert proc.returncode == 1 and "stat index record" in proc.stdout
+    # signed under none of its keys: another key's (a rotation) or forged, never used, kept (#41.8)
+    assert records[str(a)].exists()
+    run_python(code, "cache", "verify", "--delete-foreign", "--cache-dir", str(cache_dir), check=False,
+               env={"AIOOV_CACHE_HMAC_KEY": "secret"})
     assert not records[str(a)].exists()
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -143,6 +144,76 @@ async def test_a_key_rotation_neither_deletes_nor_serves_the_other_keys_entries(
     assert len(list(cache_dir.rglob("manifest.json"))) == 2
     verify("--delete-foreign")
     assert len(list(cache_dir.rglob("manifest.json"))) == 1
+
+
+@pytest.mark.anyio
+async def test_a_key_rotation_keeps_the_stat_index_records_of_either_key(
+    mlp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat index record signed with the old key is read by a process holding ``["new", "old"]``
+    and left as it is: rewriting it with the new key made the old processes hash the model again,
+    and rewrite it back, at every start during a rolling rotation."""
+    from aioov._cache import cache as _face
+    from aioov._cache.key import digest_files
+
+    await _compiled(cache_dir, mlp_path, "old")
+    (record,) = (cache_dir / "v1" / ".index").glob("*.json")
+    written = record.read_bytes()
+    hashed: list[str] = []
+
+    def counting(paths: Any) -> str:
+        hashed.extend(map(str, paths))
+        return digest_files(paths)
+
+    # why: nothing public tells whether a compile hashed the model or read its stat index record
+    monkeypatch.setattr(_face, "digest_files", counting)
+    assert (await _compiled(cache_dir, mlp_path, ["new", "old"])).get_property("LOADED_FROM_CACHE") is True
+    assert hashed == [] and record.read_bytes() == written
+    assert (await _compiled(cache_dir, mlp_path, "old")).get_property("LOADED_FROM_CACHE") is True
+    assert hashed == []
+    await _compiled(cache_dir, mlp_path, "other")  # a record signed under none of its keys: hashed
+    assert hashed == [str(mlp_path)]
+
+
+def test_verify_reports_but_keeps_index_records_signed_with_another_key(tmp_path: Path, cache_dir: Path) -> None:
+    """Like entries: a stat index record signed under none of ``cache verify``'s keys is another
+    key's (a rotation) or forged: reported (exit 1) and kept unless ``--delete-foreign``. An
+    unsigned or malformed one is bad, and removed."""
+    from aioov._cache.auth import derive_key
+    from aioov._cache.key import FileStat, digest_files, path_digest
+
+    store = aioov.CacheStore(cache_dir)
+    store.ensure()
+    models = []
+    for name in ("old", "unsigned", "new"):
+        model = tmp_path / f"{name}.onnx"
+        model.write_bytes(name.encode())
+        models.append(model)
+        key = derive_key(name) if name != "unsigned" else None
+        store.index.store([FileStat.of(str(model))], digest_files([str(model)]), key)
+    (store.index.root / "0123456789abcdef0123456789abcdef.json").write_text("[not a record")
+    old, unsigned, new = (store.index.root / f"{path_digest(str(m))}.json" for m in models)
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*aioov_command(), "cache", "verify", "--cache-dir", str(cache_dir), *extra],
+                              capture_output=True, text=True, timeout=120,
+                              env=child_env(AIOOV_CACHE_HMAC_KEY="new"))
+
+    kept = verify("--json")
+    assert kept.returncode == 1, kept.stderr
+    report = json.loads(kept.stdout)
+    assert report["foreign"] == [f"index/{old.name}"]
+    assert sorted(item["key"] for item in report["bad"]) == sorted(
+        ["index/0123456789abcdef0123456789abcdef.json", f"index/{unsigned.name}"])
+    assert sorted(p.name for p in store.index.records()) == sorted([old.name, new.name])
+    assert "1 stat index record signed with another key" in verify().stdout
+    assert old.exists()
+    rotating = subprocess.run([*aioov_command(), "cache", "verify", "--cache-dir", str(cache_dir)],
+                              capture_output=True, text=True, timeout=120,
+                              env=child_env(AIOOV_CACHE_HMAC_KEY='["new", "old"]'))
+    assert rotating.returncode == 0, rotating.stdout
+    verify("--delete-foreign")
+    assert [p.name for p in store.index.records()] == [new.name]
 
 
 # -- bad models: fuzzing -------------------------------------------------------------------

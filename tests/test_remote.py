@@ -667,3 +667,12 @@ async def test_an_entry_signed_with_another_key_is_not_replaced(
         await core.wait_exports()
         assert core.cache_stats.uploads == 0
     assert _remote_objects(bucket, key) == before
+    # #41.8: a host rotating its key accepts the old key's entry (it rejected it and recompiled)
+    rotating = {"CACHE_REMOTE_URL": bucket, "CACHE_HMAC_KEY": ["new secret", "old secret"]}
+    async with aioov.Core(cache_dir=tmp_path / "c", properties=rotating) as core:
+        compiled = await core.compile_model(models[0], "CPU")
+        await core.wait_exports()
+        stats = core.cache_stats
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+    assert (stats.remote_hits, stats.compiles, stats.uploads) == (1, 0, 0)
+    assert _remote_objects(bucket, key) == before

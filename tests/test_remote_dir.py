@@ -141,3 +141,38 @@ async def test_a_shared_file_larger_than_its_bound_is_not_copied(name: str, mode
     with pytest.raises(RemoteError, match="larger than|its manifest records"):
         DirectoryRemote(shared).fetch(entry.name, store)
     assert store.lookup(entry.name) is None and not list(store.tmp.iterdir())
+
+
+# -- #41.8: a key rotation across hosts ------------------------------------------------------
+async def test_a_host_rotating_keys_uses_entries_signed_with_its_old_key(model: Path, tmp_path: Path,
+                                                                         caplog_warnings) -> None:
+    """A host given ``["new", "old"]`` downloads and serves a shared entry signed with "old"
+    (it rejected it, "manifest MAC does not verify", and recompiled); a host holding neither
+    key neither serves nor replaces it: not damaged, only not its own."""
+    shared = (tmp_path / "shared").as_uri()
+    async with aioov.Core(cache_dir=tmp_path / "old", properties={"CACHE_REMOTE_URL": shared,
+                                                                   "CACHE_HMAC_KEY": "old"}) as core:
+        await core.compile_model(model, "CPU")
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    (entry,) = list((tmp_path / "shared" / "v1").iterdir())
+    before = {p.name: p.read_bytes() for p in entry.iterdir()}
+    async with aioov.Core(cache_dir=tmp_path / "stranger", properties={"CACHE_REMOTE_URL": shared,
+                                                                        "CACHE_HMAC_KEY": "other"}) as core:
+        assert (await core.compile_model(model, "CPU")).get_property("LOADED_FROM_CACHE") is False
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 0  # not repaired: another key's entry
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == before
+    caplog_warnings.clear()
+    async with aioov.Core(cache_dir=tmp_path / "rotating", properties={"CACHE_REMOTE_URL": shared,
+                                                                        "CACHE_HMAC_KEY": ["new", "old"]}) as core:
+        compiled = await core.compile_model(model, "CPU")
+        await core.wait_exports()
+        stats = core.cache_stats
+        ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+        got = (await compiled.infer(ids))["last_hidden_state"]
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+    assert (stats.remote_hits, stats.compiles, stats.uploads) == (1, 0, 0)
+    assert "MAC" not in caplog_warnings.text
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == before
+    np.testing.assert_allclose(got, reference(model, {"input_ids": ids})[0], rtol=1e-4, atol=1e-4)

@@ -21,7 +21,8 @@ from typing import Any
 
 import blake3
 
-__all__ = ("NOT_MINE", "derive_key", "key_of", "keys_of", "manifest_mac", "file_mac", "sign", "signer", "check")
+__all__ = ("NOT_MINE", "as_keys", "derive_key", "key_of", "keys_of", "manifest_mac", "file_mac", "sign", "signer",
+           "check")
 
 _CONTEXT = "aioov 2026-11 cache entry authentication v1"
 #: what ``CacheStore.check`` says of an entry signed under none of the keys
@@ -51,6 +52,13 @@ def key_of(secret: Secret) -> bytes | None:
     """The key entries are signed with (the first secret's); None without one."""
     keys = keys_of(secret)
     return keys[0] if keys else None
+
+
+def as_keys(mac_key: bytes | tuple[bytes, ...] | None) -> tuple[bytes, ...]:
+    """A key, or a rotation's keys (the first signs), as a tuple: what verification tries."""
+    if mac_key is None:
+        return ()
+    return mac_key if isinstance(mac_key, tuple) else (mac_key,)
 
 
 def signer(manifest: dict[str, Any], keys: tuple[bytes, ...]) -> bytes | None:

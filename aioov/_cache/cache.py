@@ -97,11 +97,17 @@ class Rules:
         return auth.key_of(self.hmac_key)
 
     @property
+    def mac_keys(self) -> tuple[bytes, ...]:
+        """Every key an entry or stat index record of this process may be signed with (a
+        rotation's, the signing one first); empty without ``CACHE_HMAC_KEY``."""
+        return auth.keys_of(self.hmac_key)
+
+    @property
     def remote(self) -> RemoteSettings | None:
         if not self.remote_url:
             return None
         return RemoteSettings(self.remote_url, self.remote_lock_url, self.remote_lock_ttl, self.lock_timeout,
-                              self.mac_key)
+                              self.mac_keys or None)
 
 
 @dataclass(frozen=True)
@@ -212,8 +218,8 @@ class Cache:
         gigabytes at once. A process finding the file's hash lock held waits for the record
         its holder writes, or (``wait`` None: bulk loads) raises ``LockBusy`` to come back later.
         Raises OSError when the files cannot be read."""
-        mac_key = rules.mac_key
-        hit = self.store.index.lookup(path, mac_key)
+        mac_keys = rules.mac_keys  # a record signed with any key of a rotation is used
+        hit = self.store.index.lookup(path, mac_keys)
         if hit is not None:
             digest, stats = hit  # just compared with the files on disk
             return stats, digest
@@ -224,7 +230,7 @@ class Cache:
                     if wait is None:
                         raise LockBusy(path)
                     lock.acquire(wait, cancel=cancel)
-                    hit = self.store.index.lookup(path, mac_key)
+                    hit = self.store.index.lookup(path, mac_keys)
                     if hit is not None:
                         digest, stats = hit
                         return stats, digest

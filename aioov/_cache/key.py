@@ -21,10 +21,15 @@ from typing import Any
 
 import blake3
 
+from .auth import NOT_MINE, as_keys
 from .fsutil import atomic_write_bytes, children, load_json, read_regular
 from .layout import FORMAT_VERSION
 
 __all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files", "path_digest")
+
+#: a MAC key, or a rotation's keys (``CACHE_HMAC_KEY``): the first signs, any verifies
+Keys = bytes | tuple[bytes, ...] | None
+
 
 @dataclass(frozen=True)
 class FileStat:
@@ -88,14 +93,16 @@ class StatIndex:
     def _file(self, path: str) -> Path:
         return self.root / f"{path_digest(path)}.json"
 
-    def lookup(self, path: str, mac_key: bytes | None = None) -> tuple[str, list[FileStat]] | None:
+    def lookup(self, path: str, mac_key: Keys = None) -> tuple[str, list[FileStat]] | None:
         """(digest, stats of the model and its external files) when none of them changed.
-        With ``mac_key`` (``CACHE_HMAC_KEY``), only a record this key signed counts: a forged
-        record could otherwise map one model's file to another model's entry."""
+        With ``mac_key`` (``CACHE_HMAC_KEY``: a key, or a rotation's keys), only a record one of
+        the keys signed counts: a forged record could otherwise map one model's file to another
+        model's entry. A record signed with an older key of a rotation is used as it is, not
+        signed anew: processes that hold only that key keep reading it too."""
         try:
             record = load_json(read_regular(self._file(path), _MAX_RECORD_BYTES))
-            if mac_key is not None and not hmac.compare_digest(str(record.get("mac", "")),
-                                                               _record_mac(record, mac_key)):
+            keys = as_keys(mac_key)
+            if keys and _signer(record, keys) is None:
                 return None
             files = [FileStat(**item) for item in record["files"]]
             if not files or files[0].path != path:
@@ -107,22 +114,34 @@ class StatIndex:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def store(self, stats: Sequence[FileStat], digest: str, mac_key: bytes | None = None) -> None:
+    def store(self, stats: Sequence[FileStat], digest: str, mac_key: Keys = None) -> None:
+        """Write the record, signed with ``mac_key`` (of a rotation's keys, the first)."""
         record: dict[str, Any] = {"digest": digest, "files": [asdict(s) for s in stats]}
-        if mac_key is not None:
-            record["mac"] = _record_mac(record, mac_key)
+        keys = as_keys(mac_key)
+        if keys:
+            record["mac"] = _record_mac(record, keys[0])
         atomic_write_bytes(self._file(stats[0].path), json.dumps(record).encode())
 
     def records(self) -> list[Path]:
         return [p for p in children(self.root) if p.suffix == ".json"]
 
-    def check(self, record: Path, mac_key: bytes) -> bool:
-        """Whether a record file is well formed and signed with ``mac_key``."""
+    def check(self, record: Path, mac_key: bytes | tuple[bytes, ...]) -> bool:
+        """Whether a record file is well formed and signed with ``mac_key`` (or one of a rotation's)."""
+        return self.judge(record, mac_key) is None
+
+    def judge(self, record: Path, mac_key: bytes | tuple[bytes, ...]) -> str | None:
+        """The problem with a record file under ``mac_key`` (a key or a rotation's keys), or None.
+        ``auth.NOT_MINE`` for a record signed under none of the keys: another key's, during a
+        rotation, or forged (a MAC cannot tell them apart), so not for this process to delete."""
         try:
             data = load_json(read_regular(record, _MAX_RECORD_BYTES))
-            return hmac.compare_digest(str(data.get("mac", "")), _record_mac(data, mac_key))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return False
+            if not isinstance(data, dict):
+                return "stat index record is malformed"
+            if not isinstance(data.get("mac"), str):
+                return "stat index record is not signed"
+            return None if _signer(data, as_keys(mac_key)) is not None else NOT_MINE
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            return f"stat index record is unreadable or malformed: {exc}"
 
 
 #: a stat index record lists a model and its external files: small
@@ -132,3 +151,9 @@ _MAX_RECORD_BYTES = 1 << 20
 def _record_mac(record: dict[str, Any], key: bytes) -> str:
     body = json.dumps({k: v for k, v in record.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
     return blake3.blake3(body.encode(), key=key).hexdigest()
+
+
+def _signer(record: dict[str, Any], keys: tuple[bytes, ...]) -> bytes | None:
+    """The key among ``keys`` that signed the record, or None."""
+    claimed = str(record.get("mac", ""))
+    return next((k for k in keys if hmac.compare_digest(claimed, _record_mac(record, k))), None)

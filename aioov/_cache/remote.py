@@ -19,7 +19,8 @@ HEAD is replaced only while it is still the one found bad (``If-Match`` its ETag
 tier compares the manifest's digest), then the bad upload is deleted. Without that, every host
 would download, reject and recompile the model for good. An entry signed with a MAC key this
 host does not hold is not "bad" (a key rotation): it is left alone, or hosts would take turns
-replacing each other's entries.
+replacing each other's entries. A host given a rotation's keys (``["new", "old"]``) uses an entry
+signed with any of them, as its local cache does.
 
 Bounds (#41): a remote manifest is read up to the local cap (1 MiB) and no further; a file
 download stops at the first byte past the size its manifest records (at once when the response
@@ -86,6 +87,9 @@ __all__ = (
 
 logger = logging.getLogger("aioov.cache")
 
+#: ``CACHE_HMAC_KEY``'s key, or a rotation's keys (the first signs, any verifies)
+MacKeys = bytes | tuple[bytes, ...] | None
+
 #: seconds an S3 operation may take besides moving its files' bytes: connecting, reading HEAD
 #: and the manifest, writing them
 DEADLINE_BASE = 10.0
@@ -118,10 +122,11 @@ class RemoteTier(Protocol):
 
     url: str
 
-    def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None, *, bad: str | None = None) -> bool:
+    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None) -> bool:
         """Download entry ``key`` into ``store`` (verified, atomically published); False if absent,
         or when it is still the entry ``bad`` (one this host rejected). ``RemoteEntryError``
-        when the entry is unusable, ``RemoteError`` when the tier is."""
+        when the entry is unusable, ``RemoteError`` when the tier is. ``mac_key``: the entry
+        must be signed with it, or with one of a rotation's keys."""
         ...
 
     def upload(self, key: str, entry: Path, *, replace: str | None = None) -> bool:
@@ -151,10 +156,11 @@ def _listed(key: str, manifest: Any) -> dict[str, int]:
     return sizes
 
 
-def _foreign(manifest: Any, mac_key: bytes | None) -> bool:
+def _foreign(manifest: Any, mac_key: MacKeys) -> bool:
     """Signed, but under none of this host's keys: another key's entry during a rotation."""
-    return (mac_key is not None and isinstance(manifest, dict) and auth.signed(manifest)
-            and auth.signer(manifest, (mac_key,)) is None)
+    keys = auth.as_keys(mac_key)
+    return (bool(keys) and isinstance(manifest, dict) and auth.signed(manifest)
+            and auth.signer(manifest, keys) is None)
 
 
 def _parse_manifest(key: str, raw: bytes) -> dict[str, Any]:
@@ -409,7 +415,7 @@ class DirectoryRemote:
             raw = b""
         return _digest(raw)
 
-    def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None, *, bad: str | None = None) -> bool:
+    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None) -> bool:
         source = self.root / key
         try:
             raw = read_regular(source / MANIFEST, MAX_MANIFEST_BYTES)
@@ -561,7 +567,7 @@ class RemoteStore:
             raise RemoteEntryError(f"remote manifest of {key[:16]} is larger than {MAX_MANIFEST_BYTES} bytes")
         return _parse_manifest(key, raw)
 
-    def fetch(self, key: str, store: CacheStore, mac_key: bytes | None = None, *, bad: str | None = None) -> bool:
+    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None) -> bool:
         """Download the entry into ``store`` (verified, atomically published). False if absent,
         or still the entry ``bad``."""
         head: _Head | None = None

@@ -27,8 +27,9 @@ the caller recompiles. Symlinks inside the tree are never followed.
 
 Bookkeeping lives as long as its entry (#45): ``remove`` unlinks the entry's lock file,
 ``prune``/``clear`` collect lock files, stat index records and size markers whose entry is
-gone (``collect``), and every rename into or out of the tree is a line in the usage journal,
-so that ``CACHE_MAX_SIZE`` and ``aioov cache stats`` know the size in O(1).
+gone, and stat index records whose model files are gone or changed (``collect``); every
+rename into or out of the tree is a line in the usage journal, so that ``CACHE_MAX_SIZE``
+and ``aioov cache stats`` know the size in O(1).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from .fsutil import (
     reusable_record,
     rmtree,
 )
-from .key import StatIndex, path_digest
+from .key import FileStat, StatIndex, path_digest
 from .layout import FORMAT_VERSION, MANIFEST, NOT_CACHEABLE, is_reserved
 from .locks import KeyLock
 from .records import Bookkeeping, CacheInfo, Entry, EntryInfo, Pruned
@@ -350,12 +351,20 @@ class CacheStore:
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), durable=True)
         return self._rename_into_place(key, tmp, abort, manifest)
 
-    def adopt(self, key: str, tmp: Path, manifest: dict[str, Any], *, mac_key: bytes | None = None) -> bool:
+    def adopt(self, key: str, tmp: Path, manifest: dict[str, Any], *,
+              mac_key: bytes | tuple[bytes, ...] | None = None) -> bool:
         """Publish files that came from elsewhere (the remote tier) under their own manifest,
-        after checking them against it; raises EntryError when they do not match."""
+        after checking them against it (with ``mac_key``, or any of a rotation's keys: their
+        MACs); raises EntryError when they do not match, saying ``auth.NOT_MINE`` for an entry
+        signed under none of the keys."""
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         entry = self._read_entry(key, tmp, check_sizes=True)
-        problem = auth.check(manifest, tmp, mac_key) if mac_key is not None else self.verify(entry)
+        keys = auth.as_keys(mac_key)
+        signer = auth.signer(manifest, keys) if keys else None
+        if keys and signer is None and auth.signed(manifest):
+            problem: str | None = auth.NOT_MINE
+        else:
+            problem = auth.check(manifest, tmp, signer or keys[0]) if keys else self.verify(entry)
         if problem:
             raise EntryError(f"downloaded entry {key[:16]}: {problem}")
         for file in tmp.iterdir():
@@ -580,12 +589,15 @@ class CacheStore:
         older_than: float | None = None,
         dry_run: bool = False,
         progress: Callable[[int, int], object] | None = None,
+        removing: Callable[[int, int], object] | None = None,
     ) -> Pruned:
         """Remove least-recently-used entries above ``max_size`` bytes and those unused
         for ``older_than`` seconds. Entries in use (locked) are skipped; those that cannot be
         removed are logged and listed in the result's ``failed``. The scan rebuilds the
         summary, and bookkeeping left by removed entries is collected (the result's
-        ``collected``). ``progress(done, total)``: as the entries are read (``scan``)."""
+        ``collected``). ``progress(done, total)``: as the entries are read (``scan``);
+        ``removing(done, total)``: as those chosen are removed, every ``PROGRESS_EVERY``
+        (``done`` counts those skipped too: removing 100,000 entries takes minutes)."""
         scans: list[CacheInfo] = []
 
         def walk(known: Mapping[str, Row]) -> dict[str, Row]:
@@ -597,15 +609,23 @@ class CacheStore:
                 if mine:
                     self.usage.rebuild(walk, broken=lambda: sum(e.problem is not None for e in scans[-1].entries))
         info = scans[-1] if scans else self.scan(progress)
-        total = info.size
         now = time.time()
+
+        def chosen(entry: EntryInfo, total: int) -> bool:
+            too_old = older_than is not None and now - entry.last_used > older_than
+            too_big = max_size is not None and total > max_size
+            retry = entry.short_of_room is not None and self._room_again(entry, now)
+            return too_old or too_big or bool(entry.problem) or retry
+
+        expected, total = 0, info.size  # to remove, if none is in use (a progress's total)
+        for entry in info.entries if removing is not None else ():
+            if chosen(entry, total):
+                expected, total = expected + 1, total - entry.size
+        total, done = info.size, 0
         pruned = Pruned()
         with self.batch() as journal:
             for entry in info.entries:  # oldest use first
-                too_old = older_than is not None and now - entry.last_used > older_than
-                too_big = max_size is not None and total > max_size
-                retry = entry.short_of_room is not None and self._room_again(entry, now)
-                if not (too_old or too_big or entry.problem or retry):
+                if not chosen(entry, total):
                     continue
                 try:
                     removed = dry_run or self.remove(entry.key, journal=journal,
@@ -613,10 +633,15 @@ class CacheStore:
                 except CacheError as exc:
                     logger.warning("aioov cache: could not prune entry %s: %s", entry.key[:16], exc)
                     pruned.failed.append((entry, str(exc)))
-                    continue
+                    removed = False
                 if removed:
                     pruned.append(entry)
                     total -= entry.size
+                done += 1
+                if removing is not None and done % PROGRESS_EVERY == 0:
+                    removing(done, max(done, expected))
+        if removing is not None and done % PROGRESS_EVERY:
+            removing(done, max(done, expected))
         if not dry_run:
             pruned.collected = self.collect()
         return pruned
@@ -631,21 +656,25 @@ class CacheStore:
         except OSError:
             return False
 
-    def clear(self) -> int:
+    def clear(self, progress: Callable[[int, int], object] | None = None) -> int:
         """Remove every entry (skipping those in use) and leftovers, and the bookkeeping of
         entries (lock files, stat index, crash records): what is left is the cache's skeleton,
-        and what entries in use still hold. Returns the entries removed."""
+        and what entries in use still hold. Returns the entries removed. ``progress(done,
+        total)``: every ``PROGRESS_EVERY`` entries (``done`` counts those skipped too)."""
         removed = 0
         with self.batch() as journal:
-            for key in list(self.keys()):
+            keys = list(self.keys())
+            for done, key in enumerate(keys, 1):
                 try:
                     gone = self.remove(key, journal=journal)
                 except CacheError as exc:
                     logger.warning("aioov cache: could not clear entry %s: %s", key[:16], exc)
-                    continue
+                    gone = False
                 if gone:
                     self.sentinels.forget(key)  # a cleared cache starts over: crashed variants are tried again
                     removed += 1
+                if progress is not None and (done % PROGRESS_EVERY == 0 or done == len(keys)):
+                    progress(done, len(keys))
         self.clean_tmp(min_age=0)
         self.collect(everything=True)
         for shard in _scandir(self.base):
@@ -741,7 +770,8 @@ class CacheStore:
         """Remove bookkeeping that outlived its entry: lock files of keys with no entry and
         hash locks, each taken exclusively first (one in use stays); stat index records of
         models no entry was built from, and size markers of no record (younger than
-        ``INDEX_GRACE``: kept, their compile may be under way); empty crash-sentinel folders.
+        ``INDEX_GRACE``: kept, their compile may be under way); stat index records whose
+        files are gone or changed (no lookup can use them); empty crash-sentinel folders.
         ``everything`` (``clear``): every index record and size marker, and the crash records
         of keys with no entry. What was removed, counted."""
         self.check_tree()
@@ -777,12 +807,10 @@ class CacheStore:
         return done
 
     def _collect_index(self, everything: bool) -> tuple[int, int]:
-        in_use: set[str | None] = set()
+        in_use: set[str | None] | None = set()  # None: any model may have an entry
         if not everything:
             rows = self.usage.rows()
-            if rows is None:
-                return 0, 0  # nothing says which models have entries: keep every record
-            in_use = {row.model for row in rows.values()}
+            in_use = None if rows is None else {row.model for row in rows.values()}
         now, records, markers = time.time(), 0, 0
         kept_sizes: set[int] = set()
         found_markers = []
@@ -793,9 +821,11 @@ class CacheStore:
             if not entry.name.endswith(".json"):
                 continue
             if not everything:
-                digest, size = _index_record(Path(entry.path))
-                if digest in in_use or _younger(entry, now, INDEX_GRACE):
-                    if size is not None:
+                digest, size, files = _index_record(Path(entry.path))
+                if in_use is None or digest in in_use or _younger(entry, now, INDEX_GRACE):
+                    if files is not None and _outdated(files) and self._forget_outdated(Path(entry.path), files[0]):
+                        records += 1
+                    elif size is not None:
                         kept_sizes.add(size)
                     continue
             with contextlib.suppress(OSError):
@@ -803,12 +833,41 @@ class CacheStore:
                 records += 1
         for entry in found_markers:
             stem = entry.name[:-5]
-            if not everything and (not stem.isdigit() or int(stem) in kept_sizes or _younger(entry, now, INDEX_GRACE)):
+            if not everything and (in_use is None or not stem.isdigit() or int(stem) in kept_sizes
+                                   or _younger(entry, now, INDEX_GRACE)):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 markers += 1
         return records, markers
+
+    def _forget_outdated(self, record: Path, model: FileStat) -> bool:
+        """Remove a stat index record whose files are gone or changed, unless a process is
+        writing it now: the hash lock of its model path is held while the path is hashed and
+        its record written (``Cache.identify``), so the record is read again under that lock
+        before it goes. (A ``Model``'s record is written without it; losing a race with one
+        costs that model one hashing at its next start, no wrong digest.)"""
+        try:
+            if record.name != f"{path_digest(model.path)}.json":
+                return False  # not where a lookup of its path reads: the rules for unused records apply
+        except ValueError:  # a forged path no writer could have named
+            return False
+        lock = self.hash_lock(model.path)
+        try:
+            if not lock.try_acquire():
+                return False  # being hashed: its record is written anew
+        except OSError:
+            return False
+        try:
+            files = _index_record(record)[2]
+            if files is None or files[0].path != model.path or not _outdated(files):
+                return False
+            record.unlink()
+            return True
+        except OSError:
+            return False
+        finally:
+            lock.release()
 
 
 def measure(path: Path) -> tuple[int, bool]:
@@ -854,15 +913,29 @@ def _younger(entry: os.DirEntry[str], now: float, age: float) -> bool:
         return True  # gone or unreadable: not ours to judge
 
 
-def _index_record(path: Path) -> tuple[str | None, int | None]:
-    """(model digest, total size of its files) of a stat index record; (None, None) when it
-    cannot be read as one."""
+def _index_record(path: Path) -> tuple[str | None, int | None, list[FileStat] | None]:
+    """(model digest, total size of its files, the files as recorded) of a stat index record;
+    Nones when it cannot be read as one."""
     try:
         record = load_json(read_regular(path, 1 << 20))
-        files = record["files"]
-        return str(record["digest"]), sum(int(item["size"]) for item in files)
+        files = [FileStat(**item) for item in record["files"]]
+        if not all(isinstance(file.path, str) for file in files):
+            return None, None, None
+        return str(record["digest"]), sum(int(file.size) for file in files), files or None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, None
+        return None, None, None
+
+
+def _outdated(files: list[FileStat]) -> bool:
+    """Whether a stat index record's files are gone or no longer the files it describes (size,
+    mtime, ctime, inode, device), as a lookup compares them. A file this process may not
+    ``stat`` (another user's folder) is not judged."""
+    try:
+        return any(FileStat.of(file.path) != file for file in files)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 #: seconds after which an entry published without its better variant, for want of room, is

@@ -35,7 +35,8 @@ class RemoteSettings:
     lock_url: str | None
     lock_ttl: float
     lock_timeout: float
-    mac_key: bytes | None
+    #: ``CACHE_HMAC_KEY``'s key, or a rotation's keys: an entry signed with any of them is used
+    mac_key: bytes | tuple[bytes, ...] | None
 
 
 class RemoteLink:
