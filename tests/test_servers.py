@@ -177,8 +177,8 @@ def entries_verify(cache_dir: Path) -> int:
 
 SERVED = '''
 """The app gunicorn serves: its Core and first model are made at import, which --preload
-runs in the master, before it forks the workers."""
-import os, time
+runs in the master, before it forks the workers. Each worker closes it when it shuts down."""
+import contextlib, os, time
 from pathlib import Path
 
 import anyio
@@ -222,8 +222,14 @@ async def meet(request):
     return JSONResponse({"pid": os.getpid(), "first": await run(first, body), "second": await run(second, body)})
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    yield
+    await core.aclose()  # as docs/deployment.md says: a worker killed by SIGTERM runs no exit handler
+
+
 app = Starlette(routes=[Route("/health", health), Route("/meet", meet, methods=["POST"]),
-                        Route("/infer/{name}", infer, methods=["POST"])])
+                        Route("/infer/{name}", infer, methods=["POST"])], lifespan=lifespan)
 '''
 
 
