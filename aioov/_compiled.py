@@ -17,7 +17,7 @@ import anyio.lowlevel
 import numpy as np
 import onnxruntime as ort
 
-from ._concurrency import on_event_loop, wait_future
+from ._concurrency import on_event_loop, renew_in_children, wait_future
 from ._errors import ORT_ERRORS, InferenceError, PropertyError, raise_infer_error
 from ._ortoptions import configure_run, run_options
 from ._port import Port
@@ -190,6 +190,11 @@ class CompiledModel:
         self._metadata: ModelMetadata | None = None
         self._streams = max(1, int(self._properties.get("NUM_STREAMS", 1)))
         self._limiters: dict[type, anyio.CapacityLimiter] = {}  # one per async backend (asyncio, trio)
+        renew_in_children(self)
+
+    def _renew_in_child(self) -> None:
+        # A run in another thread at the fork holds a token it will never give back there.
+        self._limiters = {}
 
     @property
     def session(self) -> ort.InferenceSession:

@@ -131,3 +131,42 @@ def test_a_child_forked_under_a_key_lock_does_not_keep_it_when_the_parent_dies(c
             lock.release()
         finally:
             os.killpg(parent.pid, signal.SIGKILL)
+
+
+_FORKED_MID_INFERENCE = """
+import os, signal, sys, threading, anyio, numpy as np, aioov
+signal.alarm(60)
+core = aioov.Core()
+compiled = anyio.run(core.compile_model, sys.argv[1], "CPU")
+x = np.ones((64, 8), np.float32)
+running, stop = threading.Event(), threading.Event()
+
+def serve():  # another thread's event loop, inferring all along
+    async def loop():
+        while not stop.is_set():
+            await compiled.infer({"x": x})
+            running.set()
+    anyio.run(loop)
+
+thread = threading.Thread(target=serve, daemon=True)
+thread.start()
+running.wait()
+codes = []
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)
+        anyio.run(compiled.infer, {"x": x})
+        os._exit(0)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+stop.set()
+thread.join()
+print(codes)
+"""
+
+
+def test_a_model_forked_while_another_thread_runs_it_serves_in_the_child(mlp_path: Path) -> None:
+    """The fork lands while a run holds the model's NUM_STREAMS slot: the child, where that run
+    never ends, gets slots of its own."""
+    out = run_python(_FORKED_MID_INFERENCE, str(mlp_path), timeout=120).stdout
+    assert out.strip().splitlines()[-1] == "[0, 0, 0, 0, 0]"  # a hung child dies of its alarm (-14)
