@@ -81,7 +81,7 @@ import multiprocessing, sys, anyio, numpy as np, aioov
 cache, first, second = sys.argv[1:4]
 core = aioov.Core(cache_dir=cache)
 preloaded = anyio.run(core.compile_model, first, "CPU")
-anyio.run(core.wait_exports)  # (a fork with an export in flight: the test above)
+assert core.pending_exports == 1  # the pool forks with the export in flight (a slow builder)
 
 def work(path):
     async def run():
@@ -92,12 +92,14 @@ def work(path):
 if __name__ == "__main__":
     with multiprocessing.get_context("fork").Pool(2) as pool:
         print(pool.map(work, [first, second], chunksize=1), flush=True)
+    print(anyio.run(core.wait_exports, 60), flush=True)
 """
 
 
 def test_multiprocessing_with_the_fork_start_method(cache_dir: Path, mlp_path: Path, second: Path) -> None:
-    out = run_python(_MULTIPROCESSING, str(cache_dir), str(mlp_path), str(second), timeout=120).stdout
-    assert out.strip() == "[(1, 4), (1, 4)]"
+    out = run_python(_MULTIPROCESSING, str(cache_dir), str(mlp_path), str(second), timeout=120,
+                     env={"AIOOV_BUILDER_FAULT": "slow:plain"}).stdout
+    assert out.strip().splitlines() == ["[(1, 4), (1, 4)]", "True"]
 
 
 _HOLDS_AND_FORKS = """
