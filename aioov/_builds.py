@@ -146,7 +146,7 @@ def _import_paths(own_interpreter: bool) -> dict[str, Any]:
     if main:
         foreign.add(_real(os.path.dirname(main)))
     needed = {_real(root) for root in _builder_roots()}
-    paths = [p for p in sys.path if p not in ("", ".") and (_real(p) not in foreign or _real(p) in needed)]
+    paths = [p for p in sys.path if p not in ("", ".") and (_real(p) not in foreign - needed)]
     if package_parent not in paths:
         paths.append(package_parent)
     return {"replace": True, "path": paths}

@@ -84,10 +84,7 @@ class EntryWriter:
         # A compile too short for any hit to save much is not worth a builder at all.
         why = None if request.config.cache_always else not_worth(timing.seconds, None)
         if why is not None and claim.others():  # they may be waiting for it: tell them now
-            try:
-                self._guarded(claim, request, lambda: self._remember_not_worth(claim, request, why))
-            finally:
-                claim.release()
+            self._not_worth_job(claim, request, why)(token)
         elif why is not None:
             self._exporter.submit(self._not_worth_job(claim, request, why), on_drop=claim.release)
         else:
