@@ -305,7 +305,7 @@ def test_uvicorn_stopped_by_sigterm_while_its_startup_compiles(tmp_path: Path) -
     cache serves every model, correctly, from each entry it left."""
     folder = tmp_path / "models"
     # more models than compile_all runs at once: the startup goes on well past the first sign
-    paths = make_models(folder, 3 * min(os.cpu_count() or 1, 8), layers=4, hidden=256, vocab=2000)
+    paths = make_models(folder, 8 * min(os.cpu_count() or 1, 8), layers=4, hidden=256, vocab=2000)
     cache_dir = tmp_path / "cache"
     env = child_env(MODELS_DIR=str(folder), AIOOV_CACHE_DIR=str(cache_dir))
 
