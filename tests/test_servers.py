@@ -298,11 +298,11 @@ def uvicorn_command(port: int) -> list[str]:
 
 def test_uvicorn_stopped_by_sigterm_while_its_startup_compiles(tmp_path: Path) -> None:
     """SIGTERM while examples/asgi_app.py's lifespan compiles its models (at the first sign of a
-    compile: a key's lock file, taken by the worker that compiles a missed model). uvicorn
-    lets a lifespan startup finish (it only flags the signal); then its shutdown closes the
-    Core, which gives pending exports at most 10 s: the process must be gone that long, plus slack, after the startup ended. No
-    builder outlives it, no ``.incomplete`` folder stays, and the next start with the same
-    cache serves every model, correctly, from each entry it left."""
+    compile: a key's lock file, taken by the worker that compiles a missed model). uvicorn lets
+    a lifespan startup finish (it only flags the signal); then its shutdown closes the Core,
+    which gives pending exports at most 10 s: the process must be gone that long, plus slack,
+    after the startup ended. No builder outlives it, no ``.incomplete`` folder stays, and the
+    next start with the same cache serves every model, correctly, from each entry it left."""
     folder = tmp_path / "models"
     # more models than compile_all runs at once: the startup goes on well past the first sign
     paths = make_models(folder, 8 * min(os.cpu_count() or 1, 8), layers=4, hidden=256, vocab=2000)
