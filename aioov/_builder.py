@@ -120,6 +120,7 @@ def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> 
     from ._devices import blob_format
     from ._errors import ORT_ERRORS, BlobError
     from ._reference import first_line, reference_run
+    from ._worth import not_worth
 
     blob, variant, tmp = blob_format(job.blob), job.variant, Path(job.tmp)
     providers = [(name, dict(opts)) for name, opts in job.providers]
@@ -150,6 +151,12 @@ def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> 
     # Loading the blob needs nothing from the source's run: both at once.
     with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
         hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
+        if job.compile_seconds is not None:  # a blob not worth caching is not worth its checks
+            _, (load, load_cpu) = hit.result()
+            why = not_worth(job.compile_seconds, load_cpu)
+            if why is not None:
+                return BuildReply(False, why, "not worth", load_seconds=round(load, 4),
+                                  load_cpu_seconds=round(load_cpu, 4), export_seconds=round(exported - started, 3))
         runs, skipped, left_out = reference_run(source, job.shapes, job.values, job.check_shapes)
         del source
         problem, loads = _check(job, blob, providers, faults, runs, hit)

@@ -46,6 +46,9 @@ class BuildJob:
     check_shapes: list[Shapes] = field(default_factory=list)
     #: nobody waits for it: the builder lowers its priority for good
     background: bool = False
+    #: the caller's compile, in seconds, where the model's worth is judged: a blob whose timed
+    #: load would not save enough of it is reported "not worth" before its checks (``_worth``)
+    compile_seconds: float | None = None
 
     def to_line(self) -> str:
         return json.dumps({"version": VERSION, **asdict(self)}) + "\n"
@@ -63,7 +66,8 @@ class BuildJob:
 @dataclass(frozen=True)
 class BuildReply:
     """What became of a job. ``stage``: "check" when the blob itself failed (the parent
-    remembers it), "export" when writing it did (the disk, the source: tried again later)."""
+    remembers it), "export" when writing it did (the disk, the source: tried again later),
+    "not worth" when its hit would not save enough of the job's ``compile_seconds``."""
 
     ok: bool
     reason: str | None = None

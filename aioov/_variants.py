@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._buildjob import BuildJob, BuildReply
-from ._builds import Builders, BuildReport, Timeout
+from ._builds import BuildClock, Builders, BuildReport, Timeout
 from ._cache.cache import Cache
 from ._concurrency import CancelToken
 from ._properties import PrepackMode
@@ -50,6 +50,8 @@ class Failed:
 
     reasons: list[str]
     remember: bool
+    #: why the model is not worth caching, where a builder found so before its checks
+    not_worth: str | None = None
 
 
 def build_entry(builders: Builders, job: Job) -> Published | Failed:
@@ -76,6 +78,9 @@ def build_entry(builders: Builders, job: Job) -> Published | Failed:
                 tmp, record = built.result()
                 earlier = {"failed": failures[len(crashed):]} if len(failures) > len(crashed) else {}
                 return tmp, {**record, **earlier, **({"crashed": crashed} if crashed else {})}
+            reply = built.report.reply
+            if reply is not None and reply.stage == "not worth":
+                return Failed(failures, True, not_worth=reply.reason)
             failures.append(f"{variant}: {built.report.reason}")
             remember = remember and not built.report.transient
             if built.report.stop:
@@ -157,7 +162,7 @@ class _Attempt:
         job = self.job
         tmp = self.cache.new_tmp(job.key)
         try:
-            report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant,
+            report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant, job.timeout,
                                               background=job.background), job.timeout, job.token)
         except BaseException:
             self.cache.discard(tmp)
@@ -165,7 +170,9 @@ class _Attempt:
         if report.ok:
             return _Built(variant, report, tmp)
         self.cache.discard(tmp)
-        logger.info("aioov cache: the %s blob of %s failed: %s", variant, job.request.source.describe(), report.reason)
+        if report.reply is None or report.reply.stage != "not worth":  # (said once, by the writer)
+            logger.info("aioov cache: the %s blob of %s failed: %s", variant, job.request.source.describe(),
+                        report.reason)
         return _Built(variant, report, None)
 
 
@@ -193,11 +200,17 @@ class _SourceFile:
             self._job.cache.discard(self._dir)
 
 
-def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool) -> BuildJob:
-    """What a builder needs to write and check one variant of ``request``'s blob."""
+def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, timeout: Timeout,
+         *, background: bool) -> BuildJob:
+    """What a builder needs to write and check one variant of ``request``'s blob. The model's
+    worth is judged there after a caller's compile (``timeout`` timed it); an awaited build's
+    is judged once it is built (``_writer``), an export's never."""
     blob = request.device.blob
     assert blob is not None
     config = request.config
+    compile_seconds = None
+    if isinstance(timeout, BuildClock) and not timeout.follows_builder and not config.cache_always:
+        compile_seconds = timeout.seconds
     return BuildJob(
         model=model,
         tmp=str(tmp),
@@ -213,4 +226,5 @@ def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str,
         values=dict(config.warmup_values),
         check_shapes=[{k: list(v) for k, v in shapes.items()} for shapes in config.check_shapes],
         background=background,
+        compile_seconds=compile_seconds,
     )

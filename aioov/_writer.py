@@ -35,6 +35,7 @@ from ._properties import ExportMode
 from ._request import CompileRequest, Source
 from ._sessions import SessionFactory
 from ._variants import Failed, Job, Published, build_entry
+from ._worth import not_worth
 
 __all__ = ("EntryWriter",)
 
@@ -203,6 +204,9 @@ class EntryWriter:
         built = self._build(cache, claim.key, request, token, timeout, background=background)
         if built is None:
             return
+        if isinstance(built, Failed) and built.not_worth is not None:
+            self._remember_not_worth(claim, request, built.not_worth)
+            return
         if isinstance(built, Failed):
             self._remember_uncacheable(claim, request, built.reasons)
             return
@@ -298,34 +302,6 @@ def _stage_source(request: CompileRequest, tmp: Path) -> None:
     assert blob is not None
     if blob.keeps_source:
         blob.stage_source(tmp, request.source.files())
-
-
-#: a model is cached where a hit saves at least WORTH_SECONDS of its compile, and a fifth of it
-#: or WORTH_ANYWAY seconds (``benchmarks/worth.py`` measures which models of the corpus pass)
-WORTH_SECONDS = 0.02
-WORTH_SHARE = 0.2
-WORTH_ANYWAY = 0.1
-#: a hit's cost, as the builder's timed load predicts it: a fixed part (the manifest, checksums,
-#: locks, the session's setup) and the CPU time of the load the builder timed (its wall time is
-#: no measure: a background builder runs only on CPU nothing else wants, and beside its checks)
-HIT_FLOOR = 0.035
-LOAD_SHARE = 1.0
-
-
-def not_worth(compile_seconds: float | None, load_seconds: object) -> str | None:
-    """Why a model is not worth caching, or None. Before any blob exists (``load_seconds``
-    None) only a compile too short for any hit to save enough is; afterwards the builder's
-    timed load of the hit decides."""
-    if compile_seconds is None:
-        return None
-    load = float(load_seconds) if isinstance(load_seconds, (int, float)) else 0.0
-    hit = HIT_FLOOR + LOAD_SHARE * load
-    saved = compile_seconds - hit
-    if saved >= WORTH_SECONDS and (saved >= WORTH_SHARE * compile_seconds or saved >= WORTH_ANYWAY):
-        return None
-    if load_seconds is None:
-        return f"its compile takes {compile_seconds:.3f} s: a hit cannot load it much sooner"
-    return f"a hit would load it in about {hit:.3f} s, its compile takes {compile_seconds:.3f} s"
 
 
 #: what the manifest of an entry written by the compile itself says about its check

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aioov import _writer
+from aioov import _worth
 
 from .helpers import aioov_command, child_env, manifests
 
@@ -101,4 +101,41 @@ def test_a_record_of_another_aioov_is_decided_again(cache_dir: Path, mlp_path: P
 def test_what_pays(compile_seconds: float, load_cpu_seconds: float | None, worth: bool) -> None:
     """The rule at its seam, on figures measured for real models: what a hit saves against the
     seconds and the share it must save."""
-    assert (_writer.not_worth(compile_seconds, load_cpu_seconds) is None) is worth
+    assert (_worth.not_worth(compile_seconds, load_cpu_seconds) is None) is worth
+
+
+@pytest.mark.parametrize("cache_always", [False, True])
+def test_the_builder_judges_a_blob_by_its_timed_load_before_its_checks(
+    tmp_path: Path, mlp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_always: bool
+) -> None:
+    """After a caller's compile, the builder times a load of the blob and stops there when the
+    hit would not save enough of that compile: no reference run, no check at several shapes
+    (most of a builder's work for a small model). The blob here is made to compute wrong (the
+    builder's fault switch), so only a check could fail it: judged not worth, it never is;
+    with ``CACHE_ALWAYS`` nothing is judged, and the check catches it. (The builder's seam, a
+    job in and a reply out: no public call makes a compile take a chosen time.)"""
+    from aioov._builder import run_job
+    from aioov._builds import BuildClock
+    from aioov._devices import DeviceSpec
+    from aioov._devices.cpu import CPUDevice
+    from aioov._properties import CompileConfig
+    from aioov._request import CompileRequest, Source
+    from aioov._variants import _job
+
+    monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:plain")
+    cpu = CPUDevice()
+    request = CompileRequest(Source(str(mlp_path)), cpu, DeviceSpec("CPU"), cpu.providers(None, {}),
+                             CompileConfig(cache_always=cache_always))
+    clock = BuildClock()
+    clock.compiled()  # a compile of microseconds: no load can save anything of it
+    (tmp_path / "entry").mkdir()
+    job = _job(request, str(mlp_path), tmp_path / "entry", "k" * 64, "plain", clock, background=True)
+    reply = run_job(job)
+    assert reply.ok is False
+    if cache_always:
+        assert job.compile_seconds is None
+        assert reply.stage == "check" and "differ" in str(reply.reason)
+    else:
+        assert job.compile_seconds is not None and job.compile_seconds < 0.01
+        assert reply.stage == "not worth" and "a hit would load it in about" in str(reply.reason)
+        assert reply.load_cpu_seconds is not None and reply.checked == []
