@@ -58,6 +58,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol
@@ -89,6 +90,8 @@ logger = logging.getLogger("aioov.cache")
 
 #: ``CACHE_HMAC_KEY``'s key, or a rotation's keys (the first signs, any verifies)
 MacKeys = bytes | tuple[bytes, ...] | None
+#: told a remote entry's manifest before its files are downloaded
+Listed = Callable[[dict[str, Any]], None]
 
 #: seconds an S3 operation may take besides moving its files' bytes: connecting, reading HEAD
 #: and the manifest, writing them
@@ -122,11 +125,13 @@ class RemoteTier(Protocol):
 
     url: str
 
-    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None) -> bool:
+    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None,
+              listed: Listed | None = None) -> bool:
         """Download entry ``key`` into ``store`` (verified, atomically published); False if absent,
         or when it is still the entry ``bad`` (one this host rejected). ``RemoteEntryError``
         when the entry is unusable, ``RemoteError`` when the tier is. ``mac_key``: the entry
-        must be signed with it, or with one of a rotation's keys."""
+        must be signed with it, or with one of a rotation's keys. ``listed`` hears the entry's
+        manifest before its files are downloaded."""
         ...
 
     def upload(self, key: str, entry: Path, *, replace: str | None = None) -> bool:
@@ -415,7 +420,8 @@ class DirectoryRemote:
             raw = b""
         return _digest(raw)
 
-    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None) -> bool:
+    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None,
+              listed: Listed | None = None) -> bool:
         source = self.root / key
         try:
             raw = read_regular(source / MANIFEST, MAX_MANIFEST_BYTES)
@@ -437,6 +443,8 @@ class DirectoryRemote:
                 raise RemoteEntryError(f"remote entry {key[:16]} has no readable manifest")
             manifest = _parse_manifest(key, raw)
             sizes = _listed(key, manifest)
+            if listed is not None:
+                listed(manifest)
             tmp = store.new_tmp(key)
             for name, size in sizes.items():
                 _copy_bounded(source / name, tmp / name, size)
@@ -567,7 +575,8 @@ class RemoteStore:
             raise RemoteEntryError(f"remote manifest of {key[:16]} is larger than {MAX_MANIFEST_BYTES} bytes")
         return _parse_manifest(key, raw)
 
-    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None) -> bool:
+    def fetch(self, key: str, store: CacheStore, mac_key: MacKeys = None, *, bad: str | None = None,
+              listed: Listed | None = None) -> bool:
         """Download the entry into ``store`` (verified, atomically published). False if absent,
         or still the entry ``bad``."""
         head: _Head | None = None
@@ -582,6 +591,8 @@ class RemoteStore:
                     raise RemoteEntryError(f"remote HEAD of {key[:16]} names no upload")
                 manifest = self._manifest(key, head.upload)
                 sizes = _listed(key, manifest)
+                if listed is not None:
+                    listed(manifest)
                 deadline.extend(sum(sizes.values()) / MIN_RATE)
                 tmp = store.new_tmp(key)
                 for name, size in sizes.items():

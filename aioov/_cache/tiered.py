@@ -10,23 +10,38 @@ Every remote failure is counted, warned about once, and leaves the local path to
 remote tier never makes a compile fail. A tier or lock service that failed is then left alone
 for a while (``remote.Breaker``): a silent endpoint costs one deadline per cooldown, not one
 per compile.
+
+A download runs beside the compile that wants it (``_Download``), which waits for it no longer
+than compiling the model took where its entry was written (the manifest's ``export_seconds``,
+at least ``WAIT_FLOOR``): a slower download goes on in the background and fills the local cache
+for later, while the model is compiled here. A manifest that does not come within
+``remote.DEADLINE_BASE`` counts as a failure of the tier.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from .._errors import Cancelled, EntryError, RemoteError
 from . import remote as tier
-from .remote import RemoteEntryError, RemoteLock, RemoteTier, breaker_for, remote_for
+from .remote import MacKeys, RemoteEntryError, RemoteLock, RemoteTier, breaker_for, remote_for
 from .stats import CacheEvents
 from .store import CacheStore
 
 __all__ = ("RemoteLink", "RemoteSettings")
 
 logger = logging.getLogger("aioov.cache")
+
+#: the least a compile waits for a download, however quick the model's compile was elsewhere
+WAIT_FLOOR = 1.0
+#: how much longer than the tier's own deadline a compile waits for a manifest (an S3 tier's
+#: deadline ends the fetch first, saying why; a ``file://`` one has none)
+_MANIFEST_GRACE = 1.0
+_POLL = 0.05
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ class RemoteLink:
         except (RemoteError, ValueError) as exc:
             self._failed(settings.url, exc)
             return False
-        found = self._look(remote, key)
+        found = self._look(remote, key, cancel)
         if found is not False:
             return bool(found)
         self._remote = remote  # whatever happens with the lock, what this host compiles is shared
@@ -76,7 +91,7 @@ class RemoteLink:
             if acquired:
                 self._lock = lock
                 # Another host may have uploaded (or repaired) while we waited for its lock.
-                return self._look(remote, key) is True
+                return self._look(remote, key, cancel) is True
             if cancel.is_set():
                 raise Cancelled()
         return False
@@ -114,13 +129,28 @@ class RemoteLink:
         if lock is not None and self._settings.lock_url and not breaker_for(self._settings.lock_url).open:
             lock.release()  # (an unreachable Redis is not waited for: the lease expires by itself)
 
-    def _look(self, remote: RemoteTier, key: str) -> bool | None:
+    def _look(self, remote: RemoteTier, key: str, cancel: threading.Event) -> bool | None:
         """Fetch: True when the entry is now local, False when the remote has none this host
-        can use (absent, or rejected: then remembered for repair), None when it failed."""
+        can use (absent, or rejected: then remembered for repair), None when it failed or is
+        still downloading (in the background, for later compiles: this one compiles)."""
+        download = _Download(remote, key, self._store, self._settings.mac_key, self._bad)
+        download.start()
+        if not download.wait(cancel):
+            if not download.listed.is_set():
+                waited = tier.DEADLINE_BASE + _MANIFEST_GRACE
+                self._failed(remote.url, TimeoutError(f"no manifest of {key[:16]} in {waited:.0f} s"))
+            else:
+                logger.info("aioov cache: the download of %s from %s takes longer than its compile (%.1f s); "
+                            "compiling it here, the download goes on for later compiles", key[:16], remote.url,
+                            download.budget or 0.0)
+            return None
+        return self._outcome(remote, key, download)
+
+    def _outcome(self, remote: RemoteTier, key: str, download: _Download) -> bool | None:
         try:
-            mac_key = self._settings.mac_key
-            fetched = (remote.fetch(key, self._store, mac_key=mac_key) if self._bad is None
-                       else remote.fetch(key, self._store, mac_key=mac_key, bad=self._bad))
+            if download.error is not None:
+                raise download.error
+            fetched = download.fetched
         except RemoteEntryError as exc:
             breaker_for(remote.url).succeeded()  # it answered: the entry is bad, not the tier
             self._bad, self._repair = exc.bad, exc.repair and exc.bad is not None
@@ -150,3 +180,52 @@ class RemoteLink:
         breaker_for(url).failed()
         self._events.failed(f"remote:{url}", "aioov cache: remote %s unusable (%s); using the local cache only, "
                             "trying it again in %.0f s", url, exc, tier.BREAKER_COOLDOWN)
+
+
+class _Download(threading.Thread):
+    """One fetch of a remote entry, beside the compile that wants it: ``wait`` says whether it
+    ended in time; one that did not goes on, and publishes into the local store for later
+    compiles (a publish is first come, first served: this host's own entry may come first)."""
+
+    def __init__(self, remote: RemoteTier, key: str, store: CacheStore, mac_key: MacKeys, bad: str | None) -> None:
+        super().__init__(name="aioov-remote-fetch", daemon=True)
+        self._remote, self._key, self._store, self._mac_key, self._bad = remote, key, store, mac_key, bad
+        self.listed = threading.Event()  # the manifest is in: ``budget`` is known
+        self.done = threading.Event()
+        self.budget: float | None = None  # None: the entry does not say how long its compile took
+        self.fetched = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.fetched = self._remote.fetch(self._key, self._store, mac_key=self._mac_key, bad=self._bad,
+                                              listed=self._listed)
+        except BaseException as exc:  # noqa: BLE001 - handed to the compile that waits, if any
+            self.error = exc
+        finally:
+            self.done.set()
+            self.listed.set()
+
+    def _listed(self, manifest: dict[str, Any]) -> None:
+        build = manifest.get("build")
+        seconds = build.get("export_seconds") if isinstance(build, dict) else None
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            self.budget = max(WAIT_FLOOR, float(seconds))
+        self.listed.set()
+
+    def wait(self, cancel: threading.Event) -> bool:
+        """Whether the fetch ended: its manifest within about ``DEADLINE_BASE``, its files within
+        ``budget`` after that (without one, within the tier's own deadline). Raises Cancelled."""
+        if not self._until(self.listed, time.monotonic() + tier.DEADLINE_BASE + _MANIFEST_GRACE, cancel):
+            return False
+        budget = self.budget
+        return self._until(self.done, None if budget is None else time.monotonic() + budget, cancel)
+
+    @staticmethod
+    def _until(event: threading.Event, deadline: float | None, cancel: threading.Event) -> bool:
+        while not event.wait(_POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))):
+            if cancel.is_set():
+                raise Cancelled()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
