@@ -148,10 +148,11 @@ def build(job: BuildJob, progress: Callable[[float], None] = lambda _: None) -> 
     if "mismatch" in faults:
         _sabotage(tmp / blob.model_file)
     exported = time.perf_counter()
-    # Loading the blob needs nothing from the source's run: both at once.
+    # Loading the blob needs nothing from the source's run: both at once, unless the model's
+    # worth is judged first (from that load: a blob not worth caching is not worth a check).
     with ThreadPoolExecutor(1, thread_name_prefix="aioov-check") as pool:
         hit = pool.submit(_timed, _load_hit, job, blob, providers, faults, instant=False)
-        if job.compile_seconds is not None:  # a blob not worth caching is not worth its checks
+        if job.compile_seconds is not None:
             _, (load, load_cpu) = hit.result()
             why = not_worth(job.compile_seconds, load_cpu)
             if why is not None:

@@ -94,7 +94,7 @@ def _faster(attempt: _Attempt, built: _Built, faster: str) -> _Built:
     why = _faster_pays(built.report.reply, None)
     if why is None:
         try:
-            other = attempt(faster)
+            other = attempt(faster, judged=False)  # the first variant was worth it: so is a faster one
         except BaseException:
             built.discard(attempt.cache)
             raise
@@ -158,12 +158,12 @@ class _Attempt:
         self.builders, self.job, self.model = builders, job, model
         self.cache = job.cache
 
-    def __call__(self, variant: str) -> _Built:
+    def __call__(self, variant: str, *, judged: bool = True) -> _Built:
         job = self.job
         tmp = self.cache.new_tmp(job.key)
         try:
             report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant, job.timeout,
-                                              background=job.background), job.timeout, job.token)
+                                              background=job.background, judged=judged), job.timeout, job.token)
         except BaseException:
             self.cache.discard(tmp)
             raise
@@ -201,15 +201,15 @@ class _SourceFile:
 
 
 def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, timeout: Timeout,
-         *, background: bool) -> BuildJob:
+         *, background: bool, judged: bool = True) -> BuildJob:
     """What a builder needs to write and check one variant of ``request``'s blob. The model's
-    worth is judged there after a caller's compile (``timeout`` timed it); an awaited build's
-    is judged once it is built (``_writer``), an export's never."""
+    worth is judged there (``judged``) after a caller's compile (``timeout`` timed it); an
+    awaited build's is judged once it is built (``_writer``), an export's never."""
     blob = request.device.blob
     assert blob is not None
     config = request.config
     compile_seconds = None
-    if isinstance(timeout, BuildClock) and not timeout.follows_builder and not config.cache_always:
+    if judged and isinstance(timeout, BuildClock) and not timeout.follows_builder and not config.cache_always:
         compile_seconds = timeout.seconds
     return BuildJob(
         model=model,

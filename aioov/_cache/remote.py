@@ -90,8 +90,8 @@ logger = logging.getLogger("aioov.cache")
 
 #: ``CACHE_HMAC_KEY``'s key, or a rotation's keys (the first signs, any verifies)
 MacKeys = bytes | tuple[bytes, ...] | None
-#: told a remote entry's manifest before its files are downloaded
-Listed = Callable[[dict[str, Any]], None]
+#: told a remote entry's manifest, and the bytes of its files, before they are downloaded
+Listed = Callable[[dict[str, Any], int], None]
 
 #: seconds an S3 operation may take besides moving its files' bytes: connecting, reading HEAD
 #: and the manifest, writing them
@@ -131,7 +131,7 @@ class RemoteTier(Protocol):
         or when it is still the entry ``bad`` (one this host rejected). ``RemoteEntryError``
         when the entry is unusable, ``RemoteError`` when the tier is. ``mac_key``: the entry
         must be signed with it, or with one of a rotation's keys. ``listed`` hears the entry's
-        manifest before its files are downloaded."""
+        manifest and its files' bytes before they are downloaded."""
         ...
 
     def upload(self, key: str, entry: Path, *, replace: str | None = None) -> bool:
@@ -444,7 +444,7 @@ class DirectoryRemote:
             manifest = _parse_manifest(key, raw)
             sizes = _listed(key, manifest)
             if listed is not None:
-                listed(manifest)
+                listed(manifest, sum(sizes.values()))
             tmp = store.new_tmp(key)
             for name, size in sizes.items():
                 _copy_bounded(source / name, tmp / name, size)
@@ -592,7 +592,7 @@ class RemoteStore:
                 manifest = self._manifest(key, head.upload)
                 sizes = _listed(key, manifest)
                 if listed is not None:
-                    listed(manifest)
+                    listed(manifest, sum(sizes.values()))
                 deadline.extend(sum(sizes.values()) / MIN_RATE)
                 tmp = store.new_tmp(key)
                 for name, size in sizes.items():

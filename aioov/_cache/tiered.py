@@ -13,16 +13,20 @@ per compile.
 
 A download runs beside the compile that wants it (``_Download``), which waits for it no longer
 than compiling the model took where its entry was written (the manifest's ``export_seconds``,
-at least ``WAIT_FLOOR``): a slower download goes on in the background and fills the local cache
-for later, while the model is compiled here. A manifest that does not come within
-``remote.DEADLINE_BASE`` counts as a failure of the tier.
+at least ``WAIT_FLOOR``; without one, the tier's own deadline): a slower download goes on in
+the background and fills the local cache for later, while the model is compiled here; how it
+ends is dealt with as if it had been waited for (a failure opens the breaker, a rejected entry
+is said once). A manifest that does not come within the tier's deadline and a second counts
+as a failure of the tier.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +95,11 @@ class RemoteLink:
             if acquired:
                 self._lock = lock
                 # Another host may have uploaded (or repaired) while we waited for its lock.
-                return self._look(remote, key, cancel) is True
+                found = self._look(remote, key, cancel)
+                if found is None:  # it has, but it is slow to come (or the tier failed): no upload
+                    self._remote = None
+                    self.release()
+                return found is True
             if cancel.is_set():
                 raise Cancelled()
         return False
@@ -133,7 +141,8 @@ class RemoteLink:
         """Fetch: True when the entry is now local, False when the remote has none this host
         can use (absent, or rejected: then remembered for repair), None when it failed or is
         still downloading (in the background, for later compiles: this one compiles)."""
-        download = _Download(remote, key, self._store, self._settings.mac_key, self._bad)
+        download = _Download(remote, key, self._store, self._settings.mac_key, self._bad,
+                             late=lambda done: self._outcome(remote, key, done))
         download.start()
         if not download.wait(cancel):
             if not download.listed.is_set():
@@ -142,11 +151,13 @@ class RemoteLink:
             else:
                 logger.info("aioov cache: the download of %s from %s takes longer than its compile (%.1f s); "
                             "compiling it here, the download goes on for later compiles", key[:16], remote.url,
-                            download.budget or 0.0)
+                            download.budget)
             return None
         return self._outcome(remote, key, download)
 
     def _outcome(self, remote: RemoteTier, key: str, download: _Download) -> bool | None:
+        """What became of ``download`` (one waited for, or one that ended after the compile
+        stopped waiting: then only the breaker, the counters and the warnings hear of it)."""
         try:
             if download.error is not None:
                 raise download.error
@@ -184,15 +195,22 @@ class RemoteLink:
 
 class _Download(threading.Thread):
     """One fetch of a remote entry, beside the compile that wants it: ``wait`` says whether it
-    ended in time; one that did not goes on, and publishes into the local store for later
-    compiles (a publish is first come, first served: this host's own entry may come first)."""
+    ended in time; one that did not goes on, publishes into the local store for later compiles
+    (a publish is first come, first served: this host's own entry may come first), and hands
+    itself to ``late`` when it ends."""
 
-    def __init__(self, remote: RemoteTier, key: str, store: CacheStore, mac_key: MacKeys, bad: str | None) -> None:
+    def __init__(self, remote: RemoteTier, key: str, store: CacheStore, mac_key: MacKeys, bad: str | None,
+                 late: Callable[[_Download], object]) -> None:
         super().__init__(name="aioov-remote-fetch", daemon=True)
         self._remote, self._key, self._store, self._mac_key, self._bad = remote, key, store, mac_key, bad
+        self._late = late
+        self._state = threading.Lock()
+        self._abandoned = False
         self.listed = threading.Event()  # the manifest is in: ``budget`` is known
         self.done = threading.Event()
-        self.budget: float | None = None  # None: the entry does not say how long its compile took
+        #: how long the files are waited for once the manifest is in: the model's compile where
+        #: the entry was written, at most the tier's own deadline for them (which it is without one)
+        self.budget = tier.DEADLINE_BASE
         self.fetched = False
         self.error: BaseException | None = None
 
@@ -200,32 +218,49 @@ class _Download(threading.Thread):
         try:
             self.fetched = self._remote.fetch(self._key, self._store, mac_key=self._mac_key, bad=self._bad,
                                               listed=self._listed)
-        except BaseException as exc:  # noqa: BLE001 - handed to the compile that waits, if any
+        except BaseException as exc:  # noqa: BLE001 - handed to the compile that waits, or to ``late``
             self.error = exc
         finally:
-            self.done.set()
-            self.listed.set()
+            with self._state:
+                self.done.set()
+                self.listed.set()
+                late = self._abandoned
+            if late:
+                try:
+                    self._late(self)
+                except Exception:  # noqa: BLE001 - a background thread: nobody to raise to
+                    logger.exception("aioov cache: a background download from %s", self._remote.url)
 
-    def _listed(self, manifest: dict[str, Any]) -> None:
+    def _listed(self, manifest: dict[str, Any], size: int) -> None:
+        limit = tier.DEADLINE_BASE + size / tier.MIN_RATE
         build = manifest.get("build")
         seconds = build.get("export_seconds") if isinstance(build, dict) else None
-        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            self.budget = max(WAIT_FLOOR, float(seconds))
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds):
+            self.budget = min(limit, max(WAIT_FLOOR, float(seconds)))
+        else:
+            self.budget = limit
         self.listed.set()
 
     def wait(self, cancel: threading.Event) -> bool:
-        """Whether the fetch ended: its manifest within about ``DEADLINE_BASE``, its files within
-        ``budget`` after that (without one, within the tier's own deadline). Raises Cancelled."""
-        if not self._until(self.listed, time.monotonic() + tier.DEADLINE_BASE + _MANIFEST_GRACE, cancel):
-            return False
-        budget = self.budget
-        return self._until(self.done, None if budget is None else time.monotonic() + budget, cancel)
+        """Whether the fetch ended: its manifest within the tier's deadline and a second, its
+        files within ``budget`` after that; if not, it is left to end by itself (``late``).
+        Raises Cancelled (the fetch, too, is left)."""
+        ended = False
+        try:
+            ended = (self._until(self.listed, tier.DEADLINE_BASE + _MANIFEST_GRACE, cancel)
+                     and self._until(self.done, self.budget, cancel))
+        finally:
+            with self._state:
+                ended = ended or self.done.is_set()  # (ended just now: its outcome is the caller's)
+                self._abandoned = not ended
+        return ended
 
     @staticmethod
-    def _until(event: threading.Event, deadline: float | None, cancel: threading.Event) -> bool:
-        while not event.wait(_POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))):
+    def _until(event: threading.Event, seconds: float, cancel: threading.Event) -> bool:
+        deadline = time.monotonic() + seconds
+        while not event.wait(max(0.0, min(_POLL, deadline - time.monotonic()))):
             if cancel.is_set():
                 raise Cancelled()
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 return False
         return True
