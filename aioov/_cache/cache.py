@@ -499,7 +499,7 @@ class Claim:
 
     def source_changed(self) -> bool:
         """Whether the source files are no longer those that were hashed for the key."""
-        return self.stats is not None and [FileStat.of(s.path) for s in self.stats] != self.stats
+        return self.stats is not None and any(s.changed() for s in self.stats)
 
     def others(self) -> bool:
         """Whether other processes are loading from this cache now (they will want this key)."""

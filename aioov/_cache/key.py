@@ -47,6 +47,10 @@ class FileStat:
         st = os.stat(path)
         return cls(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
+    def changed(self) -> bool:
+        """Whether the file at ``path`` is no longer this one (OSError where it cannot be seen)."""
+        return FileStat.of(self.path) != self
+
 
 def digest_files(paths: Sequence[str]) -> str:
     """blake3 over (name, size, content) of each file, the model first."""
@@ -107,9 +111,8 @@ class StatIndex:
             files = [FileStat(**item) for item in record["files"]]
             if not files or files[0].path != path:
                 return None
-            for recorded in files:
-                if FileStat.of(recorded.path) != recorded:
-                    return None
+            if any(recorded.changed() for recorded in files):
+                return None
             return str(record["digest"]), files
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None

@@ -931,7 +931,7 @@ def _outdated(files: list[FileStat]) -> bool:
     mtime, ctime, inode, device), as a lookup compares them. A file this process may not
     ``stat`` (another user's folder) is not judged."""
     try:
-        return any(FileStat.of(file.path) != file for file in files)
+        return any(file.changed() for file in files)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except (OSError, ValueError):
