@@ -7,7 +7,10 @@ Every session aioov builds, from a source model or from a cache entry, comes fro
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import threading
+import weakref
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,24 @@ from ._properties import CompileConfig
 from ._request import CompileRequest
 
 __all__ = ("SessionFactory", "quiet_run", "session_options")
+
+#: every session built in this process and still alive
+_BUILT: weakref.WeakSet[ort.InferenceSession] = weakref.WeakSet()
+
+
+def _never_destroy_inherited() -> None:
+    """A forked child never destroys a session its parent built: the session's thread pool
+    would wait there for threads that were the parent's (waiting on a condition variable at
+    the fork), for ever: a child that dropped a model its parent compiled hung in its garbage
+    collection, or at exit. Each gets a reference that is never given back (a copy-on-write
+    page of the parent's memory, not new memory)."""
+    for session in list(_BUILT):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))
+    _BUILT.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_never_destroy_inherited)
 
 class SessionFactory:
     """Sessions for one Core. Devices with ``parallel_builds`` build at most that many
@@ -76,6 +97,7 @@ class SessionFactory:
         provider_options = [opts for _, opts in providers]
         with self._device_slots_of(request):
             session = ort.InferenceSession(model, options, providers=names, provider_options=provider_options)
+        _BUILT.add(session)
         used = session.get_providers()
         if not used or used[0] != names[0]:
             raise DeviceNotFoundError(

@@ -20,7 +20,7 @@ import pytest
 from aioov._cache.store import CacheStore
 from aioov.testing import mlp
 
-from .helpers import child_env, run_python
+from .helpers import child_env, make_models, run_python
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX's")
 
@@ -74,6 +74,27 @@ def test_a_core_used_before_fork_compiles_and_infers_in_the_children(
 ) -> None:
     out = run_python(_PRELOADED, str(cache_dir), str(mlp_path), str(second), timeout=120).stdout.splitlines()
     assert sorted(out) == ["child ((2, 4), (2, 4))", "child ((2, 4), (2, 4))", "parent (2, 4) [0, 0]"]
+
+
+_HASHED_BEFORE_FORK = """
+import os, sys, anyio, aioov
+cache, first, second = sys.argv[1:4]
+core = aioov.Core(cache_dir=cache)
+anyio.run(core.compile_model, first, "CPU")  # hashes a model of a few MB on blake3's threads
+pid = os.fork()
+if pid == 0:
+    anyio.run(core.compile_model, second, "CPU")  # a model the parent has not hashed
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_child_hashes_models_after_its_parent_hashed_one(cache_dir: Path, tmp_path: Path) -> None:
+    """blake3 hashes large files on a thread pool that it starts in the parent and that a forked
+    child does not have: the child's first hash of a model waited for those threads for ever."""
+    first, second = make_models(tmp_path / "models", 2)
+    assert run_python(_HASHED_BEFORE_FORK, str(cache_dir), str(first), str(second), timeout=120).stdout.strip() == "0"
 
 
 _MULTIPROCESSING = """

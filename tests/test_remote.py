@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -266,6 +267,41 @@ def test_hosts_with_a_redis_lock_compile_each_model_once(
     reports = run_hosts(tmp_path, models, {"AIOOV_CACHE_REMOTE_URL": bucket, "AIOOV_CACHE_REMOTE_LOCK_URL": redis_url})
     assert sum(r["compiles"] for r in reports) == len(models)
     assert sum(r["remote_hits"] for r in reports) == len(models) * 2
+
+
+FORKED = """
+import json, os, sys, anyio, aioov
+from aioov._cache.remote import RemoteStore
+cache_dir, bucket, first, second = sys.argv[1:]
+async def compile_shared(path, cache):
+    async with aioov.Core(cache_dir=cache, properties={"CACHE_REMOTE_URL": bucket}) as core:
+        compiled = await core.compile_model(path, "CPU")
+        await core.wait_exports()
+        return compiled.get_property("LOADED_FROM_CACHE"), core.cache_stats.uploads
+assert anyio.run(compile_shared, first, cache_dir) == (False, 1)  # the parent's client, used
+pid = os.fork()
+if pid == 0:  # a pool worker forked after the parent used the bucket: a client of its own
+    code = 0 if anyio.run(compile_shared, second, cache_dir + "-child") == (False, 1) else 3
+    code = code or (0 if anyio.run(compile_shared, first, cache_dir + "-child2") == (True, 0) else 4)
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"child": os.waitstatus_to_exitcode(status),
+                  "parent": anyio.run(compile_shared, second, cache_dir + "-after")}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX's")
+def test_a_child_forked_after_its_parent_used_the_bucket_uses_it_too(
+    models: list[Path], bucket: str, tmp_path: Path
+) -> None:
+    """boto3 clients (their sessions, their pooled connections) are not shared across fork: a
+    forked child uploads and downloads through clients of its own, and the parent goes on
+    with its own after the child is gone."""
+    proc = subprocess.run([sys.executable, "-c", FORKED, str(tmp_path / "cache"), bucket, *map(str, models[:2])],
+                          capture_output=True, text=True, timeout=180, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"child": 0, "parent": [True, 0]}, (report, proc.stderr)
 
 
 def test_hosts_without_a_lock_may_compile_twice_but_never_corrupt(

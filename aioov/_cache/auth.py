@@ -21,6 +21,8 @@ from typing import Any
 
 import blake3
 
+from . import hashing
+
 __all__ = ("NOT_MINE", "as_keys", "derive_key", "key_of", "keys_of", "manifest_mac", "file_mac", "sign", "signer",
            "check")
 
@@ -91,7 +93,7 @@ def manifest_mac(manifest: dict[str, Any], key: bytes) -> str:
 
 def file_mac(path: Path, key: bytes, entry_key: str = "", name: str = "") -> str:
     """Keyed blake3 of (entry key, file name, content): valid for this file of this entry only."""
-    hasher = blake3.blake3(key=key, max_threads=blake3.blake3.AUTO)
+    hasher = hashing.hasher(key)
     hasher.update(f"{entry_key}\0{name}\0".encode())
     if path.stat().st_size:
         hasher.update_mmap(str(path))

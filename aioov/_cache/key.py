@@ -21,6 +21,7 @@ from typing import Any
 
 import blake3
 
+from . import hashing
 from .auth import NOT_MINE, as_keys
 from .fsutil import atomic_write_bytes, children, load_json, read_regular
 from .layout import FORMAT_VERSION
@@ -54,7 +55,7 @@ class FileStat:
 
 def digest_files(paths: Sequence[str]) -> str:
     """blake3 over (name, size, content) of each file, the model first."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher = hashing.hasher()
     for index, path in enumerate(paths):
         size = os.path.getsize(path)
         name = os.path.basename(path) if index else ""
@@ -65,7 +66,7 @@ def digest_files(paths: Sequence[str]) -> str:
 
 
 def digest_bytes(data: bytes) -> str:
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher = hashing.hasher()
     hasher.update(f"0\0\0{len(data)}\0".encode())
     hasher.update(data)
     return hasher.hexdigest()
