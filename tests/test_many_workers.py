@@ -9,6 +9,7 @@ caching is recorded as such before ``compile_model`` returns, so that nobody wai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -390,6 +391,7 @@ def test_a_worker_waiting_on_a_stalled_builder_compiles_by_itself(cache_dir: Pat
 
     holder = subprocess.Popen([sys.executable, "-c", _HOLDS_A_STALLED_BUILD, str(cache_dir), str(mlp_path)],
                               stdout=subprocess.PIPE, text=True, env=child_env(AIOOV_BUILDER_FAULT="hang:plain"))
+    builders: list[int] = []
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "compiled"
         deadline = time.monotonic() + 60
@@ -411,3 +413,6 @@ def test_a_worker_waiting_on_a_stalled_builder_compiles_by_itself(cache_dir: Pat
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+        for pid in builders:  # one stopped before it asked to die with its parent would stay
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
