@@ -162,8 +162,9 @@ class _Attempt:
         job = self.job
         tmp = self.cache.new_tmp(job.key)
         try:
-            report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant, job.timeout,
-                                              background=job.background, judged=judged), job.timeout, job.token)
+            seconds = compile_seconds(job.request, job.timeout) if judged else None
+            report = self.builders.build(_job(job.request, self.model, tmp, job.key, variant, background=job.background,
+                                              compile_seconds=seconds), job.timeout, job.token)
         except BaseException:
             self.cache.discard(tmp)
             raise
@@ -200,17 +201,21 @@ class _SourceFile:
             self._job.cache.discard(self._dir)
 
 
-def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, timeout: Timeout,
-         *, background: bool, judged: bool = True) -> BuildJob:
-    """What a builder needs to write and check one variant of ``request``'s blob. The model's
-    worth is judged there (``judged``) after a caller's compile (``timeout`` timed it); an
-    awaited build's is judged once it is built (``_writer``), an export's never."""
+def compile_seconds(request: CompileRequest, timeout: Timeout) -> float | None:
+    """The caller's compile, which a builder judges the model's worth against (``timeout``
+    timed it); None where the builder does not judge it: an awaited build's worth is judged
+    once it is built (``_writer``), an export's never, nor one with ``CACHE_ALWAYS``."""
+    if isinstance(timeout, BuildClock) and not timeout.follows_builder and not request.config.cache_always:
+        return timeout.seconds
+    return None
+
+
+def _job(request: CompileRequest, model: str, tmp: Path, key: str, variant: str, *, background: bool,
+         compile_seconds: float | None = None) -> BuildJob:
+    """What a builder needs to write and check one variant of ``request``'s blob."""
     blob = request.device.blob
     assert blob is not None
     config = request.config
-    compile_seconds = None
-    if judged and isinstance(timeout, BuildClock) and not timeout.follows_builder and not config.cache_always:
-        compile_seconds = timeout.seconds
     return BuildJob(
         model=model,
         tmp=str(tmp),

@@ -71,7 +71,7 @@ def test_the_builder_job_of_a_gpu_compile_names_only_the_cpu(mlp_path: Path) -> 
     from aioov._variants import _job
 
     request = CompileRequest(Source(str(mlp_path)), CUDA, DeviceSpec("GPU"), CUDA.providers(None, {}), CompileConfig())
-    job = _job(request, str(mlp_path), Path("tmp"), "k" * 64, "basic", 300.0, background=True)
+    job = _job(request, str(mlp_path), Path("tmp"), "k" * 64, "basic", background=True)
     assert job.providers == [CPU_FALLBACK] and job.blob == "ort-basic-graph"
 
 
@@ -140,7 +140,7 @@ def test_a_model_the_builders_cpu_cannot_load_fails_its_check(tmp_path: Path) ->
     model.write_bytes(complex_mul_model())
     (tmp_path / "entry").mkdir()
     request = CompileRequest(Source(str(model)), CUDA, DeviceSpec("GPU"), CUDA.providers(None, {}), CompileConfig())
-    report = run_job(_job(request, str(model), tmp_path / "entry", "k" * 64, "basic", 300.0, background=False))
+    report = run_job(_job(request, str(model), tmp_path / "entry", "k" * 64, "basic", background=False))
     assert report.ok is False and report.stage == "check" and report.reason is not None
     assert "CPUExecutionProvider cannot load the model" in report.reason and "ComplexMul" in report.reason
 

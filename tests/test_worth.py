@@ -120,7 +120,7 @@ def test_the_builder_judges_a_blob_by_its_timed_load_before_its_checks(
     from aioov._devices.cpu import CPUDevice
     from aioov._properties import CompileConfig
     from aioov._request import CompileRequest, Source
-    from aioov._variants import _job
+    from aioov._variants import _job, compile_seconds
 
     monkeypatch.setenv("AIOOV_BUILDER_FAULT", "mismatch:plain")
     cpu = CPUDevice()
@@ -129,7 +129,8 @@ def test_the_builder_judges_a_blob_by_its_timed_load_before_its_checks(
     clock = BuildClock()
     clock.compiled()  # a compile of microseconds: no load can save anything of it
     (tmp_path / "entry").mkdir()
-    job = _job(request, str(mlp_path), tmp_path / "entry", "k" * 64, "plain", clock, background=True)
+    job = _job(request, str(mlp_path), tmp_path / "entry", "k" * 64, "plain", background=True,
+               compile_seconds=compile_seconds(request, clock))
     reply = run_job(job)
     assert reply.ok is False
     if cache_always:
