@@ -591,9 +591,10 @@ class RemoteStore:
                     raise RemoteEntryError(f"remote HEAD of {key[:16]} names no upload")
                 manifest = self._manifest(key, head.upload)
                 sizes = _listed(key, manifest)
+                total = sum(sizes.values())
                 if listed is not None:
-                    listed(manifest, sum(sizes.values()))
-                deadline.extend(sum(sizes.values()) / MIN_RATE)
+                    listed(manifest, total)
+                deadline.extend(total / MIN_RATE)
                 tmp = store.new_tmp(key)
                 for name, size in sizes.items():
                     self._download(self._name(key, head.upload, name), size, tmp / name, deadline)
