@@ -84,6 +84,7 @@ __all__ = (
     "RemoteTier",
     "breaker_for",
     "remote_for",
+    "transfer_deadline",
 )
 
 logger = logging.getLogger("aioov.cache")
@@ -99,6 +100,12 @@ DEADLINE_BASE = 10.0
 #: bytes per second a transfer must average at least: a fetch or upload of N bytes gets
 #: ``DEADLINE_BASE + N / MIN_RATE`` seconds in all (4 MiB/s: 1 GB in about 4 minutes)
 MIN_RATE = 4 << 20
+
+
+def transfer_deadline(size: int) -> float:
+    """Seconds a fetch or upload of ``size`` bytes may take in all."""
+    return DEADLINE_BASE + size / MIN_RATE
+
 #: seconds a remote tier (or lock service) that failed is left alone before one compile tries
 #: it again
 BREAKER_COOLDOWN = 60.0
@@ -655,7 +662,7 @@ class RemoteStore:
         files = list(sizes)
         total = sum(sizes.values())
         upload = uuid.uuid4().hex
-        with Deadline(DEADLINE_BASE + total / MIN_RATE, f"uploading {key[:16]} to {self.url}"):
+        with Deadline(transfer_deadline(total), f"uploading {key[:16]} to {self.url}"):
             head = self._head(key)
             if head is not None and (replace is None or head.etag != replace):
                 return False

@@ -232,7 +232,7 @@ class _Download(threading.Thread):
                     logger.exception("aioov cache: a background download from %s", self._remote.url)
 
     def _listed(self, manifest: dict[str, Any], size: int) -> None:
-        limit = tier.DEADLINE_BASE + size / tier.MIN_RATE
+        limit = tier.transfer_deadline(size)
         build = manifest.get("build")
         seconds = build.get("export_seconds") if isinstance(build, dict) else None
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds):
