@@ -14,7 +14,7 @@ from ._onnx_scan import ModelScan, ScanError, scan_bytes, scan_file
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ("Model", "check_model_file", "read_any", "resolve_external")
+__all__ = ("Model", "check_model_file", "pinned_path", "read_any", "resolve_external")
 
 
 class Model:
@@ -107,9 +107,9 @@ class Model:
     # -- construction (blocking; Core calls these in worker threads) -------------
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> Model:
-        abspath = os.path.abspath(os.fspath(path))
-        scan, external = check_model_file(abspath)
-        return cls(path=abspath, scan=scan, external_files=external)
+        pinned = pinned_path(path)
+        scan, external = check_model_file(pinned)
+        return cls(path=pinned, scan=scan, external_files=external)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Model:
@@ -147,6 +147,16 @@ def read_any(model: object) -> Model:
     raise ModelReadError(f"cannot read a model from {type(model).__name__}; give a path, bytes or a ModelProto")
 
 
+def pinned_path(path: str | os.PathLike[str]) -> str:
+    """The model file's absolute path through its directory's real path. A compile hashes the
+    model and its external data, then reads them again to compile: through a directory link
+    that is re-pointed meanwhile (a ``current`` release link, a Kubernetes volume's ``..data``)
+    it would hash one release and compile another. The file itself stays as named: a link to a
+    blob elsewhere (a Hugging Face snapshot) still finds its external data beside the link."""
+    head, tail = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(os.path.realpath(head), tail)
+
+
 def check_model_file(path: str) -> tuple[ModelScan, list[str]]:
     """Scan an ONNX file and resolve its external data; raise ModelReadError naming the problem."""
     if not os.path.exists(path):
@@ -165,6 +175,9 @@ def check_model_file(path: str) -> tuple[ModelScan, list[str]]:
 def resolve_external(path: str, scan: ModelScan) -> list[str]:
     """Absolute paths of external-data files, refusing any outside the model's directory."""
     base = Path(path).parent.resolve()
+    # A link may lead to the folder the model file itself is a link into: a Hugging Face
+    # snapshot links each file to a blob in one folder elsewhere. No further.
+    roots = (base, Path(path).resolve().parent)
     files: list[str] = []
     sizes: dict[str, int] = {}
     for ref in scan.external:
@@ -175,7 +188,7 @@ def resolve_external(path: str, scan: ModelScan) -> list[str]:
                 "points outside the model's directory"
             )
         target = (base / location).resolve()
-        if base not in target.parents:
+        if not any(root in target.parents for root in roots):
             raise ModelReadError(
                 f"{path}: external data {location!r} resolves outside the model's directory"
             )

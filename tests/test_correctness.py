@@ -4,6 +4,7 @@ compile: regressions for defects found in review (issue #19), each failing befor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -67,7 +68,6 @@ def test_a_model_rewritten_in_place_with_its_size_and_mtime_kept_is_served_as_it
     assert len(new) == before.st_size
     with open(path, "r+b") as f:  # in place: the same inode
         f.write(new)
-    import os
 
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
@@ -75,6 +75,82 @@ def test_a_model_rewritten_in_place_with_its_size_and_mtime_kept_is_served_as_it
     hit, y = compile_in_a_process(cache_dir, path, X)
     assert not hit  # the new model has no entry yet: it is not the old one's
     np.testing.assert_allclose(y, reference(path, {"x": X})[0], rtol=1e-5)
+
+
+def _release(root: Path, name: str, seed: int) -> Path:
+    """A release folder as deploy tools lay them out: the model, its weights in external data."""
+    folder = root / name
+    folder.mkdir()
+    onnx.save(mlp(64, 64, 4, seed=seed), folder / "m.onnx", save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    return folder
+
+
+def _point(link: Path, target: str) -> None:
+    """Re-point ``link`` at ``target`` atomically, as a deploy flips its ``current`` release."""
+    new = link.with_name(link.name + ".new")
+    new.symlink_to(target, target_is_directory=True)
+    os.replace(new, link)
+
+
+ALWAYS = {"CACHE_ALWAYS": True, "CACHE_EXPORT": "SYNC"}  # entries for these small models, published at once
+
+
+async def test_a_model_reached_through_a_release_link_is_served_from_the_release_it_points_to_now(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """``current -> v1`` re-pointed at ``v2``, whose weights differ and whose graph file is a hard
+    link of v1's (``rsync --link-dest``, ``cp -al``): the path, and the file it names, are the same."""
+    v1, v2 = _release(tmp_path, "v1", seed=1), _release(tmp_path, "v2", seed=2)
+    (v2 / "m.onnx").unlink()
+    os.link(v1 / "m.onnx", v2 / "m.onnx")
+    current = tmp_path / "current"
+    current.symlink_to("v1", target_is_directory=True)
+    path = current / "m.onnx"
+    async with aioov.Core(cache_dir=cache_dir, properties=ALWAYS) as core:
+        await core.compile_model(path, "CPU")  # cached, and its stat index record written
+        _point(current, "v2")
+        again = await core.compile_model(path, "CPU")
+        np.testing.assert_allclose((await again.infer({"x": X}))["y"], reference(v2 / "m.onnx", {"x": X})[0], rtol=1e-5)
+    _, y = compile_in_a_process(cache_dir, path, X, **ALWAYS)
+    np.testing.assert_allclose(y, reference(v2 / "m.onnx", {"x": X})[0], rtol=1e-5)
+
+
+async def test_a_model_read_through_a_release_link_compiles_the_release_it_read(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """A ``Model`` read before the link moved is the release it read: compiled as that, and its
+    entry holds what its key names (a fresh process compiling v1 gets v1's outputs, not v2's)."""
+    v1, v2 = _release(tmp_path, "v1", seed=1), _release(tmp_path, "v2", seed=2)
+    current = tmp_path / "current"
+    current.symlink_to("v1", target_is_directory=True)
+    async with aioov.Core(cache_dir=cache_dir, properties=ALWAYS) as core:
+        model = await core.read_model(current / "m.onnx")
+        _point(current, "v2")
+        compiled = await core.compile_model(model, "CPU")
+        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], reference(v1 / "m.onnx", {"x": X})[0],
+                                   rtol=1e-5)
+    for release in (v1, v2):
+        _, y = compile_in_a_process(cache_dir, release / "m.onnx", X, **ALWAYS)
+        np.testing.assert_allclose(y, reference(release / "m.onnx", {"x": X})[0], rtol=1e-5)
+
+
+async def test_a_model_file_linked_to_a_blob_elsewhere_finds_its_weights_beside_the_link(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """A Hugging Face snapshot: ``snapshot/m.onnx -> blobs/<hash>``, and the same for its weights;
+    onnxruntime looks for external data beside the link, not beside the blob."""
+    release = _release(tmp_path, "release", seed=3)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    for name, blob in (("m.onnx", "a1"), ("m.onnx.data", "b2")):
+        (release / name).rename(blobs / blob)
+        (snapshot / name).symlink_to(blobs / blob)
+    async with aioov.Core(cache_dir=cache_dir, properties=ALWAYS) as core:
+        compiled = await core.compile_model(snapshot / "m.onnx", "CPU")
+        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"],
+                                   reference(snapshot / "m.onnx", {"x": X})[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("export", ["ASYNC", "SYNC"])
