@@ -89,7 +89,7 @@ class Model:
                     self._digest = digest_bytes(self._data)
                 return None, self._digest
             now = self.file_stats()
-            if self._digest is None or now != self._digest_stats:
+            if self._digest is None or now != self._digest_stats or not all(s.settled for s in now):
                 assert self._path is not None
                 digest = digest_files([self._path, *self._external_files])
                 if self.file_stats() != now:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +154,90 @@ async def test_a_model_file_linked_to_a_blob_elsewhere_finds_its_weights_beside_
         compiled = await core.compile_model(snapshot / "m.onnx", "CPU")
         np.testing.assert_allclose((await compiled.infer({"x": X}))["y"],
                                    reference(snapshot / "m.onnx", {"x": X})[0], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def coarse_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder on a filesystem with whole-second timestamps (ext2 with 128-byte inodes), loop
+    mounted; skipped where this process may not mount one."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mkfs.ext2") is None:
+        pytest.skip("mounting a filesystem with whole-second timestamps needs root and mkfs.ext2")
+    root = tmp_path_factory.mktemp("coarse")
+    image, mount = root / "fs.img", root / "mnt"
+    mount.mkdir()
+    with image.open("wb") as f:
+        f.truncate(32 << 20)
+    made = subprocess.run(["mkfs.ext2", "-q", "-F", "-I", "128", str(image)], capture_output=True, text=True)
+    mounted = made.returncode == 0 and subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True).returncode == 0
+    if not mounted:
+        pytest.skip("no loop mount here (a container without CAP_SYS_ADMIN)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def _at_a_second_start() -> None:
+    time.sleep(1 - time.time() % 1 + 0.01)
+
+
+async def test_a_model_rewritten_within_its_timestamps_tick_is_served_as_it_is_now(
+    tmp_path: Path, cache_dir: Path, coarse_dir: Path
+) -> None:
+    """With whole-second timestamps, a same-size rewrite within the second of the last write
+    leaves the file's stat as it was: the stat index must not vouch for it (git's "racily clean")."""
+    old, new = _save(tmp_path / "old.onnx", seed=1).read_bytes(), _save(tmp_path / "new.onnx", seed=2).read_bytes()
+    assert len(old) == len(new)
+    path = coarse_dir / "racy.onnx"
+    async with aioov.Core(cache_dir=cache_dir, properties=ALWAYS) as core:
+        for cached in ("old.onnx", "new.onnx"):  # both have entries: a wrong key is a wrong hit
+            await core.compile_model(tmp_path / cached, "CPU")
+        for _attempt in range(5):
+            _at_a_second_start()
+            path.write_bytes(old)
+            await core.compile_model(path, "CPU")  # a hit of the old model's entry
+            before = path.stat()
+            with path.open("r+b") as f:
+                f.write(new)
+            after = path.stat()
+            if (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns):
+                break  # the stat cannot tell: the case this test is for
+        else:
+            pytest.skip("no rewrite within one second of its write in 5 tries (a very busy machine)")
+        again = await core.compile_model(path, "CPU")
+        np.testing.assert_allclose((await again.infer({"x": X}))["y"], reference(path, {"x": X})[0], rtol=1e-5)
+    _, y = compile_in_a_process(cache_dir, path, X, **ALWAYS)
+    np.testing.assert_allclose(y, reference(path, {"x": X})[0], rtol=1e-5)
+
+
+async def test_a_model_rewritten_within_its_timestamps_tick_while_exported_is_not_published(
+    tmp_path: Path, cache_dir: Path, coarse_dir: Path
+) -> None:
+    """The same rewrite while the entry is being written in the background: the builder compiles
+    the new file, whose stat is the old one's; the publish must not store it under the old key."""
+    old, new = _save(tmp_path / "old.onnx", seed=3), _save(tmp_path / "new.onnx", seed=4).read_bytes()
+    path = coarse_dir / "exported.onnx"
+    async with aioov.Core(cache_dir=cache_dir, properties={"CACHE_ALWAYS": True}) as core:
+        for _attempt in range(5):
+            path.unlink(missing_ok=True)
+            _at_a_second_start()
+            shutil.copyfile(old, path)
+            await core.compile_model(path, "CPU")  # its entry is written after, by a builder
+            before = path.stat()
+            with path.open("r+b") as f:
+                f.write(new)
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            if path.stat().st_ctime_ns == before.st_ctime_ns and core.pending_exports:
+                break
+            await core.wait_exports(60)
+            shutil.rmtree(cache_dir)
+        else:
+            pytest.skip("no rewrite within one second of its write in 5 tries (a very busy machine)")
+        await core.wait_exports(60)
+    for model in (old, path):  # each is served as it is: nothing was published under old's key
+        _, y = compile_in_a_process(cache_dir, model, X, **ALWAYS)
+        np.testing.assert_allclose(y, reference(model, {"x": X})[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("export", ["ASYNC", "SYNC"])

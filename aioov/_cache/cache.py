@@ -38,7 +38,7 @@ from . import auth, heartbeat
 from .export import ABANDON_WAIT, Exporter
 from .fsutil import distrust
 from .heartbeat import Heartbeats, Progress
-from .key import FileStat, cache_key, digest_files
+from .key import FileStat, cache_key, digest_files, unchanged
 from .layout import NOT_CACHEABLE, NOT_WORTH, TOO_BIG
 from .locks import KeyLock
 from .peers import Presence
@@ -499,7 +499,7 @@ class Claim:
 
     def source_changed(self) -> bool:
         """Whether the source files are no longer those that were hashed for the key."""
-        return self.stats is not None and any(s.changed() for s in self.stats)
+        return self.stats is not None and not unchanged(self.stats, self.manifest["key_inputs"]["model"])
 
     def others(self) -> bool:
         """Whether other processes are loading from this cache now (they will want this key)."""

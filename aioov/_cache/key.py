@@ -14,8 +14,9 @@ import hashlib
 import hmac
 import json
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from .auth import NOT_MINE, as_keys
 from .fsutil import atomic_write_bytes, children, load_json, read_regular
 from .layout import FORMAT_VERSION
 
-__all__ = ("FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files", "path_digest")
+__all__ = (
+    "FORMAT_VERSION", "FileStat", "StatIndex", "cache_key", "digest_bytes", "digest_files", "path_digest", "unchanged",
+)
 
 #: a MAC key, or a rotation's keys (``CACHE_HMAC_KEY``): the first signs, any verifies
 Keys = bytes | tuple[bytes, ...] | None
@@ -42,15 +45,40 @@ class FileStat:
     ctime_ns: int
     ino: int
     dev: int
+    #: when this stat was taken (not part of what is compared)
+    taken_ns: int = field(default=0, compare=False)
 
     @classmethod
     def of(cls, path: str) -> FileStat:
+        taken = time.time_ns()
         st = os.stat(path)
-        return cls(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, taken)
 
     def changed(self) -> bool:
         """Whether the file at ``path`` is no longer this one (OSError where it cannot be seen)."""
         return FileStat.of(self.path) != self
+
+    @property
+    def settled(self) -> bool:
+        """Whether any later change of the file shows in its stat. Not where its timestamps are
+        whole seconds (ext3, HFS+, FAT's 2 s, some NFS servers) and it changed within such a
+        tick of this stat: a change in the same tick leaves every field as it was, and only
+        hashing the file again tells (git's "racily clean" index entries)."""
+        whole = self.mtime_ns % 1_000_000_000 == 0 and self.ctime_ns % 1_000_000_000 == 0
+        return not whole or max(self.mtime_ns, self.ctime_ns) < self.taken_ns - _COARSE_TICK_NS
+
+
+#: the longest timestamp tick of a common filesystem (FAT's)
+_COARSE_TICK_NS = 2_000_000_000
+
+
+def unchanged(stats: Sequence[FileStat], digest: str) -> bool:
+    """Whether the files are still those ``stats`` describe, whose content hashed to ``digest``:
+    compared by stat, and hashed again where a stat cannot tell (``FileStat.settled``).
+    Raises OSError where a file cannot be read."""
+    if any(s.changed() for s in stats):
+        return False
+    return all(s.settled for s in stats) or digest_files([s.path for s in stats]) == digest
 
 
 def digest_files(paths: Sequence[str]) -> str:
@@ -86,10 +114,9 @@ def path_digest(path: str) -> str:
 class StatIndex:
     """``CACHE_DIR/v1/.index/<hash of path>.json``: file identity → model digest.
 
-    Racy like git's index: a file rewritten with the same size inside one
-    mtime tick keeps its old digest. Nanosecond mtimes make that a non-issue
-    on local filesystems; on coarse-mtime filesystems, touch the model or use
-    ``CACHE_VERIFY`` plus a model content change that alters its size.
+    A file rewritten with the same size inside one timestamp tick keeps its stat
+    (git's "racily clean" entries): stats taken within a whole-second tick of the
+    file's last change are not recorded (``FileStat.settled``).
     """
 
     def __init__(self, root: Path) -> None:
@@ -119,7 +146,11 @@ class StatIndex:
             return None
 
     def store(self, stats: Sequence[FileStat], digest: str, mac_key: Keys = None) -> None:
-        """Write the record, signed with ``mac_key`` (of a rotation's keys, the first)."""
+        """Write the record, signed with ``mac_key`` (of a rotation's keys, the first); not for
+        stats that cannot show a later change (``FileStat.settled``): those files are hashed
+        again next time."""
+        if not all(s.settled for s in stats):
+            return
         record: dict[str, Any] = {"digest": digest, "files": [asdict(s) for s in stats]}
         keys = as_keys(mac_key)
         if keys:
