@@ -279,27 +279,37 @@ async def test_event_loop_keeps_ticking_while_four_models_compile(model_dir: Pat
         assert gaps, "the ticker must have run meanwhile"
         return max(gaps), time.perf_counter() - started
 
-    # Collect what earlier tests left behind first: a full GC pass over their sessions holds the
-    # GIL for tens of milliseconds, which says nothing about aioov (seen once in a full CI run).
-    gc.collect()
-    async with aioov.Core(max_concurrent_compiles=4) as core:
-        compiled: list[aioov.CompileResult] = []
-        compile_gap, seconds = await max_gap(lambda: _collect(core.compile_all(paths, "CPU"), compiled))
-    assert all(result.ok for result in compiled)
+    async def compiles_and_control() -> tuple[float, float]:
+        # Collect what earlier tests left behind first: a full GC pass over their sessions holds
+        # the GIL for tens of milliseconds, which says nothing about aioov (seen once in a CI run).
+        gc.collect()
+        async with aioov.Core(max_concurrent_compiles=4) as core:
+            compiled: list[aioov.CompileResult] = []
+            compile_gap, seconds = await max_gap(lambda: _collect(core.compile_all(paths, "CPU"), compiled))
+        assert all(result.ok for result in compiled)
 
-    def burn() -> None:  # CPU without the GIL, for as long as the compiles took
-        data, deadline = b"x" * (8 << 20), time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            hashlib.sha256(data).digest()
+        def burn() -> None:  # CPU without the GIL, for as long as the compiles took
+            data, deadline = b"x" * (8 << 20), time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                hashlib.sha256(data).digest()
 
-    async def four_burners() -> None:
-        async with anyio.create_task_group() as tg:
-            for _ in range(4):
-                tg.start_soon(anyio.to_thread.run_sync, burn)
+        async def four_burners() -> None:
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(anyio.to_thread.run_sync, burn)
 
-    control_gap, _ = await max_gap(four_burners)
-    assert compile_gap < max(0.05, 2 * control_gap), (
-        f"event loop stalled for {compile_gap * 1000:.0f} ms (beside GIL-free threads: {control_gap * 1000:.0f} ms)")
+        control_gap, _ = await max_gap(four_burners)
+        return compile_gap, control_gap
+
+    # A compile that held the GIL stalls the loop for its whole build, every time; a machine whose
+    # load changes between the two runs can make one pair disagree: three pairs, one must agree.
+    for _pair in range(3):
+        compile_gap, control_gap = await compiles_and_control()
+        if compile_gap < max(0.05, 2 * control_gap):
+            break
+    else:
+        pytest.fail(f"event loop stalled for {compile_gap * 1000:.0f} ms (beside GIL-free threads: "
+                    f"{control_gap * 1000:.0f} ms), in each of three pairs")
 
 
 async def _collect(results: Awaitable[list[aioov.CompileResult]], into: list[aioov.CompileResult]) -> None:
