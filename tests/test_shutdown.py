@@ -83,7 +83,10 @@ def _stop_its_builder(app: subprocess.Popen[str], cache_dir: Path) -> list[int]:
     notice anything."""
     deadline = time.monotonic() + 60
     while not (builders := builders_of(app.pid)) or not _writing(cache_dir):
-        assert time.monotonic() < deadline, "no builder started writing"
+        if time.monotonic() > deadline:
+            app.kill()  # not left to be collected (and warned of) during a later test
+            app.communicate()
+            pytest.fail("no builder started writing")
         time.sleep(0.02)
     for pid in builders:
         os.kill(pid, signal.SIGSTOP)
@@ -140,6 +143,13 @@ def test_a_cancelled_close_abandons_at_once(cache_dir: Path, mlp_path: Path) -> 
     _nothing_half_written(cache_dir)
 
 
+#: CPython 3.12.0-3.12.2 refuse to start a thread while the interpreter exits (gh-113964): the
+#: export a Core never closed leaves at exit cannot start its builder's reader there
+_NO_THREADS_AT_EXIT = pytest.mark.skipif((3, 12) <= sys.version_info[:3] < (3, 12, 3),
+                                         reason="CPython 3.12.0-3.12.2 start no thread at exit (gh-113964)")
+
+
+@_NO_THREADS_AT_EXIT
 def test_a_core_never_closed_does_not_keep_the_interpreter_alive(cache_dir: Path, mlp_path: Path) -> None:
     app = _start(_NEVER_CLOSED, cache_dir, mlp_path, AIOOV_BUILDER_FAULT="hang:plain")
     builders = _stop_its_builder(app, cache_dir)
@@ -148,6 +158,7 @@ def test_a_core_never_closed_does_not_keep_the_interpreter_alive(cache_dir: Path
     _nothing_half_written(cache_dir)
 
 
+@_NO_THREADS_AT_EXIT
 def test_a_core_never_closed_still_publishes_what_it_exports(cache_dir: Path, mlp_path: Path) -> None:
     """The bound is for exports that cannot finish: a script that compiles and ends gets its entry."""
     app = _start(_NEVER_CLOSED, cache_dir, mlp_path)
