@@ -150,10 +150,17 @@ async def test_a_model_file_linked_to_a_blob_elsewhere_finds_its_weights_beside_
     for name, blob in (("m.onnx", "a1"), ("m.onnx.data", "b2")):
         (release / name).rename(blobs / blob)
         (snapshot / name).symlink_to(blobs / blob)
+    try:
+        want = reference(snapshot / "m.onnx", {"x": X})[0]
+    except Exception:  # noqa: BLE001 - some builds (onnxruntime-openvino's) refuse any link out of the folder
+        want = None
     async with aioov.Core(cache_dir=cache_dir, properties=ALWAYS) as core:
+        if want is None:  # then aioov says so, as onnxruntime does
+            with pytest.raises(aioov.CompileError, match="escapes model directory"):
+                await core.compile_model(snapshot / "m.onnx", "CPU")
+            return
         compiled = await core.compile_model(snapshot / "m.onnx", "CPU")
-        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"],
-                                   reference(snapshot / "m.onnx", {"x": X})[0], rtol=1e-5)
+        np.testing.assert_allclose((await compiled.infer({"x": X}))["y"], want, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
