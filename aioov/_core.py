@@ -30,7 +30,7 @@ from ._concurrency import on_event_loop
 from ._devices import DeviceRegistry
 from ._errors import AioovError, DeviceNotFoundError, ModelReadError, PropertyError
 from ._jobs import CompileJobs, Ticket
-from ._model import Model, pinned_path, read_any
+from ._model import Model, read_any
 from ._pipeline import Pipeline
 from ._properties import DEFAULTS, PROPERTIES, CompileConfig, normalize, public_value
 from ._request import CompileRequest, Result, Source
@@ -422,7 +422,7 @@ def _as_source(model: Any) -> Source:
     if isinstance(model, Model):
         return Source(model.path, model, id(model))
     if isinstance(model, (str, os.PathLike)):
-        return Source(pinned_path(model))
+        return Source(os.path.abspath(os.fspath(model)))
     if isinstance(model, (bytes, bytearray, memoryview)) or hasattr(model, "SerializeToString"):
         # Read (and serialize a ModelProto) in the compile job's thread, not on the event loop.
         return Source(None, None, id(model), raw=model)

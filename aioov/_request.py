@@ -19,7 +19,7 @@ import onnxruntime as ort
 from ._cache.cache import Rules, cache_key
 from ._concurrency import CancelToken
 from ._devices import Device, DeviceRegistry, DeviceSpec, ProviderList
-from ._model import Model, check_model_file, read_any
+from ._model import Model, check_model_file, pinned_path, read_any
 from ._properties import CompileConfig
 from ._version import __version__
 
@@ -39,10 +39,13 @@ class Source:
     raw: Any = field(default=None, hash=False, compare=False)  # bytes or a ModelProto, read in the job
 
     def read(self) -> Source:
-        """This source with ``raw`` read into a ``Model`` (blocking: serializes, scans)."""
-        if self.raw is None:
-            return self
-        return Source(None, read_any(self.raw), self.model_id)
+        """This source as its compile reads it (blocking: file system calls, serializing,
+        scanning): ``raw`` read into a ``Model``, a path through its folder's real path."""
+        if self.raw is not None:
+            return Source(None, read_any(self.raw), self.model_id)
+        if self.model is None and self.path is not None:
+            return Source(pinned_path(self.path), None, self.model_id)
+        return self
 
     @property
     def ort_input(self) -> str | bytes:

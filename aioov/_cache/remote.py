@@ -100,17 +100,16 @@ DEADLINE_BASE = 10.0
 #: bytes per second a transfer must average at least: a fetch or upload of N bytes gets
 #: ``DEADLINE_BASE + N / MIN_RATE`` seconds in all (4 MiB/s: 1 GB in about 4 minutes)
 MIN_RATE = 4 << 20
-
-
-def transfer_deadline(size: int) -> float:
-    """Seconds a fetch or upload of ``size`` bytes may take in all."""
-    return DEADLINE_BASE + size / MIN_RATE
-
 #: seconds a remote tier (or lock service) that failed is left alone before one compile tries
 #: it again
 BREAKER_COOLDOWN = 60.0
 _HEAD_LIMIT = 1024  # a HEAD object holds an upload id
 _CHUNK = 1 << 20
+
+
+def transfer_deadline(size: int) -> float:
+    """Seconds a fetch or upload of ``size`` bytes may take in all."""
+    return DEADLINE_BASE + size / MIN_RATE
 
 
 class RemoteEntryError(RemoteError):
