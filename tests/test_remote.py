@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -573,7 +574,12 @@ async def test_a_download_slower_than_the_compile_goes_on_aside(
     watch a clock: its connection is shut under it), and that failure is dealt with as if it
     had been waited for: one warning, and the tier left alone for a while. An entry that does
     not say how long its compile took (one written by an older aioov) is waited for until the
-    tier's own deadline for its files, no longer."""
+    tier's own deadline for its files, no longer.
+
+    What is asserted of time leaves room for a stalled machine (a CI run once lost 12 s here):
+    the compile has waited at least as long as it should, and came back while the download
+    still went on (with a compile time recorded), or long before the relay would have given up
+    (without one)."""
     from aioov._cache import remote
     from aioov._cache.tiered import WAIT_FLOOR
 
@@ -583,10 +589,13 @@ async def test_a_download_slower_than_the_compile_goes_on_aside(
         await core.wait_exports()
         assert core.cache_stats.uploads == 1
     (manifest,) = manifests(tmp_path / "a")
-    # why: the real deadline (DEADLINE_BASE, 10 s, no property) is kept short so a trickle outlasts it quickly
-    monkeypatch.setattr(remote, "DEADLINE_BASE", 3.0, raising=False)
+    # why: the real deadline (DEADLINE_BASE, 10 s, no property) is set so a trickle outlasts it soon, yet
+    # well after a recorded compile time (the download must still go on when the compile is back)
+    base = 12.0 if recorded else 3.0
+    monkeypatch.setattr(remote, "DEADLINE_BASE", base, raising=False)
+    caplog_warnings.set_level(logging.INFO, logger="aioov")  # the timeline, should it fail
     files = sum(f["size"] for f in manifest["files"].values())
-    waited = min(max(WAIT_FLOOR, manifest["build"]["export_seconds"]), 3.0 + files / remote.MIN_RATE)
+    waited = min(max(WAIT_FLOOR, manifest["build"]["export_seconds"]), base + files / remote.MIN_RATE)
     if not recorded:
         s3 = boto3.client("s3")
         name, prefix = bucket[len("s3://"):].split("/", 1)
@@ -595,21 +604,28 @@ async def test_a_download_slower_than_the_compile_goes_on_aside(
         data = json.loads(s3.get_object(Bucket=name, Key=uploaded)["Body"].read())
         del data["build"]["export_seconds"]
         s3.put_object(Bucket=name, Key=uploaded, Body=json.dumps(data).encode())
-        waited = 3.0 + files / remote.MIN_RATE
-    with relay(s3_endpoint, requests_for("weights.bin"), give_up=30) as slow:
+        waited = base + files / remote.MIN_RATE
+    give_up = 60.0  # the relay's: a compile that waited for the download itself would be back after it
+    with relay(s3_endpoint, requests_for("weights.bin"), give_up=give_up) as slow:
         monkeypatch.setenv("AWS_ENDPOINT_URL", slow.url)
         remote._REMOTES.clear()
         async with aioov.Core(cache_dir=tmp_path / "b", properties={"CACHE_REMOTE_URL": bucket}) as core:
-            started = time.monotonic()
+            started, t0 = time.monotonic(), time.time()
             compiled = await core.compile_model(models[0], "CPU")
             elapsed = time.monotonic() - started
+            downloading = any(t.name == "aioov-remote-fetch" for t in threading.enumerate())
             got = (await compiled.infer(ids))["last_hidden_state"]
             await core.wait_exports()
             stats = core.cache_stats
+        timeline = [(round(r.created - t0, 2), r.getMessage()[:120]) for r in caplog_warnings.records]
         assert compiled.get_property("LOADED_FROM_CACHE") is False and stats.compiles == 1
-        assert waited - 0.5 <= elapsed < waited + 5, (elapsed, waited)
+        assert elapsed >= waited - 0.5, (elapsed, waited, timeline)
+        if recorded:
+            assert downloading, (elapsed, waited, timeline)
+        else:
+            assert elapsed < give_up / 2, (elapsed, waited, timeline)
         assert stats.uploads == 0 and stats.remote_hits == 0
-        end = time.monotonic() + 3.0 + 10
+        end = time.monotonic() + base + 10
         while any(t.name == "aioov-remote-fetch" for t in threading.enumerate()):
             assert time.monotonic() < end, "the download outlived its deadline"
             time.sleep(0.1)
