@@ -283,7 +283,7 @@ class EntryWriter:
             if input_names is not None:
                 request.device.blob.finalize(tmp, input_names)
             for chore in claim.publish(tmp, record, request.rules, abort=abort):
-                self._exporter.submit(chore.run, on_drop=chore.drop)
+                self._exporter.submit(chore.run, on_drop=chore.drop, idle=chore.idle)
         except SourceChanged:
             logger.warning("aioov cache: %s changed while it was compiled; not cached", request.source.describe())
         except OSError as exc:

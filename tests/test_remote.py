@@ -634,6 +634,29 @@ async def test_a_download_slower_than_the_compile_goes_on_aside(
     np.testing.assert_allclose(got, reference(models[0], {"input_ids": ids})[0], rtol=1e-4, atol=1e-4)
 
 
+async def test_an_upload_is_done_on_a_host_whose_cores_are_all_busy(
+    models: list[Path], bucket: str, tmp_path: Path, caplog_warnings: pytest.LogCaptureFixture
+) -> None:
+    """Exports use only spare CPU; an upload must not. Run in the idle class with the export
+    worker, it was starved on a busy host: it missed its deadline, and the healthy remote was
+    taken for a failing one (left alone for a while, downloads too). Here every core runs a busy
+    loop at this process's own priority, and the entry (written while the caller waits) is
+    uploaded all the same."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        async with aioov.Core(cache_dir=tmp_path / "host", properties={"CACHE_REMOTE_URL": bucket}) as core:
+            await core.compile_model(models[1], "CPU", {"CACHE_EXPORT": "SYNC", "CACHE_ALWAYS": True})
+            assert await core.wait_exports(120)
+            stats = core.cache_stats
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert "upload" not in caplog_warnings.text and "unusable" not in caplog_warnings.text
+    assert (stats.exports, stats.uploads) == (1, 1)
+
+
 async def test_a_silent_redis_costs_one_timeout_then_is_left_alone(
     models: list[Path], bucket: str, tmp_path: Path, caplog_warnings: pytest.LogCaptureFixture
 ) -> None:

@@ -225,7 +225,8 @@ async def main():
             time.sleep(0.1)
         threads = {t.name: priority_of(t.native_id) for t in threading.enumerate() if t.native_id}
         tasks = [priority_of(int(t)) for t in os.listdir(f"/proc/{me}/task")]
-        report = {"export": threads["aioov-export"], "builder": priority_of(builder),
+        report = {"export": threads["aioov-export"], "upload": threads["aioov-upload"],
+                  "builder": priority_of(builder),
                   "oom": oom(),
                   "lowest_nice": min(nice for nice, _ in tasks), "me": priority_of(me)}
         print(json.dumps(report), flush=True)
@@ -247,6 +248,7 @@ def test_background_work_runs_idle_and_never_above_its_parent(cache_dir: Path, m
     idle = "SCHED_IDLE" if hasattr(os, "SCHED_IDLE") else report["me"][1]
     assert report["export"] == [expected, idle]
     assert report["builder"] == [expected, idle]
+    assert report["upload"] == report["me"]  # uploads need little CPU, and must not be starved of it
     assert report["lowest_nice"] >= parent_nice  # no thread of the application raised itself
     assert report["oom"] == 1000  # the kernel's OOM killer takes the builder, not the application
 

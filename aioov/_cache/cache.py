@@ -134,10 +134,12 @@ _NOT_MINE = "its entry is signed with a CACHE_HMAC_KEY this process does not hav
 
 @dataclass(frozen=True)
 class Chore:
-    """Work a publish leaves for the export worker: ``run(token)``, or ``drop()`` if it never runs."""
+    """Work a publish leaves for the export worker: ``run(token)``, or ``drop()`` if it never runs.
+    ``idle``: at the exports' low priority (local disk work); an upload is not (see ``export``)."""
 
     run: Callable[[CancelToken], None]
     drop: Callable[[], None]
+    idle: bool = True
 
 
 class SourceChanged(Exception):
@@ -534,7 +536,7 @@ class Claim:
         remote, self.remote = self.remote, None
         if remote is not None:
             key = self.key
-            chores.append(Chore(lambda _token: remote.share(key), remote.release))
+            chores.append(Chore(lambda _token: remote.share(key), remote.release, idle=False))
         prune = cache.upkeep(rules.max_size)
         if prune is not None:
             chores.append(Chore(prune, lambda: None))

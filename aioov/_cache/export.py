@@ -6,6 +6,12 @@ a builder process (``aioov._builder``, which lowers its own priority for backgro
 publishes what it wrote. The key's lock stays held until the entry is published: other
 processes wait for it rather than compile the same model again.
 
+Exports run at a low priority (``_priority``): they use spare CPU and disk only. Uploads to the
+remote tier run beside them, in a worker of the Core's own priority: they need little CPU, and
+one starved on a busy host would miss its deadline and have a healthy remote taken for a
+failing one. Both workers are started together, by whoever submits first (a thread inherits
+its priority from the thread that starts it).
+
 The worker is a daemon thread, so pending exports never keep the interpreter alive: at exit
 they get ``EXIT_WAIT`` seconds to finish, then are abandoned (their builders killed, nothing
 half-written published; another process writes the entry later).
@@ -45,9 +51,11 @@ class Exporter:
         _LIVE.add(self)
 
     def _renew_in_child(self) -> None:
-        """A fresh worker, nothing pending: the parent's exports are the parent's to finish."""
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        """Fresh workers, nothing pending: the parent's exports are the parent's to finish."""
+        # one queue per worker: the low-priority one (``idle``), and the Core's own
+        self._queues: dict[bool, queue.SimpleQueue[_Item | None]] = {True: queue.SimpleQueue(),
+                                                                     False: queue.SimpleQueue()}
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._pending: dict[concurrent.futures.Future[Any], CancelToken] = {}
         self._closed = False
@@ -57,8 +65,10 @@ class Exporter:
         with self._lock:
             return len(self._pending)
 
-    def submit(self, job: Callable[[CancelToken], None], on_drop: Callable[[], None]) -> CancelToken:
-        """Run ``job(token)`` in the export worker; ``token`` cancels it. ``on_drop`` runs if it never starts."""
+    def submit(self, job: Callable[[CancelToken], None], on_drop: Callable[[], None], *,
+               idle: bool = True) -> CancelToken:
+        """Run ``job(token)`` in the export worker (``idle``), or in the one of the Core's own
+        priority; ``token`` cancels it. ``on_drop`` runs if it never starts."""
         token = CancelToken()
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         token.future = future
@@ -74,16 +84,20 @@ class Exporter:
                 on_drop()
                 return token
             self._pending[future] = token
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="aioov-export", daemon=True)
-                self._thread.start()
-            self._queue.put((future, job, token))
+            if not self._threads:
+                for lowered, name in ((True, "aioov-export"), (False, "aioov-upload")):
+                    thread = threading.Thread(target=self._work, args=(lowered,), name=name, daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+            self._queues[idle].put((future, job, token))
         future.add_done_callback(done)
         return token
 
-    def _work(self) -> None:
-        lower_this_thread()  # and the builders it starts, from their first instruction
-        while (item := self._queue.get()) is not None:
+    def _work(self, lowered: bool) -> None:
+        if lowered:
+            lower_this_thread()  # and the builders it starts, from their first instruction
+        work = self._queues[lowered]
+        while (item := work.get()) is not None:
             future, job, token = item
             if not future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited: ``done`` dropped it
@@ -115,17 +129,18 @@ class Exporter:
             token.cancel()
 
     def shutdown(self, timeout: float | None = None) -> bool:
-        """Refuse new jobs, let the worker finish what it runs (up to ``timeout`` seconds) and
-        stop; False when it was still busy."""
+        """Refuse new jobs, let the workers finish what they run (up to ``timeout`` seconds) and
+        stop; False when one was still busy."""
         with self._lock:
             self._closed = True
-            thread = self._thread
+            threads = [t for t in self._threads if t is not threading.current_thread()]
         self.cancel_all()  # what never started is dropped at once
-        self._queue.put(None)
-        if thread is None or thread is threading.current_thread():
-            return True
-        thread.join(timeout)
-        return not thread.is_alive()
+        for work in self._queues.values():
+            work.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
 
 _LIVE: weakref.WeakSet[Exporter] = weakref.WeakSet()
