@@ -14,14 +14,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import anyio
 import numpy as np
+import onnx
 import pytest
 
 import aioov
+from aioov.testing import mlp
 
 from .helpers import builders_of, child_env, compile_in_a_process, gone, manifests, reference
 
@@ -299,3 +302,26 @@ def test_the_builder_imports_nothing_from_the_working_directory(cache_dir: Path,
     importers = {p.name.split(".")[1] for p in work.glob("*.ran")}
     assert importers <= {parent}  # the application's own imports, where it put the folder on its path
     assert [m["build"]["check"] for m in manifests(cache_dir)] == ["ran and matched"]
+
+
+@pytest.mark.anyio
+async def test_a_closed_core_leaves_no_thread_behind(tmp_path: Path) -> None:
+    """Servers that make a Core per request, or per test, must not pile up threads: each closed
+    Core once left its cache's heartbeat thread running for good (one more thread per Core,
+    each counted against the process's thread limit)."""
+    def ours() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("aioov-"))
+
+    before = ours()
+    for seed in range(5):
+        path = tmp_path / f"m{seed}.onnx"
+        onnx.save(mlp(seed=seed), path)
+        async with aioov.Core(cache_dir=tmp_path / "cache") as core:
+            await core.compile_model(path, "CPU", {"CACHE_ALWAYS": True})
+            assert await core.wait_exports(120)
+            assert core.cache_stats.exports == 1
+    for _ in range(100):  # a heartbeat thread notices within one beat that it has nothing to do
+        if ours() == before:
+            break
+        await anyio.sleep(0.1)
+    assert ours() == before

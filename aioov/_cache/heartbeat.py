@@ -37,7 +37,8 @@ Progress = Callable[[], bool]
 
 
 class Heartbeats:
-    """The lock files this process touches while their work progresses (one thread, on demand)."""
+    """The lock files this process touches while their work progresses: one thread, while
+    there are any (where no thread can be started, none: waiters then decide without signs)."""
 
     def __init__(self) -> None:
         self._renew_in_child()
@@ -56,14 +57,22 @@ class Heartbeats:
                 return
             self._beating[id(owner)] = (path, progress)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="aioov-heartbeat", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="aioov-heartbeat", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # a thread limit (RLIMIT_NPROC, a cgroup's pids.max)
+                    pass
+                else:
+                    self._thread = thread
         _touch(path)  # at once: a waiter may be about to judge
 
     def _run(self) -> None:
         while True:
             time.sleep(EVERY)
             with self._lock:
+                if not self._beating:  # the next ``set`` starts another
+                    self._thread = None
+                    return
                 beating = list(self._beating.values())
             for path, progress in beating:
                 try:
