@@ -14,6 +14,7 @@ new one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -193,8 +194,16 @@ class _Process:
         self.replies: queue.Queue[str | None] = queue.Queue()
         self.niced = False  # it ran a background job, and lowered its priority for good
         assert self.popen.stdout is not None
-        threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True,
-                         name="aioov-builder-reader").start()
+        try:
+            threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True,
+                             name="aioov-builder-reader").start()
+        except RuntimeError as exc:  # a thread limit (RLIMIT_NPROC, a cgroup's pids.max)
+            self.popen.kill()
+            self.popen.wait()
+            self.popen.stdout.close()
+            assert self.popen.stdin is not None
+            self.popen.stdin.close()
+            raise OSError(errno.EAGAIN, f"cannot start its reader thread: {exc}") from exc
 
     def _read(self, stream: IO[str]) -> None:
         with stream:

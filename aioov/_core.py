@@ -118,14 +118,18 @@ class Core:
         self._jobs.close()
         if abandon:
             self._exporter.cancel_all()
-        finished = False
+        finished = not self._exporter.pending
         try:
-            finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
+            if not finished:
+                finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
         finally:
             if not finished:
                 self._exporter.cancel_all()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._shutdown)
+                try:
+                    await anyio.to_thread.run_sync(self._shutdown)
+                except RuntimeError:  # no thread to run it in (a thread limit): a bounded wait here
+                    self._shutdown()
 
     def _shutdown(self) -> None:
         # Compile jobs first: one still running may hand an export over or read an entry.
@@ -137,6 +141,8 @@ class Core:
     async def wait_exports(self, timeout: float | None = None) -> bool:
         """Wait until every background export has been published; False on timeout.
         Cancelling the wait leaves the exports running."""
+        if not self._exporter.pending:
+            return True
         return await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
 
     @property

@@ -138,13 +138,16 @@ class CompileJobs:
         the job raises ``LockBusy`` instead of waiting for another process's compile."""
         if self._closed:
             raise AioovError("this Core is closed")
-        return self._inflight.join(
-            (ticket.request_id, defer_if_busy),
-            lambda token: self._pool.submit(
-                self._compile_job, ticket.source, ticket.device, ticket.config, token,
-                ticket.max_cache_size, defer_if_busy,
-            ),
-        )
+        try:
+            return self._inflight.join(
+                (ticket.request_id, defer_if_busy),
+                lambda token: self._pool.submit(
+                    self._compile_job, ticket.source, ticket.device, ticket.config, token,
+                    ticket.max_cache_size, defer_if_busy,
+                ),
+            )
+        except RuntimeError as exc:  # no thread to compile in (a thread limit: RLIMIT_NPROC, pids.max)
+            raise AioovError(f"cannot start a compile thread: {exc}") from exc
 
     def leave(self, job: Job) -> None:
         self._inflight.leave(job)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,22 @@ def held_compiles(monkeypatch: pytest.MonkeyPatch) -> HeldCompiles:
     # switch slows builders, not the caller's compile)
     monkeypatch.setattr(SessionFactory, "compile", compile)
     return held
+
+
+@pytest.fixture
+def refuse_threads(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``refuse_threads(prefix)``: starting a thread whose name begins with ``prefix`` fails as
+    it does under a thread limit (RLIMIT_NPROC, a container's ``pids.max``)."""
+    start = threading.Thread.start
+
+    def refuse(prefix: str) -> None:
+        def refusing(thread: threading.Thread) -> None:
+            if thread.name.startswith(prefix):
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        # why: the kernel does not hold root (which CI runs the tests as) to such limits; this is
+        # what CPython raises where it refuses a thread
+        monkeypatch.setattr(threading.Thread, "start", refusing)
+
+    return refuse

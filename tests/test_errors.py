@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -19,7 +20,7 @@ import pytest
 import aioov
 from aioov.testing import mlp
 
-from .helpers import HeldCompiles, run_python
+from .helpers import HeldCompiles, builders_of, reference, run_python
 
 pytestmark = pytest.mark.anyio
 
@@ -254,3 +255,35 @@ async def test_prune_reports_the_entries_it_could_not_remove(
     assert f"could not prune entry {key[:16]}" in caplog.text
     assert f"could not clear entry {key[:16]}" in caplog.text
     assert entry.is_dir()
+
+
+@pytest.mark.parametrize("refused", ["aioov-export", "aioov-upload", "aioov-heartbeat", "aioov-builder-reader"])
+async def test_a_thread_the_cache_cannot_start_costs_the_entry_never_the_compile(
+    refused: str, mlp_path: Path, cache_dir: Path, refuse_threads: Callable[[str], None],
+    caplog_warnings: pytest.LogCaptureFixture,
+) -> None:
+    """Under a thread limit, compile_model raised "can't start new thread" from the export
+    worker it starts after the compile (a cache step failing a compile). Now the model is served:
+    cached where the missing thread was not needed for it (heartbeats only help waiters), not
+    cached, with one warning, where it was; no builder is left behind."""
+    refuse_threads(refused)
+    x = np.ones((2, 8), dtype=np.float32)
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        compiled = await core.compile_model(mlp_path, "CPU", {"CACHE_ALWAYS": True})
+        got = (await compiled.infer({"x": x}))["y"]
+        assert await core.wait_exports(120)
+        stats = core.cache_stats
+    np.testing.assert_allclose(got, reference(mlp_path, {"x": x})[0], rtol=1e-5)
+    assert stats.exports == (1 if refused == "aioov-heartbeat" else 0)
+    if stats.exports == 0:
+        assert len(caplog_warnings.records) == 1 and "cannot start" in caplog_warnings.text, caplog_warnings.text
+    assert builders_of(os.getpid()) == []
+
+
+async def test_a_compile_with_no_thread_to_run_in_says_so(
+    mlp_path: Path, refuse_threads: Callable[[str], None]
+) -> None:
+    refuse_threads("aioov-compile")
+    async with aioov.Core() as core:
+        with pytest.raises(aioov.AioovError, match="cannot start a compile thread"):
+            await core.compile_model(mlp_path, "CPU")

@@ -657,6 +657,25 @@ async def test_an_upload_is_done_on_a_host_whose_cores_are_all_busy(
     assert (stats.exports, stats.uploads) == (1, 1)
 
 
+@pytest.mark.parametrize("refused", ["aioov-remote-fetch", "aioov-remote-deadline"])
+async def test_a_download_without_a_thread_of_its_own_is_waited_for(
+    models: list[Path], bucket: str, tmp_path: Path, refuse_threads: Callable[[str], None], refused: str,
+) -> None:
+    """Under a thread limit (RLIMIT_NPROC, a container's pids.max) a download that cannot run
+    beside the compile runs in it, and one whose deadline cannot watch its sockets is checked
+    between reads: the second host still downloads the entry."""
+    async with aioov.Core(cache_dir=tmp_path / "a", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        await core.compile_model(models[0], "CPU")
+        await core.wait_exports()
+        assert core.cache_stats.uploads == 1
+    refuse_threads(refused)
+    async with aioov.Core(cache_dir=tmp_path / "b", properties={"CACHE_REMOTE_URL": bucket}) as core:
+        compiled = await core.compile_model(models[0], "CPU")
+        stats = core.cache_stats
+    assert compiled.get_property("LOADED_FROM_CACHE") is True
+    assert (stats.remote_hits, stats.compiles) == (1, 0)
+
+
 async def test_a_silent_redis_costs_one_timeout_then_is_left_alone(
     models: list[Path], bucket: str, tmp_path: Path, caplog_warnings: pytest.LogCaptureFixture
 ) -> None:

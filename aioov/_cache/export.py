@@ -53,9 +53,9 @@ class Exporter:
     def _renew_in_child(self) -> None:
         """Fresh workers, nothing pending: the parent's exports are the parent's to finish."""
         # one queue per worker: the low-priority one (``idle``), and the Core's own
-        self._queues: dict[bool, queue.SimpleQueue[_Item | None]] = {True: queue.SimpleQueue(),
-                                                                     False: queue.SimpleQueue()}
+        self._queues: dict[bool, queue.SimpleQueue[_Item | None]] = {}
         self._threads: list[threading.Thread] = []
+        self._warned = False
         self._lock = threading.Lock()
         self._pending: dict[concurrent.futures.Future[Any], CancelToken] = {}
         self._closed = False
@@ -80,23 +80,41 @@ class Exporter:
                 on_drop()
 
         with self._lock:
-            if self._closed:
-                on_drop()
-                return token
-            self._pending[future] = token
-            if not self._threads:
-                for lowered, name in ((True, "aioov-export"), (False, "aioov-upload")):
-                    thread = threading.Thread(target=self._work, args=(lowered,), name=name, daemon=True)
-                    thread.start()
-                    self._threads.append(thread)
-            self._queues[idle].put((future, job, token))
+            started = not self._closed and (bool(self._threads) or self._start_workers())
+            if started:
+                self._pending[future] = token
+                self._queues[idle].put((future, job, token))
+        if not started:
+            on_drop()
+            return token
         future.add_done_callback(done)
         return token
 
-    def _work(self, lowered: bool) -> None:
+    def _start_workers(self) -> bool:
+        """Both workers, or neither: False where the process may start no more threads (a
+        thread limit: RLIMIT_NPROC, a cgroup's pids.max). Then what is submitted is dropped (the
+        model is served, not cached) and the next submit tries again."""
+        for lowered, name in ((True, "aioov-export"), (False, "aioov-upload")):
+            work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._work, args=(work, lowered), name=name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:
+                for other in self._queues.values():
+                    other.put(None)
+                self._queues, self._threads = {}, []
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("aioov cache: cannot start the export thread (%s); models are compiled "
+                                   "but not cached", exc)
+                return False
+            self._queues[lowered] = work
+            self._threads.append(thread)
+        return True
+
+    def _work(self, work: queue.SimpleQueue[_Item | None], lowered: bool) -> None:
         if lowered:
             lower_this_thread()  # and the builders it starts, from their first instruction
-        work = self._queues[lowered]
         while (item := work.get()) is not None:
             future, job, token = item
             if not future.set_running_or_notify_cancel():
@@ -135,7 +153,9 @@ class Exporter:
             self._closed = True
             threads = [t for t in self._threads if t is not threading.current_thread()]
         self.cancel_all()  # what never started is dropped at once
-        for work in self._queues.values():
+        with self._lock:
+            queues = list(self._queues.values())
+        for work in queues:
             work.put(None)
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:

@@ -300,7 +300,10 @@ class Deadline:
     def __enter__(self) -> Deadline:
         self._outer = getattr(_CURRENT, "deadline", None)
         _CURRENT.deadline = self
-        threading.Thread(target=self._watchdog, name="aioov-remote-deadline", daemon=True).start()
+        try:
+            threading.Thread(target=self._watchdog, name="aioov-remote-deadline", daemon=True).start()
+        except RuntimeError:  # a thread limit: checked between reads only (``check``)
+            pass
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

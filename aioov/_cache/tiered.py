@@ -143,7 +143,10 @@ class RemoteLink:
         still downloading (in the background, for later compiles: this one compiles)."""
         download = _Download(remote, key, self._store, self._settings.mac_key, self._bad,
                              late=lambda done: self._outcome(remote, key, done))
-        download.start()
+        try:
+            download.start()
+        except RuntimeError:  # a thread limit: the download is waited for, within its own deadline
+            download.run()
         if not download.wait(cancel):
             if not download.listed.is_set():
                 waited = tier.DEADLINE_BASE + _MANIFEST_GRACE
