@@ -118,10 +118,9 @@ class Core:
         self._jobs.close()
         if abandon:
             self._exporter.cancel_all()
-        finished = not self._exporter.pending
+        finished = False
         try:
-            if not finished:
-                finished = await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
+            finished = await self.wait_exports(timeout)
         finally:
             if not finished:
                 self._exporter.cancel_all()
@@ -143,7 +142,13 @@ class Core:
         Cancelling the wait leaves the exports running."""
         if not self._exporter.pending:
             return True
-        return await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
+        try:
+            return await anyio.to_thread.run_sync(self._exporter.wait, timeout, abandon_on_cancel=True)
+        except RuntimeError:  # no thread to wait in (a thread limit): look now and then
+            with anyio.move_on_after(timeout):
+                while self._exporter.pending:
+                    await anyio.sleep(0.05)
+            return not self._exporter.pending
 
     @property
     def pending_exports(self) -> int:

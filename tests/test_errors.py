@@ -287,3 +287,18 @@ async def test_a_compile_with_no_thread_to_run_in_says_so(
     async with aioov.Core() as core:
         with pytest.raises(aioov.AioovError, match="cannot start a compile thread"):
             await core.compile_model(mlp_path, "CPU")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (trio keeps idle threads across tests to reuse)
+async def test_exports_are_waited_for_and_a_core_closed_with_no_thread_to_wait_in(
+    mlp_path: Path, cache_dir: Path, refuse_threads: Callable[[str], None]
+) -> None:
+    """``wait_exports`` and ``aclose`` wait in a worker thread of the event loop's; where none
+    can be started they raised "can't start new thread". They look now and then instead."""
+    refuse_threads("AnyIO worker thread")
+    async with aioov.Core(cache_dir=cache_dir) as core:
+        await core.compile_model(mlp_path, "CPU", {"CACHE_ALWAYS": True})
+        assert core.pending_exports == 1
+        assert await core.wait_exports(120)
+        assert core.cache_stats.exports == 1
+    assert builders_of(os.getpid()) == []
