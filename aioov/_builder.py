@@ -329,7 +329,11 @@ def main() -> None:
             jobs.put(line)
         os._exit(0)  # the parent closed our stdin, or died: stop now, whatever is running
 
-    threading.Thread(target=read_stdin, daemon=True).start()
+    try:
+        threading.Thread(target=read_stdin, daemon=True).start()
+    except RuntimeError as exc:  # a thread limit (RLIMIT_NPROC counts the application's threads too)
+        print(f"aioov builder: cannot start its stdin reader: {exc}", file=sys.stderr)
+        os._exit(1)  # the parent says "not cached this time"
     while True:
         try:
             job = BuildJob.from_line(jobs.get())

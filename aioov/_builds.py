@@ -352,8 +352,12 @@ class Builders:
                 self._kept = None
             else:
                 self._idle = threading.Timer(IDLE_CLOSE, self.close)
-                self._idle.daemon = True
-                self._idle.start()
+                self._idle.name, self._idle.daemon = "aioov-builder-idle", True
+                try:
+                    self._idle.start()
+                except RuntimeError:  # a thread limit: nothing would close it when idle, so it is not kept
+                    self._idle, self._kept = None, None
+                    process.close()
             return report
         finally:
             self._lock.release()

@@ -257,15 +257,17 @@ async def test_prune_reports_the_entries_it_could_not_remove(
     assert entry.is_dir()
 
 
-@pytest.mark.parametrize("refused", ["aioov-export", "aioov-upload", "aioov-heartbeat", "aioov-builder-reader"])
+@pytest.mark.parametrize("refused", ["aioov-export", "aioov-upload", "aioov-heartbeat", "aioov-builder-reader",
+                                     "aioov-builder-idle"])
 async def test_a_thread_the_cache_cannot_start_costs_the_entry_never_the_compile(
     refused: str, mlp_path: Path, cache_dir: Path, refuse_threads: Callable[[str], None],
     caplog_warnings: pytest.LogCaptureFixture,
 ) -> None:
     """Under a thread limit, compile_model raised "can't start new thread" from the export
     worker it starts after the compile (a cache step failing a compile). Now the model is served:
-    cached where the missing thread was not needed for it (heartbeats only help waiters), not
-    cached, with one warning, where it was; no builder is left behind."""
+    cached where the missing thread was not needed for it (heartbeats only help waiters; the
+    timer that closes an idle builder only lets it be kept), not cached, with one warning,
+    where it was; no builder is left behind."""
     refuse_threads(refused)
     x = np.ones((2, 8), dtype=np.float32)
     async with aioov.Core(cache_dir=cache_dir) as core:
@@ -274,7 +276,7 @@ async def test_a_thread_the_cache_cannot_start_costs_the_entry_never_the_compile
         assert await core.wait_exports(120)
         stats = core.cache_stats
     np.testing.assert_allclose(got, reference(mlp_path, {"x": x})[0], rtol=1e-5)
-    assert stats.exports == (1 if refused == "aioov-heartbeat" else 0)
+    assert stats.exports == (1 if refused in ("aioov-heartbeat", "aioov-builder-idle") else 0)
     if stats.exports == 0:
         assert len(caplog_warnings.records) == 1 and "cannot start" in caplog_warnings.text, caplog_warnings.text
     assert builders_of(os.getpid()) == []
