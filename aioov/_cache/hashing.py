@@ -23,7 +23,7 @@ _PROBE = bytes(1 << 20)
 
 def hasher(key: bytes | None = None) -> blake3.blake3:
     """A blake3 hasher (keyed with ``key``) that hashes on as many threads as it can here."""
-    threads = blake3.blake3.AUTO if _pool_started or (not _pool_missing and _start_pool()) else 1
+    threads = blake3.blake3.AUTO if not _pool_missing and (_pool_started or _start_pool()) else 1
     return blake3.blake3(max_threads=threads) if key is None else blake3.blake3(key=key, max_threads=threads)
 
 
