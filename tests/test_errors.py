@@ -304,3 +304,40 @@ async def test_exports_are_waited_for_and_a_core_closed_with_no_thread_to_wait_i
         assert await core.wait_exports(120)
         assert core.cache_stats.exports == 1
     assert builders_of(os.getpid()) == []
+
+
+_NO_BLAKE3_POOL = """
+import sys, blake3
+real = blake3.blake3
+
+class PanicException(BaseException):  # pyo3's, raised where rayon cannot start its pool
+    pass
+
+class NoPool:
+    AUTO = real.AUTO
+
+    def __new__(cls, *args, max_threads=1, **kwargs):
+        if max_threads == real.AUTO:
+            raise PanicException("The global thread pool has not been initialized.")
+        return real(*args, max_threads=max_threads, **kwargs)
+
+# why: rayon's pool fails to start only under a real thread limit, which does not bind root
+blake3.blake3 = NoPool
+import anyio, aioov
+
+async def main():
+    for _ in range(2):
+        async with aioov.Core(cache_dir=sys.argv[1]) as core:
+            compiled = await core.compile_model(sys.argv[2], "CPU", {"CACHE_ALWAYS": True})
+            assert await core.wait_exports(120)
+            print(compiled.get_property("LOADED_FROM_CACHE"))
+
+anyio.run(main)
+"""
+
+
+def test_a_model_is_hashed_where_blake3_cannot_start_its_thread_pool(mlp_path: Path, cache_dir: Path) -> None:
+    """Under a thread limit blake3's thread pool panics (a BaseException): the program died
+    while hashing the model. It hashes on one thread instead, to the same key."""
+    proc = run_python(_NO_BLAKE3_POOL, str(cache_dir), str(mlp_path))
+    assert proc.stdout.split() == ["False", "True"]
