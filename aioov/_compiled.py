@@ -8,6 +8,7 @@ import os
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar, overload
@@ -156,7 +157,7 @@ class CompiledModel:
     """A model compiled for a device, ready for inference.
 
     ``infer`` runs in a worker thread, so the event loop keeps serving while
-    the session computes; at most ``NUM_STREAMS`` requests run at once.
+    the session computes; at most ``NUM_STREAMS`` requests run at once on each event loop.
     ``await compiled(inputs)`` is ``await compiled.infer(inputs)``, as OpenVINO's
     ``compiled(inputs)`` is its inference. ``session`` is the underlying
     ``onnxruntime.InferenceSession``.
@@ -189,12 +190,13 @@ class CompiledModel:
         self._by_name = {p.name: p for p in self._inputs}
         self._metadata: ModelMetadata | None = None
         self._streams = max(1, int(self._properties.get("NUM_STREAMS", 1)))
-        self._limiters: dict[type, anyio.CapacityLimiter] = {}  # one per async backend (asyncio, trio)
+        self._renew_in_child()
         renew_in_children(self)
 
     def _renew_in_child(self) -> None:
         # A run in another thread at the fork holds a token it will never give back there.
-        self._limiters = {}
+        self._limiters: weakref.WeakKeyDictionary[object, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+        self._limiters_lock = threading.Lock()
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -371,12 +373,15 @@ class CompiledModel:
         return InferResults(ports, results)
 
     def _limiter(self) -> anyio.CapacityLimiter:
-        """``NUM_STREAMS`` at once, under whichever async library calls: a model compiled under
-        asyncio also serves trio (a limiter belongs to the library that made it)."""
-        backend = anyio.lowlevel.current_token().backend_class
-        limiter = self._limiters.get(backend)
-        if limiter is None:
-            limiter = self._limiters[backend] = anyio.CapacityLimiter(self._streams)
+        """``NUM_STREAMS`` at once per event loop: a limiter belongs to the loop that made it
+        (one shared by loops in two threads handed a free slot to a waiter of the other loop,
+        which never woke), so a model compiled under asyncio also serves trio, or another
+        loop in another thread."""
+        loop = anyio.lowlevel.current_token().native_token  # asyncio's loop, trio's TrioToken
+        with self._limiters_lock:
+            limiter = self._limiters.get(loop)
+            if limiter is None:
+                limiter = self._limiters[loop] = anyio.CapacityLimiter(self._streams)
         return limiter
 
     async def infer(

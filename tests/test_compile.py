@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -393,3 +394,42 @@ async def test_idle_pool_threads_spin_briefly_unless_the_config_says_otherwise(
             "session.force_spinning_stop": "0", "session.intra_op.spin_duration_us": "-1"}})
     assert _spinning(uncached) == _spinning(hit) == ("1", "2000")
     assert _spinning(kept) == ("0", "-1")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_one_compiled_model_serves_event_loops_in_two_threads_at_once(mlp_path: Path, backend: str) -> None:
+    """A model compiled once, then served by two event loops running at once (a thread each,
+    as apps that start a loop per thread do). One loop's requests never finished under asyncio
+    (its ``NUM_STREAMS`` limiter was shared by both loops: a slot freed in one loop went to a
+    waiter of the other, which never woke), and trio failed with ``TrioInternalError``."""
+    x = np.ones((2, 8), dtype=np.float32)
+    expected = reference(mlp_path, {"x": x})[0]
+    core = aioov.Core()
+    compiled = anyio.run(core.compile_model, mlp_path, "CPU", {"NUM_STREAMS": 1})
+    served: dict[int, object] = {}
+
+    async def serve(name: int) -> None:
+        outputs: list[np.ndarray] = []
+
+        async def one() -> None:
+            outputs.append((await compiled.infer({"x": x}))["y"])
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(40):
+                    tg.start_soon(one)
+        served[name] = sum(np.allclose(y, expected, rtol=1e-5) for y in outputs)
+
+    def loop(name: int) -> None:
+        try:
+            anyio.run(serve, name, backend=backend)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            served[name] = repr(exc)
+
+    threads = [threading.Thread(target=loop, args=(name,)) for name in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    anyio.run(core.aclose)
+    assert served == {0: 40, 1: 40}
