@@ -216,7 +216,9 @@ class CompiledModel:
 
     async def wait_full_speed(self) -> None:
         """Wait until the full-speed session serves: at once unless this model came from an
-        instant cache hit (``CACHE_HIT_MODE=INSTANT``) whose full-speed session is still loading."""
+        instant cache hit (``CACHE_HIT_MODE=INSTANT``) whose full-speed session is still loading.
+        Closing the Core stops such a load: the model then serves on its instant session for
+        good (``get_property("SESSION")`` says which)."""
         if self._upgrade is not None and not self._upgrade.done():
             if self._expedite is not None:
                 self._expedite()

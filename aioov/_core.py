@@ -111,7 +111,9 @@ class Core:
         """Finish pending cache exports, for up to ``timeout`` seconds (None: however long they
         take), then abandon what is left (at once with ``abandon=True``, or when this call is
         cancelled), and release the worker threads. An abandoned export leaves nothing
-        half-written and no builder process behind; another process writes its entry later."""
+        half-written and no builder process behind; another process writes its entry later.
+        Compiled models keep serving; an instant hit's full-speed load still running is stopped
+        (the model stays on its instant session)."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
