@@ -198,11 +198,8 @@ class _Process:
             threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True,
                              name="aioov-builder-reader").start()
         except RuntimeError as exc:  # a thread limit (RLIMIT_NPROC, a cgroup's pids.max)
-            self.popen.kill()
-            self.popen.wait()
-            self.popen.stdout.close()
-            assert self.popen.stdin is not None
-            self.popen.stdin.close()
+            self.kill()
+            self.popen.stdout.close()  # (what its reader would have done)
             raise OSError(errno.EAGAIN, f"cannot start its reader thread: {exc}") from exc
 
     def _read(self, stream: IO[str]) -> None:

@@ -152,9 +152,8 @@ class Exporter:
         with self._lock:
             self._closed = True
             threads = [t for t in self._threads if t is not threading.current_thread()]
-        self.cancel_all()  # what never started is dropped at once
-        with self._lock:
             queues = list(self._queues.values())
+        self.cancel_all()  # what never started is dropped at once
         for work in queues:
             work.put(None)
         deadline = None if timeout is None else time.monotonic() + timeout

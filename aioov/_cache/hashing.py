@@ -17,8 +17,8 @@ __all__ = ("hasher",)
 
 _pool_started = False  # this process has blake3's thread pool
 _pool_missing = False  # ...or a parent did, before forking this process, or it could not start
-#: enough input for blake3 to hash it on its thread pool
-_PROBE = bytes(1 << 20)
+#: bytes enough for blake3 to hash them on its thread pool
+_PROBE_SIZE = 1 << 20
 
 
 def hasher(key: bytes | None = None) -> blake3.blake3:
@@ -31,7 +31,7 @@ def _start_pool() -> bool:
     """Have blake3 start its thread pool; False where it cannot (it panics: a BaseException)."""
     global _pool_started, _pool_missing
     try:
-        blake3.blake3(_PROBE, max_threads=blake3.blake3.AUTO)
+        blake3.blake3(bytes(_PROBE_SIZE), max_threads=blake3.blake3.AUTO)
     except BaseException as exc:  # noqa: BLE001 - pyo3's PanicException, and nothing else
         if type(exc).__name__ != "PanicException":
             raise
